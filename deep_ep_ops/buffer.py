@@ -1,0 +1,157 @@
+"""``Buffer``: the collective set-up every op refers to by ``group_name``.
+
+A process-wide registry maps ``group_name`` to the live Buffer, so ops take a plain string (what
+torch.compile, export and CUDA graphs handle) instead of a Python object.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+_REGISTRY: dict[str, "Buffer"] = {}
+_LOCK = threading.Lock()
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def get_buffer(group_name: str) -> "Buffer":
+    """The Buffer registered for ``group_name``; a clear error when there is none."""
+    buf = _REGISTRY.get(group_name)
+    if buf is None:
+        known = sorted(_REGISTRY) or "none"
+        raise ValueError(
+            f"group_name={group_name!r}: no deep_ep_ops.Buffer is registered for this group "
+            f"(registered: {known}); create one with deep_ep_ops.Buffer(group, ...) on every rank")
+    return buf
+
+
+def _is_capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class Buffer:
+    """Communication state of one process group (collective: every rank constructs it).
+
+    Args:
+        group: the process group (gloo for CPU tensors, NCCL created with ``device_id=`` for
+            CUDA tensors). ``None`` = the default group.
+        num_max_tokens_per_rank: M, the most tokens any rank passes to ``dispatch``; the same on
+            every rank. It sizes the static capacity ``R*M``.
+        hidden: H, the row width of ``dispatch``'s ``x`` (``combine`` takes rows of width <= H).
+        num_topk: K, columns of ``topk_idx``.
+        num_experts: E, divisible by the group size; ``dispatch`` checks its argument against it.
+        fp8_dispatch: reserve room for FP8 rows plus up to ceil(H/32) 4-byte scale packs.
+        timeout_s: GPU-side waits abort with a message after this many seconds.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, *,
+                 num_max_tokens_per_rank: int, hidden: int, num_topk: int, num_experts: int,
+                 fp8_dispatch: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if _is_capturing():
+            raise RuntimeError("deep_ep_ops.Buffer cannot be created during CUDA graph capture; "
+                               "create it before capturing")
+        self.group = group if group is not None else dist.group.WORLD
+        self.group_name: str = self.group.group_name
+        self.rank: int = dist.get_rank(self.group)
+        self.world_size: int = dist.get_world_size(self.group)
+        for name, value, low in (("num_max_tokens_per_rank", num_max_tokens_per_rank, 1),
+                                 ("hidden", hidden, 1), ("num_topk", num_topk, 1),
+                                 ("num_experts", num_experts, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"Buffer: {name} must be an int >= {low}, got {value!r}")
+        if num_experts % self.world_size != 0:
+            raise ValueError(f"Buffer: num_experts={num_experts} must be divisible by the group "
+                             f"size {self.world_size}")
+        if timeout_s <= 0:
+            raise ValueError(f"Buffer: timeout_s must be > 0, got {timeout_s}")
+        self.num_max_tokens_per_rank = num_max_tokens_per_rank
+        self.hidden = hidden
+        self.num_topk = num_topk
+        self.num_experts = num_experts
+        self.fp8_dispatch = fp8_dispatch
+        self.timeout_s = float(timeout_s)
+        self.backend: str = dist.get_backend(self.group)
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if self.backend == "nccl" else torch.device("cpu"))
+        self._engram: Optional[torch.Tensor] = None
+        self._cuda_state = None
+        with _LOCK:
+            if self.group_name in _REGISTRY:
+                raise RuntimeError(
+                    f"Buffer: group {self.group_name!r} already has a Buffer; destroy() it first "
+                    "(one Buffer per group; use a second group over the same ranks for "
+                    "concurrent in-flight work)")
+            _REGISTRY[self.group_name] = self
+        try:
+            if self.device.type == "cuda":
+                from deep_ep_ops.cuda import backend
+                self._cuda_state = backend.create_state(self)
+        except BaseException:
+            with _LOCK:
+                _REGISTRY.pop(self.group_name, None)
+            raise
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.world_size
+
+    @property
+    def cuda_state(self):
+        if self._cuda_state is None:
+            raise RuntimeError(f"group {self.group_name!r} ({self.backend}) has no CUDA state: "
+                               "CUDA tensors need a Buffer on an NCCL group")
+        return self._cuda_state
+
+    def engram_table(self, num_entries_per_rank: int, hidden: int,
+                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Allocate this rank's shard ``[num_entries_per_rank, hidden]`` of an Engram table
+        (in symmetric memory on CUDA). Collective. ``engram_fetch`` accepts only this tensor
+        (or a tensor sharing its storage, such as an ``nn.Parameter`` made from it)."""
+        if num_entries_per_rank < 1 or hidden < 1:
+            raise ValueError(f"engram_table: num_entries_per_rank and hidden must be >= 1, got "
+                             f"{num_entries_per_rank}, {hidden}")
+        if self.device.type == "cuda":
+            from deep_ep_ops.cuda import backend
+            table = backend.engram_table(self, self.cuda_state, num_entries_per_rank, hidden,
+                                         dtype)
+        else:
+            table = torch.zeros(num_entries_per_rank, hidden, dtype=dtype)
+        self._engram = table
+        return table
+
+    def check_engram_table(self, table: torch.Tensor) -> None:
+        """Raise unless ``table`` is the shard ``engram_table`` returned on this Buffer."""
+        ref = self._engram
+        if ref is None:
+            raise ValueError(f"engram_fetch: group {self.group_name!r} has no Engram table; "
+                             "allocate it with buf.engram_table(...)")
+        if table.data_ptr() != ref.data_ptr() or table.shape != ref.shape or \
+                table.dtype != ref.dtype:
+            raise ValueError(
+                f"engram_fetch: table must be the registered shard {tuple(ref.shape)} {ref.dtype} "
+                f"from buf.engram_table(); got another tensor {tuple(table.shape)} {table.dtype}")
+
+    def destroy(self) -> None:
+        """Free the symmetric memory and unregister. Call before destroy_process_group."""
+        with _LOCK:
+            if _REGISTRY.get(self.group_name) is self:
+                del _REGISTRY[self.group_name]
+        if self._cuda_state is not None:
+            from deep_ep_ops.cuda import backend
+            backend.destroy_state(self._cuda_state)
+            self._cuda_state = None
+        self._engram = None
+
+    def __enter__(self) -> "Buffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        return (f"Buffer(group={self.group_name!r}, R={self.world_size}, "
+                f"M={self.num_max_tokens_per_rank}, H={self.hidden}, K={self.num_topk}, "
+                f"E={self.num_experts}, backend={self.backend})")

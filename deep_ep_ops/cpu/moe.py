@@ -1,0 +1,128 @@
+"""Reference dispatch, cached_dispatch and combine (gloo, CPU tensors)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from deep_ep_ops import handle as H
+from deep_ep_ops.buffer import Buffer
+from deep_ep_ops.cpu.comm import all_gather_ints, all_gather_padded, all_gather_varlen
+from deep_ep_ops.cpu.routing import build_handle, receive_layout
+from deep_ep_ops.meta.shapes import dispatch_specs, static_capacity
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for every float type but fp64, which keeps fp64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _zeros(spec) -> torch.Tensor:
+    return torch.zeros(spec.shape, dtype=spec.dtype)
+
+
+def dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
+             topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+             expert_alignment: int, expand: bool, exact: bool):
+    group, R, rank = buf.group, buf.world_size, buf.rank
+    M, K, E_loc = buf.num_max_tokens_per_rank, buf.num_topk, num_experts // R
+    T = x.shape[0]
+    all_idx = all_gather_padded(topk_idx.to(torch.int64), M, group, fill=-1)  # [R, M, K]
+    all_x = all_gather_padded(x, M, group)
+    all_w = all_gather_padded(topk_weights, M, group)
+    all_s = all_gather_padded(x_scales, M, group) if x_scales is not None else None
+    layouts = [receive_layout(all_idx, d, R, E_loc, expert_alignment, expand)
+               for d in range(R)]
+    mine = layouts[rank]
+    C = mine.num_rows if exact else static_capacity(R, M, K, E_loc, expert_alignment, expand)
+    P = x_scales.shape[1] if x_scales is not None else 0
+    specs = dispatch_specs(T, x.shape[1], x.dtype, K, P,
+                           x_scales.dtype if x_scales is not None else None,
+                           topk_weights.dtype, E_loc, expand, C)
+    recv_x, recv_s, recv_idx, recv_w = (_zeros(s) for s in specs[:4])
+    rows, src, tok = mine.row_index, mine.row_src_rank, mine.row_src_token
+    recv_x[rows] = all_x[src, tok]
+    if all_s is not None:
+        recv_s[rows] = all_s[src, tok]
+    if expand:
+        recv_idx.fill_(-1)
+        recv_idx[rows] = mine.row_expert.to(torch.int32)
+        recv_w[rows] = all_w[src, tok, mine.row_topk_slot]
+    else:
+        ids = all_idx[src, tok]  # [G, K] global
+        here = (ids >= 0) & (ids.div(E_loc, rounding_mode="floor") == rank)
+        recv_idx.fill_(-1)
+        recv_idx[rows] = torch.where(here, ids - rank * E_loc, -1)
+        recv_w[rows] = torch.where(here, all_w[src, tok], torch.zeros((), dtype=recv_w.dtype))
+    handle = build_handle(layouts, all_idx, rank, T, C, num_experts, expert_alignment, expand)
+    return recv_x, recv_s, recv_idx, recv_w, mine.tokens_per_expert.clone(), handle
+
+
+def _handle_parts(handle: torch.Tensor, num_rows: int):
+    T = handle.shape[0] - H.HEADER_ROWS - num_rows
+    return handle[0], handle[H.HEADER_ROWS: H.HEADER_ROWS + T], handle[H.HEADER_ROWS + T:]
+
+
+def _check_header(op: str, header: torch.Tensor, buf: Buffer, num_tokens: int) -> None:
+    if int(header[H.HDR_NUM_TOKENS]) != num_tokens or \
+            int(header[H.HDR_NUM_RANKS]) != buf.world_size or \
+            int(header[H.HDR_TOPK]) != buf.num_topk:
+        raise ValueError(
+            f"deep_ep.{op}: handle does not match the inputs: it was made by a dispatch of "
+            f"T={int(header[H.HDR_NUM_TOKENS])} tokens on R={int(header[H.HDR_NUM_RANKS])} ranks "
+            f"with K={int(header[H.HDR_TOPK])}, but the call implies T={num_tokens}, "
+            f"R={buf.world_size}, K={buf.num_topk}")
+
+
+def cached_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
+                    handle: torch.Tensor):
+    T = x.shape[0]
+    C = handle.shape[0] - H.HEADER_ROWS - T
+    header, _, recv = _handle_parts(handle, C)
+    _check_header("cached_dispatch", header, buf, T)
+    M = buf.num_max_tokens_per_rank
+    recv_x = x.new_zeros((C, x.shape[1]))
+    P = x_scales.shape[1] if x_scales is not None else 0
+    recv_s = torch.zeros((C, P), dtype=x_scales.dtype if x_scales is not None else
+                         torch.float32)
+    all_x = all_gather_padded(x, M, buf.group)
+    src = recv[:, H.RECV_SRC_RANK].long()
+    rows = (src >= 0).nonzero().flatten()
+    tok = recv[rows, H.RECV_SRC_TOKEN].long()
+    recv_x[rows] = all_x[src[rows], tok]
+    if x_scales is not None:
+        all_s = all_gather_padded(x_scales, M, buf.group)
+        recv_s[rows] = all_s[src[rows], tok]
+    return recv_x, recv_s
+
+
+def combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
+            weights: Optional[torch.Tensor]) -> torch.Tensor:
+    C, width = x.shape
+    header, _, recv = _handle_parts(handle, C)
+    T = handle.shape[0] - H.HEADER_ROWS - C
+    _check_header("combine", header, buf, T)
+    K = buf.num_topk
+    acc = accumulation_dtype(x.dtype)
+    terms = x.to(acc)
+    if weights is not None:
+        terms = terms * weights.to(acc)[:, None]
+    # 1. each group's partial over its member rows, ascending, starting from the first term
+    G = int(header[H.HDR_VALID_GROUPS])
+    members = recv[:G, H.GROUP_MEMBER: H.GROUP_MEMBER + K].long()
+    partial = terms[members[:, 0]] if G else terms.new_zeros((0, width))
+    for i in range(1, K):
+        m = members[:, i]
+        partial = torch.where((m >= 0)[:, None], partial + terms[m.clamp(min=0)], partial)
+    meta = recv[:G, [H.GROUP_SRC_RANK, H.GROUP_SRC_TOKEN]].long()
+    # 2. every owner adds the partials of its tokens in ascending rank order
+    all_partials = all_gather_varlen(partial, buf.group)
+    all_meta = all_gather_varlen(meta, buf.group)
+    out = torch.zeros((T, width), dtype=acc)
+    started = torch.zeros(T, dtype=torch.bool)
+    for part, m in zip(all_partials, all_meta):
+        mine = m[:, 0] == buf.rank
+        tok, val = m[mine, 1], part[mine]
+        out[tok] = torch.where(started[tok, None], out[tok] + val, val)
+        started[tok] = True
+    return out.to(x.dtype)

@@ -1,0 +1,76 @@
+"""Layout of the routing ``handle`` that ``dispatch`` returns (one source of truth).
+
+The handle is an int32 tensor ``[1 + T + C, W]`` with ``W = handle_width(K)``. It carries every
+fact ``combine`` and ``cached_dispatch`` need, so routing state travels as a tensor (compile,
+export and CUDA graphs see only tensors). ``T`` is recovered by shape arithmetic:
+``T = handle.size(0) - 1 - C`` where ``C`` is the row count of the dispatch output.
+
+Row 0, the header: ``[num_valid_rows, num_valid_groups, T, R, E, M, expand, A, K, 0...]``.
+
+Rows ``1 .. T`` (send part, one per local token ``t``):
+  * ``SEND_NUM_DST``: number of distinct destination ranks of ``t``.
+  * ``SEND_DST_RANK + k``: rank holding expert ``topk_idx[t, k]`` (-1 where the entry is -1).
+  * ``SEND_DST_ROW + k``: the output row at that rank that carries slot ``k``: the token's
+    compact row (equal for all slots of one rank) or the (token, expert) row in expert-major
+    layout; -1 where the entry is -1.
+
+Rows ``1 + T .. T + C`` (receive part; receive row ``j`` is handle row ``1 + T + j``). Two
+independent column sets share these rows:
+  * per output row ``j``: ``RECV_SRC_RANK`` (-1 for padding / unused capacity),
+    ``RECV_SRC_TOKEN``, ``RECV_TOPK_SLOT`` (expert-major: the topk position the row carries;
+    compact: -1) and ``RECV_GROUP`` (the row's group, below).
+  * per group ``g``: a group is one (source rank, source token) pair received here, in compact
+    order (source rank, source token); there are at most ``C`` of them. ``GROUP_SRC_RANK`` (-1
+    when ``g`` is past the valid groups), ``GROUP_SRC_TOKEN``, ``GROUP_COMBINE_SLOT`` (the
+    index of this rank among the token's destination ranks in ascending order: where combine
+    writes the group's partial sum at the source) and ``GROUP_MEMBER + i`` (the rows of the
+    group in ascending order, -1 padded; compact layout: exactly ``[g]``).
+
+Combine's fixed order: ``out[t] = sum_i partial_i`` over the token's destination ranks in
+ascending order, ``partial = sum`` over the group's member rows in ascending order of
+``w[row] * x[row]``; every product and sum is rounded to the accumulation dtype (fp32, or fp64
+for fp64 inputs) with no fused multiply-add, each sum starts from its first term (so -0.0 is
+kept), and the result is rounded once to the output dtype. Tokens routed nowhere give +0.
+"""
+from __future__ import annotations
+
+HEADER_ROWS = 1
+
+# header columns (row 0)
+HDR_VALID_ROWS = 0
+HDR_VALID_GROUPS = 1
+HDR_NUM_TOKENS = 2
+HDR_NUM_RANKS = 3
+HDR_NUM_EXPERTS = 4
+HDR_MAX_TOKENS = 5
+HDR_EXPAND = 6
+HDR_ALIGNMENT = 7
+HDR_TOPK = 8
+NUM_HEADER_FIELDS = 9
+
+# send part
+SEND_NUM_DST = 0
+SEND_DST_RANK = 1  # + k
+
+
+def send_dst_row(num_topk: int) -> int:
+    """First column of the per-slot destination rows in the send part."""
+    return SEND_DST_RANK + num_topk
+
+
+# receive part, per row
+RECV_SRC_RANK = 0
+RECV_SRC_TOKEN = 1
+RECV_TOPK_SLOT = 2
+RECV_GROUP = 3
+# receive part, per group
+GROUP_SRC_RANK = 4
+GROUP_SRC_TOKEN = 5
+GROUP_COMBINE_SLOT = 6
+GROUP_MEMBER = 7  # + i, i < K
+
+
+def handle_width(num_topk: int) -> int:
+    """Columns of the handle: wide enough for the send part (1 + 2K), the receive part
+    (7 + K) and the header."""
+    return max(1 + 2 * num_topk, GROUP_MEMBER + num_topk, NUM_HEADER_FIELDS)

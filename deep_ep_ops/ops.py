@@ -1,0 +1,146 @@
+"""Defines the ``deep_ep`` ops and registers their fake, CPU, CUDA and autograd parts.
+
+Backends: CPU tensors run the reference in ``deep_ep_ops.cpu``; CUDA tensors run
+``deep_ep_ops.cuda.backend`` (JIT-built on first use). An op the CUDA backend does not provide
+raises NotImplementedError; nothing ever falls back to the CPU path for GPU tensors.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from deep_ep_ops import autograd as _autograd
+from deep_ep_ops import validation as V
+from deep_ep_ops.buffer import Buffer, get_buffer
+from deep_ep_ops.cpu import collectives as cpu_coll
+from deep_ep_ops.cpu import moe as cpu_moe
+from deep_ep_ops.meta import fake as _fake
+from deep_ep_ops.schemas import COMM_OPS, NAMESPACE, SCHEMAS
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
+
+
+def _cuda_backend_fn(name: str) -> Callable:
+    from deep_ep_ops.cuda import backend
+    fn = getattr(backend, name, None)
+    if fn is None:
+        raise NotImplementedError(
+            f"deep_ep.{name} has no CUDA implementation yet; use CPU tensors on a gloo group "
+            "for the reference backend")
+    return fn
+
+
+# -- dispatch / cached_dispatch / combine --------------------------------------------------
+
+def _dispatch(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
+              expert_alignment=1, expand=False, exact=False, num_sms=0):
+    buf = get_buffer(group_name)
+    V.check_dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
+                     num_sms)
+    if x.is_cuda:
+        return _cuda_backend_fn("dispatch")(buf, buf.cuda_state, x, x_scales, topk_idx,
+                                            topk_weights, num_experts, expert_alignment,
+                                            expand, exact, num_sms)
+    return cpu_moe.dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts,
+                            expert_alignment, expand, exact)
+
+
+def _cached_dispatch(x, x_scales, handle, group_name, num_sms=0):
+    buf = get_buffer(group_name)
+    V.check_cached_dispatch(buf, x, x_scales, handle, num_sms)
+    if x.is_cuda:
+        return _cuda_backend_fn("cached_dispatch")(buf, buf.cuda_state, x, x_scales, handle,
+                                                   num_sms)
+    return cpu_moe.cached_dispatch(buf, x, x_scales, handle)
+
+
+def _combine(x, handle, weights, group_name, num_sms=0):
+    buf = get_buffer(group_name)
+    V.check_combine(buf, x, handle, weights, num_sms)
+    if x.is_cuda:
+        return _cuda_backend_fn("combine")(buf, buf.cuda_state, x, handle, weights, num_sms)
+    return cpu_moe.combine(buf, x, handle, weights)
+
+
+# -- engram / pp / cp ------------------------------------------------------------------------
+
+def _engram_fetch(table, indices, group_name):
+    buf = get_buffer(group_name)
+    V.check_engram_fetch(buf, table, indices)
+    if table.is_cuda:
+        return _cuda_backend_fn("engram_fetch")(buf, buf.cuda_state, table, indices)
+    return cpu_coll.engram_fetch(buf, table, indices)
+
+
+def _engram_scatter_add(grad, indices, group_name, num_entries, hidden):
+    buf = get_buffer(group_name)
+    if grad.is_cuda:
+        return _cuda_backend_fn("engram_scatter_add")(buf, buf.cuda_state, grad, indices,
+                                                      num_entries, hidden)
+    return cpu_coll.engram_scatter_add(buf, grad, indices, num_entries, hidden)
+
+
+def _pp_send_recv(send, dst, src, recv_shape, recv_dtype, group_name):
+    buf = get_buffer(group_name)
+    V.check_pp(buf, send, dst, src, recv_shape, recv_dtype)
+    if send.is_cuda:
+        return _cuda_backend_fn("pp_send_recv")(buf, buf.cuda_state, send, dst, src,
+                                                recv_shape, recv_dtype)
+    return cpu_coll.pp_send_recv(buf, send, dst, src, recv_shape, recv_dtype)
+
+
+def _cp_all_gather(x, group_name):
+    buf = get_buffer(group_name)
+    V.check_cp("cp_all_gather", buf, x)
+    if x.is_cuda:
+        return _cuda_backend_fn("cp_all_gather")(buf, buf.cuda_state, x)
+    return cpu_coll.cp_all_gather(buf, x)
+
+
+def _cp_reduce_scatter(x, group_name):
+    buf = get_buffer(group_name)
+    V.check_reduce_scatter(buf, x)
+    if x.is_cuda:
+        return _cuda_backend_fn("cp_reduce_scatter")(buf, buf.cuda_state, x)
+    return cpu_coll.cp_reduce_scatter(buf, x)
+
+
+_IMPLS = {
+    "dispatch": _dispatch,
+    "cached_dispatch": _cached_dispatch,
+    "combine": _combine,
+    "engram_fetch": _engram_fetch,
+    "_engram_scatter_add": _engram_scatter_add,
+    "pp_send_recv": _pp_send_recv,
+    "cp_all_gather": _cp_all_gather,
+    "cp_reduce_scatter": _cp_reduce_scatter,
+}
+
+
+def _register() -> None:
+    from torch._library.effects import EffectType
+    for name, impl in _IMPLS.items():
+        qualname = f"{NAMESPACE}::{name}"
+        # One Python entry serves both device keys; it routes by the tensors' device.
+        _lib.impl(name, impl, "CPU")
+        _lib.impl(name, impl, "CUDA")
+        torch.library.register_fake(qualname, _fake.FAKES[name], lib=_lib)
+        if name in COMM_OPS:
+            # Other ranks wait for this rank's part of the collective: the compiler must
+            # neither drop an op whose outputs are unused nor reorder two of them.
+            torch.library._register_effectful_op(qualname, EffectType.ORDERED)
+    _autograd.register_all(_lib)
+
+
+_register()
+
+dispatch = torch.ops.deep_ep.dispatch
+cached_dispatch = torch.ops.deep_ep.cached_dispatch
+combine = torch.ops.deep_ep.combine
+engram_fetch = torch.ops.deep_ep.engram_fetch
+pp_send_recv = torch.ops.deep_ep.pp_send_recv
+cp_all_gather = torch.ops.deep_ep.cp_all_gather
+cp_reduce_scatter = torch.ops.deep_ep.cp_reduce_scatter

@@ -1,0 +1,38 @@
+"""Every op schema of the ``deep_ep`` namespace, in one place."""
+from __future__ import annotations
+
+NAMESPACE = "deep_ep"
+
+SCHEMAS: dict[str, str] = {
+    "dispatch": (
+        "dispatch(Tensor x, Tensor? x_scales, Tensor topk_idx, Tensor topk_weights, "
+        "str group_name, int num_experts, int expert_alignment=1, bool expand=False, "
+        "bool exact=False, int num_sms=0) "
+        "-> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, "
+        "Tensor recv_topk_weights, Tensor tokens_per_expert, Tensor handle)"
+    ),
+    "cached_dispatch": (
+        "cached_dispatch(Tensor x, Tensor? x_scales, Tensor handle, str group_name, "
+        "int num_sms=0) -> (Tensor recv_x, Tensor recv_x_scales)"
+    ),
+    "combine": (
+        "combine(Tensor x, Tensor handle, Tensor? weights, str group_name, int num_sms=0) "
+        "-> Tensor"
+    ),
+    "engram_fetch": "engram_fetch(Tensor table, Tensor indices, str group_name) -> Tensor",
+    "pp_send_recv": (
+        "pp_send_recv(Tensor send, int dst, int src, SymInt[] recv_shape, "
+        "ScalarType recv_dtype, str group_name) -> Tensor"
+    ),
+    "cp_all_gather": "cp_all_gather(Tensor x, str group_name) -> Tensor",
+    "cp_reduce_scatter": "cp_reduce_scatter(Tensor x, str group_name) -> Tensor",
+    # Private: the backward of engram_fetch. Sums every rank's row gradients into the owners'
+    # shards (sparse, fixed order), so a sharded table is trainable.
+    "_engram_scatter_add": (
+        "_engram_scatter_add(Tensor grad, Tensor indices, str group_name, SymInt num_entries, "
+        "SymInt hidden) -> Tensor"
+    ),
+}
+
+# Every op above talks to other ranks: none may be dropped or reordered by the compiler.
+COMM_OPS = tuple(SCHEMAS)

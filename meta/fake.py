@@ -1,0 +1,95 @@
+"""Fake (meta) implementations: shapes from ``deep_ep_ops.meta.shapes``, checks from
+``deep_ep_ops.validation``; no data is read."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from deep_ep_ops import validation as V
+from deep_ep_ops.buffer import get_buffer
+from deep_ep_ops.meta import shapes as S
+
+
+def _empty(like: torch.Tensor, spec: S.TensorSpec) -> torch.Tensor:
+    return like.new_empty(spec.shape, dtype=spec.dtype)
+
+
+def dispatch(x: torch.Tensor, x_scales: Optional[torch.Tensor], topk_idx: torch.Tensor,
+             topk_weights: torch.Tensor, group_name: str, num_experts: int,
+             expert_alignment: int = 1, expand: bool = False, exact: bool = False,
+             num_sms: int = 0):
+    buf = get_buffer(group_name)
+    V.check_dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
+                     num_sms)
+    E_loc = num_experts // buf.world_size
+    capacity = S.static_capacity(buf.world_size, buf.num_max_tokens_per_rank, buf.num_topk,
+                                 E_loc, expert_alignment, expand)
+    if exact:
+        capacity = torch.library.get_ctx().new_dynamic_size(min=0, max=capacity)
+    specs = S.dispatch_specs(x.shape[0], x.shape[1], x.dtype, buf.num_topk,
+                             x_scales.shape[1] if x_scales is not None else 0,
+                             x_scales.dtype if x_scales is not None else None,
+                             topk_weights.dtype, E_loc, expand, capacity)
+    return tuple(_empty(x, s) for s in specs)
+
+
+def cached_dispatch(x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: torch.Tensor,
+                    group_name: str, num_sms: int = 0):
+    buf = get_buffer(group_name)
+    V.check_cached_dispatch(buf, x, x_scales, handle, num_sms)
+    specs = S.cached_dispatch_specs(x.shape, x.dtype,
+                                    x_scales.shape if x_scales is not None else None,
+                                    x_scales.dtype if x_scales is not None else None,
+                                    handle.shape[0])
+    return tuple(_empty(x, s) for s in specs)
+
+
+def combine(x: torch.Tensor, handle: torch.Tensor, weights: Optional[torch.Tensor],
+            group_name: str, num_sms: int = 0) -> torch.Tensor:
+    buf = get_buffer(group_name)
+    V.check_combine(buf, x, handle, weights, num_sms)
+    return _empty(x, S.combine_spec(x.shape, x.dtype, handle.shape[0]))
+
+
+def engram_fetch(table: torch.Tensor, indices: torch.Tensor, group_name: str) -> torch.Tensor:
+    buf = get_buffer(group_name)
+    V.check_engram_fetch(buf, table, indices)
+    return _empty(table, S.engram_fetch_spec(indices.shape, table.shape[1], table.dtype))
+
+
+def engram_scatter_add(grad: torch.Tensor, indices: torch.Tensor, group_name: str,
+                       num_entries, hidden) -> torch.Tensor:
+    get_buffer(group_name)
+    return _empty(grad, S.engram_grad_spec(num_entries, hidden, grad.dtype))
+
+
+def pp_send_recv(send: torch.Tensor, dst: int, src: int, recv_shape: Sequence,
+                 recv_dtype: torch.dtype, group_name: str) -> torch.Tensor:
+    buf = get_buffer(group_name)
+    V.check_pp(buf, send, dst, src, recv_shape, recv_dtype)
+    return _empty(send, S.pp_recv_spec(src, recv_shape, recv_dtype))
+
+
+def cp_all_gather(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    buf = get_buffer(group_name)
+    V.check_cp("cp_all_gather", buf, x)
+    return _empty(x, S.cp_all_gather_spec(x.shape, x.dtype, buf.world_size))
+
+
+def cp_reduce_scatter(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    buf = get_buffer(group_name)
+    V.check_reduce_scatter(buf, x)
+    return _empty(x, S.cp_reduce_scatter_spec(x.shape, x.dtype, buf.world_size))
+
+
+FAKES = {
+    "dispatch": dispatch,
+    "cached_dispatch": cached_dispatch,
+    "combine": combine,
+    "engram_fetch": engram_fetch,
+    "_engram_scatter_add": engram_scatter_add,
+    "pp_send_recv": pp_send_recv,
+    "cp_all_gather": cp_all_gather,
+    "cp_reduce_scatter": cp_reduce_scatter,
+}
