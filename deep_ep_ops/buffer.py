@@ -123,13 +123,19 @@ class Buffer:
         return table
 
     def check_engram_table(self, table: torch.Tensor) -> None:
-        """Raise unless ``table`` is the shard ``engram_table`` returned on this Buffer."""
+        """Raise unless ``table`` matches the shard ``engram_table`` returned on this Buffer.
+
+        On CUDA the table must be that very shard (its memory is the symmetric window peers
+        read from, zero-copy). The CPU reference reads tables by value, so there it must match
+        the shard's shape and dtype (opcheck and gradcheck pass copies of it).
+        """
         ref = self._engram
         if ref is None:
             raise ValueError(f"engram_fetch: group {self.group_name!r} has no Engram table; "
                              "allocate it with buf.engram_table(...)")
-        if table.data_ptr() != ref.data_ptr() or table.shape != ref.shape or \
-                table.dtype != ref.dtype:
+        same_kind = table.shape == ref.shape and table.dtype == ref.dtype
+        same_memory = table.data_ptr() == ref.data_ptr()
+        if not same_kind or (table.is_cuda and not same_memory):
             raise ValueError(
                 f"engram_fetch: table must be the registered shard {tuple(ref.shape)} {ref.dtype} "
                 f"from buf.engram_table(); got another tensor {tuple(table.shape)} {table.dtype}")
