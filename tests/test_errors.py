@@ -1,0 +1,218 @@
+"""Bad inputs raise clear errors naming the argument and the expectation (one test each)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deep_ep_ops
+
+E, K, M, HID = 4, 2, 4, 8
+ops = torch.ops.deep_ep
+
+
+@pytest.fixture
+def buf(single_rank_group):
+    b = deep_ep_ops.Buffer(single_rank_group, num_max_tokens_per_rank=M, hidden=HID,
+                           num_topk=K, num_experts=E)
+    yield b
+    b.destroy()
+
+
+def _inputs(T=3):
+    x = torch.randn(T, HID)
+    idx = torch.tensor([[0, 1], [2, 3], [1, -1]])[:T]
+    w = torch.rand(T, K)
+    return x, idx, w
+
+
+def test_x_dtype(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"dispatch: x must be a float dtype"):
+        ops.dispatch(x.to(torch.int32), None, idx, w, buf.group_name, E)
+
+
+def test_x_not_2d(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"dispatch: x must be 2-D \[T, H\]"):
+        ops.dispatch(x[None], None, idx, w, buf.group_name, E)
+
+
+def test_hidden_mismatch(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"x must be \[T, 8\] \(hidden of the Buffer"):
+        ops.dispatch(torch.randn(3, HID + 1), None, idx, w, buf.group_name, E)
+
+
+def test_too_many_tokens(buf):
+    x = torch.randn(M + 1, HID)
+    idx = torch.zeros(M + 1, K, dtype=torch.int64).copy_(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"at most num_max_tokens_per_rank=4 rows"):
+        ops.dispatch(x, None, idx, torch.rand(M + 1, K), buf.group_name, E)
+
+
+def test_topk_idx_shape(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"topk_idx must be \[3, 2\] int64 or int32"):
+        ops.dispatch(x, None, idx[:, :1], w, buf.group_name, E)
+
+
+def test_topk_idx_dtype(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"topk_idx must be .* int64 or int32"):
+        ops.dispatch(x, None, idx.float(), w, buf.group_name, E)
+
+
+def test_topk_weights_shape(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"topk_weights must be \[3, 2\]"):
+        ops.dispatch(x, None, idx, w[:2], buf.group_name, E)
+
+
+def test_expert_id_out_of_range(buf):
+    x, idx, w = _inputs()
+    idx[1, 0] = E
+    with pytest.raises(ValueError, match=r"expert ids in \[-1, 4\).*topk_idx\[1, 0\] = 4"):
+        ops.dispatch(x, None, idx, w, buf.group_name, E)
+
+
+def test_expert_id_below_minus_one(buf):
+    x, idx, w = _inputs()
+    idx[0, 1] = -2
+    with pytest.raises(ValueError, match=r"topk_idx\[0, 1\] = -2"):
+        ops.dispatch(x, None, idx, w, buf.group_name, E)
+
+
+def test_duplicate_expert_in_row(buf):
+    x, idx, w = _inputs()
+    idx[2] = torch.tensor([3, 3])
+    with pytest.raises(ValueError, match=r"free of duplicate expert ids within a row.*row 2"):
+        ops.dispatch(x, None, idx, w, buf.group_name, E)
+
+
+def test_num_experts_mismatch(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"num_experts must be 4"):
+        ops.dispatch(x, None, idx, w, buf.group_name, 8)
+
+
+def test_fp8_without_scales(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"x_scales must be a \[T, P\]"):
+        ops.dispatch(x.to(torch.float8_e4m3fn), None, idx, w, buf.group_name, E)
+
+
+def test_scales_wrong_dtype(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"x_scales must be \[3, P\] float32 or int32"):
+        ops.dispatch(x.to(torch.float8_e4m3fn), torch.ones(3, 1, dtype=torch.float16), idx, w,
+                     buf.group_name, E)
+
+
+def test_bad_alignment(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"expert_alignment must be an int >= 1"):
+        ops.dispatch(x, None, idx, w, buf.group_name, E, 0)
+
+
+def test_unknown_group_name(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"group_name='nope': no deep_ep_ops.Buffer"):
+        ops.dispatch(x, None, idx, w, "nope", E)
+
+
+def test_combine_bad_handle(buf):
+    with pytest.raises(ValueError, match=r"combine: handle must be the int32"):
+        ops.combine(torch.randn(4, HID), torch.zeros(9, 3, dtype=torch.int32), None,
+                    buf.group_name)
+
+
+def test_combine_rows_mismatch(buf):
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    with pytest.raises(ValueError, match=r"handle does not match the inputs"):
+        ops.combine(out[0][:-1], out[5], None, buf.group_name)
+
+
+def test_combine_weights_shape(buf):
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    with pytest.raises(ValueError, match=r"weights must be None or \[4\] float32"):
+        ops.combine(out[0], out[5], torch.ones(3), buf.group_name)
+
+
+def test_combine_too_wide(buf):
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    with pytest.raises(ValueError, match=r"combine: x must be \[C, <= 8\]"):
+        ops.combine(torch.randn(out[0].shape[0], HID + 1), out[5], None, buf.group_name)
+
+
+def test_engram_without_table(buf):
+    with pytest.raises(ValueError, match=r"has no Engram table"):
+        ops.engram_fetch(torch.randn(4, 2), torch.zeros(1, 1, dtype=torch.int64),
+                         buf.group_name)
+
+
+def test_engram_wrong_table(buf):
+    buf.engram_table(4, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"table must be the registered shard \(4, 2\)"):
+        ops.engram_fetch(torch.randn(5, 2), torch.zeros(1, 1, dtype=torch.int64),
+                         buf.group_name)
+
+
+def test_engram_index_out_of_range(buf):
+    table = buf.engram_table(4, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"indices must be row ids in \[-1, R\*n = 4\)"):
+        ops.engram_fetch(table, torch.tensor([[0, 4]]), buf.group_name)
+
+
+def test_pp_peer_out_of_range(buf):
+    with pytest.raises(ValueError, match=r"pp_send_recv: dst must be a rank in \[0, 1\)"):
+        ops.pp_send_recv(torch.randn(2), 1, 0, [2], torch.float32, buf.group_name)
+
+
+def test_pp_no_peer(buf):
+    with pytest.raises(ValueError, match=r"at least one peer"):
+        ops.pp_send_recv(torch.randn(2), -1, -1, [2], torch.float32, buf.group_name)
+
+
+def test_pp_recv_shape_mismatch(buf):
+    with pytest.raises(ValueError, match=r"does not match recv_shape"):
+        ops.pp_send_recv(torch.randn(2), 0, 0, [3], torch.float32, buf.group_name)
+
+
+def test_reduce_scatter_not_divisible(single_rank_group, monkeypatch):
+    b = deep_ep_ops.Buffer(single_rank_group, num_max_tokens_per_rank=M, hidden=HID,
+                           num_topk=K, num_experts=E)
+    try:
+        monkeypatch.setattr(b, "world_size", 2)  # a 1-rank group divides everything
+        with pytest.raises(ValueError, match=r"cp_reduce_scatter: x must be dim 0 divisible"):
+            ops.cp_reduce_scatter(torch.randn(3, 2), b.group_name)
+    finally:
+        b.destroy()
+
+
+def test_buffer_experts_not_divisible(single_rank_group, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    with pytest.raises(ValueError, match=r"num_experts=6 must be divisible by the group size 4"):
+        deep_ep_ops.Buffer(single_rank_group, num_max_tokens_per_rank=M, hidden=HID,
+                           num_topk=K, num_experts=6)
+
+
+def test_buffer_twice(buf):
+    with pytest.raises(RuntimeError, match=r"already has a Buffer"):
+        deep_ep_ops.Buffer(buf.group, num_max_tokens_per_rank=M, hidden=HID, num_topk=K,
+                           num_experts=E)
+
+
+def test_wrong_device(buf):
+    """A CUDA tensor on a gloo (CPU) group is refused, naming the argument (checked on a
+    stand-in because CI has no GPU)."""
+    with pytest.raises(ValueError, match=r"dispatch: x must be on cpu"):
+        deep_ep_ops.validation.check_device("dispatch", buf, x=_FakeCuda())
+
+
+class _FakeCuda:
+    device = torch.device("cuda", 0)
+    shape = (1,)
+    dtype = torch.float32
