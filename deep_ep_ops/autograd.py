@@ -17,7 +17,7 @@ def _receive_part(handle: torch.Tensor, num_tokens) -> torch.Tensor:
 # the recv_topk_weights entry that carried slot k (exactly one rank holds each (t, k), so a
 # combine of the slot-placed gradients returns it).
 def _dispatch_setup(ctx, inputs, output):
-    x, _, _, topk_weights, group_name, _, _, expand, _, num_sms = inputs
+    x, _, _, topk_weights, group_name, _, _, expand, num_sms = inputs
     handle, recv_idx = output[5], output[2]
     ctx.save_for_backward(handle, recv_idx)
     ctx.group_name, ctx.expand, ctx.num_sms = group_name, expand, num_sms
@@ -39,7 +39,20 @@ def _dispatch_backward(ctx, g_x, g_scales, g_idx, g_w, g_tpe, g_handle):
         else:
             rows = torch.where(recv_idx >= 0, g_w, torch.zeros_like(g_w))
         grad_w = _ops.combine(rows.contiguous(), handle, None, ctx.group_name, ctx.num_sms)
-    return grad_x, None, None, grad_w, None, None, None, None, None, None
+    return grad_x, None, None, grad_w, None, None, None, None, None
+
+
+# _trim_dispatch: the dropped rows got no gradient; pad back to the static capacity.
+def _trim_setup(ctx, inputs, output):
+    ctx.capacity = inputs[0].shape[0]
+
+
+def _trim_backward(ctx, g_x, g_scales, g_idx, g_w, g_tpe, g_handle):
+    def pad(g):
+        if g is None:
+            return None
+        return torch.cat([g, g.new_zeros((ctx.capacity - g.shape[0], *g.shape[1:]))])
+    return pad(g_x), None, None, pad(g_w), None, None
 
 
 # cached_dispatch: d x = combine(d recv_x).
@@ -122,7 +135,8 @@ def _reduce_scatter_backward(ctx, g):
 
 
 _FORMULAS = {
-    "dispatch": (_dispatch_backward, _dispatch_setup),
+    "_dispatch_static": (_dispatch_backward, _dispatch_setup),
+    "_trim_dispatch": (_trim_backward, _trim_setup),
     "cached_dispatch": (_cached_dispatch_backward, _cached_dispatch_setup),
     "combine": (_combine_backward, _combine_setup),
     "engram_fetch": (_engram_backward, _engram_setup),

@@ -17,6 +17,7 @@ from deep_ep_ops.cpu import collectives as cpu_coll
 from deep_ep_ops.cpu import moe as cpu_moe
 from deep_ep_ops.meta import fake as _fake
 from deep_ep_ops.schemas import COMM_OPS, NAMESPACE, SCHEMAS
+from deep_ep_ops.trim import trim_dispatch
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _schema in SCHEMAS.values():
@@ -37,15 +38,23 @@ def _cuda_backend_fn(name: str) -> Callable:
 
 def _dispatch(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
               expert_alignment=1, expand=False, exact=False, num_sms=0):
+    outputs = torch.ops.deep_ep._dispatch_static(x, x_scales, topk_idx, topk_weights,
+                                                 group_name, num_experts, expert_alignment,
+                                                 expand, num_sms)
+    return torch.ops.deep_ep._trim_dispatch(*outputs) if exact else outputs
+
+
+def _dispatch_static(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
+                     expert_alignment, expand, num_sms):
     buf = get_buffer(group_name)
     V.check_dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
                      num_sms)
     if x.is_cuda:
         return _cuda_backend_fn("dispatch")(buf, buf.cuda_state, x, x_scales, topk_idx,
                                             topk_weights, num_experts, expert_alignment,
-                                            expand, exact, num_sms)
+                                            expand, False, num_sms)
     return cpu_moe.dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts,
-                            expert_alignment, expand, exact)
+                            expert_alignment, expand)
 
 
 def _cached_dispatch(x, x_scales, handle, group_name, num_sms=0):
@@ -109,7 +118,8 @@ def _cp_reduce_scatter(x, group_name):
 
 
 _IMPLS = {
-    "dispatch": _dispatch,
+    "_dispatch_static": _dispatch_static,
+    "_trim_dispatch": trim_dispatch,
     "cached_dispatch": _cached_dispatch,
     "combine": _combine,
     "engram_fetch": _engram_fetch,
@@ -132,6 +142,8 @@ def _register() -> None:
             # Other ranks wait for this rank's part of the collective: the compiler must
             # neither drop an op whose outputs are unused nor reorder two of them.
             torch.library._register_effectful_op(qualname, EffectType.ORDERED)
+    # dispatch is a composition: autograd, fake tensors and export see its two parts.
+    _lib.impl("dispatch", _dispatch, "CompositeImplicitAutograd")
     _autograd.register_all(_lib)
 
 

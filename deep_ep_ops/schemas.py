@@ -11,6 +11,20 @@ SCHEMAS: dict[str, str] = {
         "-> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, "
         "Tensor recv_topk_weights, Tensor tokens_per_expert, Tensor handle)"
     ),
+    # dispatch decomposes into these two: the collective always produces the static capacity
+    # (no host sync); exact=True then trims to the real row count locally. Only the
+    # collective is effectful, which keeps unbacked sizes out of effect tokens (Inductor cannot
+    # lower an effectful op with data-dependent output sizes in torch 2.13).
+    "_dispatch_static": (
+        "_dispatch_static(Tensor x, Tensor? x_scales, Tensor topk_idx, Tensor topk_weights, "
+        "str group_name, int num_experts, int expert_alignment, bool expand, int num_sms) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "_trim_dispatch": (
+        "_trim_dispatch(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, "
+        "Tensor recv_topk_weights, Tensor tokens_per_expert, Tensor handle) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
     "cached_dispatch": (
         "cached_dispatch(Tensor x, Tensor? x_scales, Tensor handle, str group_name, "
         "int num_sms=0) -> (Tensor recv_x, Tensor recv_x_scales)"
@@ -34,5 +48,9 @@ SCHEMAS: dict[str, str] = {
     ),
 }
 
-# Every op above talks to other ranks: none may be dropped or reordered by the compiler.
-COMM_OPS = tuple(SCHEMAS)
+# Ops that talk to other ranks: none may be dropped or reordered by the compiler.
+COMM_OPS = ("_dispatch_static", "cached_dispatch", "combine", "engram_fetch", "pp_send_recv",
+            "cp_all_gather", "cp_reduce_scatter", "_engram_scatter_add")
+# Ops whose implementation is a composition of the others (no kernel, fake or autograd of
+# their own).
+COMPOSITE_OPS = ("dispatch",)

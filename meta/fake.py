@@ -15,23 +15,32 @@ def _empty(like: torch.Tensor, spec: S.TensorSpec) -> torch.Tensor:
     return like.new_empty(spec.shape, dtype=spec.dtype)
 
 
-def dispatch(x: torch.Tensor, x_scales: Optional[torch.Tensor], topk_idx: torch.Tensor,
-             topk_weights: torch.Tensor, group_name: str, num_experts: int,
-             expert_alignment: int = 1, expand: bool = False, exact: bool = False,
-             num_sms: int = 0):
+def dispatch_static(x: torch.Tensor, x_scales: Optional[torch.Tensor], topk_idx: torch.Tensor,
+                    topk_weights: torch.Tensor, group_name: str, num_experts: int,
+                    expert_alignment: int, expand: bool, num_sms: int):
     buf = get_buffer(group_name)
     V.check_dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
                      num_sms)
     E_loc = num_experts // buf.world_size
     capacity = S.static_capacity(buf.world_size, buf.num_max_tokens_per_rank, buf.num_topk,
                                  E_loc, expert_alignment, expand)
-    if exact:
-        capacity = torch.library.get_ctx().new_dynamic_size(min=0, max=capacity)
     specs = S.dispatch_specs(x.shape[0], x.shape[1], x.dtype, buf.num_topk,
                              x_scales.shape[1] if x_scales is not None else 0,
                              x_scales.dtype if x_scales is not None else None,
                              topk_weights.dtype, E_loc, expand, capacity)
     return tuple(_empty(x, s) for s in specs)
+
+
+def trim_dispatch(recv_x: torch.Tensor, recv_x_scales: torch.Tensor,
+                  recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor,
+                  tokens_per_expert: torch.Tensor, handle: torch.Tensor):
+    C = recv_x.shape[0]
+    # the bound must be a plain int: known when C is (static capacity), else left open
+    n = torch.library.get_ctx().new_dynamic_size(min=0, max=C if isinstance(C, int) else None)
+    rows = lambda t: t.new_empty((n, *t.shape[1:]))  # noqa: E731
+    return (rows(recv_x), rows(recv_x_scales), rows(recv_topk_idx), rows(recv_topk_weights),
+            torch.empty_like(tokens_per_expert),
+            handle.new_empty((handle.shape[0] - C + n, handle.shape[1])))
 
 
 def cached_dispatch(x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: torch.Tensor,
@@ -84,7 +93,8 @@ def cp_reduce_scatter(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 
 FAKES = {
-    "dispatch": dispatch,
+    "_dispatch_static": dispatch_static,
+    "_trim_dispatch": trim_dispatch,
     "cached_dispatch": cached_dispatch,
     "combine": combine,
     "engram_fetch": engram_fetch,

@@ -25,13 +25,13 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
                             world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # leave together: gloo aborts a rank whose peer closes its sockets mid-teardown
+        dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent
         errors.put((rank, traceback.format_exc()))
         # a failed rank must not leave its peers waiting in a collective forever
         os._exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600) -> None:

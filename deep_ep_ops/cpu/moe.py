@@ -23,7 +23,8 @@ def _zeros(spec) -> torch.Tensor:
 
 def dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
              topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-             expert_alignment: int, expand: bool, exact: bool):
+             expert_alignment: int, expand: bool):
+    """Static-capacity dispatch (trimming for exact mode is ``deep_ep_ops.trim``)."""
     group, R, rank = buf.group, buf.world_size, buf.rank
     M, K, E_loc = buf.num_max_tokens_per_rank, buf.num_topk, num_experts // R
     T = x.shape[0]
@@ -34,7 +35,7 @@ def dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
     layouts = [receive_layout(all_idx, d, R, E_loc, expert_alignment, expand)
                for d in range(R)]
     mine = layouts[rank]
-    C = mine.num_rows if exact else static_capacity(R, M, K, E_loc, expert_alignment, expand)
+    C = static_capacity(R, M, K, E_loc, expert_alignment, expand)
     P = x_scales.shape[1] if x_scales is not None else 0
     specs = dispatch_specs(T, x.shape[1], x.dtype, K, P,
                            x_scales.dtype if x_scales is not None else None,

@@ -21,7 +21,6 @@ class ReceiveLayout:
     skip alignment padding), ``row_group`` its group; groups: ``group_src_rank/
     group_src_token/group_combine_slot`` and ``group_members [G, K]`` (-1 padded).
     """
-    num_rows: int  # rows used, alignment padding included (the exact capacity)
     row_index: torch.Tensor
     row_src_rank: torch.Tensor
     row_src_token: torch.Tensor
@@ -71,7 +70,7 @@ def receive_layout(all_idx: torch.Tensor, dst: int, num_ranks: int, num_local_ex
         counts = torch.bincount((experts_of_rows[on_dst] - dst * num_local_experts),
                                 minlength=num_local_experts)
         return ReceiveLayout(
-            num_rows=G, row_index=rows, row_src_rank=g_src, row_src_token=g_tok,
+            row_index=rows, row_src_rank=g_src, row_src_token=g_tok,
             row_topk_slot=torch.full((G,), -1, dtype=torch.int64),
             row_expert=torch.full((G,), -1, dtype=torch.int64), row_group=rows,
             group_src_rank=g_src, group_src_token=g_tok, group_combine_slot=group_slot,
@@ -95,7 +94,7 @@ def receive_layout(all_idx: torch.Tensor, dst: int, num_ranks: int, num_local_ex
     members = torch.full((G, K), -1, dtype=torch.int64)
     members[sorted_group, member_pos] = rows[by_group]
     return ReceiveLayout(
-        num_rows=int(aligned.sum()), row_index=rows, row_src_rank=p_src, row_src_token=p_tok,
+        row_index=rows, row_src_rank=p_src, row_src_token=p_tok,
         row_topk_slot=p_slot, row_expert=p_exp, row_group=p_group,
         group_src_rank=g_src, group_src_token=g_tok, group_combine_slot=group_slot,
         group_members=members, tokens_per_expert=counts.to(torch.int32))

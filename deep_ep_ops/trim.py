@@ -1,0 +1,32 @@
+"""Exact-size dispatch outputs: trim the static-capacity outputs to the rows in use.
+
+Local work only (no communication); reading the row count costs one device-to-host sync,
+which is what ``exact=True`` asks for.
+"""
+from __future__ import annotations
+
+import torch
+
+from deep_ep_ops import handle as H
+
+
+def rows_in_use(tokens_per_expert: torch.Tensor, handle: torch.Tensor, expand: bool) -> int:
+    """Real rows of a dispatch output, alignment padding of expert-major blocks included."""
+    if expand:
+        A = int(handle[0, H.HDR_ALIGNMENT])
+        return int(((tokens_per_expert.long() + A - 1) // A * A).sum())
+    return int(handle[0, H.HDR_VALID_ROWS])
+
+
+def trim_dispatch(recv_x: torch.Tensor, recv_x_scales: torch.Tensor,
+                  recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor,
+                  tokens_per_expert: torch.Tensor, handle: torch.Tensor):
+    """The first ``rows_in_use`` rows of each per-row output; the handle keeps its header and
+    send part and loses the unused receive rows (groups never outnumber rows in use)."""
+    C = recv_x.shape[0]
+    T = handle.shape[0] - H.HEADER_ROWS - C
+    n = rows_in_use(tokens_per_expert, handle, recv_topk_idx.dim() == 1)
+    head = H.HEADER_ROWS + T
+    return (recv_x[:n].clone(), recv_x_scales[:n].clone(), recv_topk_idx[:n].clone(),
+            recv_topk_weights[:n].clone(), tokens_per_expert.clone(),
+            torch.cat([handle[:head], handle[head: head + n]]))
