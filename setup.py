@@ -1,13 +1,12 @@
 """Installs the pure-Python package; CUDA sources ship as package data and are JIT-built on
 first GPU use (see deep_ep_ops/cuda/loader.py), so installing needs no compiler."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="deep_ep_ops",
     version="0.1.0",
     description="Expert-parallel MoE dispatch/combine and friends as torch.library ops",
-    packages=["deep_ep_ops", "deep_ep_ops.cpu", "deep_ep_ops.cuda", "deep_ep_ops.nn",
-              "deep_ep_ops.meta"],
+    packages=find_packages(include=["deep_ep_ops", "deep_ep_ops.*"]) + ["deep_ep_ops.meta"],
     package_dir={"deep_ep_ops.meta": "meta"},
     python_requires=">=3.10",
     install_requires=["torch>=2.10"],
