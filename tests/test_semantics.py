@@ -102,11 +102,19 @@ CASES = [
     (24, 5, 8, 4, 16, {"tokens_zero_rank": True}),
     (6, 6, 4, 4, 1, {"drop": 0.0, "dtype": torch.bfloat16}),
     (6, 2, 5, 4, 1, {"tokens_zero_all": True}),
+    (6, 1, 6, 4, 16, {"skew": True, "drop": 0.0}),  # K=1: every token to expert 0
+    (24, 7, 5, 4, 1, {}),
+]
+
+# Larger groups (the R = 4 and R = 8 code paths; 8 processes on a 2-core CI machine).
+WIDE_CASES = [
+    (24, 8, 6, 4, 16, {}),
+    (16, 3, 5, 4, 1, {"skew": True, "tokens_zero_rank": True}),
 ]
 
 
-def _body(rank: int, R: int) -> None:
-    for ci, (E, K, M, Hd, A, kw) in enumerate(CASES):
+def _body(rank: int, R: int, cases=None) -> None:
+    for ci, (E, K, M, Hd, A, kw) in enumerate(cases or CASES):
         kw = dict(kw)
         tokens = None
         if kw.pop("tokens_zero_rank", False):
@@ -128,3 +136,8 @@ def _body(rank: int, R: int) -> None:
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_dispatch_combine_semantics(world_size: int) -> None:
     run_ranks(_body, world_size)
+
+
+@pytest.mark.parametrize("world_size", [4, 8])
+def test_dispatch_combine_semantics_wide(world_size: int) -> None:
+    run_ranks(_body, world_size, WIDE_CASES)
