@@ -1,0 +1,265 @@
+"""EP dispatch/combine benchmark, side by side with same-run baselines.
+
+    python -m bench.bench_ep --kind nvidia-h200-x2 [--quick]
+
+One process per GPU (NCCL). Writes bench/results/<kind>-<date>.{json,md,png}. Times are medians
+of CUDA-event timings (per call, all ranks starting together after a barrier; the slowest rank
+is reported); decode times are CUDA-graph replay times per op.
+Bandwidths (1e9 B/s): "logical" counts every received row including the local rank's (as
+DeepEP reports); "nvlink" counts only rows that crossed the link.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bench import baselines
+from bench.timing import event_median_us, graph_replay_us, host_overhead_us
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs(rank: int, T: int, H: int, E: int, K: int, fp8: bool, device):
+    g = torch.Generator(device="cpu").manual_seed(1234 + rank)
+    x = torch.randn(T, H, generator=g).to(device=device, dtype=torch.bfloat16)
+    scores = torch.rand(T, E, generator=g)
+    topk_idx = scores.topk(K, dim=-1).indices.to(device)  # uniform random top-k
+    topk_w = torch.rand(T, K, generator=g).to(device)
+    scales = None
+    if fp8:
+        amax = x.float().view(T, H // 128, 128).abs().amax(-1).clamp(min=1e-4)
+        scales = (amax / 448.0).contiguous()
+        x = (x.float().view(T, H // 128, 128) / scales[..., None]).view(T, H).to(
+            torch.float8_e4m3fn)
+    return x, scales, topk_idx, topk_w
+
+
+def _row_counts(handle: torch.Tensor, T: int, rank: int) -> tuple[int, int]:
+    """(valid rows received, of which local) from a dispatch handle."""
+    from deep_ep_ops import handle as Hd
+    valid = int(handle[0, Hd.HDR_VALID_ROWS])
+    recv = handle[Hd.HEADER_ROWS + T: Hd.HEADER_ROWS + T + valid]
+    local = int((recv[:, Hd.RECV_SRC_RANK] == rank).sum())
+    return valid, local
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _sum_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device="cuda")
+    dist.all_reduce(t)
+    return float(t)
+
+
+def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int,
+                 iters: int, decode: bool = False, baseline: bool = True) -> dict:
+    import deep_ep_ops
+    device = torch.device("cuda", rank)
+    ops = torch.ops.deep_ep
+    buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=T, hidden=H, num_topk=K, num_experts=E,
+                             fp8_dispatch=fp8)
+    name = buf.group_name
+    x, scales, idx, w = _inputs(rank, T, H, E, K, fp8, device)
+    row_bytes = H * x.element_size() + (scales.shape[1] * 4 if scales is not None else 0)
+
+    def dispatch():
+        return ops.dispatch(x, scales, idx, w, name, E, 1, False, False, num_sms)
+
+    out = dispatch()
+    handle = out[5]
+    y = torch.randn(out[0].shape[0], H, device=device, dtype=torch.bfloat16)
+
+    def combine():
+        return ops.combine(y, handle, None, name, num_sms)
+
+    valid, local = _row_counts(handle, T, rank)
+    res = {"T": T, "H": H, "E": E, "K": K, "R": R, "fp8": fp8, "num_sms": num_sms}
+    if decode:
+        t_d = graph_replay_us(dispatch, iters=iters)
+        t_c = graph_replay_us(combine, iters=iters)
+    else:
+        t_d = event_median_us(dispatch, iters=iters)
+        t_c = event_median_us(combine, iters=iters)
+        res["dispatch_host_us"] = _max_over_ranks(host_overhead_us(dispatch))
+        res["combine_host_us"] = _max_over_ranks(host_overhead_us(combine))
+    res["dispatch_us"] = _max_over_ranks(t_d)
+    res["combine_us"] = _max_over_ranks(t_c)
+    recv_bytes = _sum_over_ranks(valid * row_bytes) / R  # per rank, averaged
+    link_bytes = _sum_over_ranks((valid - local) * row_bytes) / R
+    comb_row = H * 2
+    res["dispatch_logical_GBps"] = recv_bytes / res["dispatch_us"] / 1e3
+    res["dispatch_nvlink_GBps"] = link_bytes / res["dispatch_us"] / 1e3
+    res["combine_logical_GBps"] = recv_bytes / row_bytes * comb_row / res["combine_us"] / 1e3
+    res["combine_nvlink_GBps"] = link_bytes / row_bytes * comb_row / res["combine_us"] / 1e3
+
+    if baseline:
+        nccl = baselines.NcclDispatcher(idx, E)
+        packed = x.view(torch.uint8) if scales is None else torch.cat(
+            [x.view(torch.uint8), scales.view(torch.uint8)], dim=1)
+        yb = torch.randn(nccl.num_recv, H, device=device, dtype=torch.bfloat16)
+        if decode:
+            res["nccl_dispatch_us"] = _max_over_ranks(
+                graph_replay_us(lambda: nccl.dispatch(packed), iters=iters))
+            res["nccl_combine_us"] = _max_over_ranks(
+                graph_replay_us(lambda: nccl.combine(yb), iters=iters))
+        else:
+            res["nccl_dispatch_us"] = _max_over_ranks(
+                event_median_us(lambda: nccl.dispatch(packed), iters=iters))
+            res["nccl_combine_us"] = _max_over_ranks(
+                event_median_us(lambda: nccl.combine(yb), iters=iters))
+    buf.destroy()
+    return res
+
+
+def _rank_main(rank: int, args, port: int, queue) -> None:
+    torch.cuda.set_device(rank)
+    R = args.ranks
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=R, device_id=torch.device("cuda", rank))
+    H, E, K = 7168, 256, 8
+    iters = 5 if args.quick else 30
+    sms = torch.cuda.get_device_properties(rank).multi_processor_count
+    results: dict = {"workloads": [], "sm_sweep": [], "token_sweep": []}
+    prefill = [(4096, True), (4096, False), (8192, True)] if not args.quick else [(512, True)]
+    for T, fp8 in prefill:
+        results["workloads"].append(
+            dict(name=f"prefill T={T} {'FP8' if fp8 else 'BF16'}",
+                 **run_workload(rank, R, T, H, E, K, fp8, 0, iters)))
+    results["workloads"].append(
+        dict(name="decode T=128 FP8 (CUDA graph)",
+             **run_workload(rank, R, 128, H, E, K, True, 0, iters, decode=True)))
+    sm_values = [s for s in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 132) if s <= sms]
+    for s in (sm_values if not args.quick else [4, 16]):
+        results["sm_sweep"].append(run_workload(rank, R, 4096 if not args.quick else 512, H,
+                                                E, K, True, s, max(5, iters // 3),
+                                                baseline=False))
+    t_values = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192) if not args.quick else (1, 128)
+    for T in t_values:
+        results["token_sweep"].append(run_workload(rank, R, T, H, E, K, True, 0,
+                                                   max(5, iters // 3)))
+    if rank == 0:
+        queue.put(results)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _markdown(report: dict) -> str:
+    lim = report["limits"]
+    lines = [f"# EP benchmark: {report['kind']}, {report['date']}", "",
+             f"R = {report['ranks']} ranks. Limits measured in this run (copy engine, "
+             f"256 MiB): " + ", ".join(f"{k} = {v:.1f}" for k, v in lim.items()
+                                        if k.endswith("GBps")), "",
+             "| workload | dispatch us | combine us | dispatch GB/s logical / nvlink | "
+             "combine GB/s logical / nvlink | NCCL a2a dispatch us | NCCL a2a combine us | "
+             "host us (d / c) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for w in report["workloads"]:
+        lines.append(
+            f"| {w['name']} | {w['dispatch_us']:.1f} | {w['combine_us']:.1f} | "
+            f"{w['dispatch_logical_GBps']:.0f} / {w['dispatch_nvlink_GBps']:.0f} | "
+            f"{w['combine_logical_GBps']:.0f} / {w['combine_nvlink_GBps']:.0f} | "
+            f"{w.get('nccl_dispatch_us', float('nan')):.1f} | "
+            f"{w.get('nccl_combine_us', float('nan')):.1f} | "
+            f"{w.get('dispatch_host_us', float('nan')):.1f} / "
+            f"{w.get('combine_host_us', float('nan')):.1f} |")
+    lines += ["", "SM sweep (FP8 dispatch, BF16 combine):", "",
+              "| num_sms | dispatch us | combine us | dispatch nvlink GB/s | "
+              "combine nvlink GB/s |", "|---|---|---|---|---|"]
+    for w in report["sm_sweep"]:
+        lines.append(f"| {w['num_sms']} | {w['dispatch_us']:.1f} | {w['combine_us']:.1f} | "
+                     f"{w['dispatch_nvlink_GBps']:.0f} | {w['combine_nvlink_GBps']:.0f} |")
+    lines += ["", "Token sweep (FP8):", "",
+              "| T | dispatch us | combine us | NCCL dispatch us | NCCL combine us |",
+              "|---|---|---|---|---|"]
+    for w in report["token_sweep"]:
+        lines.append(f"| {w['T']} | {w['dispatch_us']:.1f} | {w['combine_us']:.1f} | "
+                     f"{w.get('nccl_dispatch_us', float('nan')):.1f} | "
+                     f"{w.get('nccl_combine_us', float('nan')):.1f} |")
+    lines += ["", "Other libraries: " + "; ".join(f"{k}: {v}" for k, v in
+                                                  report["peers"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sw = report["sm_sweep"]
+    if sw:
+        a.plot([w["num_sms"] for w in sw], [w["dispatch_nvlink_GBps"] for w in sw], "o-",
+               label="dispatch (FP8)")
+        a.plot([w["num_sms"] for w in sw], [w["combine_nvlink_GBps"] for w in sw], "s-",
+               label="combine (BF16)")
+    both = report["limits"].get("peer_both_ways_GBps")
+    if both:
+        a.axhline(both, color="gray", ls="--", label="copy engine, both ways")
+    a.set_xlabel("SMs")
+    a.set_ylabel("NVLink GB/s per rank")
+    a.set_title("Bandwidth vs SMs")
+    a.legend()
+    ts = report["token_sweep"]
+    b.loglog([w["T"] for w in ts], [w["dispatch_us"] for w in ts], "o-", label="dispatch")
+    b.loglog([w["T"] for w in ts], [w["combine_us"] for w in ts], "s-", label="combine")
+    b.loglog([w["T"] for w in ts], [w.get("nccl_dispatch_us", float("nan")) for w in ts],
+             "o--", label="NCCL a2a dispatch")
+    b.loglog([w["T"] for w in ts], [w.get("nccl_combine_us", float("nan")) for w in ts],
+             "s--", label="NCCL a2a combine")
+    b.set_xlabel("tokens per rank")
+    b.set_ylabel("us")
+    b.set_title("Latency vs tokens")
+    b.legend()
+    fig.suptitle(f"deep_ep_ops EP{report['ranks']} on {report['kind']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", required=True, help="device kind, e.g. nvidia-h200-x2")
+    parser.add_argument("--ranks", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="small sizes, few iterations")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args()
+    args.ranks = args.ranks or torch.cuda.device_count()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    limits = baselines.copy_engine_limits(64 << 20 if args.quick else 256 << 20)
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_rank_main, args=(args, _free_port(), queue), nprocs=args.ranks,
+                       start_method="spawn")
+    results = queue.get()
+    date = datetime.date.today().isoformat()
+    report = {"kind": args.kind, "date": date, "ranks": args.ranks, "limits": limits,
+              "peers": baselines.optional_peers(), "torch": torch.__version__,
+              "timing": "CUDA events, median, slowest rank; decode: CUDA-graph replay",
+              **results}
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{args.kind}-{date}{'-quick' if args.quick else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(_markdown(report))
+    _plot(report, stem + ".png")
+    print(_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Timing helpers for the benchmarks: CUDA-event medians, CUDA-graph replay time, and host
+overhead (CPU time from call to return, device work excluded)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def _barrier(group) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+    torch.cuda.synchronize()
+
+
+def event_median_us(fn: Callable[[], object], iters: int = 30, warmup: int = 5,
+                    group=None) -> float:
+    """Median over ``iters`` calls of the device time of one call (CUDA events on the current
+    stream), all ranks starting together."""
+    for _ in range(warmup):
+        fn()
+    _barrier(group)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+        _barrier(group)
+    return statistics.median(times)
+
+
+def host_overhead_us(fn: Callable[[], object], iters: int = 50, group=None) -> float:
+    """Median CPU time from call to return (no synchronisation inside the window)."""
+    fn()
+    _barrier(group)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+        _barrier(group)
+    return statistics.median(times)
+
+
+def graph_replay_us(fn: Callable[[], object], ops_per_call: int = 1, iters: int = 30,
+                    replays_per_iter: int = 10, group=None) -> float:
+    """Capture ``fn`` once in a CUDA graph; median replay time divided by ``ops_per_call``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    _barrier(group)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    _barrier(group)
+
+    def replay():
+        for _ in range(replays_per_iter):
+            graph.replay()
+    per_iter = event_median_us(replay, iters=iters, warmup=2, group=group)
+    return per_iter / replays_per_iter / ops_per_call
