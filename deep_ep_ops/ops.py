@@ -6,13 +6,13 @@ raises NotImplementedError; nothing ever falls back to the CPU path for GPU tens
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import torch
 
 from deep_ep_ops import autograd as _autograd
 from deep_ep_ops import validation as V
-from deep_ep_ops.buffer import Buffer, get_buffer
+from deep_ep_ops.buffer import get_buffer
 from deep_ep_ops.cpu import collectives as cpu_coll
 from deep_ep_ops.cpu import moe as cpu_moe
 from deep_ep_ops.meta import fake as _fake

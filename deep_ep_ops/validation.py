@@ -189,9 +189,9 @@ def check_engram_fetch(buf: Buffer, table: torch.Tensor, indices: torch.Tensor) 
         limit = buf.world_size * table.shape[0]
         bad = (indices < -1) | (indices >= limit)
         if bool(bad.any()):
-            n, l = (int(v) for v in bad.nonzero()[0])
+            row, col = (int(v) for v in bad.nonzero()[0])
             _fail(op, "indices", f"row ids in [-1, R*n = {limit})",
-                  f"indices[{n}, {l}] = {int(indices[n, l])}")
+                  f"indices[{row}, {col}] = {int(indices[row, col])}")
 
 
 def check_pp(buf: Buffer, send: torch.Tensor, dst: int, src: int, recv_shape,

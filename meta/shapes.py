@@ -5,13 +5,13 @@ Sizes may be SymInts (fake tensors under torch.compile / export): only arithmeti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from deep_ep_ops.handle import HEADER_ROWS, handle_width
 
-Size = object  # int or torch.SymInt
+Size = Union[int, torch.SymInt]
 
 
 def align_up(value, alignment: int):

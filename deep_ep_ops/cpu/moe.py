@@ -7,7 +7,7 @@ import torch
 
 from deep_ep_ops import handle as H
 from deep_ep_ops.buffer import Buffer
-from deep_ep_ops.cpu.comm import all_gather_ints, all_gather_padded, all_gather_varlen
+from deep_ep_ops.cpu.comm import all_gather_padded, all_gather_varlen
 from deep_ep_ops.cpu.routing import build_handle, receive_layout
 from deep_ep_ops.meta.shapes import dispatch_specs, static_capacity
 
