@@ -10,5 +10,5 @@ setup(
     package_dir={"deep_ep_ops.meta": "meta"},
     python_requires=">=3.10",
     install_requires=["torch>=2.10"],
-    extras_require={"test": ["pytest", "expecttest"]},
+    extras_require={"test": ["pytest", "expecttest", "transformers>=4.46"]},
 )
