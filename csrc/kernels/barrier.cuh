@@ -1,0 +1,74 @@
+// Cross-rank barrier of one CTA with the CTAs of the same index on every peer.
+//
+// Rank s announces epoch e on slot b by storing e into flags[b][s] of every peer's window
+// (release, system scope, after the CTA's own stores); it then waits until every peer's entry
+// in its own window reached e (acquire). Epochs live in device memory and only grow, so the
+// flags never need a reset and CUDA-graph replays keep counting where the last run stopped.
+//
+// A CTA may only rely on data that the peers' CTAs of the same index wrote before their
+// arrival, or on anything a peer wrote in an earlier kernel (a peer CTA cannot arrive before
+// the peer's earlier kernels finished: kernels on one stream run in order).
+#pragma once
+
+#include <cstdio>
+
+#include "common.cuh"
+
+namespace deep_ep_ops {
+namespace dev {
+
+__device__ __forceinline__ uint32_t* flag_ptr(char* window_base, const Comm& c, int slot,
+                                              int from_rank) {
+  return reinterpret_cast<uint32_t*>(window_base + c.flags_off) + slot * kMaxRanks + from_rank;
+}
+
+__device__ __noinline__ void report_timeout(const Comm& c, int op, int slot, int peer,
+                                            uint32_t expected, uint32_t seen) {
+  ErrorRecord* e = c.error;
+  if (e != nullptr && atomicCAS(&e->code, 0, 1) == 0) {
+    volatile ErrorRecord* v = e;
+    v->rank = c.rank;
+    v->peer = peer;
+    v->slot = slot;
+    v->expected = expected;
+    v->seen = seen;
+    v->op = op;
+    __threadfence_system();
+  }
+  const char* names[] = {"?", "dispatch (count exchange)", "dispatch (data push)",
+                         "cached_dispatch (staging)", "cached_dispatch (pull)",
+                         "combine (push)"};
+  printf("[deep_ep_ops] rank %d: GPU timeout in %s waiting for peer rank %d "
+         "(barrier slot %d, expected epoch %u, saw %u). The peer did not enter the same "
+         "collective call; aborting the kernel.\n",
+         c.rank, names[(op >= 1 && op <= 5) ? op : 0], peer, slot, expected, seen);
+  __trap();
+}
+
+// Every thread of the CTA must call this.
+__device__ __forceinline__ void cta_barrier(const Comm& c, int slot, int op) {
+  __syncthreads();
+  const uint32_t epoch = *reinterpret_cast<volatile unsigned*>(c.epochs + slot) + 1u;
+  if (threadIdx.x == 0) {
+    // Make every store of this CTA (ordered before us by __syncthreads) visible system-wide
+    // before the flag that announces them.
+    __threadfence_system();
+    for (int p = 0; p < c.num_ranks; ++p) st_release_sys(flag_ptr(c.peer_base[p], c, slot, c.rank), epoch);
+  }
+  if (threadIdx.x < c.num_ranks) {
+    const int peer = threadIdx.x;
+    const uint32_t* f = flag_ptr(c.peer_base[c.rank], c, slot, peer);
+    uint32_t seen = ld_acquire_sys(f);
+    if (static_cast<int>(seen - epoch) < 0) {
+      const long long start = clock64();
+      while (static_cast<int>((seen = ld_acquire_sys(f)) - epoch) < 0) {
+        if (clock64() - start > c.timeout_cycles) report_timeout(c, op, slot, peer, epoch, seen);
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) c.epochs[slot] = epoch;
+}
+
+}  // namespace dev
+}  // namespace deep_ep_ops

@@ -1,0 +1,77 @@
+// cached_dispatch: the routing is known from the handle, so no counts are exchanged.
+//
+// The handle's send part names expert-major rows (not the compact group a token becomes at the
+// destination), so the receiver pulls instead of the sender pushing: every rank stages its rows
+// in its own window (stage kernel, behind a barrier that frees the window), then after a second
+// barrier each receiver reads every group's source row once over NVLink and writes it to all of
+// the group's output rows, zeroing rows that carry no token. The next op's opening barrier
+// keeps peers from overwriting a staging area that is still being read.
+#include "barrier.cuh"
+
+namespace deep_ep_ops {
+namespace {
+
+using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
+
+__global__ void __launch_bounds__(512) cached_stage_kernel(CachedParams p) {
+  cta_barrier(p.comm, blockIdx.x, kOpCachedStage);
+  char* win = p.comm.peer_base[p.comm.rank];
+  const int warps = blockDim.x / kWarp;
+  for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
+    warp_copy(win + p.x_off + static_cast<int64_t>(t) * p.x_stride,
+              p.x + static_cast<int64_t>(t) * p.x_bytes, p.x_bytes);
+    if (p.s_bytes > 0)
+      warp_copy(win + p.s_off + static_cast<int64_t>(t) * p.s_stride,
+                p.scales + static_cast<int64_t>(t) * p.s_bytes, p.s_bytes);
+  }
+}
+
+__global__ void __launch_bounds__(512) cached_pull_kernel(CachedParams p) {
+  // Arriving here certifies this rank's whole stage kernel (it ran before this kernel).
+  cta_barrier(p.comm, blockIdx.x, kOpCachedPull);
+  const int W = p.W, K = p.K;
+  const int G = p.handle[1];
+  const bool expand = p.handle[6] != 0;  // the layout the handle was made with
+  const int* recv = p.handle + static_cast<int64_t>(1 + p.T) * W;
+  const int lane = lane_id();
+  const int warps = blockDim.x / kWarp;
+  for (int i = blockIdx.x * warps + warp_id(); i < p.C; i += gridDim.x * warps) {
+    const int* hrow = recv + static_cast<int64_t>(i) * W;
+    if (i < G) {
+      const int src = hrow[4], tok = hrow[5];
+      const char* base = p.comm.peer_base[src];
+      const char* sx = base + p.x_off + static_cast<int64_t>(tok) * p.x_stride;
+      const char* ss = base + p.s_off + static_cast<int64_t>(tok) * p.s_stride;
+      if (!expand) {
+        warp_copy(p.out_x + static_cast<int64_t>(i) * p.x_bytes, sx, p.x_bytes);
+        if (p.s_bytes > 0) warp_copy(p.out_s + static_cast<int64_t>(i) * p.s_bytes, ss, p.s_bytes);
+      } else {
+        for (int m = 0; m < K; ++m) {
+          const int r = hrow[7 + m];
+          if (r < 0) break;
+          warp_copy(p.out_x + static_cast<int64_t>(r) * p.x_bytes, sx, p.x_bytes);
+          if (p.s_bytes > 0) warp_copy(p.out_s + static_cast<int64_t>(r) * p.s_bytes, ss, p.s_bytes);
+        }
+      }
+    }
+    if (hrow[0] < 0) {
+      warp_zero(p.out_x + static_cast<int64_t>(i) * p.x_bytes, p.x_bytes);
+      if (p.s_bytes > 0) warp_zero(p.out_s + static_cast<int64_t>(i) * p.s_bytes, p.s_bytes);
+    }
+  }
+  (void)lane;
+}
+
+}  // namespace
+
+cudaError_t launch_cached_dispatch(const CachedParams& p, int ctas, int epi_ctas,
+                                   cudaStream_t stream) {
+  (void)epi_ctas;
+  cached_stage_kernel<<<ctas, 512, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  cached_pull_kernel<<<ctas, 512, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace deep_ep_ops

@@ -1,0 +1,106 @@
+// Device-side building blocks shared by every kernel family: the view of the symmetric window
+// a kernel receives by value, memory-ordering primitives, and warp-wide row copies.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "launch.hpp"
+
+namespace deep_ep_ops {
+namespace dev {
+
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & (kWarp - 1); }
+__device__ __forceinline__ int warp_id() { return threadIdx.x / kWarp; }
+__device__ __forceinline__ uint32_t lanemask_lt() { return (1u << lane_id()) - 1u; }
+
+// System-scope acquire/release: the peer that wrote a flag over NVLink must have all its
+// preceding stores visible to us once we observe the flag, and vice versa.
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+// Loads of data peers wrote earlier in this kernel: skip L1, which is not coherent with them.
+__device__ __forceinline__ int ld_cg(const int* p) { return __ldcg(p); }
+
+// ---- warp-wide copies of one row -------------------------------------------------------------
+// Rows are byte strings (any dtype travels as bytes). The widest access both pointers and the
+// length allow is used; the choice is warp-uniform, so there is no divergence inside a row.
+__device__ __forceinline__ int copy_width(const void* a, const void* b, int64_t n) {
+  uint64_t m = reinterpret_cast<uint64_t>(a) | reinterpret_cast<uint64_t>(b) |
+               static_cast<uint64_t>(n);
+  if ((m & 15) == 0) return 16;
+  if ((m & 7) == 0) return 8;
+  if ((m & 3) == 0) return 4;
+  if ((m & 1) == 0) return 2;
+  return 1;
+}
+
+template <typename V>
+__device__ __forceinline__ void warp_copy_v(char* dst, const char* src, int64_t n) {
+  const V* s = reinterpret_cast<const V*>(src);
+  V* d = reinterpret_cast<V*>(dst);
+  const int64_t count = n / static_cast<int64_t>(sizeof(V));
+  constexpr int kUnroll = 4;  // several loads in flight before the first store
+  int64_t i = lane_id();
+  for (; i + (kUnroll - 1) * kWarp < count; i += kUnroll * kWarp) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = s[i + u * kWarp];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) d[i + u * kWarp] = v[u];
+  }
+  for (; i < count; i += kWarp) d[i] = s[i];
+}
+
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t n) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  switch (copy_width(d, s, n)) {
+    case 16: warp_copy_v<int4>(d, s, n); break;
+    case 8: warp_copy_v<int2>(d, s, n); break;
+    case 4: warp_copy_v<int>(d, s, n); break;
+    case 2: warp_copy_v<short>(d, s, n); break;
+    default: warp_copy_v<char>(d, s, n); break;
+  }
+}
+
+template <typename V>
+__device__ __forceinline__ void warp_zero_v(char* dst, int64_t n) {
+  V* d = reinterpret_cast<V*>(dst);
+  V z;
+  memset(&z, 0, sizeof(V));
+  for (int64_t i = lane_id(); i < n / static_cast<int64_t>(sizeof(V)); i += kWarp) d[i] = z;
+}
+
+__device__ __forceinline__ void warp_zero(void* dst, int64_t n) {
+  char* d = static_cast<char*>(dst);
+  switch (copy_width(d, d, n)) {
+    case 16: warp_zero_v<int4>(d, n); break;
+    case 8: warp_zero_v<int2>(d, n); break;
+    case 4: warp_zero_v<int>(d, n); break;
+    case 2: warp_zero_v<short>(d, n); break;
+    default: warp_zero_v<char>(d, n); break;
+  }
+}
+
+// Warp-wide fill of n int32 values.
+__device__ __forceinline__ void warp_fill_i32(int* dst, int n, int v) {
+  for (int i = lane_id(); i < n; i += kWarp) dst[i] = v;
+}
+
+__device__ __forceinline__ int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+__device__ __forceinline__ int load_expert(const void* idx, bool idx64, int64_t i) {
+  return idx64 ? static_cast<int>(static_cast<const int64_t*>(idx)[i])
+               : static_cast<const int*>(idx)[i];
+}
+
+}  // namespace dev
+}  // namespace deep_ep_ops

@@ -1,0 +1,246 @@
+// Host side of dispatch / cached_dispatch / combine: check what Python cannot cheaply check
+// (window capacity), allocate fresh outputs with torch's allocator on the current stream, and
+// launch the kernels. No host sync except dispatch with exact=True.
+#include "ops.hpp"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace deep_ep_ops {
+namespace {
+
+constexpr int kDefaultCtas = 32;  // push/pull kernels: enough CTAs to keep NVLink busy
+
+int64_t align_to(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+void check_launch(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("deep_ep_ops: launching ") + what + " failed: " +
+                             cudaGetErrorString(err));
+}
+
+void check_alive(const State& st, const char* op) {
+  if (!st.alive())
+    throw std::runtime_error(std::string("deep_ep.") + op +
+                             ": the Buffer's CUDA state was destroyed");
+}
+
+void check_fits(const State& st, const char* op, int64_t need) {
+  if (need > st.data_bytes)
+    throw std::runtime_error(std::string("deep_ep.") + op + ": needs " + std::to_string(need) +
+                             " bytes of symmetric memory but the Buffer reserved " +
+                             std::to_string(st.data_bytes) +
+                             " (rows wider than hidden*2 bytes need fewer tokens; create the "
+                             "Buffer with a larger hidden or num_max_tokens_per_rank)");
+}
+
+int epilogue_ctas(const State& st) { return std::max(1, st.sm_count * 2); }
+
+}  // namespace
+
+int barrier_ctas(const State& st, int64_t num_sms) {
+  int64_t n = num_sms > 0 ? num_sms : std::min(kDefaultCtas, st.sm_count);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, kMaxBarrierCtas)));
+}
+
+DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                     const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                     int64_t num_experts, int64_t alignment, bool expand, bool exact,
+                     int64_t num_sms) {
+  check_alive(st, "dispatch");
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const int R = st.cfg.num_ranks, M = st.cfg.max_tokens, K = st.cfg.topk;
+  const int E = static_cast<int>(num_experts), E_loc = E / R, A = static_cast<int>(alignment);
+  const int W = st.handle_width;
+  const int64_t T = x.size(0), H = x.size(1);
+  if (E != st.cfg.num_experts)
+    throw std::invalid_argument("deep_ep.dispatch: num_experts differs from the Buffer's");
+  if (topk_weights.scalar_type() != at::kFloat)
+    throw std::invalid_argument("deep_ep.dispatch: the CUDA backend takes float32 topk_weights");
+  const bool idx64 = topk_idx.scalar_type() == at::kLong;
+  const int64_t x_bytes = H * static_cast<int64_t>(x.element_size());
+  const int64_t P = x_scales.has_value() ? x_scales->size(1) : 0;
+  const int64_t s_bytes = P * 4;
+
+  DispatchRows rows{};
+  rows.x_stride = align_to(x_bytes, 16);
+  rows.s_stride = align_to(s_bytes, 16);
+  rows.meta_ints = static_cast<int>(align_to(4 + 3 * K, 4));
+  const int64_t cap = static_cast<int64_t>(R) * M;
+  rows.x_off = st.comm.data_off;
+  rows.s_off = rows.x_off + align_to(cap * rows.x_stride, 256);
+  rows.m_off = rows.s_off + align_to(cap * rows.s_stride, 256);
+  check_fits(st, "dispatch", rows.m_off + cap * rows.meta_ints * 4 - st.comm.data_off);
+
+  // phase 1: counts, count exchange, final rows, handle header + send part (into scratch)
+  LayoutParams lp{};
+  lp.topk_idx = topk_idx.data_ptr();
+  lp.idx64 = idx64;
+  lp.T = static_cast<int>(T);
+  lp.K = K;
+  lp.E = E;
+  lp.E_loc = E_loc;
+  lp.A = A;
+  lp.M = M;
+  lp.expand = expand;
+  lp.W = W;
+  lp.warps = layout_warps(E, R, std::min<size_t>(st.smem_optin, 200 * 1024));
+  const int64_t groups32 = (T + 31) / 32;
+  lp.chunk = static_cast<int>(std::max<int64_t>(1, (groups32 + lp.warps - 1) / lp.warps) * 32);
+  lp.s = st.scratch;
+  lp.comm = st.comm;
+  check_launch(launch_layout(lp, stream), "dispatch layout kernel");
+
+  int64_t C;
+  if (exact) {
+    cudaError_t err = cudaMemcpyAsync(st.pinned_counts, st.scratch.recv_info, 4 * sizeof(int),
+                                      cudaMemcpyDeviceToHost, stream);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+    check_launch(err, "dispatch count read-back");
+    C = expand ? st.pinned_counts[kRecvAligned] : st.pinned_counts[kRecvG];
+  } else if (expand) {
+    C = align_to(cap * std::min(K, E_loc) + static_cast<int64_t>(A - 1) * E_loc, A);
+  } else {
+    C = cap;
+  }
+
+  auto opts = x.options();
+  at::Tensor recv_x = at::empty({C, H}, opts);
+  at::Tensor recv_s = x_scales.has_value() ? at::empty({C, P}, x_scales->options())
+                                           : at::empty({C, 0}, opts.dtype(at::kFloat));
+  at::Tensor recv_idx = expand ? at::empty({C}, opts.dtype(at::kInt))
+                               : at::empty({C, K}, opts.dtype(at::kLong));
+  at::Tensor recv_w = expand ? at::empty({C}, opts.dtype(at::kFloat))
+                             : at::empty({C, K}, opts.dtype(at::kFloat));
+  at::Tensor tpe = at::empty({E_loc}, opts.dtype(at::kInt));
+  at::Tensor handle = at::empty({1 + T + C, W}, opts.dtype(at::kInt));
+
+  // phase 2: push rows into the destinations' windows
+  PushParams pp{};
+  pp.x = static_cast<const char*>(x.data_ptr());
+  pp.scales = x_scales.has_value() ? static_cast<const char*>(x_scales->data_ptr()) : nullptr;
+  pp.topk_idx = topk_idx.data_ptr();
+  pp.topk_weights = topk_weights.data_ptr<float>();
+  pp.idx64 = idx64;
+  pp.x_bytes = x_bytes;
+  pp.s_bytes = s_bytes;
+  pp.T = static_cast<int>(T);
+  pp.K = K;
+  pp.E_loc = E_loc;
+  pp.expand = expand;
+  pp.rows = rows;
+  pp.s = st.scratch;
+  pp.comm = st.comm;
+  check_launch(launch_dispatch_push(pp, barrier_ctas(st, num_sms), stream), "dispatch push kernel");
+
+  // phase 3: window -> fresh outputs, handle receive part, zero padding
+  EpilogueParams ep{};
+  ep.win = st.comm.peer_base[st.cfg.rank];
+  ep.rows = rows;
+  ep.recv_info = st.scratch.recv_info;
+  ep.send_handle = st.scratch.send_handle;
+  ep.recv_x = static_cast<char*>(recv_x.data_ptr());
+  ep.recv_s = static_cast<char*>(recv_s.data_ptr());
+  ep.recv_idx = recv_idx.data_ptr();
+  ep.recv_w = recv_w.data_ptr<float>();
+  ep.tpe = tpe.data_ptr<int>();
+  ep.handle = handle.data_ptr<int>();
+  ep.x_bytes = x_bytes;
+  ep.s_bytes = s_bytes;
+  ep.C = static_cast<int>(C);
+  ep.T = static_cast<int>(T);
+  ep.K = K;
+  ep.W = W;
+  ep.E_loc = E_loc;
+  ep.expand = expand;
+  check_launch(launch_dispatch_epilogue(ep, epilogue_ctas(st), stream), "dispatch epilogue");
+  return {recv_x, recv_s, recv_idx, recv_w, tpe, handle};
+}
+
+std::tuple<at::Tensor, at::Tensor> cached_dispatch(State& st, const at::Tensor& x,
+                                                   const std::optional<at::Tensor>& x_scales,
+                                                   const at::Tensor& handle, int64_t num_sms) {
+  check_alive(st, "cached_dispatch");
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const int64_t T = x.size(0), Hx = x.size(1);
+  const int64_t C = handle.size(0) - 1 - T;
+  const int64_t P = x_scales.has_value() ? x_scales->size(1) : 0;
+  if (C < 0) throw std::invalid_argument("deep_ep.cached_dispatch: handle has fewer rows than 1 + T");
+  if (T > st.cfg.max_tokens)
+    throw std::invalid_argument("deep_ep.cached_dispatch: more tokens than num_max_tokens_per_rank");
+
+  CachedParams p{};
+  p.x = static_cast<const char*>(x.data_ptr());
+  p.scales = x_scales.has_value() ? static_cast<const char*>(x_scales->data_ptr()) : nullptr;
+  p.handle = handle.data_ptr<int>();
+  p.x_bytes = Hx * static_cast<int64_t>(x.element_size());
+  p.s_bytes = P * 4;
+  p.x_stride = align_to(p.x_bytes, 16);
+  p.s_stride = align_to(p.s_bytes, 16);
+  const int64_t M = st.cfg.max_tokens;
+  p.x_off = st.comm.data_off;
+  p.s_off = p.x_off + align_to(M * p.x_stride, 256);
+  check_fits(st, "cached_dispatch", p.s_off + M * p.s_stride - st.comm.data_off);
+
+  at::Tensor out_x = at::empty({C, Hx}, x.options());
+  at::Tensor out_s = x_scales.has_value() ? at::empty({C, P}, x_scales->options())
+                                          : at::empty({C, 0}, x.options().dtype(at::kFloat));
+  p.out_x = static_cast<char*>(out_x.data_ptr());
+  p.out_s = static_cast<char*>(out_s.data_ptr());
+  p.T = static_cast<int>(T);
+  p.C = static_cast<int>(C);
+  p.K = st.cfg.topk;
+  p.W = st.handle_width;
+  p.comm = st.comm;
+  check_launch(launch_cached_dispatch(p, barrier_ctas(st, num_sms), epilogue_ctas(st), stream),
+               "cached_dispatch kernels");
+  return {out_x, out_s};
+}
+
+at::Tensor combine(State& st, const at::Tensor& x, const at::Tensor& handle,
+                   const std::optional<at::Tensor>& weights, int64_t num_sms) {
+  check_alive(st, "combine");
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const int64_t C = x.size(0), Wd = x.size(1);
+  const int64_t T = handle.size(0) - 1 - C;
+  if (T < 0) throw std::invalid_argument("deep_ep.combine: handle has fewer rows than 1 + C");
+  if (T > st.cfg.max_tokens)
+    throw std::invalid_argument("deep_ep.combine: more tokens than num_max_tokens_per_rank");
+  CombineParams p{};
+  switch (x.scalar_type()) {
+    case at::kFloat: p.dtype = 0; break;
+    case at::kBFloat16: p.dtype = 1; break;
+    case at::kHalf: p.dtype = 2; break;
+    default:
+      throw std::invalid_argument("deep_ep.combine: the CUDA backend takes bf16, fp16 or fp32 x");
+  }
+  at::Tensor w;
+  if (weights.has_value()) w = weights->scalar_type() == at::kFloat ? *weights : weights->to(at::kFloat);
+  p.num_slots = std::min(st.cfg.num_ranks, st.cfg.topk);
+  p.stage_off = st.comm.data_off;
+  check_fits(st, "combine", static_cast<int64_t>(st.cfg.max_tokens) * p.num_slots * Wd * 4);
+  at::Tensor out = at::empty({T, Wd}, x.options());
+  p.x = x.data_ptr();
+  p.weights = w.defined() ? w.data_ptr<float>() : nullptr;
+  p.handle = handle.data_ptr<int>();
+  p.out = out.data_ptr();
+  p.stage_raw = w.defined() ? 0 : 1;  // the kernels also require the compact layout
+  p.Wd = static_cast<int>(Wd);
+  p.C = static_cast<int>(C);
+  p.T = static_cast<int>(T);
+  p.K = st.cfg.topk;
+  p.W = st.handle_width;
+  p.comm = st.comm;
+  check_launch(launch_combine(p, barrier_ctas(st, num_sms), epilogue_ctas(st), stream),
+               "combine kernels");
+  return out;
+}
+
+}  // namespace deep_ep_ops

@@ -1,0 +1,210 @@
+// Host-side setup and teardown of a Buffer's CUDA state. Compiled by nvcc only because the NCCL
+// device headers (ncclDevComm) need it; there is no device code here.
+#include "state.hpp"
+
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+
+namespace deep_ep_ops {
+namespace {
+
+#define DEO_CUDA(expr)                                                                     \
+  do {                                                                                     \
+    cudaError_t err_ = (expr);                                                             \
+    if (err_ != cudaSuccess)                                                               \
+      throw std::runtime_error(std::string("deep_ep_ops: ") + #expr + " failed: " +       \
+                               cudaGetErrorString(err_));                                  \
+  } while (0)
+
+#define DEO_NCCL(expr)                                                                     \
+  do {                                                                                     \
+    ncclResult_t res_ = (expr);                                                            \
+    if (res_ != ncclSuccess)                                                               \
+      throw std::runtime_error(std::string("deep_ep_ops: ") + #expr + " failed: " +       \
+                               ncclGetErrorString(res_) + " (" + ncclGetLastError(nullptr) + \
+                               ")");                                                       \
+  } while (0)
+
+int64_t align_to(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+// Restores the caller's current device (setup must not change it behind torch's back).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&prev_);
+    cudaSetDevice(device);
+  }
+  ~DeviceGuard() { cudaSetDevice(prev_); }
+
+ private:
+  int prev_ = 0;
+};
+
+}  // namespace
+
+State::State(const StateConfig& c) : cfg(c) {
+  if (cfg.num_ranks < 1 || cfg.num_ranks > kMaxRanks)
+    throw std::runtime_error("deep_ep_ops: the CUDA backend supports 1.." +
+                             std::to_string(kMaxRanks) + " ranks per group, got " +
+                             std::to_string(cfg.num_ranks));
+  if (cfg.topk > kMaxTopk)
+    throw std::runtime_error("deep_ep_ops: num_topk must be <= " + std::to_string(kMaxTopk));
+  int version = 0;
+  DEO_NCCL(ncclGetVersion(&version));
+  if (version != NCCL_VERSION_CODE) {
+    // The device API has no ABI stability before 2.29/2.31: headers and library must match.
+    throw std::runtime_error("deep_ep_ops: built against NCCL " +
+                             std::to_string(NCCL_VERSION_CODE) + " but the loaded libnccl is " +
+                             std::to_string(version) + "; rebuild (clear DEEP_EP_OPS_CACHE)");
+  }
+  DeviceGuard guard(cfg.device);
+  auto comm_handle = reinterpret_cast<ncclComm_t>(cfg.comm_ptr);
+  const int R = cfg.num_ranks, M = cfg.max_tokens, H = cfg.hidden, K = cfg.topk,
+            E = cfg.num_experts;
+
+  DEO_CUDA(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, cfg.device));
+  int optin = 0, clock_khz = 0;
+  DEO_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cfg.device));
+  DEO_CUDA(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, cfg.device));
+  smem_optin = static_cast<size_t>(optin);
+  handle_width = std::max({1 + 2 * K, 7 + K, 9});
+
+  // ---- window layout ----
+  const int64_t P = cfg.fp8 ? (H + 31) / 32 : 0;
+  const int64_t meta_ints = align_to(4 + 3 * K, 4);
+  const int64_t dispatch_bytes = static_cast<int64_t>(R) * M *
+                                     (align_to(2LL * H, 16) + align_to(4 * P, 16) + 4 * meta_ints) +
+                                 3 * 256;
+  const int64_t combine_bytes =
+      static_cast<int64_t>(M) * std::min(R, K) * align_to(4LL * H, 16);
+  const int64_t cached_bytes =
+      static_cast<int64_t>(M) * (align_to(4LL * H, 16) + align_to(4 * ((H + 31) / 32), 16)) + 256;
+  data_bytes = align_to(std::max({dispatch_bytes, combine_bytes, cached_bytes}), 4096);
+  comm.flags_off = 0;
+  comm.counts_off = align_to(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
+  comm.data_off = comm.counts_off + align_to(static_cast<int64_t>(R) * (E + R) * 4, 4096);
+  window_bytes = align_to(comm.data_off + data_bytes, 1 << 21);
+
+  DEO_NCCL(ncclMemAlloc(&base_, static_cast<size_t>(window_bytes)));
+  DEO_CUDA(cudaMemset(base_, 0, static_cast<size_t>(window_bytes)));
+  DEO_CUDA(cudaDeviceSynchronize());
+  ncclWindow_t win = nullptr;
+  DEO_NCCL(ncclCommWindowRegister(comm_handle, base_, static_cast<size_t>(window_bytes), &win,
+                                  NCCL_WIN_COLL_SYMMETRIC));
+  window_ = win;
+
+  auto* dc = new ncclDevComm;
+  dev_comm_ = dc;
+  ncclDevCommRequirements reqs;
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 29, 0)
+  reqs = NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER;
+#else
+  std::memset(&reqs, 0, sizeof(reqs));  // 2.28 has no initializer macro
+#endif
+  reqs.lsaBarrierCount = 1;  // LSA only: no GIN resources, so no NIC is needed
+  DEO_NCCL(ncclDevCommCreate(comm_handle, &reqs, dc));
+  if (dc->lsaSize != R || dc->lsaRank != cfg.rank) {
+    throw std::runtime_error(
+        "deep_ep_ops: every rank of the group must be a load/store (NVLink/P2P) peer on one "
+        "host; NCCL reports an LSA team of " + std::to_string(dc->lsaSize) + " ranks for a group of " +
+        std::to_string(R));
+  }
+
+  // ---- peer addresses ----
+  DEO_CUDA(cudaMalloc(&peer_bases_dev_, sizeof(char*) * R));
+  DEO_CUDA(launch_peer_bases(win, R, peer_bases_dev_, nullptr));
+  char* bases[kMaxRanks] = {};
+  DEO_CUDA(cudaMemcpy(bases, peer_bases_dev_, sizeof(char*) * R, cudaMemcpyDeviceToHost));
+  for (int p = 0; p < R; ++p) comm.peer_base[p] = bases[p];
+  if (comm.peer_base[cfg.rank] == nullptr)
+    throw std::runtime_error("deep_ep_ops: NCCL returned no window address for this rank");
+
+  // ---- scratch ----
+  const int64_t e_loc = E / R;
+  const int64_t sizes[] = {
+      static_cast<int64_t>(kNumSlots),      // epochs
+      M,                                    // tok_dmask
+      static_cast<int64_t>(M) * K,          // tok_exprank
+      static_cast<int64_t>(M) * K,          // tok_dstrank
+      static_cast<int64_t>(M) * R,          // rowc
+      static_cast<int64_t>(M) * K,          // rowe
+      static_cast<int64_t>(1 + M) * handle_width,  // send_handle
+      kRecvTpe + 2 * e_loc + 8,             // recv_info
+  };
+  int64_t total = 0, offs[8];
+  for (int i = 0; i < 8; ++i) {
+    offs[i] = total;
+    total += align_to(sizes[i] * 4, 256);
+  }
+  DEO_CUDA(cudaMalloc(&scratch_block_, static_cast<size_t>(total)));
+  DEO_CUDA(cudaMemset(scratch_block_, 0, static_cast<size_t>(total)));
+  auto at = [&](int i) { return static_cast<char*>(scratch_block_) + offs[i]; };
+  comm.epochs = reinterpret_cast<unsigned*>(at(0));
+  scratch.tok_dmask = reinterpret_cast<unsigned*>(at(1));
+  scratch.tok_exprank = reinterpret_cast<int*>(at(2));
+  scratch.tok_dstrank = reinterpret_cast<int*>(at(3));
+  scratch.rowc = reinterpret_cast<int*>(at(4));
+  scratch.rowe = reinterpret_cast<int*>(at(5));
+  scratch.send_handle = reinterpret_cast<int*>(at(6));
+  scratch.recv_info = reinterpret_cast<int*>(at(7));
+
+  DEO_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&error_host), sizeof(ErrorRecord),
+                         cudaHostAllocMapped));
+  std::memset(error_host, 0, sizeof(ErrorRecord));
+  ErrorRecord* err_dev = nullptr;
+  DEO_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&err_dev), error_host, 0));
+  comm.error = err_dev;
+  DEO_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&pinned_counts), 64, cudaHostAllocDefault));
+
+  comm.rank = cfg.rank;
+  comm.num_ranks = R;
+  comm.timeout_cycles = static_cast<long long>(cfg.timeout_s * clock_khz * 1000.0);
+  DEO_CUDA(cudaDeviceSynchronize());
+}
+
+void State::destroy() {
+  if (window_ == nullptr) return;
+  DeviceGuard guard(cfg.device);
+  auto comm_handle = reinterpret_cast<ncclComm_t>(cfg.comm_ptr);
+  cudaDeviceSynchronize();  // no kernel may still use the window
+  auto* dc = static_cast<ncclDevComm*>(dev_comm_);
+  ncclDevCommDestroy(comm_handle, dc);
+  delete dc;
+  dev_comm_ = nullptr;
+  ncclCommWindowDeregister(comm_handle, static_cast<ncclWindow_t>(window_));
+  window_ = nullptr;
+  ncclMemFree(base_);
+  base_ = nullptr;
+  cudaFree(scratch_block_);
+  scratch_block_ = nullptr;
+  cudaFree(peer_bases_dev_);
+  peer_bases_dev_ = nullptr;
+  cudaFreeHost(error_host);
+  error_host = nullptr;
+  comm.error = nullptr;
+  cudaFreeHost(pinned_counts);
+  pinned_counts = nullptr;
+}
+
+State::~State() {
+  // Teardown is collective; a State dropped without destroy() (interpreter exit) leaks its
+  // window rather than calling NCCL from one rank alone.
+}
+
+std::string describe_error(const ErrorRecord& e) {
+  static const char* names[] = {"?", "dispatch (count exchange)", "dispatch (data push)",
+                                "cached_dispatch (staging)", "cached_dispatch (pull)",
+                                "combine (push)"};
+  std::ostringstream os;
+  os << "rank " << e.rank << ": GPU timeout in " << names[(e.op >= 1 && e.op <= 5) ? e.op : 0]
+     << " waiting for peer rank " << e.peer << " (barrier slot " << e.slot << ", expected epoch "
+     << e.expected << ", saw " << e.seen << ")";
+  return os.str();
+}
+
+}  // namespace deep_ep_ops
