@@ -148,3 +148,34 @@ def test_fp8_quantize_round_trip() -> None:
     assert (err <= x.abs().reshape(5, 2, 128).amax(-1) / 16).all()
     with pytest.raises(ValueError, match="divisible by 128"):
         quantize_fp8(torch.randn(2, 100))
+
+
+def _decode_step_body(rank: int, R: int) -> None:
+    """The swapped model's decode step with a StaticCache traces as one graph (no host sync:
+    what CUDA-graph capture needs) and equals the full forward's last-position logits."""
+    import copy
+
+    from tests.test_nn_hf import tiny_model, transformers
+    from deep_ep_ops.nn import shard_moe_blocks
+    batch, prompt_len = 2, 4
+    ref = tiny_model("mixtral", 4, 2).eval()
+    buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=batch * prompt_len, hidden=32,
+                             num_topk=2, num_experts=4)
+    model = shard_moe_blocks(copy.deepcopy(ref), buf)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=8)
+    ids = torch.randint(0, 64, (batch, prompt_len), generator=torch.Generator().manual_seed(rank))
+
+    def step(tok, pos):
+        return model(input_ids=tok, position_ids=pos.expand(batch, -1), cache_position=pos,
+                     past_key_values=cache, use_cache=True).logits[:, -1]
+    with torch.no_grad():
+        step(ids, torch.arange(prompt_len))
+        tok = ids[:, -1:].flip(0)
+        got = torch.compile(step, fullgraph=True, backend="eager")(tok, torch.tensor([prompt_len]))
+        want = ref(input_ids=torch.cat([ids, tok], 1), use_cache=False).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    buf.destroy()
+
+
+def test_hf_decode_step_traces_without_host_sync() -> None:
+    run_ranks(_decode_step_body, 2)
