@@ -6,8 +6,8 @@ set -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 export DEEP_EP_OPS_CACHE="${DEEP_EP_OPS_CACHE:-$PWD/.jitcache}"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || \
-  export PYTHONPATH="$PWD:$PYTHONPATH"
+# Import the source tree as is (no install): repo root on the path, deep_ep_ops.meta -> meta/.
+export DEEP_EP_OPS_ROOT="$PWD" PYTHONPATH="$PWD:$PWD/scripts/site:$PYTHONPATH"
 python3 -m deep_ep_ops.build --quiet || exit 1
 if [ $# -eq 0 ]; then set -- python3 -m pytest -q -x tests/gpu/test_moe_ops_gpu.py; fi
 "$@"

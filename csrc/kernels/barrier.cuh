@@ -22,7 +22,7 @@ __device__ __forceinline__ uint32_t* flag_ptr(char* window_base, const Comm& c, 
   return reinterpret_cast<uint32_t*>(window_base + c.flags_off) + slot * kMaxRanks + from_rank;
 }
 
-__device__ __noinline__ void report_timeout(const Comm& c, int op, int slot, int peer,
+static __device__ __noinline__ void report_timeout(const Comm& c, int op, int slot, int peer,
                                             uint32_t expected, uint32_t seen) {
   ErrorRecord* e = c.error;
   if (e != nullptr && atomicCAS(&e->code, 0, 1) == 0) {

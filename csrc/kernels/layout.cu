@@ -17,7 +17,7 @@ namespace {
 
 using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
 
-__global__ void layout_kernel(LayoutParams p) {
+__global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
   extern __shared__ int smem[];
   const int E = p.E, R = p.comm.num_ranks, K = p.K, NC = E + R;
   const int me = p.comm.rank;
