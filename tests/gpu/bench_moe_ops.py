@@ -1,0 +1,98 @@
+"""Latency of the CUDA dispatch / combine on all local GPUs (one process each).
+
+    python tests/gpu/bench_moe_ops.py [--tokens 4096 --hidden 7168 --topk 8 --experts 256]
+
+FP8 dispatch (fp32 scales per 128 channels) and BF16 combine of the received rows, both
+layouts, a few num_sms values; median over iterations, CUDA events, rank 0 prints a table.
+"logical GB/s" counts the bytes of every received row (local rows included), like DeepEP.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.gpu.dist_gpu import gpus, run_gpus  # noqa: E402
+
+
+def _median_us(fn, iters, gloo):
+    times = []
+    for _ in range(iters):
+        dist.barrier(group=gloo)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _body(rank, world, gloo, args):
+    import deep_ep_ops
+    dev = torch.device("cuda", rank)
+    T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
+    buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
+                             num_experts=E, fp8_dispatch=True)
+    g = torch.Generator(device=dev).manual_seed(rank)
+    x = (torch.randn(T, H, device=dev, generator=g) * 4).to(torch.float8_e4m3fn)
+    s = torch.rand(T, (H + 127) // 128, device=dev, generator=g) + 0.5
+    idx = torch.rand(T, E, device=dev, generator=g).topk(K, dim=1).indices
+    w = torch.rand(T, K, device=dev, generator=g)
+    rows = []
+    for expand in (False, True):
+        for num_sms in args.num_sms:
+            def disp():
+                return torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, expand,
+                                                  False, num_sms)
+            out = disp()
+            recv = out[0].to(torch.bfloat16)
+            cw = out[3] if expand else None
+            valid = int(out[5][0, 0])
+            for _ in range(3):
+                disp()
+                torch.ops.deep_ep.combine(recv, out[5], cw, buf.group_name, num_sms)
+            t_d = _median_us(disp, args.iters, gloo)
+            t_c = _median_us(lambda: torch.ops.deep_ep.combine(recv, out[5], cw, buf.group_name,
+                                                               num_sms), args.iters, gloo)
+            groups = int(out[5][0, 1])
+            d_bytes = groups * (H + s.shape[1] * 4)
+            c_bytes = groups * H * 2
+            rows.append((expand, num_sms, valid, t_d, d_bytes / t_d / 1e3, t_c,
+                         c_bytes / t_c / 1e3))
+    all_rows = [None] * world
+    dist.all_gather_object(all_rows, rows, group=gloo)
+    if rank == 0:
+        print(f"\nEP{world} T={T} H={H} K={K} E={E} FP8 dispatch / BF16 combine "
+              f"({torch.cuda.get_device_name(dev)}); per rank: median us, logical GB/s")
+        print("layout  num_sms  rows(r0)  " + "  ".join(
+            f"disp_us[r{r}] GB/s  comb_us[r{r}] GB/s" for r in range(world)))
+        for i, r0 in enumerate(all_rows[0]):
+            cols = "  ".join(f"{all_rows[r][i][3]:10.1f} {all_rows[r][i][4]:5.0f}"
+                             f"  {all_rows[r][i][5]:10.1f} {all_rows[r][i][6]:5.0f}"
+                             for r in range(world))
+            print(f"{'expand' if r0[0] else 'compact':7s} {r0[1]:7d}  {r0[2]:8d}  {cols}")
+    buf.destroy()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--num-sms", type=int, nargs="+", default=[0, 16, 64])
+    p.add_argument("--world", type=int, default=0)
+    args = p.parse_args()
+    run_gpus(_body, args.world or gpus(), args)
+
+
+if __name__ == "__main__":
+    main()
