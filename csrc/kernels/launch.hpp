@@ -47,6 +47,7 @@ struct Comm {
   unsigned* epochs;            // device-local epoch per barrier slot (graph-replay safe)
   ErrorRecord* error;          // host-mapped error record
   long long timeout_cycles;
+  int trap_on_timeout;  // DEEP_EP_OPS_TRAP_ON_TIMEOUT=1: __trap() after reporting
   int rank;
   int num_ranks;
   int64_t flags_off;

@@ -27,6 +27,13 @@ void check_alive(const State& st, const char* op) {
   if (!st.alive())
     throw std::runtime_error(std::string("deep_ep.") + op +
                              ": the Buffer's CUDA state was destroyed");
+  // A GPU wait of an earlier call timed out: the ranks' barrier epochs are out of step and
+  // results since then are garbage. Say so (and who stalled) instead of continuing.
+  const ErrorRecord* e = st.error_host;
+  if (e != nullptr && *reinterpret_cast<const volatile int*>(&e->code) != 0)
+    throw std::runtime_error(std::string("deep_ep.") + op + ": an earlier call on this Buffer "
+                             "failed: " + describe_error(*e) +
+                             "; the Buffer cannot be used any more");
 }
 
 void check_fits(const State& st, const char* op, int64_t need) {

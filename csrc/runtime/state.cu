@@ -6,6 +6,7 @@
 #include <nccl_device.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -84,7 +85,10 @@ State::State(const StateConfig& c) : cfg(c) {
       static_cast<int64_t>(M) * std::min(R, K) * align_to(4LL * H, 16);
   const int64_t cached_bytes =
       static_cast<int64_t>(M) * (align_to(4LL * H, 16) + align_to(4 * ((H + 31) / 32), 16)) + 256;
-  data_bytes = align_to(std::max({dispatch_bytes, combine_bytes, cached_bytes}), 4096);
+  // The metadata/scale slack on top of the combine area lets an fp32 dispatch fit whenever
+  // the combine area already holds R*M fp32 rows (K >= R).
+  const int64_t slack = static_cast<int64_t>(R) * M * (4 * meta_ints + align_to(4 * P, 16)) + 1024;
+  data_bytes = align_to(std::max({dispatch_bytes, combine_bytes + slack, cached_bytes}), 4096);
   comm.flags_off = 0;
   comm.counts_off = align_to(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
   comm.data_off = comm.counts_off + align_to(static_cast<int64_t>(R) * (E + R) * 4, 4096);
@@ -164,6 +168,8 @@ State::State(const StateConfig& c) : cfg(c) {
   comm.rank = cfg.rank;
   comm.num_ranks = R;
   comm.timeout_cycles = static_cast<long long>(cfg.timeout_s * clock_khz * 1000.0);
+  const char* trap = std::getenv("DEEP_EP_OPS_TRAP_ON_TIMEOUT");
+  comm.trap_on_timeout = (trap != nullptr && trap[0] == '1') ? 1 : 0;
   DEO_CUDA(cudaDeviceSynchronize());
 }
 

@@ -66,6 +66,18 @@ def _body(rank, world, gloo, args):
             c_bytes = groups * H * 2
             rows.append((expand, num_sms, valid, t_d, d_bytes / t_d / 1e3, t_c,
                          c_bytes / t_c / 1e3))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        out = torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, False, False, 0)
+        recv = out[0].to(torch.bfloat16)
+        dist.barrier(group=gloo)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, False, False, 0)
+                torch.ops.deep_ep.combine(recv, out[5], None, buf.group_name, 0)
+            torch.cuda.synchronize()
+        if rank == 0:
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     all_rows = [None] * world
     dist.all_gather_object(all_rows, rows, group=gloo)
     if rank == 0:
@@ -90,6 +102,7 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--num-sms", type=int, nargs="+", default=[0, 16, 64])
     p.add_argument("--world", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="kernel times (torch.profiler)")
     args = p.parse_args()
     run_gpus(_body, args.world or gpus(), args)
 

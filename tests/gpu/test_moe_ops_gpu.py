@@ -229,20 +229,24 @@ def _timeout_body(rank, world, gloo):
         x = torch.randn(16, 128, device=dev).to(torch.bfloat16)
         idx = torch.tensor([[0, 3]] * 16, device=dev)
         w = torch.ones(16, 2, device=dev)
+        # the kernel gives up after timeout_s, reports, and the call completes ...
+        torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, 4)
+        torch.cuda.synchronize()
+        err = backend.last_error(buf.cuda_state)
+        # ... and the next call on the Buffer raises, naming the stalled peer
         try:
             torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, 4)
-            torch.cuda.synchronize()
             failed = None
-        except RuntimeError as exc:  # the kernel traps after reporting
-            failed = exc
-        err = backend.last_error(buf.cuda_state)
-        ok = failed is not None and err is not None and err["peer"] == 1 and err["rank"] == 0
-        print(f"rank 0 timeout report: {err}; error: {failed}", flush=True)
+        except RuntimeError as exc:
+            failed = str(exc)
+        ok = (err is not None and err["peer"] == 1 and err["rank"] == 0 and failed is not None
+              and "peer rank 1" in failed)
+        print(f"rank 0 timeout report: {err}; next call: {failed}", flush=True)
     dist.barrier(group=gloo)  # rank 1 skipped the collective; both leave now
     sys.stdout.flush()
     if rank == 0 and not ok:
         raise AssertionError(f"expected a timeout naming peer 1, got {err} / {failed}")
-    os._exit(0)  # the trapped context cannot be torn down cleanly
+    os._exit(0)  # the Buffer's epochs are out of step: skip the collective teardown
 
 
 def test_timeout_names_peer():
