@@ -13,7 +13,7 @@
 namespace deep_ep_ops {
 namespace {
 
-constexpr int kDefaultCtas = 32;  // push/pull kernels: enough CTAs to keep NVLink busy
+constexpr int kDefaultCtas = 64;  // push/pull kernels: enough CTAs to keep NVLink busy
 
 int64_t align_to(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 

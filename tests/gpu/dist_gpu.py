@@ -25,6 +25,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, errors) -> None:
+    import faulthandler
+    faulthandler.enable()  # a crashing rank prints its Python stack
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
     torch.set_num_threads(4)

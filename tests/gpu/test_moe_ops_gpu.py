@@ -232,7 +232,9 @@ def _timeout_body(rank, world, gloo):
         # the kernel gives up after timeout_s, reports, and the call completes ...
         torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, 4)
         torch.cuda.synchronize()
+        print("rank 0: first call finished", flush=True)
         err = backend.last_error(buf.cuda_state)
+        print(f"rank 0: recorded {err}", flush=True)
         # ... and the next call on the Buffer raises, naming the stalled peer
         try:
             torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, 4)
