@@ -17,8 +17,16 @@ namespace {
 
 using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
 
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
 __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
   extern __shared__ int smem[];
+  // Phase timestamps (ns since kernel start) for profiling: recv_info[3..6].
+  const unsigned long long t_start = global_ns();
   const int E = p.E, R = p.comm.num_ranks, K = p.K, NC = E + R;
   const int me = p.comm.rank;
   int* cnt = smem;                                                  // [warps][E + R]
@@ -94,6 +102,7 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
   }
   if (lane < R) my_cnt[E + lane] = rank_count;
   __syncthreads();
+  if (threadIdx.x == 0) p.s.recv_info[3] = static_cast<int>(global_ns() - t_start);
 
   // ---- phase 2: scan over warps, publish my count row ----
   for (int c = threadIdx.x; c < NC; c += blockDim.x) {
@@ -111,11 +120,15 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
     int* row = reinterpret_cast<int*>(p.comm.peer_base[peer] + p.comm.counts_off) + me * NC;
     row[c] = tot[c];
   }
+  if (threadIdx.x == 0) p.s.recv_info[4] = static_cast<int>(global_ns() - t_start);
   cta_barrier(p.comm, kLayoutSlot, kOpDispatchLayout);
+  if (threadIdx.x == 0) p.s.recv_info[5] = static_cast<int>(global_ns() - t_start);
 
   // ---- phase 3: offsets from the full count matrix ----
   const int* counts = reinterpret_cast<const int*>(p.comm.peer_base[me] + p.comm.counts_off);
   int* info = p.s.recv_info;
+  if (threadIdx.x == 0) misc[1] = 0;
+  __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int all = 0, below = 0;
     for (int s = 0; s < R; ++s) {
@@ -125,7 +138,10 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
     }
     ebase[e] = below;
     tot[e] = static_cast<int>(align_up(all, p.A));  // reuse: aligned totals
-    if (e / p.E_loc == me) info[kRecvTpe + (e - me * p.E_loc)] = all;
+    if (e / p.E_loc == me) {
+      info[kRecvTpe + (e - me * p.E_loc)] = all;
+      atomicAdd(&misc[1], all);  // integer sum: order does not matter
+    }
   }
   for (int d = threadIdx.x; d < R; d += blockDim.x) {
     int below = 0;
@@ -157,8 +173,7 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    int pairs = 0;
-    for (int j = 0; j < p.E_loc; ++j) pairs += info[kRecvTpe + j];
+    const int pairs = misc[1];
     info[kRecvPairs] = pairs;
     // handle header row
     int* h = p.s.send_handle;
@@ -174,6 +189,7 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
     h[8] = K;
   }
 
+  if (threadIdx.x == 0) p.s.recv_info[6] = static_cast<int>(global_ns() - t_start);
   // ---- phase 4: final rows of my tokens, handle send part ----
   for (int t = t_begin + lane; t < t_end; t += kWarp) {
     const unsigned dmask = p.s.tok_dmask[t];
@@ -200,6 +216,8 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
       hrow[1 + K + k] = p.expand ? erow : crow;
     }
   }
+  __syncthreads();
+  if (threadIdx.x == 0) p.s.recv_info[7] = static_cast<int>(global_ns() - t_start);
 }
 
 }  // namespace

@@ -1,12 +1,14 @@
 // Python module of the CUDA backend (private: the public ops are defined in Python as
 // torch.ops.deep_ep.*; deep_ep_ops/cuda/backend.py calls these functions).
 #include <torch/extension.h>
+#include <pybind11/stl.h>
 
 #include <ATen/cuda/CUDAContext.h>
 #include <nccl.h>
 
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "ops.hpp"
 #include "state.hpp"
@@ -29,19 +31,26 @@ std::shared_ptr<State> create_state(uintptr_t comm_ptr, int rank, int num_ranks,
   return std::make_shared<State>(cfg);
 }
 
-py::object last_error(const State& st) {
-  if (st.error_host == nullptr || st.error_host->code == 0) return py::none();
-  ErrorRecord e;
-  std::memcpy(&e, static_cast<const void*>(st.error_host), sizeof(e));
-  py::dict d;
-  d["rank"] = e.rank;
-  d["peer"] = e.peer;
-  d["slot"] = e.slot;
-  d["expected"] = e.expected;
-  d["seen"] = e.seen;
-  d["op"] = e.op;
-  d["message"] = describe_error(e);
-  return d;
+// (code, rank, peer, slot, expected, seen, op) of the first GPU timeout; code 0 = none.
+std::vector<int64_t> error_record(const State& st) {
+  std::vector<int64_t> out(7, 0);
+  if (st.error_host == nullptr) return out;
+  const volatile ErrorRecord* e = st.error_host;
+  out[0] = e->code;
+  out[1] = e->rank;
+  out[2] = e->peer;
+  out[3] = e->slot;
+  out[4] = e->expected;
+  out[5] = e->seen;
+  out[6] = e->op;
+  return out;
+}
+
+// Phase timestamps of the last dispatch's layout kernel (ns from its start), for profiling.
+std::vector<int64_t> layout_times(const State& st) {
+  int v[8] = {};
+  cudaMemcpy(v, st.scratch.recv_info, sizeof(v), cudaMemcpyDeviceToHost);
+  return {v[3], v[4], v[5], v[6], v[7]};
 }
 
 }  // namespace
@@ -56,7 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("alive", &deo::State::alive);
   m.def("create_state", &deo::create_state);
   m.def("destroy_state", [](deo::State& s) { s.destroy(); });
-  m.def("last_error", &deo::last_error);
+  m.def("error_record", &deo::error_record);
+  m.def("layout_times", &deo::layout_times);
   m.def("nccl_version_code", []() { return NCCL_VERSION_CODE; });
   m.def("default_ctas", [](const deo::State& s, int64_t num_sms) { return deo::barrier_ctas(s, num_sms); });
   m.def("dispatch", &deo::dispatch, py::call_guard<py::gil_scoped_release>());

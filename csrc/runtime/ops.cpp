@@ -32,8 +32,9 @@ void check_alive(const State& st, const char* op) {
   const ErrorRecord* e = st.error_host;
   if (e != nullptr && *reinterpret_cast<const volatile int*>(&e->code) != 0)
     throw std::runtime_error(std::string("deep_ep.") + op + ": an earlier call on this Buffer "
-                             "failed: " + describe_error(*e) +
-                             "; the Buffer cannot be used any more");
+                             "failed: rank " + std::to_string(e->rank) + " timed out waiting "
+                             "for peer rank " + std::to_string(e->peer) + " (barrier slot " +
+                             std::to_string(e->slot) + "); the Buffer cannot be used any more");
 }
 
 void check_fits(const State& st, const char* op, int64_t need) {

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <sstream>
 #include <stdexcept>
 
 namespace deep_ep_ops {
@@ -200,17 +199,6 @@ void State::destroy() {
 State::~State() {
   // Teardown is collective; a State dropped without destroy() (interpreter exit) leaks its
   // window rather than calling NCCL from one rank alone.
-}
-
-std::string describe_error(const ErrorRecord& e) {
-  static const char* names[] = {"?", "dispatch (count exchange)", "dispatch (data push)",
-                                "cached_dispatch (staging)", "cached_dispatch (pull)",
-                                "combine (push)"};
-  std::ostringstream os;
-  os << "rank " << e.rank << ": GPU timeout in " << names[(e.op >= 1 && e.op <= 5) ? e.op : 0]
-     << " waiting for peer rank " << e.peer << " (barrier slot " << e.slot << ", expected epoch "
-     << e.expected << ", saw " << e.seen << ")";
-  return os.str();
 }
 
 }  // namespace deep_ep_ops

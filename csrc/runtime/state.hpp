@@ -49,6 +49,4 @@ class State {
   char** peer_bases_dev_ = nullptr;
 };
 
-std::string describe_error(const ErrorRecord& e);
-
 }  // namespace deep_ep_ops

@@ -64,9 +64,19 @@ def destroy_state(state) -> None:
     _module().destroy_state(state)
 
 
+_OPS = {1: "dispatch (count exchange)", 2: "dispatch (data push)",
+        3: "cached_dispatch (staging)", 4: "cached_dispatch (pull)", 5: "combine (push)"}
+
+
 def last_error(state) -> Optional[dict]:
     """The first GPU-side timeout this state recorded (which peer/barrier stalled), or None."""
-    return _module().last_error(state)
+    code, rank, peer, slot, expected, seen, op = _module().error_record(state)
+    if code == 0:
+        return None
+    message = (f"rank {rank}: GPU timeout in {_OPS.get(op, '?')} waiting for peer rank {peer} "
+               f"(barrier slot {slot}, expected epoch {expected}, saw {seen})")
+    return dict(rank=rank, peer=peer, slot=slot, expected=expected, seen=seen, op=op,
+                message=message)
 
 
 def dispatch(buf, state, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,

@@ -83,6 +83,11 @@ def _body(rank, world, gloo, args):
             torch.cuda.synchronize()
         if rank == 0:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        from deep_ep_ops.cuda import backend
+        ts = backend._module().layout_times(buf.cuda_state)
+        print(f"rank {rank} layout kernel phases (us from start): counted {ts[0]/1e3:.1f}, "
+              f"published {ts[1]/1e3:.1f}, barrier done {ts[2]/1e3:.1f}, offsets "
+              f"{ts[3]/1e3:.1f}, end {ts[4]/1e3:.1f}", flush=True)
     all_rows = [None] * world
     dist.all_gather_object(all_rows, rows, group=gloo)
     if rank == 0:
