@@ -23,6 +23,8 @@ __device__ __forceinline__ unsigned long long global_ns() {
   return t;
 }
 
+// KMAX bounds the per-lane topk arrays: 8 keeps them in registers for the usual K <= 8.
+template <int KMAX>
 __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
   extern __shared__ int smem[];
   // Phase timestamps (ns since kernel start) for profiling: recv_info[3..6].
@@ -52,9 +54,9 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
     const int t = t0 + lane;
     const bool valid = t < t_end;
     unsigned dmask = 0;
-    int ex[kMaxTopk];
+    int ex[KMAX];
 #pragma unroll
-    for (int k = 0; k < kMaxTopk; ++k) {
+    for (int k = 0; k < KMAX; ++k) {
       if (k >= K) break;
       ex[k] = valid ? load_expert(p.topk_idx, p.idx64, static_cast<int64_t>(t) * K + k) : -1;
       if (ex[k] >= 0) {
@@ -63,9 +65,9 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
       }
     }
     __syncwarp();
-    int newcnt[kMaxTopk];
+    int newcnt[KMAX];
 #pragma unroll
-    for (int k = 0; k < kMaxTopk; ++k) {
+    for (int k = 0; k < KMAX; ++k) {
       if (k >= K) break;
       newcnt[k] = -1;
       if (ex[k] >= 0) {
@@ -77,7 +79,7 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
     }
     __syncwarp();
 #pragma unroll
-    for (int k = 0; k < kMaxTopk; ++k) {
+    for (int k = 0; k < KMAX; ++k) {
       if (k >= K) break;
       if (newcnt[k] >= 0) my_cnt[ex[k]] = newcnt[k];
       if (ex[k] >= 0) my_mask[ex[k]] = 0u;
@@ -90,7 +92,7 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
       if ((dmask >> d) & 1u) {
         const int pos = base + __popc(b & lanemask_lt());
 #pragma unroll
-        for (int k = 0; k < kMaxTopk; ++k) {
+        for (int k = 0; k < KMAX; ++k) {
           if (k >= K) break;
           if (ex[k] >= 0 && ex[k] / p.E_loc == d)
             p.s.tok_dstrank[static_cast<int64_t>(t) * K + k] = pos;
@@ -191,30 +193,51 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
 
   if (threadIdx.x == 0) p.s.recv_info[6] = static_cast<int>(global_ns() - t_start);
   // ---- phase 4: final rows of my tokens, handle send part ----
-  for (int t = t_begin + lane; t < t_end; t += kWarp) {
-    const unsigned dmask = p.s.tok_dmask[t];
-    int* hrow = p.s.send_handle + static_cast<int64_t>(1 + t) * p.W;
-    int* rowc = p.s.rowc + static_cast<int64_t>(t) * R;
-    for (int d = 0; d < R; ++d) rowc[d] = -1;
-    hrow[0] = __popc(dmask);
-    for (int c = 1 + 2 * K; c < p.W; ++c) hrow[c] = -1;
-    for (int k = 0; k < K; ++k) {
-      const int e = load_expert(p.topk_idx, p.idx64, static_cast<int64_t>(t) * K + k);
-      const int64_t tk = static_cast<int64_t>(t) * K + k;
+  // One (token, slot) per thread and four in flight per thread: the loads are independent,
+  // and a token-per-lane loop would wait on them one after another.
+  __syncthreads();
+  const int64_t TK = static_cast<int64_t>(p.T) * K;
+  const int64_t nthreads = blockDim.x;
+  for (int64_t base = threadIdx.x; base < TK; base += 4 * nthreads) {
+    int e4[4], dr4[4], er4[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int64_t tk = base + u * nthreads;
+      e4[u] = tk < TK ? load_expert(p.topk_idx, p.idx64, tk) : -1;
+      dr4[u] = (tk < TK && e4[u] >= 0) ? p.s.tok_dstrank[tk] : 0;
+      er4[u] = (tk < TK && e4[u] >= 0) ? p.s.tok_exprank[tk] : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int64_t tk = base + u * nthreads;
+      if (tk >= TK) break;
+      const int t = static_cast<int>(tk / K), k = static_cast<int>(tk % K);
+      int* hrow = p.s.send_handle + static_cast<int64_t>(1 + t) * p.W;
+      const int e = e4[u];
       if (e < 0) {
         hrow[1 + k] = -1;
         hrow[1 + K + k] = -1;
         p.s.rowe[tk] = -1;
         continue;
       }
+      const int* wc = cnt + (t / p.chunk) * NC;  // the scanned bases of t's warp
       const int d = e / p.E_loc;
-      const int crow = cbase[d] + my_cnt[E + d] + p.s.tok_dstrank[tk];
-      const int erow = ebase[e] + my_cnt[e] + p.s.tok_exprank[tk];
-      rowc[d] = crow;
+      const int crow = cbase[d] + wc[E + d] + dr4[u];
+      const int erow = ebase[e] + wc[e] + er4[u];
+      p.s.rowc[static_cast<int64_t>(t) * R + d] = crow;  // equal for every slot of rank d
       p.s.rowe[tk] = erow;
       hrow[1 + k] = d;
       hrow[1 + K + k] = p.expand ? erow : crow;
     }
+  }
+  // per token: destination count, -1 for ranks it skips, trailing columns
+  for (int t = threadIdx.x; t < p.T; t += blockDim.x) {
+    const unsigned dmask = p.s.tok_dmask[t];
+    int* hrow = p.s.send_handle + static_cast<int64_t>(1 + t) * p.W;
+    hrow[0] = __popc(dmask);
+    for (int c = 1 + 2 * K; c < p.W; ++c) hrow[c] = -1;
+    for (int d = 0; d < R; ++d)
+      if (!((dmask >> d) & 1u)) p.s.rowc[static_cast<int64_t>(t) * R + d] = -1;
   }
   __syncthreads();
   if (threadIdx.x == 0) p.s.recv_info[7] = static_cast<int>(global_ns() - t_start);
@@ -238,14 +261,19 @@ size_t layout_smem_bytes(int warps, int E, int R) {
 cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream) {
   const size_t smem = layout_smem_bytes(p.warps, p.E, p.comm.num_ranks);
   // Raise the dynamic shared-memory limit once per size (not per call: keeps capture clean).
-  static size_t configured = 48 * 1024;
-  if (smem > configured) {
+  static size_t configured[2] = {48 * 1024, 48 * 1024};
+  const bool small = p.K <= 8;
+  if (smem > configured[small]) {
     cudaError_t err = cudaFuncSetAttribute(
-        layout_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        small ? layout_kernel<8> : layout_kernel<kMaxTopk>,
+        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
-    configured = smem;
+    configured[small] = smem;
   }
-  layout_kernel<<<1, p.warps * dev::kWarp, smem, stream>>>(p);
+  if (small)
+    layout_kernel<8><<<1, p.warps * dev::kWarp, smem, stream>>>(p);
+  else
+    layout_kernel<kMaxTopk><<<1, p.warps * dev::kWarp, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
