@@ -193,7 +193,7 @@ def _graph_body(rank, world, gloo):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         gout, gtpe = step(sx, sidx, sw)
-    for it in range(1, 6):
+    for it in range(1, 101):  # 100 replays, each with new tokens and new routing
         x, idx, w = new_inputs(it)
         sx.copy_(x)
         sidx.copy_(idx)
