@@ -30,15 +30,15 @@ __global__ void __launch_bounds__(512) cached_pull_kernel(CachedParams p) {
   // Arriving here certifies this rank's whole stage kernel (it ran before this kernel).
   cta_barrier(p.comm, blockIdx.x, kOpCachedPull);
   const int W = p.W, K = p.K;
-  const int G = p.handle[1];
-  const bool expand = p.handle[6] != 0;  // the layout the handle was made with
-  const int* recv = p.handle + static_cast<int64_t>(1 + p.T) * W;
+  const int G = p.handle[handle::kHdrValidGroups];
+  const bool expand = p.handle[handle::kHdrExpand] != 0;  // the layout the handle was made with
+  const int* recv = p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
   const int lane = lane_id();
   const int warps = blockDim.x / kWarp;
   for (int i = blockIdx.x * warps + warp_id(); i < p.C; i += gridDim.x * warps) {
     const int* hrow = recv + static_cast<int64_t>(i) * W;
     if (i < G) {
-      const int src = hrow[4], tok = hrow[5];
+      const int src = hrow[handle::kGroupSrcRank], tok = hrow[handle::kGroupSrcToken];
       const char* base = p.comm.peer_base[src];
       const char* sx = base + p.x_off + static_cast<int64_t>(tok) * p.x_stride;
       const char* ss = base + p.s_off + static_cast<int64_t>(tok) * p.s_stride;
@@ -47,14 +47,14 @@ __global__ void __launch_bounds__(512) cached_pull_kernel(CachedParams p) {
         if (p.s_bytes > 0) warp_copy(p.out_s + static_cast<int64_t>(i) * p.s_bytes, ss, p.s_bytes);
       } else {
         for (int m = 0; m < K; ++m) {
-          const int r = hrow[7 + m];
+          const int r = hrow[handle::kGroupMember + m];
           if (r < 0) break;
           warp_copy(p.out_x + static_cast<int64_t>(r) * p.x_bytes, sx, p.x_bytes);
           if (p.s_bytes > 0) warp_copy(p.out_s + static_cast<int64_t>(r) * p.s_bytes, ss, p.s_bytes);
         }
       }
     }
-    if (hrow[0] < 0) {
+    if (hrow[handle::kRecvSrcRank] < 0) {
       warp_zero(p.out_x + static_cast<int64_t>(i) * p.x_bytes, p.x_bytes);
       if (p.s_bytes > 0) warp_zero(p.out_s + static_cast<int64_t>(i) * p.s_bytes, p.s_bytes);
     }

@@ -52,31 +52,32 @@ template <typename T, int V>
 __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
   cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
   const int W = p.W, K = p.K;
-  const int G = p.handle[1];
-  const bool expand = p.handle[6] != 0;
+  const int G = p.handle[handle::kHdrValidGroups];
+  const bool expand = p.handle[handle::kHdrExpand] != 0;
   // Rows travel as is when the partial is exactly the row: no weights and one member per
   // group (compact layout). The handle header says which layout made it.
   const bool raw = p.stage_raw && !expand;
   const int64_t slot_bytes = static_cast<int64_t>(p.Wd) * (raw ? sizeof(T) : sizeof(float));
-  const int* recv = p.handle + static_cast<int64_t>(1 + p.T) * W;
+  const int* recv = p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
   const T* x = static_cast<const T*>(p.x);
   const int warps = blockDim.x / kWarp;
   const int lane = lane_id();
   for (int g = blockIdx.x * warps + warp_id(); g < G; g += gridDim.x * warps) {
     const int* hrow = recv + static_cast<int64_t>(g) * W;
-    const int src = hrow[4], tok = hrow[5], cslot = hrow[6];
+    const int src = hrow[handle::kGroupSrcRank], tok = hrow[handle::kGroupSrcToken],
+              cslot = hrow[handle::kGroupCombineSlot];
     char* dst = p.comm.peer_base[src] + p.stage_off +
                 (static_cast<int64_t>(tok) * p.num_slots + cslot) * slot_bytes;
     if (raw) {  // compact, no weights: the partial is the row itself
-      warp_copy(dst, x + static_cast<int64_t>(hrow[7]) * p.Wd, slot_bytes);
+      warp_copy(dst, x + static_cast<int64_t>(hrow[handle::kGroupMember]) * p.Wd, slot_bytes);
       continue;
     }
     int nm = 1;
     int members[kMaxTopk];
-    members[0] = hrow[7];
+    members[0] = hrow[handle::kGroupMember];
     if (expand) {
       for (int m = 1; m < K; ++m) {
-        const int r = hrow[7 + m];
+        const int r = hrow[handle::kGroupMember + m];
         if (r < 0) break;
         members[nm++] = r;
       }
@@ -112,7 +113,7 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p) {
   const int lane = lane_id();
   const int64_t slot_elems = p.Wd;
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
-    const int n = p.handle[static_cast<int64_t>(1 + t) * p.W];
+    const int n = p.handle[static_cast<int64_t>(handle::kHeaderRows + t) * p.W + handle::kSendNumDst];
     const S* slot0 = reinterpret_cast<const S*>(win) + static_cast<int64_t>(t) * p.num_slots * slot_elems;
     for (int c = lane * V; c < p.Wd; c += kWarp * V) {
       float acc[V];
@@ -136,7 +137,7 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p) {
 // S: staged element type (float, or T when rows travel as is).
 template <typename T, int V>
 __global__ void __launch_bounds__(512) combine_reduce_kernel(CombineParams p) {
-  if (p.stage_raw && p.handle[6] == 0)
+  if (p.stage_raw && p.handle[handle::kHdrExpand] == 0)
     combine_reduce<T, T, V>(p);
   else
     combine_reduce<T, float, V>(p);

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
   const int nwarps = gridDim.x * warps;
 
   // header + send part, tokens_per_expert
-  const int64_t head = static_cast<int64_t>(1 + p.T) * W;
+  const int64_t head = static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < head;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     p.handle[i] = p.send_handle[i];
@@ -113,10 +113,10 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
         }
         for (int c = lane; c < W; c += kWarp) {
           int v = -1;
-          if (c == 0 || c == 4) v = src;
-          else if (c == 1 || c == 5) v = tok;
-          else if (c == 3 || c == 7) v = i;
-          else if (c == 6) v = cslot;
+          if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) v = src;
+          else if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) v = tok;
+          else if (c == handle::kRecvGroup || c == handle::kGroupMember) v = i;
+          else if (c == handle::kGroupCombineSlot) v = cslot;
           hrow[c] = v;
         }
       } else {
@@ -127,15 +127,15 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
           const int jk = __shfl_sync(0xffffffffu, j, k);
           if (jk >= 0 && j >= 0 && jk < j) ++members_before;
         }
-        for (int c = 4 + lane; c < W; c += kWarp) {
+        for (int c = handle::kGroupSrcRank + lane; c < W; c += kWarp) {
           int v = -1;
-          if (c == 4) v = src;
-          else if (c == 5) v = tok;
-          else if (c == 6) v = cslot;
+          if (c == handle::kGroupSrcRank) v = src;
+          else if (c == handle::kGroupSrcToken) v = tok;
+          else if (c == handle::kGroupCombineSlot) v = cslot;
           hrow[c] = v;
         }
         __syncwarp();
-        if (j >= 0) hrow[7 + members_before] = erow;
+        if (j >= 0) hrow[handle::kGroupMember + members_before] = erow;
         for (unsigned rest = local; rest != 0; rest &= rest - 1) {
           const int k = __ffs(rest) - 1;
           const int r = __shfl_sync(0xffffffffu, erow, k);
@@ -147,10 +147,10 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
             idx32[r] = jk;
             p.recv_w[r] = wk;
             int* rrow = recv_h + static_cast<int64_t>(r) * W;
-            rrow[0] = src;
-            rrow[1] = tok;
-            rrow[2] = k;
-            rrow[3] = i;
+            rrow[handle::kRecvSrcRank] = src;
+            rrow[handle::kRecvSrcToken] = tok;
+            rrow[handle::kRecvTopkSlot] = k;
+            rrow[handle::kRecvGroup] = i;
           }
         }
       }
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
         idx32[i] = -1;
         p.recv_w[i] = 0.f;
       }
-      if (lane < 4) hrow[lane] = -1;
+      if (lane <= handle::kRecvGroup) hrow[lane] = -1;  // per-row columns
     }
   }
 }

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "handle_layout.hpp"
+
 namespace deep_ep_ops {
 
 constexpr int kMaxRanks = 32;              // destination masks are 32-bit words

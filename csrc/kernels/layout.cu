@@ -180,15 +180,15 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
     // handle header row
     int* h = p.s.send_handle;
     for (int c = 0; c < p.W; ++c) h[c] = 0;
-    h[0] = p.expand ? pairs : misc[0];
-    h[1] = misc[0];
-    h[2] = p.T;
-    h[3] = R;
-    h[4] = E;
-    h[5] = p.M;
-    h[6] = p.expand;
-    h[7] = p.A;
-    h[8] = K;
+    h[handle::kHdrValidRows] = p.expand ? pairs : misc[0];
+    h[handle::kHdrValidGroups] = misc[0];
+    h[handle::kHdrNumTokens] = p.T;
+    h[handle::kHdrNumRanks] = R;
+    h[handle::kHdrNumExperts] = E;
+    h[handle::kHdrMaxTokens] = p.M;
+    h[handle::kHdrExpand] = p.expand;
+    h[handle::kHdrAlignment] = p.A;
+    h[handle::kHdrTopk] = K;
   }
 
   if (threadIdx.x == 0) p.s.recv_info[6] = static_cast<int>(global_ns() - t_start);
@@ -212,11 +212,11 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
       const int64_t tk = base + u * nthreads;
       if (tk >= TK) break;
       const int t = static_cast<int>(tk / K), k = static_cast<int>(tk % K);
-      int* hrow = p.s.send_handle + static_cast<int64_t>(1 + t) * p.W;
+      int* hrow = p.s.send_handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
       const int e = e4[u];
       if (e < 0) {
-        hrow[1 + k] = -1;
-        hrow[1 + K + k] = -1;
+        hrow[handle::kSendDstRank + k] = -1;
+        hrow[handle::send_dst_row(K) + k] = -1;
         p.s.rowe[tk] = -1;
         continue;
       }
@@ -226,16 +226,16 @@ __global__ void __launch_bounds__(1024, 1) layout_kernel(LayoutParams p) {
       const int erow = ebase[e] + wc[e] + er4[u];
       p.s.rowc[static_cast<int64_t>(t) * R + d] = crow;  // equal for every slot of rank d
       p.s.rowe[tk] = erow;
-      hrow[1 + k] = d;
-      hrow[1 + K + k] = p.expand ? erow : crow;
+      hrow[handle::kSendDstRank + k] = d;
+      hrow[handle::send_dst_row(K) + k] = p.expand ? erow : crow;
     }
   }
   // per token: destination count, -1 for ranks it skips, trailing columns
   for (int t = threadIdx.x; t < p.T; t += blockDim.x) {
     const unsigned dmask = p.s.tok_dmask[t];
-    int* hrow = p.s.send_handle + static_cast<int64_t>(1 + t) * p.W;
-    hrow[0] = __popc(dmask);
-    for (int c = 1 + 2 * K; c < p.W; ++c) hrow[c] = -1;
+    int* hrow = p.s.send_handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
+    hrow[handle::kSendNumDst] = __popc(dmask);
+    for (int c = handle::kSendDstRank + 2 * K; c < p.W; ++c) hrow[c] = -1;
     for (int d = 0; d < R; ++d)
       if (!((dmask >> d) & 1u)) p.s.rowc[static_cast<int64_t>(t) * R + d] = -1;
   }

@@ -72,7 +72,7 @@ State::State(const StateConfig& c) : cfg(c) {
   DEO_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cfg.device));
   DEO_CUDA(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, cfg.device));
   smem_optin = static_cast<size_t>(optin);
-  handle_width = std::max({1 + 2 * K, 7 + K, 9});
+  handle_width = handle::handle_width(K);
 
   // ---- window layout ----
   const int64_t P = cfg.fp8 ? (H + 31) / 32 : 0;

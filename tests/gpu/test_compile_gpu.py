@@ -45,7 +45,8 @@ def _body(rank: int, world: int, gloo, layout: str) -> None:
 
     compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
     for step in range(4):  # cudagraph trees record on a later call: compare every call
-        x = torch.randn(M - rank, HID, device=dev, generator=torch.Generator(device=dev).manual_seed(step))
+        gen = torch.Generator(device=dev).manual_seed(step)
+        x = torch.randn(M - rank, HID, device=dev, generator=gen)
         want = run(model, x)
         got = run(compiled, x)
         where = f"rank {rank} {layout} step {step}"

@@ -5,60 +5,19 @@ loop's tokens/s is printed next to the unsharded model's on one GPU (run with -s
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.gpu.dist_gpu import run_gpus
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                 reason="needs 2 CUDA GPUs")
 
 R, B, S, H, E, K, V = 2, 4, 16, 128, 8, 2, 512
-
-
-def _worker(rank: int, port: int, fn, errors) -> None:
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=R, device_id=device)
-    try:
-        fn(rank, device)
-        dist.barrier()
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        errors.put((rank, traceback.format_exc()))
-        sys.stdout.flush()
-        os._exit(1)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
-
-
-def _run(fn, timeout_s: float = 500) -> None:
-    from tests.dist_utils import _free_port
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, fn, errors)) for r in range(R)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout_s)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    reports = []
-    while not errors.empty():
-        reports.append(errors.get())
-    if reports or alive or any(p.exitcode != 0 for p in procs):
-        details = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(reports))
-        raise AssertionError(f"exit codes {[p.exitcode for p in procs]}, timed out "
-                             f"{len(alive)}\n{details}")
 
 
 def _model(device):
@@ -70,7 +29,8 @@ def _model(device):
     return transformers.MixtralForCausalLM(config).to(device, torch.bfloat16).eval()
 
 
-def _logits_body(rank: int, device) -> None:
+def _logits_body(rank: int, world: int, gloo) -> None:
+    device = torch.device("cuda", rank)
     import deep_ep_ops
     from deep_ep_ops.nn import shard_moe_blocks
     ref = _model(device)
@@ -129,7 +89,8 @@ def _decode_loop(run, tok, pos, out, prompt, steps: int) -> tuple[list, float]:
     return logits, tok.shape[0] * steps / (time.perf_counter() - start)
 
 
-def _decode_body(rank: int, device) -> None:
+def _decode_body(rank: int, world: int, gloo) -> None:
+    device = torch.device("cuda", rank)
     import deep_ep_ops
     from deep_ep_ops.nn import shard_moe_blocks
     batch, prompt_len, steps = 8, 8, 48
@@ -176,8 +137,8 @@ def _decode_body(rank: int, device) -> None:
 
 
 def test_swapped_model_logits_match_single_gpu() -> None:
-    _run(_logits_body)
+    run_gpus(_logits_body, R)
 
 
 def test_cuda_graph_decode_matches_eager_and_reports_speed() -> None:
-    _run(_decode_body)
+    run_gpus(_decode_body, R)

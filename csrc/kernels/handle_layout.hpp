@@ -1,0 +1,45 @@
+// Column layout of the int32 routing handle [1 + T + C, W]. Mirrors deep_ep_ops/handle.py,
+// which documents every field; tests/test_handle_layout.py checks the two agree.
+#pragma once
+
+namespace deep_ep_ops {
+namespace handle {
+
+constexpr int kHeaderRows = 1;
+
+// header (row 0)
+constexpr int kHdrValidRows = 0;
+constexpr int kHdrValidGroups = 1;
+constexpr int kHdrNumTokens = 2;
+constexpr int kHdrNumRanks = 3;
+constexpr int kHdrNumExperts = 4;
+constexpr int kHdrMaxTokens = 5;
+constexpr int kHdrExpand = 6;
+constexpr int kHdrAlignment = 7;
+constexpr int kHdrTopk = 8;
+constexpr int kNumHeaderFields = 9;
+
+// send part (rows 1 .. T)
+constexpr int kSendNumDst = 0;
+constexpr int kSendDstRank = 1;  // + k
+__host__ __device__ constexpr int send_dst_row(int num_topk) { return kSendDstRank + num_topk; }
+
+// receive part, per row
+constexpr int kRecvSrcRank = 0;
+constexpr int kRecvSrcToken = 1;
+constexpr int kRecvTopkSlot = 2;
+constexpr int kRecvGroup = 3;
+// receive part, per group
+constexpr int kGroupSrcRank = 4;
+constexpr int kGroupSrcToken = 5;
+constexpr int kGroupCombineSlot = 6;
+constexpr int kGroupMember = 7;  // + i
+
+__host__ __device__ constexpr int handle_width(int num_topk) {
+  const int send = 1 + 2 * num_topk, recv = kGroupMember + num_topk;
+  const int wide = send > recv ? send : recv;
+  return wide > kNumHeaderFields ? wide : kNumHeaderFields;
+}
+
+}  // namespace handle
+}  // namespace deep_ep_ops
