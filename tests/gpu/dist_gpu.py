@@ -19,6 +19,10 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 def _worker(rank: int, world: int, port: int, errors, fn: Callable, args: tuple) -> None:
     import faulthandler
     faulthandler.enable()  # a crashing rank prints its Python stack
+    # a hanging rank prints every thread's stack periodically (stderr), so a run killed from
+    # outside still shows where each rank waited
+    faulthandler.dump_traceback_later(float(os.environ.get("DEEP_EP_OPS_STACK_DUMP_S", "120")),
+                                      repeat=True)
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
     torch.set_num_threads(4)
