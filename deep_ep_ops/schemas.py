@@ -51,6 +51,3 @@ SCHEMAS: dict[str, str] = {
 # Ops that talk to other ranks: none may be dropped or reordered by the compiler.
 COMM_OPS = ("_dispatch_static", "cached_dispatch", "combine", "engram_fetch", "pp_send_recv",
             "cp_all_gather", "cp_reduce_scatter", "_engram_scatter_add")
-# Ops whose implementation is a composition of the others (no kernel, fake or autograd of
-# their own).
-COMPOSITE_OPS = ("dispatch",)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from deep_ep_ops import handle as H
+from deep_ep_ops.meta.shapes import tokens_from_handle
 
 
 def rows_in_use(tokens_per_expert: torch.Tensor, handle: torch.Tensor, expand: bool) -> int:
@@ -23,8 +24,7 @@ def trim_dispatch(recv_x: torch.Tensor, recv_x_scales: torch.Tensor,
                   tokens_per_expert: torch.Tensor, handle: torch.Tensor):
     """The first ``rows_in_use`` rows of each per-row output; the handle keeps its header and
     send part and loses the unused receive rows (groups never outnumber rows in use)."""
-    C = recv_x.shape[0]
-    T = handle.shape[0] - H.HEADER_ROWS - C
+    T = tokens_from_handle(handle.shape[0], recv_x.shape[0])
     n = rows_in_use(tokens_per_expert, handle, recv_topk_idx.dim() == 1)
     head = H.HEADER_ROWS + T
     return (recv_x[:n].clone(), recv_x_scales[:n].clone(), recv_topk_idx[:n].clone(),

@@ -7,44 +7,10 @@ import torch
 import torch.distributed as dist
 
 from deep_ep_ops.buffer import Buffer
-from deep_ep_ops.cpu.comm import all_gather_ints, all_gather_same_shape, all_gather_varlen
+from deep_ep_ops.cpu.comm import all_gather_same_shape, all_gather_varlen
 from deep_ep_ops.cpu.moe import accumulation_dtype
-
-
-def _check_same_shape_everywhere(op: str, buf: Buffer, t: torch.Tensor) -> None:
-    dims = list(t.shape) + [0] * (8 - t.dim())
-    gathered = all_gather_ints([t.dim()] + dims[:8], buf.group)
-    if not bool((gathered == gathered[0]).all()):
-        shapes = [tuple(int(v) for v in row[1: 1 + int(row[0])]) for row in gathered]
-        raise ValueError(f"deep_ep.{op}: x must have the same shape on every rank of "
-                         f"{buf.group_name!r}; got {shapes}")
-
-
-def engram_fetch(buf: Buffer, table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    n, hidden = table.shape
-    N, L = indices.shape
-    tables = all_gather_same_shape(table, buf.group).reshape(-1, hidden)  # [R*n, H]
-    flat = indices.reshape(-1).long()
-    out = torch.zeros(N * L, hidden, dtype=table.dtype)
-    valid = flat >= 0
-    out[valid] = tables[flat[valid]]
-    return out.reshape(N, L * hidden)
-
-
-def engram_scatter_add(buf: Buffer, grad: torch.Tensor, indices: torch.Tensor,
-                       num_entries: int, hidden: int) -> torch.Tensor:
-    """Sum, in (source rank, token, slot) order, every rank's row gradients that fall in this
-    rank's shard."""
-    acc = accumulation_dtype(grad.dtype)
-    rows = grad.reshape(-1, hidden).to(acc)
-    all_rows = all_gather_varlen(rows, buf.group)
-    all_idx = all_gather_varlen(indices.reshape(-1).long(), buf.group)
-    out = torch.zeros(num_entries, hidden, dtype=acc)
-    lo = buf.rank * num_entries
-    for r_rows, r_idx in zip(all_rows, all_idx):
-        mine = (r_idx >= lo) & (r_idx < lo + num_entries)
-        out.index_add_(0, r_idx[mine] - lo, r_rows[mine])
-    return out.to(grad.dtype)
+from deep_ep_ops.meta.shapes import (cp_all_gather_spec, cp_reduce_scatter_spec,
+                                     engram_fetch_spec, engram_grad_spec, pp_recv_spec)
 
 
 _DTYPE_CODES = {dt: i for i, dt in enumerate((
@@ -58,16 +24,52 @@ def _meta_of(t: torch.Tensor) -> torch.Tensor:
     return torch.tensor([t.dim(), _DTYPE_CODES.get(t.dtype, -1)] + dims, dtype=torch.int64)
 
 
+def _shape_in(meta: torch.Tensor) -> tuple:
+    return tuple(meta[2: 2 + int(meta[0])].tolist())
+
+
+def _check_same_shape_everywhere(op: str, buf: Buffer, t: torch.Tensor) -> None:
+    gathered = all_gather_same_shape(_meta_of(t), buf.group)
+    if not bool((gathered == gathered[0]).all()):
+        raise ValueError(f"deep_ep.{op}: x must have the same shape and dtype on every rank of "
+                         f"{buf.group_name!r}; got shapes {[_shape_in(m) for m in gathered]}")
+
+
+def engram_fetch(buf: Buffer, table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    hidden = table.shape[1]
+    spec = engram_fetch_spec(indices.shape, hidden, table.dtype)
+    tables = all_gather_same_shape(table, buf.group).reshape(-1, hidden)  # [R*n, H]
+    flat = indices.reshape(-1).long()
+    out = torch.zeros(flat.numel(), hidden, dtype=table.dtype)
+    valid = flat >= 0
+    out[valid] = tables[flat[valid]]
+    return out.reshape(spec.shape)
+
+
+def engram_scatter_add(buf: Buffer, grad: torch.Tensor, indices: torch.Tensor,
+                       num_entries: int, hidden: int) -> torch.Tensor:
+    """Sum, in (source rank, token, slot) order, every rank's row gradients that fall in this
+    rank's shard."""
+    acc = accumulation_dtype(grad.dtype)
+    rows = grad.reshape(-1, hidden).to(acc)
+    all_rows = all_gather_varlen(rows, buf.group)
+    all_idx = all_gather_varlen(indices.reshape(-1).long(), buf.group)
+    out = torch.zeros(engram_grad_spec(num_entries, hidden, grad.dtype).shape, dtype=acc)
+    lo = buf.rank * num_entries
+    for r_rows, r_idx in zip(all_rows, all_idx):
+        mine = (r_idx >= lo) & (r_idx < lo + num_entries)
+        out.index_add_(0, r_idx[mine] - lo, r_rows[mine])
+    return out.to(grad.dtype)
+
+
 def pp_send_recv(buf: Buffer, send: torch.Tensor, dst: int, src: int,
                  recv_shape: Sequence[int], recv_dtype: torch.dtype) -> torch.Tensor:
     rank = buf.rank
     if (dst == rank) != (src == rank):
         raise ValueError(f"deep_ep.pp_send_recv: a rank that sends to itself must also receive "
                          f"from itself (dst={dst}, src={src}, rank={rank})")
-    if src < 0:
-        out = torch.empty(0, dtype=recv_dtype)
-    else:
-        out = torch.empty(tuple(recv_shape), dtype=recv_dtype)
+    spec = pp_recv_spec(src, recv_shape, recv_dtype)
+    out = torch.empty(spec.shape, dtype=spec.dtype)
     if dst == rank:
         if tuple(send.shape) != tuple(out.shape) or send.dtype != out.dtype:
             raise ValueError(f"deep_ep.pp_send_recv: send {tuple(send.shape)} {send.dtype} does "
@@ -85,9 +87,8 @@ def pp_send_recv(buf: Buffer, send: torch.Tensor, dst: int, src: int,
     for r in reqs:
         r.wait()
     if src >= 0 and not torch.equal(meta_in, _meta_of(out)):
-        ndim = int(meta_in[0])
         raise ValueError(
-            f"deep_ep.pp_send_recv: rank {src} sends shape {tuple(meta_in[2:2 + ndim].tolist())} "
+            f"deep_ep.pp_send_recv: rank {src} sends shape {_shape_in(meta_in)} "
             f"but rank {rank} expects recv_shape {tuple(recv_shape)} {recv_dtype}")
     reqs = []
     payload = send.contiguous()
@@ -103,13 +104,13 @@ def pp_send_recv(buf: Buffer, send: torch.Tensor, dst: int, src: int,
 def cp_all_gather(buf: Buffer, x: torch.Tensor) -> torch.Tensor:
     _check_same_shape_everywhere("cp_all_gather", buf, x)
     gathered = all_gather_same_shape(x, buf.group)
-    return gathered.reshape(buf.world_size * x.shape[0], *x.shape[1:])
+    return gathered.reshape(cp_all_gather_spec(x.shape, x.dtype, buf.world_size).shape)
 
 
 def cp_reduce_scatter(buf: Buffer, x: torch.Tensor) -> torch.Tensor:
     _check_same_shape_everywhere("cp_reduce_scatter", buf, x)
     R = buf.world_size
-    chunk = x.shape[0] // R
+    chunk = cp_reduce_scatter_spec(x.shape, x.dtype, R).shape[0]
     gathered = all_gather_same_shape(x, buf.group)[:, buf.rank * chunk:(buf.rank + 1) * chunk]
     acc = accumulation_dtype(x.dtype) if x.is_floating_point() else x.dtype
     out = gathered[0].to(acc)

@@ -6,10 +6,6 @@ import torch
 import torch.distributed as dist
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8) if t.numel() else t.reshape(-1).to(torch.uint8)
-
-
 def all_gather_same_shape(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """``[R, *t.shape]``: every rank's tensor, which must have the same shape everywhere."""
     R = dist.get_world_size(group)

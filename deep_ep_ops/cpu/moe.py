@@ -9,7 +9,8 @@ from deep_ep_ops import handle as H
 from deep_ep_ops.buffer import Buffer
 from deep_ep_ops.cpu.comm import all_gather_padded, all_gather_varlen
 from deep_ep_ops.cpu.routing import build_handle, receive_layout
-from deep_ep_ops.meta.shapes import dispatch_specs, static_capacity
+from deep_ep_ops.meta.shapes import (cached_dispatch_specs, combine_spec, dispatch_specs,
+                                     static_capacity, tokens_from_handle)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,8 +61,9 @@ def dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
 
 
 def _handle_parts(handle: torch.Tensor, num_rows: int):
-    T = handle.shape[0] - H.HEADER_ROWS - num_rows
-    return handle[0], handle[H.HEADER_ROWS: H.HEADER_ROWS + T], handle[H.HEADER_ROWS + T:]
+    """(T, header row, receive part) of the handle of a dispatch that returned ``num_rows``."""
+    T = tokens_from_handle(handle.shape[0], num_rows)
+    return T, handle[0], handle[H.HEADER_ROWS + T:]
 
 
 def _check_header(op: str, header: torch.Tensor, buf: Buffer, num_tokens: int) -> None:
@@ -78,14 +80,13 @@ def _check_header(op: str, header: torch.Tensor, buf: Buffer, num_tokens: int) -
 def cached_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
                     handle: torch.Tensor):
     T = x.shape[0]
-    C = handle.shape[0] - H.HEADER_ROWS - T
-    header, _, recv = _handle_parts(handle, C)
+    spec_x, spec_s = cached_dispatch_specs(
+        x.shape, x.dtype, x_scales.shape if x_scales is not None else None,
+        x_scales.dtype if x_scales is not None else None, handle.shape[0])
+    _, header, recv = _handle_parts(handle, spec_x.shape[0])
     _check_header("cached_dispatch", header, buf, T)
     M = buf.num_max_tokens_per_rank
-    recv_x = x.new_zeros((C, x.shape[1]))
-    P = x_scales.shape[1] if x_scales is not None else 0
-    recv_s = torch.zeros((C, P), dtype=x_scales.dtype if x_scales is not None else
-                         torch.float32)
+    recv_x, recv_s = _zeros(spec_x), _zeros(spec_s)
     all_x = all_gather_padded(x, M, buf.group)
     src = recv[:, H.RECV_SRC_RANK].long()
     rows = (src >= 0).nonzero().flatten()
@@ -100,8 +101,7 @@ def cached_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tenso
 def combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
             weights: Optional[torch.Tensor]) -> torch.Tensor:
     C, width = x.shape
-    header, _, recv = _handle_parts(handle, C)
-    T = handle.shape[0] - H.HEADER_ROWS - C
+    T, header, recv = _handle_parts(handle, C)
     _check_header("combine", header, buf, T)
     K = buf.num_topk
     acc = accumulation_dtype(x.dtype)
@@ -119,7 +119,7 @@ def combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
     # 2. every owner adds the partials of its tokens in ascending rank order
     all_partials = all_gather_varlen(partial, buf.group)
     all_meta = all_gather_varlen(meta, buf.group)
-    out = torch.zeros((T, width), dtype=acc)
+    out = torch.zeros(combine_spec(x.shape, x.dtype, handle.shape[0]).shape, dtype=acc)
     started = torch.zeros(T, dtype=torch.bool)
     for part, m in zip(all_partials, all_meta):
         mine = m[:, 0] == buf.rank
