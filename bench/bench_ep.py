@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -22,14 +21,10 @@ import torch.multiprocessing as mp
 
 from bench import baselines
 from bench.timing import event_median_us, graph_replay_us, host_overhead_us
+from deep_ep_ops.localhost import free_port
+from deep_ep_ops.nn.moe import quantize_fp8
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(rank: int, T: int, H: int, E: int, K: int, fp8: bool, device):
@@ -40,10 +35,7 @@ def _inputs(rank: int, T: int, H: int, E: int, K: int, fp8: bool, device):
     topk_w = torch.rand(T, K, generator=g).to(device)
     scales = None
     if fp8:
-        amax = x.float().view(T, H // 128, 128).abs().amax(-1).clamp(min=1e-4)
-        scales = (amax / 448.0).contiguous()
-        x = (x.float().view(T, H // 128, 128) / scales[..., None]).view(T, H).to(
-            torch.float8_e4m3fn)
+        x, scales = quantize_fp8(x)
     return x, scales, topk_idx, topk_w
 
 
@@ -243,7 +235,7 @@ def main() -> None:
     limits = baselines.copy_engine_limits(64 << 20 if args.quick else 256 << 20)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_rank_main, args=(args, _free_port(), queue), nprocs=args.ranks,
+    mp.start_processes(_rank_main, args=(args, free_port(), queue), nprocs=args.ranks,
                        start_method="spawn")
     results = queue.get()
     date = datetime.date.today().isoformat()

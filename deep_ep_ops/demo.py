@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
@@ -18,11 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from deep_ep_ops.localhost import free_port
 
 
 def _timed(fn, device: torch.device, repeats: int):
@@ -141,7 +136,7 @@ def main() -> None:
     if args.experts % args.ranks:
         parser.error(f"--experts {args.experts} must be divisible by --ranks {args.ranks}")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    mp.start_processes(_rank_main, args=(args, _free_port()), nprocs=args.ranks,
+    mp.start_processes(_rank_main, args=(args, free_port()), nprocs=args.ranks,
                        start_method="spawn")
 
 

@@ -6,7 +6,6 @@ collective forever) and every rank's traceback is raised in the test process.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 import traceback
@@ -16,11 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from deep_ep_ops.localhost import free_port
 
 
 def exit_rank(errors, rank: int, body: Callable[[], None]) -> None:
@@ -44,7 +39,7 @@ def spawn_ranks(target: Callable, world_size: int, args: tuple, timeout_s: float
     """Start ``target(rank, world_size, port, errors, *args)`` per rank and wait for all."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=target, args=(r, world_size, port, errors, *args))
              for r in range(world_size)]
     for p in procs:
