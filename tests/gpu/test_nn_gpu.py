@@ -14,10 +14,18 @@ import torch.distributed as dist
 from tests.gpu.dist_gpu import run_gpus
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                                reason="needs 2 CUDA GPUs")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-R, B, S, H, E, K, V = 2, 4, 16, 128, 8, 2, 512
+B, S, H, E, K, V = 4, 16, 128, 8, 2, 512
+
+
+def _gpus(world: int):
+    return pytest.param(world, marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.device_count() < world,
+        reason=f"needs {world} CUDA GPUs"))
+
+
+WORLDS = [_gpus(1), _gpus(2)]
 
 
 def _model(device):
@@ -131,14 +139,16 @@ def _decode_body(rank: int, world: int, gloo) -> None:
                 rout.copy_(rstep())
             _, ref_rate = _decode_loop(ref_eager, rtok, rpos, rout, prompt, steps)
             how = "eager (capture failed)"
-        print(f"\ndecode tokens/s: expert-parallel on {R} GPUs (CUDA graph) {rate:.0f} per "
-              f"rank, {R * rate:.0f} total; unsharded on 1 GPU ({how}) {ref_rate:.0f}")
+        print(f"\ndecode tokens/s: expert-parallel on {world} GPUs (CUDA graph) {rate:.0f} per "
+              f"rank, {world * rate:.0f} total; unsharded on 1 GPU ({how}) {ref_rate:.0f}")
     dist.barrier()
 
 
-def test_swapped_model_logits_match_single_gpu() -> None:
-    run_gpus(_logits_body, R)
+@pytest.mark.parametrize("world", WORLDS)
+def test_swapped_model_logits_match_single_gpu(world: int) -> None:
+    run_gpus(_logits_body, world)
 
 
-def test_cuda_graph_decode_matches_eager_and_reports_speed() -> None:
-    run_gpus(_decode_body, R)
+@pytest.mark.parametrize("world", WORLDS)
+def test_cuda_graph_decode_matches_eager_and_reports_speed(world: int) -> None:
+    run_gpus(_decode_body, world)
