@@ -39,7 +39,7 @@ torch.cuda.current_stream().wait_stream(side)
 graph = torch.cuda.CUDAGraph()
 with torch.cuda.graph(graph):
     next_tok = step()
-
+cache.reset()  # in place: warm-up and capture advanced the cache's own position counter
 prompt = torch.randint(0, config.vocab_size, (B, PROMPT), device=device,
                        generator=torch.Generator(device).manual_seed(rank))
 generated = []

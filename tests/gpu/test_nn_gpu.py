@@ -58,7 +58,9 @@ def _logits_body(rank: int, world: int, gloo) -> None:
 
 
 def _decoder(model, batch: int, max_len: int, device):
-    """(step, tok, pos, cache): one greedy decode step on static input tensors."""
+    """(step, tok, pos, cache): one greedy decode step on static input tensors. transformers 5
+    StaticCache counts written positions itself (a device tensor); ``cache.reset()`` rewinds
+    it in place, so a captured graph stays valid."""
     cache = transformers.StaticCache(config=model.config, max_cache_len=max_len)
     tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.zeros(1, dtype=torch.long, device=device)
@@ -67,7 +69,7 @@ def _decoder(model, batch: int, max_len: int, device):
     def step():
         return model(input_ids=tok, position_ids=pos.expand(batch, 1), cache_position=pos,
                      past_key_values=cache, use_cache=True).logits[:, -1].float()
-    return step, tok, pos
+    return step, tok, pos, cache
 
 
 def _capture(step):
@@ -83,9 +85,11 @@ def _capture(step):
     return graph, out
 
 
-def _decode_loop(run, tok, pos, out, prompt, steps: int) -> tuple[list, float]:
-    """Feeds the prompt then its own greedy tokens; returns (per-step logits, tokens/s)."""
+def _decode_loop(run, tok, pos, cache, out, prompt, steps: int) -> tuple[list, float]:
+    """From an empty cache, feeds the prompt then its own greedy tokens; returns (per-step
+    logits, tokens/s)."""
     logits = []
+    cache.reset()  # warm-up and capture steps wrote positions too
     torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(steps):
@@ -109,16 +113,16 @@ def _decode_body(rank: int, world: int, gloo) -> None:
     prompt = torch.randint(0, V, (batch, prompt_len), device=device,
                            generator=torch.Generator(device).manual_seed(10 + rank))
 
-    step, tok, pos = _decoder(model, batch, steps + 1, device)
+    step, tok, pos, cache = _decoder(model, batch, steps + 1, device)
     graph, out = _capture(step)
-    replayed, rate = _decode_loop(graph.replay, tok, pos, out, prompt, steps)
+    replayed, rate = _decode_loop(graph.replay, tok, pos, cache, out, prompt, steps)
 
-    eager_step, etok, epos = _decoder(model, batch, steps + 1, device)
+    eager_step, etok, epos, ecache = _decoder(model, batch, steps + 1, device)
     eager_out = torch.zeros_like(out)
 
     def eager():
         eager_out.copy_(eager_step())
-    eager_logits, _ = _decode_loop(eager, etok, epos, eager_out, prompt, steps)
+    eager_logits, _ = _decode_loop(eager, etok, epos, ecache, eager_out, prompt, steps)
     for i, (a, b) in enumerate(zip(replayed, eager_logits)):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2, msg=f"rank {rank} step {i}")
     buf.destroy()
@@ -126,18 +130,18 @@ def _decode_body(rank: int, world: int, gloo) -> None:
     dist.barrier()
     if rank == 0:  # the unsharded model alone on one GPU, same loop
         ref.config._experts_implementation = "grouped_mm"   # HF's eager experts sync the host
-        rstep, rtok, rpos = _decoder(ref, batch, steps + 1, device)
+        rstep, rtok, rpos, rcache = _decoder(ref, batch, steps + 1, device)
         try:
             rgraph, rout = _capture(rstep)
-            _, ref_rate = _decode_loop(rgraph.replay, rtok, rpos, rout, prompt, steps)
+            _, ref_rate = _decode_loop(rgraph.replay, rtok, rpos, rcache, rout, prompt, steps)
             how = "CUDA graph"
         except RuntimeError:
-            rstep, rtok, rpos = _decoder(ref, batch, steps + 1, device)
+            rstep, rtok, rpos, rcache = _decoder(ref, batch, steps + 1, device)
             rout = torch.zeros_like(out)
 
             def ref_eager():
                 rout.copy_(rstep())
-            _, ref_rate = _decode_loop(ref_eager, rtok, rpos, rout, prompt, steps)
+            _, ref_rate = _decode_loop(ref_eager, rtok, rpos, rcache, rout, prompt, steps)
             how = "eager (capture failed)"
         print(f"\ndecode tokens/s: expert-parallel on {world} GPUs (CUDA graph) {rate:.0f} per "
               f"rank, {world * rate:.0f} total; unsharded on 1 GPU ({how}) {ref_rate:.0f}")
