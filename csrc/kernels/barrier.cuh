@@ -22,14 +22,16 @@ __device__ __forceinline__ uint32_t* flag_ptr(char* window_base, const Comm& c, 
   return reinterpret_cast<uint32_t*>(window_base + c.flags_off) + slot * kMaxRanks + from_rank;
 }
 
-static __device__ __noinline__ void report_timeout(const Comm& c, int op, int slot, int peer,
-                                            uint32_t expected, uint32_t seen) {
-  ErrorRecord* e = c.error;
+// Takes plain values, not the Comm: a reference to a kernel parameter passed to a non-inlined
+// function makes the compiler copy the whole parameter struct into every thread's local memory.
+static __device__ __noinline__ void report_timeout_at(ErrorRecord* e, int rank, int trap,
+                                                      int op, int slot, int peer,
+                                                      uint32_t expected, uint32_t seen) {
   if (e != nullptr && *reinterpret_cast<volatile int*>(&e->code) == 0) {
     // Plain stores: atomics on host memory need PCIe atomics. Two reporters racing is benign.
     volatile ErrorRecord* v = e;
     v->code = 1;
-    v->rank = c.rank;
+    v->rank = rank;
     v->peer = peer;
     v->slot = slot;
     v->expected = expected;
@@ -43,10 +45,15 @@ static __device__ __noinline__ void report_timeout(const Comm& c, int op, int sl
   printf("[deep_ep_ops] rank %d: GPU timeout in %s waiting for peer rank %d "
          "(barrier slot %d, expected epoch %u, saw %u). The peer did not enter the same "
          "collective call; this Buffer is now unusable.\n",
-         c.rank, names[(op >= 1 && op <= 5) ? op : 0], peer, slot, expected, seen);
+         rank, names[(op >= 1 && op <= 5) ? op : 0], peer, slot, expected, seen);
   // By default the kernel finishes (outputs are garbage) and the host raises at the next call
   // on this Buffer, so the process stays healthy enough to report; a trap kills the context.
-  if (c.trap_on_timeout) __trap();
+  if (trap) __trap();
+}
+
+static __device__ __forceinline__ void report_timeout(const Comm& c, int op, int slot, int peer,
+                                                      uint32_t expected, uint32_t seen) {
+  report_timeout_at(c.error, c.rank, c.trap_on_timeout, op, slot, peer, expected, seen);
 }
 
 // True once any wait of this Buffer timed out (host-mapped; read rarely, it crosses PCIe).
@@ -62,11 +69,11 @@ __device__ __forceinline__ void cta_barrier(const Comm& c, int slot, int op) {
     // Make every store of this CTA (ordered before us by __syncthreads) visible system-wide
     // before the flag that announces them.
     __threadfence_system();
-    for (int p = 0; p < c.num_ranks; ++p) st_release_sys(flag_ptr(c.peer_base[p], c, slot, c.rank), epoch);
+    for (int p = 0; p < c.num_ranks; ++p) st_release_sys(flag_ptr(peer_ptr(c, p), c, slot, c.rank), epoch);
   }
   if (threadIdx.x < c.num_ranks) {
     const int peer = threadIdx.x;
-    const uint32_t* f = flag_ptr(c.peer_base[c.rank], c, slot, peer);
+    const uint32_t* f = flag_ptr(peer_ptr(c, c.rank), c, slot, peer);
     uint32_t seen = ld_acquire_sys(f);
     if (static_cast<int>(seen - epoch) < 0) {
       const long long start = clock64();

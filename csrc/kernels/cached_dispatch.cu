@@ -14,6 +14,8 @@ namespace {
 using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
 
 __global__ void __launch_bounds__(512) cached_stage_kernel(CachedParams p) {
+  pdl_wait();
+  pdl_trigger();
   cta_barrier(p.comm, blockIdx.x, kOpCachedStage);
   char* win = p.comm.peer_base[p.comm.rank];
   const int warps = blockDim.x / kWarp;
@@ -27,6 +29,8 @@ __global__ void __launch_bounds__(512) cached_stage_kernel(CachedParams p) {
 }
 
 __global__ void __launch_bounds__(512) cached_pull_kernel(CachedParams p) {
+  pdl_wait();
+  pdl_trigger();
   // Arriving here certifies this rank's whole stage kernel (it ran before this kernel).
   cta_barrier(p.comm, blockIdx.x, kOpCachedPull);
   const int W = p.W, K = p.K;
@@ -67,11 +71,9 @@ __global__ void __launch_bounds__(512) cached_pull_kernel(CachedParams p) {
 cudaError_t launch_cached_dispatch(const CachedParams& p, int ctas, int epi_ctas,
                                    cudaStream_t stream) {
   (void)epi_ctas;
-  cached_stage_kernel<<<ctas, 512, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_pdl(cached_stage_kernel, ctas, 512, 0, stream, p);
   if (err != cudaSuccess) return err;
-  cached_pull_kernel<<<ctas, 512, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_pdl(cached_pull_kernel, ctas, 512, 0, stream, p);
 }
 
 }  // namespace deep_ep_ops

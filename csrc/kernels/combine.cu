@@ -50,6 +50,8 @@ __device__ __forceinline__ void store_from_f32(T* p, const float (&in)[V]) {
 
 template <typename T, int V>
 __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
+  pdl_wait();
+  pdl_trigger();
   cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
   const int W = p.W, K = p.K;
   const int G = p.handle[handle::kHdrValidGroups];
@@ -137,6 +139,8 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p) {
 // S: staged element type (float, or T when rows travel as is).
 template <typename T, int V>
 __global__ void __launch_bounds__(512) combine_reduce_kernel(CombineParams p) {
+  pdl_wait();
+  pdl_trigger();
   if (p.stage_raw && p.handle[handle::kHdrExpand] == 0)
     combine_reduce<T, T, V>(p);
   else
@@ -145,11 +149,9 @@ __global__ void __launch_bounds__(512) combine_reduce_kernel(CombineParams p) {
 
 template <typename T, int V>
 cudaError_t launch_typed(const CombineParams& p, int ctas, int epi_ctas, cudaStream_t stream) {
-  combine_push_kernel<T, V><<<ctas, 512, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_pdl(combine_push_kernel<T, V>, ctas, 512, 0, stream, p);
   if (err != cudaSuccess) return err;
-  combine_reduce_kernel<T, V><<<epi_ctas, 512, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_pdl(combine_reduce_kernel<T, V>, epi_ctas, 512, 0, stream, p);
 }
 
 template <typename T>

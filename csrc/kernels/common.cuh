@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <utility>
 #include <cuda_runtime.h>
 
 #include "launch.hpp"
@@ -29,6 +31,35 @@ __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
 // Loads of data peers wrote earlier in this kernel: skip L1, which is not coherent with them.
 __device__ __forceinline__ int ld_cg(const int* p) { return __ldcg(p); }
 
+// ---- programmatic dependent launch (PDL, sm_90+) ----------------------------------------------
+// Kernels launched with launch_pdl() may be scheduled while the previous kernel of the stream
+// is still running; pdl_wait() blocks until that kernel has completed and its memory is
+// visible, so every kernel calls it before its first global memory access or barrier (a peer
+// CTA therefore still never arrives before the peer's earlier kernels finished). pdl_trigger()
+// lets the next kernel be scheduled early; it only takes effect once every CTA of this grid
+// has called it or exited, so this grid is fully resident before the next one takes SMs.
+// Both are no-ops for a kernel launched without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// c.peer_base[i] for a runtime i without indexing a kernel parameter array dynamically (that
+// makes the compiler copy the whole parameter struct to every thread's local memory).
+__device__ __forceinline__ char* peer_ptr(const Comm& c, int i) {
+  char* r = c.peer_base[0];
+#pragma unroll
+  for (int j = 1; j < kMaxRanks; ++j)
+    if (i == j) r = c.peer_base[j];
+  return r;
+}
+
 // ---- warp-wide copies of one row -------------------------------------------------------------
 // Rows are byte strings (any dtype travels as bytes). The widest access both pointers and the
 // length allow is used; the choice is warp-uniform, so there is no divergence inside a row.
@@ -47,16 +78,18 @@ __device__ __forceinline__ void warp_copy_v(char* dst, const char* src, int64_t 
   const V* s = reinterpret_cast<const V*>(src);
   V* d = reinterpret_cast<V*>(dst);
   const int64_t count = n / static_cast<int64_t>(sizeof(V));
-  constexpr int kUnroll = 4;  // several loads in flight before the first store
-  int64_t i = lane_id();
-  for (; i + (kUnroll - 1) * kWarp < count; i += kUnroll * kWarp) {
+  // Up to kUnroll loads per lane in flight before the first store, the tail predicated (not
+  // one access at a time): a 7 KiB row of 16-byte accesses is 2 rounds instead of 5.
+  constexpr int kUnroll = 8;
+  for (int64_t base = lane_id(); base < count; base += kUnroll * kWarp) {
     V v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = s[i + u * kWarp];
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kWarp < count) v[u] = s[base + u * kWarp];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) d[i + u * kWarp] = v[u];
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kWarp < count) d[base + u * kWarp] = v[u];
   }
-  for (; i < count; i += kWarp) d[i] = s[i];
 }
 
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t n) {
@@ -103,4 +136,32 @@ __device__ __forceinline__ int load_expert(const void* idx, bool idx64, int64_t 
 }
 
 }  // namespace dev
+
+// DEEP_EP_OPS_PDL=0 turns programmatic dependent launch off (read once per process).
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("DEEP_EP_OPS_PDL");
+    return !(v != nullptr && v[0] == '0');
+  }();
+  return on;
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream
+// serialization (when enabled): the kernel must start with dev::pdl_wait().
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 }  // namespace deep_ep_ops

@@ -60,13 +60,18 @@ struct Comm {
 // Per-Buffer device scratch for dispatch (sized for M tokens at setup).
 struct DispatchScratch {
   unsigned* tok_dmask;  // [M] destination-rank mask of each token
-  int* tok_exprank;     // [M*K] rank of (t, k) among this warp's tokens of the same expert
-  int* tok_dstrank;     // [M*K] rank of t among this warp's tokens sent to slot k's rank
-  int* rowc;            // [M*R] compact row at each destination rank (-1 = not sent)
-  int* rowe;            // [M*K] expert-major row at the destination for slot k (-1 = none)
-  int* send_handle;     // [(1+M)*W] header + send part, copied into the handle by the epilogue
+  int* tok_rank;        // [M*K] (t, k): rank of t among its count-CTA's tokens of expert k << 16
+                        //   | rank of t among its count-CTA's tokens sent to slot k's rank
+  int* cta_prefix;      // [layout_max_ctas(M) * (E+R)]: per count-CTA histograms, scanned in
+                        //   place into exclusive per-CTA prefixes by the last CTA
+  int* ebase;           // [E] expert-major row of the first of my tokens of expert e at e's rank
+  int* cbase;           // [R] compact row of the first of my tokens at rank d
+  unsigned* done;       // [1] count CTAs finished (the last one resets it to 0)
+  int* send_handle;     // [W] handle header row (copied into the handle by the push kernel)
   int* recv_info;       // kRecvInfo* fields, then tokens_per_expert[E_loc], block_start[E_loc+1]
 };
+// Count kernel: one warp per 32 tokens, at least one warp per CTA.
+constexpr int layout_max_ctas(int max_tokens) { return (max_tokens + 31) / 32 + 1; }
 constexpr int kRecvG = 0;           // groups (compact rows) received
 constexpr int kRecvPairs = 1;       // (token, local expert) pairs received
 constexpr int kRecvAligned = 2;     // sum of aligned per-expert counts
@@ -85,7 +90,8 @@ struct LayoutParams {
   const void* topk_idx;
   int idx64;
   int T, K, E, E_loc, A, M, expand, W;
-  int warps, chunk;  // warps of the one CTA; tokens per warp (multiple of 32)
+  int warps;       // warps per count CTA (each warp counts 32 tokens)
+  int cta_tokens;  // tokens per count CTA: 32 * warps
   DispatchScratch s;
   Comm comm;
 };
@@ -95,9 +101,12 @@ struct PushParams {
   const char* scales;
   const void* topk_idx;
   const float* topk_weights;
+  char* recv_x;  // this rank's outputs: rows for itself are written here directly
+  char* recv_s;
+  int* handle;   // header + send part written here
   int idx64;
   int64_t x_bytes, s_bytes;  // per row
-  int T, K, E_loc, expand;
+  int T, K, E, E_loc, expand, W, cta_tokens;
   DispatchRows rows;
   DispatchScratch s;
   Comm comm;
@@ -107,7 +116,6 @@ struct EpilogueParams {
   const char* win;  // local window base
   DispatchRows rows;
   const int* recv_info;
-  const int* send_handle;
   char* recv_x;
   char* recv_s;
   void* recv_idx;  // int64 [C, K] compact, int32 [C] expand
@@ -115,7 +123,7 @@ struct EpilogueParams {
   int* tpe;
   int* handle;
   int64_t x_bytes, s_bytes;
-  int C, T, K, W, E_loc, expand;
+  int C, T, K, W, E_loc, expand, rank;
 };
 
 struct CachedParams {
@@ -149,7 +157,6 @@ cudaError_t launch_peer_bases(const void* window, int num_ranks, char** out_devi
                               cudaStream_t stream);
 cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream);
 int layout_warps(int E, int R, size_t smem_limit);
-size_t layout_smem_bytes(int warps, int E, int R);
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream);
 cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream);
 cudaError_t launch_cached_dispatch(const CachedParams& p, int ctas, int epi_ctas,

@@ -46,7 +46,21 @@ void check_fits(const State& st, const char* op, int64_t need) {
                              "Buffer with a larger hidden or num_max_tokens_per_rank)");
 }
 
-int epilogue_ctas(const State& st) { return std::max(1, st.sm_count * 2); }
+constexpr int kWarpsPerCta = 16;  // the push/pull/epilogue kernels run 512 threads
+
+// Grid of a local (barrier-free) kernel with one warp per item: no more CTAs than items need.
+int epilogue_ctas(const State& st, int64_t items) {
+  const int64_t need = (items + kWarpsPerCta - 1) / kWarpsPerCta;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(st.sm_count * 2, need)));
+}
+
+// Grid of a barrier kernel with one warp per item, at most max_items items on every rank: the
+// cap is a function of the Buffer config, so it is the same on every rank (a CTA's barrier
+// slot is its index). Small decode batches launch fewer idle CTAs.
+int barrier_ctas_for(const State& st, int64_t num_sms, int64_t max_items) {
+  const int64_t need = (max_items + kWarpsPerCta - 1) / kWarpsPerCta;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(barrier_ctas(st, num_sms), need)));
+}
 
 }  // namespace
 
@@ -85,7 +99,7 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
   rows.m_off = rows.s_off + align_to(cap * rows.s_stride, 256);
   check_fits(st, "dispatch", rows.m_off + cap * rows.meta_ints * 4 - st.comm.data_off);
 
-  // phase 1: counts, count exchange, final rows, handle header + send part (into scratch)
+  // phase 1: counts, count exchange, per-destination bases, handle header (into scratch)
   LayoutParams lp{};
   lp.topk_idx = topk_idx.data_ptr();
   lp.idx64 = idx64;
@@ -98,8 +112,7 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
   lp.expand = expand;
   lp.W = W;
   lp.warps = layout_warps(E, R, std::min<size_t>(st.smem_optin, 200 * 1024));
-  const int64_t groups32 = (T + 31) / 32;
-  lp.chunk = static_cast<int>(std::max<int64_t>(1, (groups32 + lp.warps - 1) / lp.warps) * 32);
+  lp.cta_tokens = lp.warps * 32;
   lp.s = st.scratch;
   lp.comm = st.comm;
   check_launch(launch_layout(lp, stream), "dispatch layout kernel");
@@ -128,30 +141,37 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
   at::Tensor tpe = at::empty({E_loc}, opts.dtype(at::kInt));
   at::Tensor handle = at::empty({1 + T + C, W}, opts.dtype(at::kInt));
 
-  // phase 2: push rows into the destinations' windows
+  // phase 2: final rows, handle header + send part; rows into the other destinations' windows
+  // and this rank's own rows straight into the outputs
   PushParams pp{};
   pp.x = static_cast<const char*>(x.data_ptr());
   pp.scales = x_scales.has_value() ? static_cast<const char*>(x_scales->data_ptr()) : nullptr;
   pp.topk_idx = topk_idx.data_ptr();
   pp.topk_weights = topk_weights.data_ptr<float>();
+  pp.recv_x = static_cast<char*>(recv_x.data_ptr());
+  pp.recv_s = static_cast<char*>(recv_s.data_ptr());
+  pp.handle = handle.data_ptr<int>();
   pp.idx64 = idx64;
   pp.x_bytes = x_bytes;
   pp.s_bytes = s_bytes;
   pp.T = static_cast<int>(T);
   pp.K = K;
+  pp.E = E;
   pp.E_loc = E_loc;
   pp.expand = expand;
+  pp.W = W;
+  pp.cta_tokens = lp.cta_tokens;
   pp.rows = rows;
   pp.s = st.scratch;
   pp.comm = st.comm;
-  check_launch(launch_dispatch_push(pp, barrier_ctas(st, num_sms), stream), "dispatch push kernel");
+  check_launch(launch_dispatch_push(pp, barrier_ctas_for(st, num_sms, M), stream),
+               "dispatch push kernel");
 
   // phase 3: window -> fresh outputs, handle receive part, zero padding
   EpilogueParams ep{};
   ep.win = st.comm.peer_base[st.cfg.rank];
   ep.rows = rows;
   ep.recv_info = st.scratch.recv_info;
-  ep.send_handle = st.scratch.send_handle;
   ep.recv_x = static_cast<char*>(recv_x.data_ptr());
   ep.recv_s = static_cast<char*>(recv_s.data_ptr());
   ep.recv_idx = recv_idx.data_ptr();
@@ -166,7 +186,8 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
   ep.W = W;
   ep.E_loc = E_loc;
   ep.expand = expand;
-  check_launch(launch_dispatch_epilogue(ep, epilogue_ctas(st), stream), "dispatch epilogue");
+  ep.rank = st.cfg.rank;
+  check_launch(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "dispatch epilogue");
   return {recv_x, recv_s, recv_idx, recv_w, tpe, handle};
 }
 
@@ -206,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch(State& st, const at::Tensor& 
   p.K = st.cfg.topk;
   p.W = st.handle_width;
   p.comm = st.comm;
-  check_launch(launch_cached_dispatch(p, barrier_ctas(st, num_sms), epilogue_ctas(st), stream),
+  check_launch(launch_cached_dispatch(p, barrier_ctas(st, num_sms), epilogue_ctas(st, C), stream),
                "cached_dispatch kernels");
   return {out_x, out_s};
 }
@@ -246,7 +267,10 @@ at::Tensor combine(State& st, const at::Tensor& x, const at::Tensor& handle,
   p.K = st.cfg.topk;
   p.W = st.handle_width;
   p.comm = st.comm;
-  check_launch(launch_combine(p, barrier_ctas(st, num_sms), epilogue_ctas(st), stream),
+  check_launch(launch_combine(p,
+                             barrier_ctas_for(st, num_sms,
+                                              static_cast<int64_t>(st.cfg.num_ranks) * st.cfg.max_tokens),
+                             epilogue_ctas(st, T), stream),
                "combine kernels");
   return out;
 }

@@ -132,15 +132,17 @@ State::State(const StateConfig& c) : cfg(c) {
   const int64_t sizes[] = {
       static_cast<int64_t>(kNumSlots),      // epochs
       M,                                    // tok_dmask
-      static_cast<int64_t>(M) * K,          // tok_exprank
-      static_cast<int64_t>(M) * K,          // tok_dstrank
-      static_cast<int64_t>(M) * R,          // rowc
-      static_cast<int64_t>(M) * K,          // rowe
-      static_cast<int64_t>(1 + M) * handle_width,  // send_handle
+      static_cast<int64_t>(M) * K,          // tok_rank
+      static_cast<int64_t>(layout_max_ctas(M)) * (E + R),  // cta_prefix
+      E,                                    // ebase
+      R,                                    // cbase
+      1,                                    // done
+      handle_width,                         // send_handle (header row)
       kRecvTpe + 2 * e_loc + 8,             // recv_info
   };
-  int64_t total = 0, offs[8];
-  for (int i = 0; i < 8; ++i) {
+  constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
+  int64_t total = 0, offs[kParts];
+  for (int i = 0; i < kParts; ++i) {
     offs[i] = total;
     total += align_to(sizes[i] * 4, 256);
   }
@@ -149,12 +151,13 @@ State::State(const StateConfig& c) : cfg(c) {
   auto at = [&](int i) { return static_cast<char*>(scratch_block_) + offs[i]; };
   comm.epochs = reinterpret_cast<unsigned*>(at(0));
   scratch.tok_dmask = reinterpret_cast<unsigned*>(at(1));
-  scratch.tok_exprank = reinterpret_cast<int*>(at(2));
-  scratch.tok_dstrank = reinterpret_cast<int*>(at(3));
-  scratch.rowc = reinterpret_cast<int*>(at(4));
-  scratch.rowe = reinterpret_cast<int*>(at(5));
-  scratch.send_handle = reinterpret_cast<int*>(at(6));
-  scratch.recv_info = reinterpret_cast<int*>(at(7));
+  scratch.tok_rank = reinterpret_cast<int*>(at(2));
+  scratch.cta_prefix = reinterpret_cast<int*>(at(3));
+  scratch.ebase = reinterpret_cast<int*>(at(4));
+  scratch.cbase = reinterpret_cast<int*>(at(5));
+  scratch.done = reinterpret_cast<unsigned*>(at(6));
+  scratch.send_handle = reinterpret_cast<int*>(at(7));
+  scratch.recv_info = reinterpret_cast<int*>(at(8));
 
   DEO_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&error_host), sizeof(ErrorRecord),
                          cudaHostAllocMapped));
