@@ -45,11 +45,19 @@ class Buffer:
         num_experts: E, divisible by the group size; ``dispatch`` checks its argument against it.
         fp8_dispatch: reserve room for FP8 rows plus up to ceil(H/32) 4-byte scale packs.
         timeout_s: GPU-side waits abort with a message after this many seconds.
+        pp_max_bytes: largest ``pp_send_recv`` message on CUDA (one copy-engine slot per
+            source rank: costs R * pp_max_bytes of symmetric memory; 0 = small messages only).
+        pp_slots: small ``pp_send_recv`` messages in flight per direction before the sender
+            waits (on the GPU) for the receiver.
+        cp_max_bytes: largest ``cp_all_gather`` input (per rank) / ``cp_reduce_scatter`` input
+            on CUDA (symmetric memory; 0 = small inputs only).
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, *,
                  num_max_tokens_per_rank: int, hidden: int, num_topk: int, num_experts: int,
-                 fp8_dispatch: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 fp8_dispatch: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 pp_max_bytes: Optional[int] = None, pp_slots: Optional[int] = None,
+                 cp_max_bytes: Optional[int] = None) -> None:
         if _is_capturing():
             raise RuntimeError("deep_ep_ops.Buffer cannot be created during CUDA graph capture; "
                                "create it before capturing")
@@ -73,11 +81,19 @@ class Buffer:
         self.num_experts = num_experts
         self.fp8_dispatch = fp8_dispatch
         self.timeout_s = float(timeout_s)
+        from deep_ep_ops.cuda import aux_backend as _aux  # sizes only; no CUDA needed
+        self.pp_max_bytes = _aux.PP_MAX_BYTES if pp_max_bytes is None else int(pp_max_bytes)
+        self.pp_slots = _aux.PP_SLOTS if pp_slots is None else int(pp_slots)
+        self.cp_max_bytes = _aux.CP_MAX_BYTES if cp_max_bytes is None else int(cp_max_bytes)
+        if self.pp_max_bytes < 0 or self.cp_max_bytes < 0 or self.pp_slots < 1:
+            raise ValueError(f"Buffer: pp_max_bytes and cp_max_bytes must be >= 0 and pp_slots "
+                             f">= 1, got {pp_max_bytes}, {cp_max_bytes}, {pp_slots}")
         self.backend: str = dist.get_backend(self.group)
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if self.backend == "nccl" else torch.device("cpu"))
         self._engram: Optional[torch.Tensor] = None
         self._cuda_state = None
+        self._aux_state = None
         with _LOCK:
             if self.group_name in _REGISTRY:
                 raise RuntimeError(
@@ -89,6 +105,7 @@ class Buffer:
             if self.device.type == "cuda":
                 from deep_ep_ops.cuda import backend
                 self._cuda_state = backend.create_state(self)
+                self._aux_state = backend.create_aux_state(self)
         except BaseException:
             with _LOCK:
                 _REGISTRY.pop(self.group_name, None)
@@ -105,18 +122,40 @@ class Buffer:
                                "CUDA tensors need a Buffer on an NCCL group")
         return self._cuda_state
 
+    @property
+    def aux_state(self):
+        """CUDA state of pp_send_recv / cp_* / engram_* (their own symmetric window)."""
+        if self._aux_state is None:
+            raise RuntimeError(f"group {self.group_name!r} ({self.backend}) has no CUDA state: "
+                               "CUDA tensors need a Buffer on an NCCL group")
+        return self._aux_state
+
+    def cp_input(self, shape, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """CUDA: a view of this rank's slot of the copy-engine ``cp_all_gather``. Write the
+        input there and pass the view to ``cp_all_gather`` to skip its staging copy. Valid
+        until the next cp op on this Buffer (which may overwrite it); CPU: a new tensor."""
+        if self.device.type != "cuda":
+            return torch.empty(tuple(shape), dtype=dtype)
+        from deep_ep_ops.cuda import backend
+        return backend.cp_input(self, shape, dtype)
+
     def engram_table(self, num_entries_per_rank: int, hidden: int,
-                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                     dtype: torch.dtype = torch.bfloat16,
+                     max_fetch_rows: Optional[int] = None) -> torch.Tensor:
         """Allocate this rank's shard ``[num_entries_per_rank, hidden]`` of an Engram table
-        (in symmetric memory on CUDA). Collective. ``engram_fetch`` accepts only this tensor
-        (or a tensor sharing its storage, such as an ``nn.Parameter`` made from it)."""
+        (in symmetric memory on CUDA, zero-filled). Collective. ``engram_fetch`` accepts only
+        this tensor (or a tensor sharing its storage, such as an ``nn.Parameter`` made from it).
+
+        ``max_fetch_rows`` (CUDA): the most rows (N*L) one ``engram_fetch`` whose gradient is
+        taken may read on a rank; it sizes the backward's staging (default 32 rows per token of
+        ``num_max_tokens_per_rank``). The shard stays valid until ``destroy()``."""
         if num_entries_per_rank < 1 or hidden < 1:
             raise ValueError(f"engram_table: num_entries_per_rank and hidden must be >= 1, got "
                              f"{num_entries_per_rank}, {hidden}")
         if self.device.type == "cuda":
             from deep_ep_ops.cuda import backend
             table = backend.engram_table(self, self.cuda_state, num_entries_per_rank, hidden,
-                                         dtype)
+                                         dtype, max_fetch_rows)
         else:
             table = torch.zeros(num_entries_per_rank, hidden, dtype=dtype)
         self._engram = table
@@ -145,6 +184,10 @@ class Buffer:
         with _LOCK:
             if _REGISTRY.get(self.group_name) is self:
                 del _REGISTRY[self.group_name]
+        if self._aux_state is not None:
+            from deep_ep_ops.cuda import backend
+            backend.destroy_aux_state(self._aux_state)  # frees the Engram tables too
+            self._aux_state = None
         if self._cuda_state is not None:
             from deep_ep_ops.cuda import backend
             backend.destroy_state(self._cuda_state)

@@ -72,4 +72,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dispatch", &deo::dispatch, py::call_guard<py::gil_scoped_release>());
   m.def("cached_dispatch", &deo::cached_dispatch, py::call_guard<py::gil_scoped_release>());
   m.def("combine", &deo::combine, py::call_guard<py::gil_scoped_release>());
+  void deep_ep_ops_bind_aux(pybind11::module_&); deep_ep_ops_bind_aux(m);  // aux_bindings.cpp
 }

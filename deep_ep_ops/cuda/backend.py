@@ -91,3 +91,9 @@ def cached_dispatch(buf, state, x, x_scales, handle, num_sms):
 
 def combine(buf, state, x, handle, weights, num_sms):
     return _ext.combine(state, x, handle, weights, num_sms)
+
+
+# pp_send_recv / cp_all_gather / cp_reduce_scatter / engram_fetch (+ backward): aux_backend.py
+from deep_ep_ops.cuda.aux_backend import (  # noqa: E402,F401
+    aux_last_error, cp_all_gather, cp_input, cp_reduce_scatter, create_aux_state,
+    destroy_aux_state, engram_fetch, engram_scatter_add, engram_table, pp_send_recv)

@@ -36,6 +36,13 @@ _SOURCES = (
     "kernels/dispatch.cu",
     "kernels/cached_dispatch.cu",
     "kernels/combine.cu",
+    # pp_send_recv, cp_all_gather / cp_reduce_scatter, engram_fetch (+ backward)
+    "runtime/aux_bindings.cpp",
+    "runtime/aux_ops.cpp",
+    "runtime/aux_state.cu",
+    "kernels/pp.cu",
+    "kernels/cp.cu",
+    "kernels/engram.cu",
 )
 
 

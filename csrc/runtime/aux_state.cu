@@ -1,0 +1,168 @@
+// Setup and teardown of AuxState. Compiled by nvcc only for the NCCL headers; no device code.
+#include "aux_state.hpp"
+
+#include <nccl.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace deep_ep_ops {
+namespace {
+
+#define AUX_CUDA(expr)                                                                     \
+  do {                                                                                     \
+    cudaError_t err_ = (expr);                                                             \
+    if (err_ != cudaSuccess)                                                               \
+      throw std::runtime_error(std::string("deep_ep_ops (aux): ") + #expr + " failed: " + \
+                               cudaGetErrorString(err_));                                  \
+  } while (0)
+
+#define AUX_NCCL(expr)                                                                     \
+  do {                                                                                     \
+    ncclResult_t res_ = (expr);                                                            \
+    if (res_ != ncclSuccess)                                                               \
+      throw std::runtime_error(std::string("deep_ep_ops (aux): ") + #expr + " failed: " + \
+                               ncclGetErrorString(res_) + " (" + ncclGetLastError(nullptr) + \
+                               ")");                                                       \
+  } while (0)
+
+int64_t align_to(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&prev_);
+    cudaSetDevice(device);
+  }
+  ~DeviceGuard() { cudaSetDevice(prev_); }
+
+ private:
+  int prev_ = 0;
+};
+
+}  // namespace
+
+void AuxState::register_window(int64_t bytes, void** base, void** window, char** peer_bases) {
+  auto comm_handle = reinterpret_cast<ncclComm_t>(cfg.comm_ptr);
+  AUX_NCCL(ncclMemAlloc(base, static_cast<size_t>(bytes)));
+  // Zero: flags start at 0 (no message, epoch 0) and a fresh Engram table reads as zeros.
+  AUX_CUDA(cudaMemset(*base, 0, static_cast<size_t>(bytes)));
+  AUX_CUDA(cudaDeviceSynchronize());
+  ncclWindow_t win = nullptr;
+  AUX_NCCL(ncclCommWindowRegister(comm_handle, *base, static_cast<size_t>(bytes), &win,
+                                  NCCL_WIN_COLL_SYMMETRIC));
+  *window = win;
+  // NCCL 2.28 has no host query of a window's peer addresses: read them on the device.
+  AUX_CUDA(launch_peer_bases(win, cfg.num_ranks, peer_tmp_, nullptr));
+  AUX_CUDA(cudaMemcpy(peer_bases, peer_tmp_, sizeof(char*) * cfg.num_ranks,
+                      cudaMemcpyDeviceToHost));
+  for (int p = 0; p < cfg.num_ranks; ++p)
+    if (peer_bases[p] == nullptr)
+      throw std::runtime_error("deep_ep_ops (aux): NCCL returned no window address for rank " +
+                               std::to_string(p));
+}
+
+AuxState::AuxState(const AuxConfig& c) : cfg(c) {
+  if (cfg.num_ranks < 1 || cfg.num_ranks > kMaxRanks)
+    throw std::runtime_error("deep_ep_ops: the CUDA backend supports 1.." +
+                             std::to_string(kMaxRanks) + " ranks per group");
+  if (cfg.pp_slots < 1) throw std::invalid_argument("Buffer: pp_slots must be >= 1");
+  if (cfg.pp_max_bytes < 0 || cfg.cp_max_bytes < 0 || cfg.pp_inline_bytes < 0 ||
+      cfg.cp_inline_bytes < 0)
+    throw std::invalid_argument("Buffer: pp/cp byte sizes must be >= 0");
+  DeviceGuard guard(cfg.device);
+  const int R = cfg.num_ranks;
+  AUX_CUDA(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, cfg.device));
+
+  // ---- window layout (16-byte aligned payloads; 4 KiB-aligned regions) ----
+  lay.pp_slots = cfg.pp_slots;
+  lay.pp_inline_bytes = cfg.pp_inline_bytes;
+  lay.pp_slot_stride = align_to(16 + cfg.pp_inline_bytes, 16);
+  lay.pp_max_bytes = cfg.pp_max_bytes;
+  lay.cp_inline_bytes = align_to(cfg.cp_inline_bytes, 16);
+  lay.cp_max_bytes = cfg.cp_max_bytes;
+  int64_t off = kAuxFlagBytes;
+  lay.pp_ring_off = off;
+  off = align_to(off + static_cast<int64_t>(R) * cfg.pp_slots * lay.pp_slot_stride, 4096);
+  lay.pp_bulk_off = off;
+  off = align_to(off + static_cast<int64_t>(R) * cfg.pp_max_bytes, 4096);
+  lay.cp_inline_off = off;
+  off = align_to(off + 2LL * R * lay.cp_inline_bytes, 4096);
+  lay.cp_bulk_off = off;
+  off = align_to(off + cfg.cp_max_bytes, 4096);
+  lay.window_bytes = align_to(off, 1 << 21);
+
+  AUX_CUDA(cudaMalloc(&peer_tmp_, sizeof(char*) * kMaxRanks));
+  register_window(lay.window_bytes, &base_, &window_, comm.peer_base);
+
+  AuxCounters* ctr = nullptr;
+  AUX_CUDA(cudaMalloc(&ctr, sizeof(AuxCounters)));
+  AUX_CUDA(cudaMemset(ctr, 0, sizeof(AuxCounters)));
+  comm.ctr = ctr;
+  AUX_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&error_host), sizeof(ErrorRecord),
+                         cudaHostAllocMapped));
+  std::memset(error_host, 0, sizeof(ErrorRecord));
+  ErrorRecord* err_dev = nullptr;
+  AUX_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&err_dev), error_host, 0));
+  comm.error = err_dev;
+  comm.rank = cfg.rank;
+  comm.num_ranks = R;
+  comm.timeout_ns = static_cast<unsigned long long>(cfg.timeout_s * 1e9);
+  const char* trap = std::getenv("DEEP_EP_OPS_TRAP_ON_TIMEOUT");
+  comm.trap_on_timeout = (trap != nullptr && trap[0] == '1') ? 1 : 0;
+  for (auto& e : events_) AUX_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  AUX_CUDA(cudaDeviceSynchronize());
+}
+
+EngramTable& AuxState::add_engram_table(int64_t n, int64_t row_bytes, int64_t max_rows) {
+  if (!alive()) throw std::runtime_error("deep_ep_ops: the Buffer's CUDA state was destroyed");
+  DeviceGuard guard(cfg.device);
+  EngramTable t;
+  t.view.n = n;
+  t.view.row_bytes = row_bytes;
+  t.view.max_rows = max_rows;
+  t.view.count_off = align_to(n * row_bytes, 4096);
+  t.view.idx_off = t.view.count_off + 256;
+  t.view.rows_off = align_to(t.view.idx_off + 8 * max_rows, 256);
+  t.window_bytes = align_to(t.view.rows_off + max_rows * row_bytes, 1 << 21);
+  register_window(t.window_bytes, &t.base, &t.window, t.view.peer_base);
+  tables_.push_back(t);
+  return tables_.back();
+}
+
+void AuxState::destroy() {
+  if (window_ == nullptr) return;
+  DeviceGuard guard(cfg.device);
+  auto comm_handle = reinterpret_cast<ncclComm_t>(cfg.comm_ptr);
+  cudaDeviceSynchronize();  // no kernel or copy may still use a window
+  for (auto it = tables_.rbegin(); it != tables_.rend(); ++it) {
+    ncclCommWindowDeregister(comm_handle, static_cast<ncclWindow_t>(it->window));
+    ncclMemFree(it->base);
+  }
+  tables_.clear();
+  ncclCommWindowDeregister(comm_handle, static_cast<ncclWindow_t>(window_));
+  window_ = nullptr;
+  ncclMemFree(base_);
+  base_ = nullptr;
+  cudaFree(comm.ctr);
+  comm.ctr = nullptr;
+  cudaFree(peer_tmp_);
+  peer_tmp_ = nullptr;
+  for (auto& e : events_) {
+    if (e != nullptr) cudaEventDestroy(e);
+    e = nullptr;
+  }
+  cudaFreeHost(error_host);
+  error_host = nullptr;
+  comm.error = nullptr;
+}
+
+AuxState::~AuxState() {
+  // Teardown is collective; a state dropped without destroy() leaks its windows rather than
+  // calling NCCL from one rank alone.
+}
+
+}  // namespace deep_ep_ops

@@ -1,0 +1,68 @@
+// Per-Buffer state of the pp / cp / engram ops: a symmetric window of their own on the group's
+// communicator (flags, pp slots, cp staging), device counters, a host-mapped error record, the
+// Engram table windows and the events used to fork copies onto side streams. No torch types.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "../kernels/aux_launch.hpp"
+
+namespace deep_ep_ops {
+
+struct AuxConfig {
+  uintptr_t comm_ptr;  // ncclComm_t borrowed from ProcessGroupNCCL (the same as State's)
+  int rank, num_ranks, device;
+  double timeout_s;
+  int64_t pp_max_bytes;     // largest pp message (bulk slot per source rank)
+  int64_t pp_inline_bytes;  // messages up to this size: one 1-CTA kernel
+  int pp_slots;             // inline messages in flight per direction
+  int64_t cp_max_bytes;     // largest cp input (all-gather: per rank; reduce-scatter: whole x)
+  int64_t cp_inline_bytes;  // cp blocks up to this size: one 1-CTA kernel
+};
+
+// One registered Engram table (+ the staging of its backward) in its own window.
+struct EngramTable {
+  void* base = nullptr;    // ncclMemAlloc'd; the torch tensor views its first n*row_bytes
+  void* window = nullptr;  // ncclWindow_t
+  EngramTableView view{};
+  int64_t window_bytes = 0;
+};
+
+class AuxState {
+ public:
+  explicit AuxState(const AuxConfig& cfg);
+  ~AuxState();
+  AuxState(const AuxState&) = delete;
+  AuxState& operator=(const AuxState&) = delete;
+
+  // Collective: every rank of the group calls it (window deregistration), tables included.
+  void destroy();
+  bool alive() const { return window_ != nullptr; }
+
+  // Collective: allocate and register a table window; returns the table's local address.
+  EngramTable& add_engram_table(int64_t n, int64_t row_bytes, int64_t max_rows);
+  const EngramTable* engram_table() const { return tables_.empty() ? nullptr : &tables_.back(); }
+
+  char* local_base() const { return static_cast<char*>(base_); }
+  cudaEvent_t event(int i) const { return events_[i]; }
+
+  static constexpr int kNumEvents = 16;
+  const AuxConfig cfg;
+  AuxComm comm{};
+  AuxLayout lay{};
+  ErrorRecord* error_host = nullptr;  // same memory as comm.error
+  int sm_count = 0;
+
+ private:
+  void register_window(int64_t bytes, void** base, void** window, char** peer_bases);
+
+  void* base_ = nullptr;
+  void* window_ = nullptr;
+  char** peer_tmp_ = nullptr;  // device scratch for the peer-address setup kernel
+  std::vector<EngramTable> tables_;
+  cudaEvent_t events_[kNumEvents] = {};
+};
+
+}  // namespace deep_ep_ops
