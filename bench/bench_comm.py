@@ -137,7 +137,6 @@ def run_comm(rank: int, R: int, sizes: list[int], iters: int) -> list[dict]:
                          "link_bytes": link_bytes,
                          "ours_link_GBps": link_bytes / ours["us"] / 1e3,
                          "nccl_link_GBps": link_bytes / ref["us"] / 1e3})
-        del x, y, xr, gathered, scattered
         torch.cuda.empty_cache()
     buf.destroy()
     return rows
