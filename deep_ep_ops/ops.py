@@ -24,13 +24,19 @@ for _schema in SCHEMAS.values():
     _lib.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
 
 
+_CUDA_FNS: dict[str, Callable] = {}
+
+
 def _cuda_backend_fn(name: str) -> Callable:
-    from deep_ep_ops.cuda import backend
-    fn = getattr(backend, name, None)
+    fn = _CUDA_FNS.get(name)   # cached: looked up on every eager call
     if fn is None:
-        raise NotImplementedError(
-            f"deep_ep.{name} has no CUDA implementation yet; use CPU tensors on a gloo group "
-            "for the reference backend")
+        from deep_ep_ops.cuda import backend
+        fn = getattr(backend, name, None)
+        if fn is None:
+            raise NotImplementedError(
+                f"deep_ep.{name} has no CUDA implementation yet; use CPU tensors on a gloo "
+                "group for the reference backend")
+        _CUDA_FNS[name] = fn
     return fn
 
 

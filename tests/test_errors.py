@@ -214,5 +214,6 @@ def test_wrong_device(buf):
 
 class _FakeCuda:
     device = torch.device("cuda", 0)
+    is_cuda, is_meta = True, False
     shape = (1,)
     dtype = torch.float32
