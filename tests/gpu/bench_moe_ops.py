@@ -4,7 +4,14 @@
 
 FP8 dispatch (fp32 scales per 128 channels) and BF16 combine of the received rows, both
 layouts, a few num_sms values; median over iterations, CUDA events, rank 0 prints a table.
-"logical GB/s" counts the bytes of every received row (local rows included), like DeepEP.
+"logical GB/s" counts the bytes of every received row (local rows included), like DeepEP:
+each byte once. The same run measures a device-to-device copy (torch copy_ of 256 MiB) and
+reports it the same way (bytes copied, each once; bench/bench_ep.py's d2d_copy_GBps counts
+read + write, i.e. twice this), so "x d2d" is the apples-to-apples ratio of issue 4 target 6.
+
+--profile: kernel times from torch.profiler. With programmatic dependent launch on (default),
+a kernel is scheduled while its predecessor runs and waits for it on the GPU, so its profiled
+duration includes that wait; DEEP_EP_OPS_PDL=0 gives each kernel's own time.
 """
 from __future__ import annotations
 
@@ -38,6 +45,23 @@ def _median_us(fn, iters, gloo, reps=10):
     return times[len(times) // 2]
 
 
+def _d2d_once_GBps(dev, nbytes=256 << 20, iters=10):
+    """Device-to-device copy bandwidth, bytes copied counted once (CUDA events, median)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev).random_(0, 255)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(iters + 2):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        if i >= 2:
+            times.append(a.elapsed_time(b) * 1e-3)
+    times.sort()
+    return nbytes / times[len(times) // 2] / 1e9
+
+
 def _body(rank, world, gloo, args):
     import deep_ep_ops
     dev = torch.device("cuda", rank)
@@ -49,6 +73,7 @@ def _body(rank, world, gloo, args):
     s = torch.rand(T, (H + 127) // 128, device=dev, generator=g) + 0.5
     idx = torch.rand(T, E, device=dev, generator=g).topk(K, dim=1).indices
     w = torch.rand(T, K, device=dev, generator=g)
+    d2d = _d2d_once_GBps(dev)
     rows = []
     for expand in (False, True):
         for num_sms in args.num_sms:
@@ -69,20 +94,25 @@ def _body(rank, world, gloo, args):
             d_bytes = groups * (H + s.shape[1] * 4)
             c_bytes = groups * H * 2
             rows.append((expand, num_sms, valid, t_d, d_bytes / t_d / 1e3, t_c,
-                         c_bytes / t_c / 1e3))
+                         c_bytes / t_c / 1e3, d2d))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
-        out = torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, False, False, 0)
-        recv = out[0].to(torch.bfloat16)
-        dist.barrier(group=gloo)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, False, False, 0)
-            for _ in range(10):
-                torch.ops.deep_ep.combine(recv, out[5], None, buf.group_name, 0)
-            torch.cuda.synchronize()
-        if rank == 0:
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        for expand in (False, True):
+            out = torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, expand, False, 0)
+            recv = out[0].to(torch.bfloat16)
+            cw = out[3] if expand else None
+            dist.barrier(group=gloo)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, expand, False, 0)
+                for _ in range(10):
+                    torch.ops.deep_ep.combine(recv, out[5], cw, buf.group_name, 0)
+                torch.cuda.synchronize()
+            if rank == 0:
+                pdl = os.environ.get("DEEP_EP_OPS_PDL", "1") != "0"
+                print(f"{'expand' if expand else 'compact'} layout, 10 dispatches + 10 combines"
+                      f" (PDL {'on: times include the wait for the previous kernel' if pdl else 'off'})")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
         from deep_ep_ops.cuda import backend
         ts = backend._module().layout_times(buf.cuda_state)
         print(f"rank {rank} layout kernel phases (us from start): counted {ts[0]/1e3:.1f}, "
@@ -93,13 +123,18 @@ def _body(rank, world, gloo, args):
     if rank == 0:
         print(f"\nEP{world} T={T} H={H} K={K} E={E} FP8 dispatch / BF16 combine "
               f"({torch.cuda.get_device_name(dev)}); per rank: median us, logical GB/s")
+        d2d0 = all_rows[0][0][7] if all_rows[0] else float("nan")
+        print(f"d2d copy (rank 0, 256 MiB, bytes counted once): {d2d0:.0f} GB/s "
+              f"(= {2 * d2d0:.0f} GB/s read+write as bench_ep's d2d_copy_GBps); "
+              f"x d2d = logical GB/s / {d2d0:.0f}")
         print("layout  num_sms  rows(r0)  " + "  ".join(
             f"disp_us[r{r}] GB/s  comb_us[r{r}] GB/s" for r in range(world)))
         for i, r0 in enumerate(all_rows[0]):
             cols = "  ".join(f"{all_rows[r][i][3]:10.1f} {all_rows[r][i][4]:5.0f}"
                              f"  {all_rows[r][i][5]:10.1f} {all_rows[r][i][6]:5.0f}"
                              for r in range(world))
-            print(f"{'expand' if r0[0] else 'compact':7s} {r0[1]:7d}  {r0[2]:8d}  {cols}")
+            print(f"{'expand' if r0[0] else 'compact':7s} {r0[1]:7d}  {r0[2]:8d}  {cols}"
+                  f"   x d2d (r0): disp {r0[4] / r0[7]:.2f} comb {r0[6] / r0[7]:.2f}")
     buf.destroy()
 
 
