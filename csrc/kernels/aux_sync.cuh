@@ -33,8 +33,14 @@ __device__ __forceinline__ unsigned long long now_ns() {
   return t;
 }
 
+// A fatal error (timeout, pp size mismatch) is pending. A bad Engram index is not fatal: the
+// protocol stayed intact, so waits and the backward's sums must go on as usual (aborting them
+// would skip copies and zero gradients while the host says the Buffer goes on).
+__device__ __forceinline__ bool fatal_code(int code) {
+  return code != 0 && code != kAuxBadIndex;
+}
 __device__ __forceinline__ bool failed(const AuxComm& c) {
-  return c.error != nullptr && *reinterpret_cast<volatile int*>(&c.error->code) != 0;
+  return c.error != nullptr && fatal_code(*reinterpret_cast<volatile int*>(&c.error->code));
 }
 
 __device__ __forceinline__ const char* op_name(int op) {
@@ -54,20 +60,26 @@ __device__ __forceinline__ const char* op_name(int op) {
   }
 }
 
-// First error wins (plain stores: atomics on host memory need PCIe atomics; two reporters
-// racing is benign). Timeouts print; the host raises naming the peer at the next call.
+// First error wins, except that a fatal one replaces a pending bad Engram index (else a later
+// timeout would be reported as "bad index, the Buffer goes on"). Plain stores: atomics on host
+// memory need PCIe atomics; two reporters racing is benign. The code is stored last, after a
+// fence, so the host never reads a code with the fields of no or another error. Timeouts
+// print; the host raises naming the peer at the next call.
 static __device__ __noinline__ void report(const AuxComm& c, int code, int op, int peer,
                                            uint32_t expected, uint32_t seen) {
   ErrorRecord* e = c.error;
-  if (e == nullptr || *reinterpret_cast<volatile int*>(&e->code) != 0) return;
+  if (e == nullptr) return;
+  const int pending = *reinterpret_cast<volatile int*>(&e->code);
+  if (pending != 0 && (fatal_code(pending) || !fatal_code(code))) return;
   volatile ErrorRecord* v = e;
-  v->code = code;
   v->rank = c.rank;
   v->peer = peer;
   v->slot = 0;
   v->expected = expected;
   v->seen = seen;
   v->op = op;
+  __threadfence_system();
+  v->code = code;
   __threadfence_system();
   if (code == kAuxTimeout) {
     printf("[deep_ep_ops] rank %d: GPU timeout in %s waiting for peer rank %d (expected %u, "

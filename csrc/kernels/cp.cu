@@ -161,6 +161,11 @@ __global__ void __launch_bounds__(kInlineThreads, 1) cp_inline_kernel(const __gr
     const char* src = p.reduce ? p.x + static_cast<int64_t>(q) * p.block_bytes : p.x;
     aux::cta_copy(dst, src, p.block_bytes);
   }
+  // All-gather: our own block too, BEFORE announcing. x may be a cp_input view (this rank's
+  // bulk cp slot); once every rank saw our announcement, a peer may go on to a bulk
+  // reduce-scatter and push into that slot, so x must not be read after the barrier.
+  if (!p.reduce)
+    aux::cta_copy(p.out + static_cast<int64_t>(me) * p.block_bytes, p.x, p.block_bytes);
   // 2. announce and wait (the helper fences our stores before the flags)
   const bool ok = aux::cta_all_ranks(c, kFlagCpInline, epoch, kOpCpInline);
   // 3. read what the peers stored here
@@ -171,8 +176,9 @@ __global__ void __launch_bounds__(kInlineThreads, 1) cp_inline_kernel(const __gr
       reduce_any(p.dtype, own, mine, p.out, p.block_elems, me, R, threadIdx.x, blockDim.x);
     } else {
       for (int q = 0; q < R; ++q) {
-        const char* src = q == me ? p.x : mine + static_cast<int64_t>(q) * p.block_bytes;
-        aux::cta_copy(p.out + static_cast<int64_t>(q) * p.block_bytes, src, p.block_bytes);
+        if (q == me) continue;  // copied before the barrier
+        aux::cta_copy(p.out + static_cast<int64_t>(q) * p.block_bytes,
+                      mine + static_cast<int64_t>(q) * p.block_bytes, p.block_bytes);
       }
     }
   }

@@ -48,25 +48,19 @@ std::string op_name(int op) {
   }
 }
 
-// Raise what an earlier call recorded on the device. A bad Engram index leaves the protocol
-// intact (the row was zeroed): raise once, then the Buffer goes on. A timeout or a pp size
-// mismatch leaves the ranks out of step: the Buffer is unusable from then on.
+// Raise what an earlier call recorded on the device. A timeout or a pp size mismatch leaves the
+// ranks out of step: the Buffer is unusable from then on, so raising before the launch is right.
+// A bad Engram index leaves the protocol intact (the row was zeroed): it is raised once, by
+// raise_bad_index() AFTER the op was enqueued. Raising it here would make this rank alone skip a
+// collective (or a pp message) that its peers do make: they would time out, or hang without a
+// timeout in engram_table's window registration.
 void check_aux(AuxState& st, const char* op) {
   if (!st.alive())
     throw std::runtime_error(std::string("deep_ep.") + op +
                              ": the Buffer's CUDA state was destroyed");
   volatile ErrorRecord* e = st.error_host;
   const int code = e->code;
-  if (code == 0) return;
-  if (code == kAuxBadIndex) {
-    const int64_t value = static_cast<int64_t>(static_cast<uint64_t>(e->expected) |
-                                               (static_cast<uint64_t>(e->seen) << 32));
-    e->code = 0;
-    throw std::invalid_argument(
-        std::string("deep_ep.") + op + ": an earlier engram_fetch on this Buffer got indices "
-        "value " + std::to_string(value) + ", outside [-1, R*n); its row was returned as zeros "
-        "(set DEEP_EP_OPS_VALIDATE=1 to check indices before launch)");
-  }
+  if (code == 0 || code == kAuxBadIndex) return;
   if (code == kAuxSizeMismatch)
     throw std::runtime_error(
         std::string("deep_ep.") + op + ": an earlier pp_send_recv on this Buffer failed: rank " +
@@ -79,6 +73,20 @@ void check_aux(AuxState& st, const char* op) {
       std::to_string(e->rank) + " timed out in " + op_name(e->op) + " waiting for peer rank " +
       std::to_string(e->peer) + " (expected " + std::to_string(e->expected) + ", saw " +
       std::to_string(e->seen) + "); the Buffer cannot be used any more");
+}
+
+// Called once the op is enqueued (its protocol steps match the peers'): raise a pending bad
+// Engram index once; the Buffer goes on.
+void raise_bad_index(AuxState& st, const char* op) {
+  volatile ErrorRecord* e = st.error_host;
+  if (e == nullptr || e->code != kAuxBadIndex) return;
+  const int64_t value = static_cast<int64_t>(static_cast<uint64_t>(e->expected) |
+                                             (static_cast<uint64_t>(e->seen) << 32));
+  e->code = 0;
+  throw std::invalid_argument(
+      std::string("deep_ep.") + op + ": an earlier engram_fetch on this Buffer got indices "
+      "value " + std::to_string(value) + ", outside [-1, R*n); its row was returned as zeros "
+      "(set DEEP_EP_OPS_VALIDATE=1 to check indices before launch)");
 }
 
 cudaStream_t current_stream(const at::Tensor& t) {
@@ -153,8 +161,9 @@ int pp_chunks(int64_t bytes) {
 
 // ---- pp_send_recv --------------------------------------------------------------------------------
 
-at::Tensor pp_send_recv(AuxState& st, const at::Tensor& send, int64_t dst, int64_t src,
-                        const std::vector<int64_t>& recv_shape, at::ScalarType recv_dtype) {
+static at::Tensor pp_send_recv_impl(AuxState& st, const at::Tensor& send, int64_t dst,
+                                    int64_t src, const std::vector<int64_t>& recv_shape,
+                                    at::ScalarType recv_dtype) {
   check_aux(st, "pp_send_recv");
   c10::cuda::CUDAGuard guard(send.device());
   const int me = st.cfg.rank;
@@ -247,6 +256,13 @@ at::Tensor pp_send_recv(AuxState& st, const at::Tensor& send, int64_t dst, int64
   return out;
 }
 
+at::Tensor pp_send_recv(AuxState& st, const at::Tensor& send, int64_t dst, int64_t src,
+                        const std::vector<int64_t>& recv_shape, at::ScalarType recv_dtype) {
+  at::Tensor out = pp_send_recv_impl(st, send, dst, src, recv_shape, recv_dtype);
+  raise_bad_index(st, "pp_send_recv");
+  return out;
+}
+
 // ---- cp_all_gather / cp_reduce_scatter ---------------------------------------------------------
 
 at::Tensor cp_input(AuxState& st, const std::vector<int64_t>& shape, at::ScalarType dtype,
@@ -262,10 +278,10 @@ at::Tensor cp_input(AuxState& st, const std::vector<int64_t>& shape, at::ScalarT
                        at::TensorOptions().dtype(dtype).device(at::kCUDA, device));
 }
 
-at::Tensor cp_all_gather(AuxState& st, const at::Tensor& x_in) {
+static at::Tensor cp_all_gather_impl(AuxState& st, const at::Tensor& x_in) {
   check_aux(st, "cp_all_gather");
   c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
+  at::Tensor x = x_in.contiguous();
   const int R = st.cfg.num_ranks, me = st.cfg.rank;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape[0] *= R;
@@ -273,6 +289,12 @@ at::Tensor cp_all_gather(AuxState& st, const at::Tensor& x_in) {
   const int64_t B = static_cast<int64_t>(x.nbytes());
   cudaStream_t main = current_stream(x);
   const char* xp = static_cast<const char*>(x.data_ptr());
+  const char* region = st.local_base() + st.lay.cp_bulk_off;
+  if (xp != region && xp < region + st.lay.cp_max_bytes && xp + B > region) {
+    // Part of the slot but not a cp_input view of it: the staging copy would overlap itself.
+    x = x.clone();
+    xp = static_cast<const char*>(x.data_ptr());
+  }
   char* op = static_cast<char*>(out.data_ptr());
   if (R == 1 || B == 0) {  // shapes match on every rank, so every rank skips together
     copy_async(op, xp, B, main);
@@ -316,7 +338,13 @@ at::Tensor cp_all_gather(AuxState& st, const at::Tensor& x_in) {
   return out;
 }
 
-at::Tensor cp_reduce_scatter(AuxState& st, const at::Tensor& x_in) {
+at::Tensor cp_all_gather(AuxState& st, const at::Tensor& x_in) {
+  at::Tensor out = cp_all_gather_impl(st, x_in);
+  raise_bad_index(st, "cp_all_gather");
+  return out;
+}
+
+static at::Tensor cp_reduce_scatter_impl(AuxState& st, const at::Tensor& x_in) {
   check_aux(st, "cp_reduce_scatter");
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = x_in.contiguous();
@@ -393,29 +421,50 @@ at::Tensor cp_reduce_scatter(AuxState& st, const at::Tensor& x_in) {
   return out;
 }
 
+at::Tensor cp_reduce_scatter(AuxState& st, const at::Tensor& x_in) {
+  at::Tensor out = cp_reduce_scatter_impl(st, x_in);
+  raise_bad_index(st, "cp_reduce_scatter");
+  return out;
+}
+
 // ---- engram ------------------------------------------------------------------------------------
 
-at::Tensor engram_table(AuxState& st, int64_t n, int64_t hidden, at::ScalarType dtype,
-                        int64_t max_rows, int64_t device) {
+static at::Tensor engram_table_impl(AuxState& st, int64_t n, int64_t hidden, at::ScalarType dtype,
+                                    int64_t max_rows, int64_t device) {
   check_aux(st, "engram_table");
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device).stream(), &status);
   if (status != cudaStreamCaptureStatusNone)
     throw std::runtime_error("deep_ep_ops: engram_table allocates symmetric memory "
                              "collectively and cannot run during CUDA graph capture");
-  if (n < 1 || hidden < 1 || max_rows < 0)
+  if (n < 1 || hidden < 1)
     throw std::invalid_argument("engram_table: num_entries_per_rank and hidden must be >= 1");
+  if (max_rows < 0)
+    throw std::invalid_argument("engram_table: max_fetch_rows must be >= 0, got " +
+                                std::to_string(max_rows));
   if (static_cast<int64_t>(st.cfg.num_ranks) * n >= (1LL << 31))
     throw std::invalid_argument("engram_table: R * num_entries_per_rank must be < 2^31");
   const int64_t row_bytes = hidden * static_cast<int64_t>(c10::elementSize(dtype));
   // Only float tables other than FP8 are trainable: staging for their backward.
   const bool trainable = aux_dtype(dtype) >= 0 && at::isFloatingType(dtype);
+  // The backward's sort keys hold (src rank * max_fetch_rows + position) in their low 32 bits.
+  if (trainable && static_cast<int64_t>(st.cfg.num_ranks) * max_rows >= (1LL << 32))
+    throw std::invalid_argument("engram_table: R * max_fetch_rows must be < 2^32, got "
+                                "max_fetch_rows=" + std::to_string(max_rows));
   EngramTable& t = st.add_engram_table(n, row_bytes, trainable ? max_rows : 0);
   return at::from_blob(t.base, {n, hidden},
                        at::TensorOptions().dtype(dtype).device(at::kCUDA, device));
 }
 
-at::Tensor engram_fetch(AuxState& st, const at::Tensor& table, const at::Tensor& indices) {
+at::Tensor engram_table(AuxState& st, int64_t n, int64_t hidden, at::ScalarType dtype,
+                        int64_t max_rows, int64_t device) {
+  at::Tensor out = engram_table_impl(st, n, hidden, dtype, max_rows, device);
+  raise_bad_index(st, "engram_table");
+  return out;
+}
+
+static at::Tensor engram_fetch_impl(AuxState& st, const at::Tensor& table,
+                                    const at::Tensor& indices) {
   check_aux(st, "engram_fetch");
   const EngramTable* t = st.engram_table();
   if (t == nullptr || table.data_ptr() != t->base)
@@ -441,8 +490,15 @@ at::Tensor engram_fetch(AuxState& st, const at::Tensor& table, const at::Tensor&
   return out;
 }
 
-at::Tensor engram_scatter_add(AuxState& st, const at::Tensor& grad_in, const at::Tensor& indices,
-                              int64_t num_entries, int64_t hidden) {
+at::Tensor engram_fetch(AuxState& st, const at::Tensor& table, const at::Tensor& indices) {
+  at::Tensor out = engram_fetch_impl(st, table, indices);
+  raise_bad_index(st, "engram_fetch");
+  return out;
+}
+
+static at::Tensor engram_scatter_add_impl(AuxState& st, const at::Tensor& grad_in,
+                                          const at::Tensor& indices,
+                                          int64_t num_entries, int64_t hidden) {
   check_aux(st, "engram_fetch backward");
   const EngramTable* t = st.engram_table();
   if (t == nullptr)
@@ -497,6 +553,13 @@ at::Tensor engram_scatter_add(AuxState& st, const at::Tensor& grad_in, const at:
   up.t = t->view;
   up.comm = st.comm;
   check_cuda(launch_engram_sum(up, main), "launching the engram sum kernel");
+  return out;
+}
+
+at::Tensor engram_scatter_add(AuxState& st, const at::Tensor& grad_in, const at::Tensor& indices,
+                              int64_t num_entries, int64_t hidden) {
+  at::Tensor out = engram_scatter_add_impl(st, grad_in, indices, num_entries, hidden);
+  raise_bad_index(st, "engram_fetch backward");
   return out;
 }
 
