@@ -3,6 +3,7 @@
 // stream, enqueue. No host sync; every address given to a cudaMemcpyAsync depends only on the
 // call's shapes and the Buffer, never on a per-call host counter, so captured graphs replay.
 #include "aux_ops.hpp"
+#include "host_checks.hpp"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -564,17 +565,7 @@ at::Tensor engram_scatter_add(AuxState& st, const at::Tensor& grad_in, const at:
 }
 
 std::vector<int64_t> aux_error_record(const AuxState& st) {
-  std::vector<int64_t> out(7, 0);
-  if (st.error_host == nullptr) return out;
-  const volatile ErrorRecord* e = st.error_host;
-  out[0] = e->code;
-  out[1] = e->rank;
-  out[2] = e->peer;
-  out[3] = e->slot;
-  out[4] = e->expected;
-  out[5] = e->seen;
-  out[6] = e->op;
-  return out;
+  return error_record_fields(st.error_host);
 }
 
 }  // namespace deep_ep_ops

@@ -1,6 +1,8 @@
 // Setup and teardown of AuxState. Compiled by nvcc only for the NCCL headers; no device code.
 #include "aux_state.hpp"
 
+#include "host_checks.hpp"
+
 #include <nccl.h>
 
 #include <algorithm>
@@ -10,54 +12,20 @@
 #include <string>
 
 namespace deep_ep_ops {
-namespace {
-
-#define AUX_CUDA(expr)                                                                     \
-  do {                                                                                     \
-    cudaError_t err_ = (expr);                                                             \
-    if (err_ != cudaSuccess)                                                               \
-      throw std::runtime_error(std::string("deep_ep_ops (aux): ") + #expr + " failed: " + \
-                               cudaGetErrorString(err_));                                  \
-  } while (0)
-
-#define AUX_NCCL(expr)                                                                     \
-  do {                                                                                     \
-    ncclResult_t res_ = (expr);                                                            \
-    if (res_ != ncclSuccess)                                                               \
-      throw std::runtime_error(std::string("deep_ep_ops (aux): ") + #expr + " failed: " + \
-                               ncclGetErrorString(res_) + " (" + ncclGetLastError(nullptr) + \
-                               ")");                                                       \
-  } while (0)
-
-int64_t align_to(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
-
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    cudaGetDevice(&prev_);
-    cudaSetDevice(device);
-  }
-  ~DeviceGuard() { cudaSetDevice(prev_); }
-
- private:
-  int prev_ = 0;
-};
-
-}  // namespace
 
 void AuxState::register_window(int64_t bytes, void** base, void** window, char** peer_bases) {
   auto comm_handle = reinterpret_cast<ncclComm_t>(cfg.comm_ptr);
-  AUX_NCCL(ncclMemAlloc(base, static_cast<size_t>(bytes)));
+  DEO_NCCL(ncclMemAlloc(base, static_cast<size_t>(bytes)));
   // Zero: flags start at 0 (no message, epoch 0) and a fresh Engram table reads as zeros.
-  AUX_CUDA(cudaMemset(*base, 0, static_cast<size_t>(bytes)));
-  AUX_CUDA(cudaDeviceSynchronize());
+  DEO_CUDA(cudaMemset(*base, 0, static_cast<size_t>(bytes)));
+  DEO_CUDA(cudaDeviceSynchronize());
   ncclWindow_t win = nullptr;
-  AUX_NCCL(ncclCommWindowRegister(comm_handle, *base, static_cast<size_t>(bytes), &win,
+  DEO_NCCL(ncclCommWindowRegister(comm_handle, *base, static_cast<size_t>(bytes), &win,
                                   NCCL_WIN_COLL_SYMMETRIC));
   *window = win;
   // NCCL 2.28 has no host query of a window's peer addresses: read them on the device.
-  AUX_CUDA(launch_peer_bases(win, cfg.num_ranks, peer_tmp_, nullptr));
-  AUX_CUDA(cudaMemcpy(peer_bases, peer_tmp_, sizeof(char*) * cfg.num_ranks,
+  DEO_CUDA(launch_peer_bases(win, cfg.num_ranks, peer_tmp_, nullptr));
+  DEO_CUDA(cudaMemcpy(peer_bases, peer_tmp_, sizeof(char*) * cfg.num_ranks,
                       cudaMemcpyDeviceToHost));
   for (int p = 0; p < cfg.num_ranks; ++p)
     if (peer_bases[p] == nullptr)
@@ -75,46 +43,46 @@ AuxState::AuxState(const AuxConfig& c) : cfg(c) {
     throw std::invalid_argument("Buffer: pp/cp byte sizes must be >= 0");
   DeviceGuard guard(cfg.device);
   const int R = cfg.num_ranks;
-  AUX_CUDA(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, cfg.device));
+  DEO_CUDA(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, cfg.device));
 
   // ---- window layout (16-byte aligned payloads; 4 KiB-aligned regions) ----
   lay.pp_slots = cfg.pp_slots;
   lay.pp_inline_bytes = cfg.pp_inline_bytes;
-  lay.pp_slot_stride = align_to(16 + cfg.pp_inline_bytes, 16);
+  lay.pp_slot_stride = align_up(16 + cfg.pp_inline_bytes, 16);
   lay.pp_max_bytes = cfg.pp_max_bytes;
-  lay.cp_inline_bytes = align_to(cfg.cp_inline_bytes, 16);
+  lay.cp_inline_bytes = align_up(cfg.cp_inline_bytes, 16);
   lay.cp_max_bytes = cfg.cp_max_bytes;
   int64_t off = kAuxFlagBytes;
   lay.pp_ring_off = off;
-  off = align_to(off + static_cast<int64_t>(R) * cfg.pp_slots * lay.pp_slot_stride, 4096);
+  off = align_up(off + static_cast<int64_t>(R) * cfg.pp_slots * lay.pp_slot_stride, 4096);
   lay.pp_bulk_off = off;
-  off = align_to(off + static_cast<int64_t>(R) * cfg.pp_max_bytes, 4096);
+  off = align_up(off + static_cast<int64_t>(R) * cfg.pp_max_bytes, 4096);
   lay.cp_inline_off = off;
-  off = align_to(off + 2LL * R * lay.cp_inline_bytes, 4096);
+  off = align_up(off + 2LL * R * lay.cp_inline_bytes, 4096);
   lay.cp_bulk_off = off;
-  off = align_to(off + cfg.cp_max_bytes, 4096);
-  lay.window_bytes = align_to(off, 1 << 21);
+  off = align_up(off + cfg.cp_max_bytes, 4096);
+  lay.window_bytes = align_up(off, 1 << 21);
 
-  AUX_CUDA(cudaMalloc(&peer_tmp_, sizeof(char*) * kMaxRanks));
+  DEO_CUDA(cudaMalloc(&peer_tmp_, sizeof(char*) * kMaxRanks));
   register_window(lay.window_bytes, &base_, &window_, comm.peer_base);
 
   AuxCounters* ctr = nullptr;
-  AUX_CUDA(cudaMalloc(&ctr, sizeof(AuxCounters)));
-  AUX_CUDA(cudaMemset(ctr, 0, sizeof(AuxCounters)));
+  DEO_CUDA(cudaMalloc(&ctr, sizeof(AuxCounters)));
+  DEO_CUDA(cudaMemset(ctr, 0, sizeof(AuxCounters)));
   comm.ctr = ctr;
-  AUX_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&error_host), sizeof(ErrorRecord),
+  DEO_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&error_host), sizeof(ErrorRecord),
                          cudaHostAllocMapped));
   std::memset(error_host, 0, sizeof(ErrorRecord));
   ErrorRecord* err_dev = nullptr;
-  AUX_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&err_dev), error_host, 0));
+  DEO_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&err_dev), error_host, 0));
   comm.error = err_dev;
   comm.rank = cfg.rank;
   comm.num_ranks = R;
   comm.timeout_ns = static_cast<unsigned long long>(cfg.timeout_s * 1e9);
   const char* trap = std::getenv("DEEP_EP_OPS_TRAP_ON_TIMEOUT");
   comm.trap_on_timeout = (trap != nullptr && trap[0] == '1') ? 1 : 0;
-  for (auto& e : events_) AUX_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-  AUX_CUDA(cudaDeviceSynchronize());
+  for (auto& e : events_) DEO_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  DEO_CUDA(cudaDeviceSynchronize());
 }
 
 EngramTable& AuxState::add_engram_table(int64_t n, int64_t row_bytes, int64_t max_rows) {
@@ -124,10 +92,10 @@ EngramTable& AuxState::add_engram_table(int64_t n, int64_t row_bytes, int64_t ma
   t.view.n = n;
   t.view.row_bytes = row_bytes;
   t.view.max_rows = max_rows;
-  t.view.count_off = align_to(n * row_bytes, 4096);
+  t.view.count_off = align_up(n * row_bytes, 4096);
   t.view.idx_off = t.view.count_off + 256;
-  t.view.rows_off = align_to(t.view.idx_off + 8 * max_rows, 256);
-  t.window_bytes = align_to(t.view.rows_off + max_rows * row_bytes, 1 << 21);
+  t.view.rows_off = align_up(t.view.idx_off + 8 * max_rows, 256);
+  t.window_bytes = align_up(t.view.rows_off + max_rows * row_bytes, 1 << 21);
   register_window(t.window_bytes, &t.base, &t.window, t.view.peer_base);
   tables_.push_back(t);
   return tables_.back();

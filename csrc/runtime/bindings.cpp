@@ -12,6 +12,7 @@
 
 #include "ops.hpp"
 #include "state.hpp"
+#include "host_checks.hpp"
 
 namespace deep_ep_ops {
 namespace {
@@ -32,19 +33,7 @@ std::shared_ptr<State> create_state(uintptr_t comm_ptr, int rank, int num_ranks,
 }
 
 // (code, rank, peer, slot, expected, seen, op) of the first GPU timeout; code 0 = none.
-std::vector<int64_t> error_record(const State& st) {
-  std::vector<int64_t> out(7, 0);
-  if (st.error_host == nullptr) return out;
-  const volatile ErrorRecord* e = st.error_host;
-  out[0] = e->code;
-  out[1] = e->rank;
-  out[2] = e->peer;
-  out[3] = e->slot;
-  out[4] = e->expected;
-  out[5] = e->seen;
-  out[6] = e->op;
-  return out;
-}
+std::vector<int64_t> error_record(const State& st) { return error_record_fields(st.error_host); }
 
 // Phase timestamps of the last dispatch's layout kernel (ns from its start), for profiling.
 std::vector<int64_t> layout_times(const State& st) {

@@ -2,6 +2,8 @@
 // device headers (ncclDevComm) need it; there is no device code here.
 #include "state.hpp"
 
+#include "host_checks.hpp"
+
 #include <nccl.h>
 #include <nccl_device.h>
 
@@ -11,41 +13,6 @@
 #include <stdexcept>
 
 namespace deep_ep_ops {
-namespace {
-
-#define DEO_CUDA(expr)                                                                     \
-  do {                                                                                     \
-    cudaError_t err_ = (expr);                                                             \
-    if (err_ != cudaSuccess)                                                               \
-      throw std::runtime_error(std::string("deep_ep_ops: ") + #expr + " failed: " +       \
-                               cudaGetErrorString(err_));                                  \
-  } while (0)
-
-#define DEO_NCCL(expr)                                                                     \
-  do {                                                                                     \
-    ncclResult_t res_ = (expr);                                                            \
-    if (res_ != ncclSuccess)                                                               \
-      throw std::runtime_error(std::string("deep_ep_ops: ") + #expr + " failed: " +       \
-                               ncclGetErrorString(res_) + " (" + ncclGetLastError(nullptr) + \
-                               ")");                                                       \
-  } while (0)
-
-int64_t align_to(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
-
-// Restores the caller's current device (setup must not change it behind torch's back).
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    cudaGetDevice(&prev_);
-    cudaSetDevice(device);
-  }
-  ~DeviceGuard() { cudaSetDevice(prev_); }
-
- private:
-  int prev_ = 0;
-};
-
-}  // namespace
 
 State::State(const StateConfig& c) : cfg(c) {
   if (cfg.num_ranks < 1 || cfg.num_ranks > kMaxRanks)
@@ -76,22 +43,22 @@ State::State(const StateConfig& c) : cfg(c) {
 
   // ---- window layout ----
   const int64_t P = cfg.fp8 ? (H + 31) / 32 : 0;
-  const int64_t meta_ints = align_to(4 + 3 * K, 4);
+  const int64_t meta_ints = align_up(4 + 3 * K, 4);
   const int64_t dispatch_bytes = static_cast<int64_t>(R) * M *
-                                     (align_to(2LL * H, 16) + align_to(4 * P, 16) + 4 * meta_ints) +
+                                     (align_up(2LL * H, 16) + align_up(4 * P, 16) + 4 * meta_ints) +
                                  3 * 256;
   const int64_t combine_bytes =
-      static_cast<int64_t>(M) * std::min(R, K) * align_to(4LL * H, 16);
+      static_cast<int64_t>(M) * std::min(R, K) * align_up(4LL * H, 16);
   const int64_t cached_bytes =
-      static_cast<int64_t>(M) * (align_to(4LL * H, 16) + align_to(4 * ((H + 31) / 32), 16)) + 256;
+      static_cast<int64_t>(M) * (align_up(4LL * H, 16) + align_up(4 * ((H + 31) / 32), 16)) + 256;
   // The metadata/scale slack on top of the combine area lets an fp32 dispatch fit whenever
   // the combine area already holds R*M fp32 rows (K >= R).
-  const int64_t slack = static_cast<int64_t>(R) * M * (4 * meta_ints + align_to(4 * P, 16)) + 1024;
-  data_bytes = align_to(std::max({dispatch_bytes, combine_bytes + slack, cached_bytes}), 4096);
+  const int64_t slack = static_cast<int64_t>(R) * M * (4 * meta_ints + align_up(4 * P, 16)) + 1024;
+  data_bytes = align_up(std::max({dispatch_bytes, combine_bytes + slack, cached_bytes}), 4096);
   comm.flags_off = 0;
-  comm.counts_off = align_to(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
-  comm.data_off = comm.counts_off + align_to(static_cast<int64_t>(R) * (E + R) * 4, 4096);
-  window_bytes = align_to(comm.data_off + data_bytes, 1 << 21);
+  comm.counts_off = align_up(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
+  comm.data_off = comm.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
+  window_bytes = align_up(comm.data_off + data_bytes, 1 << 21);
 
   DEO_NCCL(ncclMemAlloc(&base_, static_cast<size_t>(window_bytes)));
   DEO_CUDA(cudaMemset(base_, 0, static_cast<size_t>(window_bytes)));
@@ -144,7 +111,7 @@ State::State(const StateConfig& c) : cfg(c) {
   int64_t total = 0, offs[kParts];
   for (int i = 0; i < kParts; ++i) {
     offs[i] = total;
-    total += align_to(sizes[i] * 4, 256);
+    total += align_up(sizes[i] * 4, 256);
   }
   DEO_CUDA(cudaMalloc(&scratch_block_, static_cast<size_t>(total)));
   DEO_CUDA(cudaMemset(scratch_block_, 0, static_cast<size_t>(total)));
