@@ -8,6 +8,7 @@
 //
 // Bulk path: the copy engine moves the blocks (aux_ops.cpp); cp_sync_kernel is the 1-CTA
 // barrier around the copies and cp_reduce_kernel sums the received blocks in rank order.
+#include "accumulate.cuh"
 #include "aux_sync.cuh"
 
 #include <cuda_bf16.h>
@@ -16,31 +17,12 @@
 namespace deep_ep_ops {
 namespace {
 
+using dev::Acc;
+using dev::from_acc;
+using dev::to_acc;
+
 constexpr int kInlineThreads = 1024;
 constexpr int kReduceThreads = 512;
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <> struct Acc<int32_t> { using type = int32_t; };
-template <> struct Acc<int64_t> { using type = int64_t; };
-
-template <typename T> __device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
-  return static_cast<typename Acc<T>::type>(v);
-}
-template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) {
-  return static_cast<T>(v);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
 
 // out[i] = ((b_0[i] + b_1[i]) + b_2[i]) + ... in the accumulation type, rounded once: the CPU
 // reference's order (rank 0's block converted, then ranks 1.. added one by one). Rank `self`'s

@@ -7,6 +7,7 @@
 // CTA waits for the owners' announcements first. The last CTA to finish announces "done e" and
 // waits for every peer's "done e": when a rank's fetch kernel ends nobody reads its table any
 // more, so the owner's later writes (an optimizer step) cannot race a peer's reads.
+#include "accumulate.cuh"
 #include "aux_sync.cuh"
 
 #include <cuda_bf16.h>
@@ -16,6 +17,10 @@
 
 namespace deep_ep_ops {
 namespace {
+
+using dev::Acc;
+using dev::from_acc;
+using dev::to_acc;
 
 constexpr int kThreads = 256;
 constexpr int kRowsInFlight = 4;
@@ -193,23 +198,6 @@ __global__ void __launch_bounds__(kThreads) engram_keys_kernel(const __grid_cons
   }
 }
 
-template <typename T> struct SumAcc { using type = float; };
-template <> struct SumAcc<double> { using type = double; };
-template <typename T> __device__ __forceinline__ typename SumAcc<T>::type widen(T v) {
-  return static_cast<typename SumAcc<T>::type>(v);
-}
-template <> __device__ __forceinline__ float widen<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <> __device__ __forceinline__ float widen<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T narrow(typename SumAcc<T>::type v) {
-  return static_cast<T>(v);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half narrow<__half>(float v) { return __float2half_rn(v); }
-
 template <typename T>
 __device__ __forceinline__ T load_cg(const T* p) {
   if constexpr (sizeof(T) == 2) {
@@ -234,7 +222,7 @@ __device__ __forceinline__ T load_cg(const T* p) {
 // over the run's contributions in key order, accumulated in fp32 (fp64 for fp64), rounded once.
 template <typename T>
 __device__ __forceinline__ void sum_runs(const EngramSumParams& p) {
-  using A = typename SumAcc<T>::type;
+  using A = typename Acc<T>::type;
   constexpr int kCols = 4;  // columns per lane per pass
   const AuxComm& c = p.comm;
   const int warps = kThreads / 32;
@@ -261,13 +249,13 @@ __device__ __forceinline__ void sum_runs(const EngramSumParams& p) {
 #pragma unroll
         for (int u = 0; u < kCols; ++u) {
           const int64_t col = col0 + u * 32 + lane;
-          if (col < p.hidden) acc[u] = acc[u] + widen<T>(load_cg(src + col));
+          if (col < p.hidden) acc[u] = acc[u] + to_acc<T>(load_cg(src + col));
         }
       }
 #pragma unroll
       for (int u = 0; u < kCols; ++u) {
         const int64_t col = col0 + u * 32 + lane;
-        if (col < p.hidden) out[col] = narrow<T>(acc[u]);
+        if (col < p.hidden) out[col] = from_acc<T>(acc[u]);
       }
     }
   }
