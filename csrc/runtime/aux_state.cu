@@ -6,8 +6,6 @@
 #include <nccl.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -70,17 +68,11 @@ AuxState::AuxState(const AuxConfig& c) : cfg(c) {
   DEO_CUDA(cudaMalloc(&ctr, sizeof(AuxCounters)));
   DEO_CUDA(cudaMemset(ctr, 0, sizeof(AuxCounters)));
   comm.ctr = ctr;
-  DEO_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&error_host), sizeof(ErrorRecord),
-                         cudaHostAllocMapped));
-  std::memset(error_host, 0, sizeof(ErrorRecord));
-  ErrorRecord* err_dev = nullptr;
-  DEO_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&err_dev), error_host, 0));
-  comm.error = err_dev;
+  error_host = alloc_error_record(&comm.error);
   comm.rank = cfg.rank;
   comm.num_ranks = R;
   comm.timeout_ns = static_cast<unsigned long long>(cfg.timeout_s * 1e9);
-  const char* trap = std::getenv("DEEP_EP_OPS_TRAP_ON_TIMEOUT");
-  comm.trap_on_timeout = (trap != nullptr && trap[0] == '1') ? 1 : 0;
+  comm.trap_on_timeout = trap_on_timeout_requested();
   for (auto& e : events_) DEO_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   DEO_CUDA(cudaDeviceSynchronize());
 }

@@ -7,6 +7,8 @@
 #include <nccl.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -48,6 +50,24 @@ class DeviceGuard {
  private:
   int prev_ = 0;
 };
+
+// A zeroed error record in host-mapped memory: GPU waits write it (it survives a trap) and the
+// host reads it at the next call. Returns the host address; *device_view is the same memory
+// as kernels address it. Free with cudaFreeHost.
+inline ErrorRecord* alloc_error_record(ErrorRecord** device_view) {
+  ErrorRecord* host = nullptr;
+  DEO_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(ErrorRecord),
+                         cudaHostAllocMapped));
+  std::memset(host, 0, sizeof(ErrorRecord));
+  DEO_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(device_view), host, 0));
+  return host;
+}
+
+// DEEP_EP_OPS_TRAP_ON_TIMEOUT=1: a timed-out GPU wait traps after reporting (kills the context).
+inline int trap_on_timeout_requested() {
+  const char* trap = std::getenv("DEEP_EP_OPS_TRAP_ON_TIMEOUT");
+  return (trap != nullptr && trap[0] == '1') ? 1 : 0;
+}
 
 // (code, rank, peer, slot, expected, seen, op) of a host-mapped error record; code 0 = none.
 inline std::vector<int64_t> error_record_fields(const ErrorRecord* record) {

@@ -8,7 +8,6 @@
 #include <nccl_device.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -126,19 +125,13 @@ State::State(const StateConfig& c) : cfg(c) {
   scratch.send_handle = reinterpret_cast<int*>(at(7));
   scratch.recv_info = reinterpret_cast<int*>(at(8));
 
-  DEO_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&error_host), sizeof(ErrorRecord),
-                         cudaHostAllocMapped));
-  std::memset(error_host, 0, sizeof(ErrorRecord));
-  ErrorRecord* err_dev = nullptr;
-  DEO_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&err_dev), error_host, 0));
-  comm.error = err_dev;
+  error_host = alloc_error_record(&comm.error);
   DEO_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&pinned_counts), 64, cudaHostAllocDefault));
 
   comm.rank = cfg.rank;
   comm.num_ranks = R;
   comm.timeout_cycles = static_cast<long long>(cfg.timeout_s * clock_khz * 1000.0);
-  const char* trap = std::getenv("DEEP_EP_OPS_TRAP_ON_TIMEOUT");
-  comm.trap_on_timeout = (trap != nullptr && trap[0] == '1') ? 1 : 0;
+  comm.trap_on_timeout = trap_on_timeout_requested();
   DEO_CUDA(cudaDeviceSynchronize());
 }
 
