@@ -24,8 +24,6 @@ constexpr int kEvJoin0 = 1;                      // .. kEvJoin0 + kCopyStreams
 constexpr int kEvChunk0 = kEvJoin0 + kCopyStreams;  // .. + kPpMaxChunks
 static_assert(kEvChunk0 + kPpMaxChunks <= AuxState::kNumEvents, "event pool too small");
 
-int64_t align_to(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
-
 void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("deep_ep_ops: ") + what + " failed: " +
@@ -133,6 +131,22 @@ class Forks {
   cudaStream_t streams_[kCopyStreams] = {};
 };
 
+// Bulk cp ops stage at most cp_max_bytes in this rank's cp slot.
+void check_cp_capacity(const AuxState& st, const char* what, int64_t bytes) {
+  if (bytes > st.lay.cp_max_bytes)
+    throw std::invalid_argument(std::string(what) + " has " + std::to_string(bytes) +
+                                " bytes, more than the Buffer's cp_max_bytes=" +
+                                std::to_string(st.lay.cp_max_bytes) +
+                                "; create the Buffer with a larger cp_max_bytes");
+}
+
+// True when [p, p + bytes) shares memory with this rank's cp slot (a cp_input view or part of
+// one), which the op's own staging or the peers' pushes would overwrite.
+bool overlaps_cp_slot(const AuxState& st, const char* p, int64_t bytes) {
+  const char* slot = st.local_base() + st.lay.cp_bulk_off;
+  return p < slot + st.lay.cp_max_bytes && p + bytes > slot;
+}
+
 void copy_async(void* dst, const void* src, int64_t bytes, cudaStream_t s) {
   if (bytes <= 0) return;
   check_cuda(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDeviceToDevice, s),
@@ -209,7 +223,7 @@ static at::Tensor pp_send_recv_impl(AuxState& st, const at::Tensor& send, int64_
     bp.comm = st.comm;
     check_cuda(launch_pp_bulk(bp, copy_s), "launching the pp acquire kernel");
     const int chunks = pp_chunks(send_bytes);
-    const int64_t len = align_to((send_bytes + chunks - 1) / chunks, 4096);
+    const int64_t len = align_up((send_bytes + chunks - 1) / chunks, 4096);
     char* slot = st.comm.peer_base[dst] + lay.pp_bulk_off + static_cast<int64_t>(me) * lay.pp_max_bytes;
     const char* from = static_cast<const char*>(payload.data_ptr());
     for (int k = 0; k < chunks; ++k) {
@@ -236,7 +250,7 @@ static at::Tensor pp_send_recv_impl(AuxState& st, const at::Tensor& send, int64_
   }
   if (recv_bulk) {
     const int chunks = pp_chunks(recv_bytes);
-    const int64_t len = align_to((recv_bytes + chunks - 1) / chunks, 4096);
+    const int64_t len = align_up((recv_bytes + chunks - 1) / chunks, 4096);
     const char* slot = st.local_base() + lay.pp_bulk_off + src * lay.pp_max_bytes;
     char* to = static_cast<char*>(out.data_ptr());
     PpBulkParams bp{};
@@ -272,9 +286,7 @@ at::Tensor cp_input(AuxState& st, const std::vector<int64_t>& shape, at::ScalarT
   int64_t numel = 1;
   for (int64_t s : shape) numel *= s;
   const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
-  if (bytes > st.lay.cp_max_bytes)
-    throw std::invalid_argument("deep_ep cp_input: " + std::to_string(bytes) + " bytes exceed "
-                                "the Buffer's cp_max_bytes=" + std::to_string(st.lay.cp_max_bytes));
+  check_cp_capacity(st, "deep_ep.cp_input: the view", bytes);
   return at::from_blob(st.local_base() + st.lay.cp_bulk_off, shape,
                        at::TensorOptions().dtype(dtype).device(at::kCUDA, device));
 }
@@ -290,8 +302,7 @@ static at::Tensor cp_all_gather_impl(AuxState& st, const at::Tensor& x_in) {
   const int64_t B = static_cast<int64_t>(x.nbytes());
   cudaStream_t main = current_stream(x);
   const char* xp = static_cast<const char*>(x.data_ptr());
-  const char* region = st.local_base() + st.lay.cp_bulk_off;
-  if (xp != region && xp < region + st.lay.cp_max_bytes && xp + B > region) {
+  if (xp != st.local_base() + st.lay.cp_bulk_off && overlaps_cp_slot(st, xp, B)) {
     // Part of the slot but not a cp_input view of it: the staging copy would overlap itself.
     x = x.clone();
     xp = static_cast<const char*>(x.data_ptr());
@@ -313,11 +324,7 @@ static at::Tensor cp_all_gather_impl(AuxState& st, const at::Tensor& x_in) {
     check_cuda(launch_cp_inline(p, main), "launching the cp inline kernel");
     return out;
   }
-  if (B > lay.cp_max_bytes)
-    throw std::invalid_argument("deep_ep.cp_all_gather: x has " + std::to_string(B) +
-                                " bytes, more than the Buffer's cp_max_bytes=" +
-                                std::to_string(lay.cp_max_bytes) +
-                                "; create the Buffer with a larger cp_max_bytes");
+  check_cp_capacity(st, "deep_ep.cp_all_gather: x", B);
   // Pull design: stage x in this rank's slot (skipped when x already is the slot, see
   // cp_input), barrier, then every rank's copy engines read the peers' slots straight into
   // the fresh output; our own part is copied on a side stream meanwhile. The closing barrier
@@ -361,8 +368,7 @@ static at::Tensor cp_reduce_scatter_impl(AuxState& st, const at::Tensor& x_in) {
   const int64_t B = static_cast<int64_t>(x.nbytes()), blk = B / R, elems = x.numel() / R;
   cudaStream_t main = current_stream(x);
   const char* xp = static_cast<const char*>(x.data_ptr());
-  const char* region = st.local_base() + st.lay.cp_bulk_off;
-  if (xp < region + st.lay.cp_max_bytes && xp + B > region) {
+  if (overlaps_cp_slot(st, xp, B)) {
     // x lives in the cp slot (a cp_input view): the peers' pushes would overwrite it.
     x = x.clone();
     xp = static_cast<const char*>(x.data_ptr());
@@ -386,11 +392,7 @@ static at::Tensor cp_reduce_scatter_impl(AuxState& st, const at::Tensor& x_in) {
     check_cuda(launch_cp_inline(p, main), "launching the cp inline kernel");
     return out;
   }
-  if (B > lay.cp_max_bytes)
-    throw std::invalid_argument("deep_ep.cp_reduce_scatter: x has " + std::to_string(B) +
-                                " bytes, more than the Buffer's cp_max_bytes=" +
-                                std::to_string(lay.cp_max_bytes) +
-                                "; create the Buffer with a larger cp_max_bytes");
+  check_cp_capacity(st, "deep_ep.cp_reduce_scatter: x", B);
   // Push design: block q of x goes to rank q's window, slot `me` (copy engines, several peers
   // in parallel); after the barrier every rank sums its R blocks in rank order.
   {
