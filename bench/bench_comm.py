@@ -16,8 +16,6 @@ kernels (and reduce-scatter one reduction kernel).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import tempfile
@@ -27,10 +25,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench import baselines
+from bench import report as report_io
 from bench.timing import event_median_us, graph_replay_us
 from deep_ep_ops.localhost import free_port
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 KiB, MiB = 1 << 10, 1 << 20
 
 
@@ -237,14 +235,7 @@ def _markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", required=True, help="device kind, e.g. nvidia-h200-x2")
-    parser.add_argument("--ranks", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="few sizes, few iterations")
-    parser.add_argument("--out", default=RESULTS)
-    args = parser.parse_args()
-    args.ranks = args.ranks or torch.cuda.device_count()
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    args = report_io.parse_args(__doc__.splitlines()[0])
     limits = baselines.copy_engine_limits(64 * MiB if args.quick else 256 * MiB)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "results.json")
@@ -252,19 +243,11 @@ def main() -> None:
                            start_method="spawn")
         with open(path) as f:
             results = json.load(f)
-    date = datetime.date.today().isoformat()
-    report = {"kind": args.kind, "date": date, "ranks": args.ranks, "limits": limits,
-              "torch": torch.__version__,
+    report = {"kind": args.kind, "date": report_io.today(), "ranks": args.ranks,
+              "limits": limits, "torch": torch.__version__,
               "timing": "CUDA events, median, slowest rank; graph: CUDA-graph replay per call",
               **results}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{args.kind}-{date}-comm{'-quick' if args.quick else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(_markdown(report))
-    print(_markdown(report))
-
+    report_io.save(report, args, "-comm", _markdown)
 
 if __name__ == "__main__":
     main()

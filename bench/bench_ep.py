@@ -10,21 +10,15 @@ DeepEP reports); "nvlink" counts only rows that crossed the link.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench import baselines
+from bench import report as report_io
 from bench.timing import event_median_us, graph_replay_us, host_overhead_us
 from deep_ep_ops.localhost import free_port
 from deep_ep_ops.nn.moe import quantize_fp8
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _inputs(rank: int, T: int, H: int, E: int, K: int, fp8: bool, device):
@@ -224,34 +218,19 @@ def _plot(report: dict, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", required=True, help="device kind, e.g. nvidia-h200-x2")
-    parser.add_argument("--ranks", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="small sizes, few iterations")
-    parser.add_argument("--out", default=RESULTS)
-    args = parser.parse_args()
-    args.ranks = args.ranks or torch.cuda.device_count()
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    args = report_io.parse_args(__doc__.splitlines()[0])
     limits = baselines.copy_engine_limits(64 << 20 if args.quick else 256 << 20)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(_rank_main, args=(args, free_port(), queue), nprocs=args.ranks,
                        start_method="spawn")
     results = queue.get()
-    date = datetime.date.today().isoformat()
-    report = {"kind": args.kind, "date": date, "ranks": args.ranks, "limits": limits,
-              "peers": baselines.optional_peers(), "torch": torch.__version__,
+    report = {"kind": args.kind, "date": report_io.today(), "ranks": args.ranks,
+              "limits": limits, "peers": baselines.optional_peers(), "torch": torch.__version__,
               "timing": "CUDA events, median, slowest rank; decode: CUDA-graph replay",
               **results}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{args.kind}-{date}{'-quick' if args.quick else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(_markdown(report))
+    stem = report_io.save(report, args, "", _markdown)
     _plot(report, stem + ".png")
-    print(_markdown(report))
-
 
 if __name__ == "__main__":
     main()
