@@ -44,5 +44,24 @@ def run_gpus(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 
     spawn_ranks(_worker, world, (fn, args), timeout_s, what="GPU test")
 
 
+def capture_graph(fn: Callable[[], Any], warmup: int = 1,
+                  before_capture: Callable[[], None] | None = None):
+    """``(graph, output)``: ``fn`` run ``warmup`` times on a side stream (allocator and lazy
+    initialisation stay out of the graph), then captured once in a CUDA graph.
+    ``before_capture`` runs between the two (e.g. a cross-rank barrier)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

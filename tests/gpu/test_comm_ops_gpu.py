@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.gpu.dist_gpu import gpus, run_gpus
+from tests.gpu.dist_gpu import capture_graph, gpus, run_gpus
 
 pytestmark = pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
 
@@ -123,14 +123,8 @@ def _pp_body(rank, world, gloo):
     # CUDA graph: both paths, replayed with new data
     for shape in ((1024,), (5 * MiB,)):
         static = torch.zeros(shape, device=dev)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            ops.pp_send_recv(static, nxt, prv, list(shape), torch.float32, name)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = ops.pp_send_recv(static, nxt, prv, list(shape), torch.float32, name)
+        graph, out = capture_graph(
+            lambda: ops.pp_send_recv(static, nxt, prv, list(shape), torch.float32, name))
         for it in range(4):
             x = _rand(shape, torch.float32, 900 + 10 * it + rank)
             static.copy_(x)
@@ -194,16 +188,8 @@ def _cp_body(rank, world, gloo):
     for rows, cols in ((2, 512), (4, MiB)):
         sa = torch.zeros(rows, cols, device=dev)
         sr = torch.zeros(rows * world, cols, device=dev)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            ops.cp_all_gather(sa, name)
-            ops.cp_reduce_scatter(sr, name)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            oa = ops.cp_all_gather(sa, name)
-            orr = ops.cp_reduce_scatter(sr, name)
+        graph, (oa, orr) = capture_graph(
+            lambda: (ops.cp_all_gather(sa, name), ops.cp_reduce_scatter(sr, name)))
         for it in range(4):
             xa = _rand((rows, cols), torch.float32, 1000 + it * 10 + rank)
             xr = _rand((rows * world, cols), torch.float32, 2000 + it * 10 + rank)
@@ -279,14 +265,7 @@ def _engram_body(rank, world, gloo):
     n, H = 500, 128
     table = buf.engram_table(n, H, torch.bfloat16)
     static_idx = torch.zeros(64, 24, dtype=torch.int64, device=dev)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        ops.engram_fetch(table, static_idx, name)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ops.engram_fetch(table, static_idx, name)
+    graph, out = capture_graph(lambda: ops.engram_fetch(table, static_idx, name))
     for it in range(4):
         vals = _rand((n, H), torch.float32, 3000 + 10 * it + rank).to(torch.bfloat16)
         idx = _engram_indices(64, 24, world * n, torch.int64, 4000 + 10 * it + rank)

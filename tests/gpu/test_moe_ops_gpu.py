@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from tests.gpu.dist_gpu import gpus, run_gpus
+from tests.gpu.dist_gpu import capture_graph, gpus, run_gpus
 
 pytestmark = pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
 
@@ -184,16 +184,8 @@ def _graph_body(rank, world, gloo):
         return x, idx, w
 
     sx, sidx, sw = new_inputs(0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up outside the graph (allocator, lazy init)
-            step(sx, sidx, sw)
-    torch.cuda.current_stream().wait_stream(stream)
-    dist.barrier(group=gloo)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        gout, gtpe = step(sx, sidx, sw)
+    graph, (gout, gtpe) = capture_graph(lambda: step(sx, sidx, sw), warmup=2,
+                                        before_capture=lambda: dist.barrier(group=gloo))
     for it in range(1, 101):  # 100 replays, each with new tokens and new routing
         x, idx, w = new_inputs(it)
         sx.copy_(x)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.gpu.dist_gpu import run_gpus
+from tests.gpu.dist_gpu import capture_graph, run_gpus
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -72,19 +72,6 @@ def _decoder(model, batch: int, max_len: int, device):
     return step, tok, pos, cache
 
 
-def _capture(step):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
-
-
 def _decode_loop(run, tok, pos, cache, out, prompt, steps: int) -> tuple[list, float]:
     """From an empty cache, feeds the prompt then its own greedy tokens; returns (per-step
     logits, tokens/s)."""
@@ -114,7 +101,7 @@ def _decode_body(rank: int, world: int, gloo) -> None:
                            generator=torch.Generator(device).manual_seed(10 + rank))
 
     step, tok, pos, cache = _decoder(model, batch, steps + 1, device)
-    graph, out = _capture(step)
+    graph, out = capture_graph(step, warmup=3)
     replayed, rate = _decode_loop(graph.replay, tok, pos, cache, out, prompt, steps)
 
     eager_step, etok, epos, ecache = _decoder(model, batch, steps + 1, device)
@@ -132,7 +119,7 @@ def _decode_body(rank: int, world: int, gloo) -> None:
         ref.config._experts_implementation = "grouped_mm"   # HF's eager experts sync the host
         rstep, rtok, rpos, rcache = _decoder(ref, batch, steps + 1, device)
         try:
-            rgraph, rout = _capture(rstep)
+            rgraph, rout = capture_graph(rstep, warmup=3)
             _, ref_rate = _decode_loop(rgraph.replay, rtok, rpos, rcache, rout, prompt, steps)
             how = "CUDA graph"
         except RuntimeError:
