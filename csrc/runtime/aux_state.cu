@@ -11,26 +11,6 @@
 
 namespace deep_ep_ops {
 
-void AuxState::register_window(int64_t bytes, void** base, void** window, char** peer_bases) {
-  auto comm_handle = reinterpret_cast<ncclComm_t>(cfg.comm_ptr);
-  DEO_NCCL(ncclMemAlloc(base, static_cast<size_t>(bytes)));
-  // Zero: flags start at 0 (no message, epoch 0) and a fresh Engram table reads as zeros.
-  DEO_CUDA(cudaMemset(*base, 0, static_cast<size_t>(bytes)));
-  DEO_CUDA(cudaDeviceSynchronize());
-  ncclWindow_t win = nullptr;
-  DEO_NCCL(ncclCommWindowRegister(comm_handle, *base, static_cast<size_t>(bytes), &win,
-                                  NCCL_WIN_COLL_SYMMETRIC));
-  *window = win;
-  // NCCL 2.28 has no host query of a window's peer addresses: read them on the device.
-  DEO_CUDA(launch_peer_bases(win, cfg.num_ranks, peer_tmp_, nullptr));
-  DEO_CUDA(cudaMemcpy(peer_bases, peer_tmp_, sizeof(char*) * cfg.num_ranks,
-                      cudaMemcpyDeviceToHost));
-  for (int p = 0; p < cfg.num_ranks; ++p)
-    if (peer_bases[p] == nullptr)
-      throw std::runtime_error("deep_ep_ops (aux): NCCL returned no window address for rank " +
-                               std::to_string(p));
-}
-
 AuxState::AuxState(const AuxConfig& c) : cfg(c) {
   if (cfg.num_ranks < 1 || cfg.num_ranks > kMaxRanks)
     throw std::runtime_error("deep_ep_ops: the CUDA backend supports 1.." +
@@ -62,7 +42,8 @@ AuxState::AuxState(const AuxConfig& c) : cfg(c) {
   lay.window_bytes = align_up(off, 1 << 21);
 
   DEO_CUDA(cudaMalloc(&peer_tmp_, sizeof(char*) * kMaxRanks));
-  register_window(lay.window_bytes, &base_, &window_, comm.peer_base);
+  register_symmetric_window(cfg.comm_ptr, R, lay.window_bytes, peer_tmp_, &base_, &window_,
+                            comm.peer_base);
 
   AuxCounters* ctr = nullptr;
   DEO_CUDA(cudaMalloc(&ctr, sizeof(AuxCounters)));
@@ -88,7 +69,8 @@ EngramTable& AuxState::add_engram_table(int64_t n, int64_t row_bytes, int64_t ma
   t.view.idx_off = t.view.count_off + 256;
   t.view.rows_off = align_up(t.view.idx_off + 8 * max_rows, 256);
   t.window_bytes = align_up(t.view.rows_off + max_rows * row_bytes, 1 << 21);
-  register_window(t.window_bytes, &t.base, &t.window, t.view.peer_base);
+  register_symmetric_window(cfg.comm_ptr, cfg.num_ranks, t.window_bytes, peer_tmp_, &t.base,
+                            &t.window, t.view.peer_base);
   tables_.push_back(t);
   return tables_.back();
 }

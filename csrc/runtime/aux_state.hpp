@@ -56,8 +56,6 @@ class AuxState {
   int sm_count = 0;
 
  private:
-  void register_window(int64_t bytes, void** base, void** window, char** peer_bases);
-
   void* base_ = nullptr;
   void* window_ = nullptr;
   char** peer_tmp_ = nullptr;  // device scratch for the peer-address setup kernel

@@ -59,13 +59,9 @@ State::State(const StateConfig& c) : cfg(c) {
   comm.data_off = comm.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
   window_bytes = align_up(comm.data_off + data_bytes, 1 << 21);
 
-  DEO_NCCL(ncclMemAlloc(&base_, static_cast<size_t>(window_bytes)));
-  DEO_CUDA(cudaMemset(base_, 0, static_cast<size_t>(window_bytes)));
-  DEO_CUDA(cudaDeviceSynchronize());
-  ncclWindow_t win = nullptr;
-  DEO_NCCL(ncclCommWindowRegister(comm_handle, base_, static_cast<size_t>(window_bytes), &win,
-                                  NCCL_WIN_COLL_SYMMETRIC));
-  window_ = win;
+  DEO_CUDA(cudaMalloc(&peer_bases_dev_, sizeof(char*) * R));
+  register_symmetric_window(cfg.comm_ptr, R, window_bytes, peer_bases_dev_, &base_, &window_,
+                            comm.peer_base);
 
   auto* dc = new ncclDevComm;
   dev_comm_ = dc;
@@ -83,15 +79,6 @@ State::State(const StateConfig& c) : cfg(c) {
         "host; NCCL reports an LSA team of " + std::to_string(dc->lsaSize) + " ranks for a group of " +
         std::to_string(R));
   }
-
-  // ---- peer addresses ----
-  DEO_CUDA(cudaMalloc(&peer_bases_dev_, sizeof(char*) * R));
-  DEO_CUDA(launch_peer_bases(win, R, peer_bases_dev_, nullptr));
-  char* bases[kMaxRanks] = {};
-  DEO_CUDA(cudaMemcpy(bases, peer_bases_dev_, sizeof(char*) * R, cudaMemcpyDeviceToHost));
-  for (int p = 0; p < R; ++p) comm.peer_base[p] = bases[p];
-  if (comm.peer_base[cfg.rank] == nullptr)
-    throw std::runtime_error("deep_ep_ops: NCCL returned no window address for this rank");
 
   // ---- scratch ----
   const int64_t e_loc = E / R;
