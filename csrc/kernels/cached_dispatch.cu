@@ -5,7 +5,9 @@
 // in its own window (stage kernel, behind a barrier that frees the window), then after a second
 // barrier each receiver reads every group's source row once over NVLink and writes it to all of
 // the group's output rows, zeroing rows that carry no token. The next op's opening barrier
-// keeps peers from overwriting a staging area that is still being read.
+// keeps peers from overwriting a staging area that is still being read. Groups of this rank's
+// own tokens read x itself; with one rank nothing is staged and there is no barrier: cached
+// dispatch is the pull kernel alone.
 #include "barrier.cuh"
 
 namespace deep_ep_ops {
@@ -32,7 +34,8 @@ __global__ void __launch_bounds__(512) cached_pull_kernel(CachedParams p) {
   pdl_wait();
   pdl_trigger();
   // Arriving here certifies this rank's whole stage kernel (it ran before this kernel).
-  cta_barrier(p.comm, blockIdx.x, kOpCachedPull);
+  if (p.comm.num_ranks > 1) cta_barrier(p.comm, blockIdx.x, kOpCachedPull);
+  const int me = p.comm.rank;
   const int W = p.W, K = p.K;
   const int G = p.handle[handle::kHdrValidGroups];
   const bool expand = p.handle[handle::kHdrExpand] != 0;  // the layout the handle was made with
@@ -43,19 +46,25 @@ __global__ void __launch_bounds__(512) cached_pull_kernel(CachedParams p) {
     const int* hrow = recv + static_cast<int64_t>(i) * W;
     if (i < G) {
       const int src = hrow[handle::kGroupSrcRank], tok = hrow[handle::kGroupSrcToken];
-      const char* base = p.comm.peer_base[src];
-      const char* sx = base + p.x_off + static_cast<int64_t>(tok) * p.x_stride;
-      const char* ss = base + p.s_off + static_cast<int64_t>(tok) * p.s_stride;
+      const char* sx;
+      const char* ss;
+      if (src == me) {  // this rank's own token: straight from x
+        sx = p.x + static_cast<int64_t>(tok) * p.x_bytes;
+        ss = p.scales + static_cast<int64_t>(tok) * p.s_bytes;
+      } else {
+        const char* base = peer_ptr(p.comm, src);
+        sx = base + p.x_off + static_cast<int64_t>(tok) * p.x_stride;
+        ss = base + p.s_off + static_cast<int64_t>(tok) * p.s_stride;
+      }
       if (!expand) {
         warp_copy(p.out_x + static_cast<int64_t>(i) * p.x_bytes, sx, p.x_bytes);
         if (p.s_bytes > 0) warp_copy(p.out_s + static_cast<int64_t>(i) * p.s_bytes, ss, p.s_bytes);
       } else {
-        for (int m = 0; m < K; ++m) {
-          const int r = hrow[handle::kGroupMember + m];
-          if (r < 0) break;
-          warp_copy(p.out_x + static_cast<int64_t>(r) * p.x_bytes, sx, p.x_bytes);
-          if (p.s_bytes > 0) warp_copy(p.out_s + static_cast<int64_t>(r) * p.s_bytes, ss, p.s_bytes);
-        }
+        // members (-1 padded) in lanes: the source row is read once for all of them
+        const int r = lane < K ? hrow[handle::kGroupMember + lane] : -1;
+        const unsigned members = __ballot_sync(0xffffffffu, r >= 0);
+        warp_copy_rows(p.out_x, r, members, sx, p.x_bytes);
+        if (p.s_bytes > 0) warp_copy_rows(p.out_s, r, members, ss, p.s_bytes);
       }
     }
     if (hrow[handle::kRecvSrcRank] < 0) {
@@ -63,14 +72,14 @@ __global__ void __launch_bounds__(512) cached_pull_kernel(CachedParams p) {
       if (p.s_bytes > 0) warp_zero(p.out_s + static_cast<int64_t>(i) * p.s_bytes, p.s_bytes);
     }
   }
-  (void)lane;
 }
 
 }  // namespace
 
 cudaError_t launch_cached_dispatch(const CachedParams& p, int ctas, int epi_ctas,
                                    cudaStream_t stream) {
-  (void)epi_ctas;
+  // one rank: nothing to stage, no barrier, any grid
+  if (p.comm.num_ranks == 1) return launch_pdl(cached_pull_kernel, epi_ctas, 512, 0, stream, p);
   cudaError_t err = launch_pdl(cached_stage_kernel, ctas, 512, 0, stream, p);
   if (err != cudaSuccess) return err;
   return launch_pdl(cached_pull_kernel, ctas, 512, 0, stream, p);

@@ -50,6 +50,19 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Asks L2 to fetch [p, p + bytes) (a hint; sm_90 bulk prefetch, skipped unless 16-byte aligned
+// and sized). Lets a kernel stream inputs that an EARLIER kernel than its PDL predecessor
+// wrote before its pdl_wait(): see dispatch_push_kernel.
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (bytes > 0 && bytes < (1LL << 31) &&
+      ((reinterpret_cast<uintptr_t>(p) | static_cast<uintptr_t>(bytes)) & 15) == 0)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p),
+                 "r"(static_cast<uint32_t>(bytes))
+                 : "memory");
+#endif
+}
+
 // c.peer_base[i] for a runtime i without indexing a kernel parameter array dynamically (that
 // makes the compiler copy the whole parameter struct to every thread's local memory).
 __device__ __forceinline__ char* peer_ptr(const Comm& c, int i) {
@@ -101,6 +114,47 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t n)
     case 4: warp_copy_v<int>(d, s, n); break;
     case 2: warp_copy_v<short>(d, s, n); break;
     default: warp_copy_v<char>(d, s, n); break;
+  }
+}
+
+// Copies one row to the rows dst_base + row_m * n of the lanes set in `lanes` (each lane holds
+// its row in `row`; `lanes` must be warp-uniform): the source is read once, written to every
+// destination. Must be called by the whole warp: the rows travel by shuffles over all 32
+// lanes, so every lane runs the same number of rounds (a row shorter than a round, e.g.
+// 128 bytes of scales = 8 int4, leaves lanes with nothing to copy; they stay in the loop with
+// their accesses predicated off rather than leaving it, which would make the shuffles below
+// diverge: undefined behaviour that scrambles rows and everything shuffled after it).
+template <typename V>
+__device__ __forceinline__ void warp_copy_rows_v(char* dst_base, int row, unsigned lanes,
+                                                 const char* src, int64_t n) {
+  const V* s = reinterpret_cast<const V*>(src);
+  const int64_t count = n / static_cast<int64_t>(sizeof(V));
+  constexpr int kUnroll = 8;
+  for (int64_t round = 0; round < count; round += kUnroll * kWarp) {  // warp-uniform trip count
+    const int64_t base = round + lane_id();
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kWarp < count) v[u] = s[base + u * kWarp];
+    for (unsigned m = lanes; m != 0; m &= m - 1) {
+      const int64_t r = __shfl_sync(0xffffffffu, row, __ffs(m) - 1);
+      V* d = reinterpret_cast<V*>(dst_base + r * n);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * kWarp < count) d[base + u * kWarp] = v[u];
+    }
+  }
+}
+
+__device__ __forceinline__ void warp_copy_rows(char* dst_base, int row, unsigned lanes,
+                                               const char* src, int64_t n) {
+  // every destination row starts at dst_base + r * n: aligned like dst_base and n
+  switch (copy_width(dst_base, src, n)) {
+    case 16: warp_copy_rows_v<int4>(dst_base, row, lanes, src, n); break;
+    case 8: warp_copy_rows_v<int2>(dst_base, row, lanes, src, n); break;
+    case 4: warp_copy_rows_v<int>(dst_base, row, lanes, src, n); break;
+    case 2: warp_copy_rows_v<short>(dst_base, row, lanes, src, n); break;
+    default: warp_copy_rows_v<char>(dst_base, row, lanes, src, n); break;
   }
 }
 

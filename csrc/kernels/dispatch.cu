@@ -5,13 +5,15 @@
 // header and send part, and writes the token's row, scale packs and a metadata row straight
 // into every other destination rank's window at the token's compact row (so the receive order
 // (source rank, source token) holds by construction). Rows for this rank itself skip the
-// window: they go straight into this rank's outputs (every expert-major row of the token
-// here). A token goes to each destination rank once, however many of its experts live there.
-// Ends with a per-CTA barrier.
+// window: the push writes them straight into this rank's outputs (every expert-major row of
+// the token here, once loaded), with their routing tensors and handle receive rows. A token
+// goes to each destination rank once, however many of its experts live there. Ends with a
+// per-CTA barrier. With one rank nothing crosses a window: no barrier, and the push also does
+// the epilogue's remaining work (rows that carry no token), so dispatch is two kernels.
 //
 // epilogue: local only. Copies the window rows of the other ranks into fresh outputs
-// (expanding compact rows into expert-major rows when asked), writes the handle's receive
-// part, and zeroes every row that carries no token (padding is always zero).
+// (expanding compact rows into expert-major rows when asked) with their handle receive rows,
+// and fills every row that carries no token (padding is always zero).
 #include "barrier.cuh"
 
 namespace deep_ep_ops {
@@ -19,12 +21,97 @@ namespace {
 
 using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
 
+// Which expert-major row r is: valid (inside its expert's real count) or padding.
+__device__ __forceinline__ bool expand_row_valid(const int* tpe, const int* bstart, int E_loc,
+                                                 int r) {
+  if (r >= __ldg(bstart + E_loc)) return false;
+  int lo = 0, hi = E_loc - 1;  // last j with bstart[j] <= r
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (__ldg(bstart + mid) <= r) lo = mid; else hi = mid - 1;
+  }
+  return r - __ldg(bstart + lo) < __ldg(tpe + lo);
+}
+
+// What the outputs of the rows that carry no token hold, plus tokens_per_expert: grid-wide,
+// any grid. Compact: rows [G, C). Expert-major: the group columns of rows [G, C) and every
+// padding row. Touches nothing the rows' owners (push, epilogue groups) write.
+struct FillArgs {
+  const int* recv_info;
+  char* recv_x;
+  char* recv_s;
+  void* recv_idx;
+  float* recv_w;
+  int* tpe;
+  int* recv_h;  // handle receive part
+  int64_t x_bytes, s_bytes;
+  int C, K, W, E_loc, expand;
+};
+
+__device__ void fill_empty_rows(const FillArgs& a) {
+  const int G = a.recv_info[kRecvG];
+  const int* tpe = a.recv_info + kRecvTpe;
+  const int* bstart = tpe + a.E_loc;
+  const int64_t gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int warps = blockDim.x / kWarp;
+  const int gwarp = blockIdx.x * warps + warp_id();
+  const int nwarps = gridDim.x * warps;
+  const int K = a.K, W = a.W;
+  for (int64_t j = gt; j < a.E_loc; j += nthreads) a.tpe[j] = tpe[j];
+  const int64_t empty = a.C > G ? a.C - G : 0;
+  if (!a.expand) {
+    int* h = a.recv_h + static_cast<int64_t>(G) * W;
+    for (int64_t f = gt; f < empty * W; f += nthreads) h[f] = -1;
+    int64_t* idx = static_cast<int64_t*>(a.recv_idx) + static_cast<int64_t>(G) * K;
+    float* w = a.recv_w + static_cast<int64_t>(G) * K;
+    for (int64_t f = gt; f < empty * K; f += nthreads) {
+      idx[f] = -1;
+      w[f] = 0.f;
+    }
+    for (int64_t i = G + gwarp; i < a.C; i += nwarps) {
+      warp_zero(a.recv_x + i * a.x_bytes, a.x_bytes);
+      if (a.s_bytes > 0) warp_zero(a.recv_s + i * a.s_bytes, a.s_bytes);
+    }
+    return;
+  }
+  const int gw = W - handle::kGroupSrcRank;  // group columns
+  for (int64_t f = gt; f < empty * gw; f += nthreads)
+    a.recv_h[(G + f / gw) * W + handle::kGroupSrcRank + f % gw] = -1;
+  int* idx = static_cast<int*>(a.recv_idx);
+  for (int64_t i = gt; i < a.C; i += nthreads) {
+    if (expand_row_valid(tpe, bstart, a.E_loc, static_cast<int>(i))) continue;
+    idx[i] = -1;
+    a.recv_w[i] = 0.f;
+    int* r = a.recv_h + i * W;
+#pragma unroll
+    for (int c = 0; c <= handle::kRecvGroup; ++c) r[c] = -1;  // per-row columns
+  }
+  for (int64_t i = gwarp; i < a.C; i += nwarps) {
+    if (expand_row_valid(tpe, bstart, a.E_loc, static_cast<int>(i))) continue;
+    warp_zero(a.recv_x + i * a.x_bytes, a.x_bytes);
+    if (a.s_bytes > 0) warp_zero(a.recv_s + i * a.s_bytes, a.s_bytes);
+  }
+}
+
 __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
+  const int warps = blockDim.x / kWarp;
+  const int lane = lane_id();
+  // Before waiting for the layout kernel: pull this warp's first rows of x into L2. x is not
+  // the layout's output but its predecessor's, and this grid only starts once every layout
+  // CTA has passed its own pdl_wait(), i.e. once x's producer has completed; the copies below
+  // then mostly read L2 while the layout's latency-bound work runs.
+  if (lane == 0) {
+    int n = 0;
+    for (int t = blockIdx.x * warps + warp_id(); t < p.T && n < 2; t += gridDim.x * warps, ++n) {
+      prefetch_l2(p.x + static_cast<int64_t>(t) * p.x_bytes, p.x_bytes);
+      if (p.s_bytes > 0) prefetch_l2(p.scales + static_cast<int64_t>(t) * p.s_bytes, p.s_bytes);
+    }
+  }
   pdl_wait();
   pdl_trigger();
   const int R = p.comm.num_ranks, K = p.K, me = p.comm.rank, E = p.E, NC = E + R, W = p.W;
-  const int warps = blockDim.x / kWarp;
-  const int lane = lane_id();
+  int* recv_h = p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
   if (blockIdx.x == 0)  // handle header row
     for (int c = threadIdx.x; c < W; c += blockDim.x) p.handle[c] = p.s.send_handle[c];
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
@@ -66,27 +153,65 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
     for (unsigned rest = dmask; rest != 0; rest &= rest - 1) {
       const int d = __ffs(rest) - 1;
       const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
+      const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);  // compact row at d
+      const int cslot = __popc(dmask & ((1u << d) - 1u));
       if (d == me) {
-        // straight into this rank's outputs
+        // straight into this rank's outputs, with the routing tensors and handle rows the
+        // epilogue writes for the other ranks' tokens
+        const bool here = edst == me;
+        const int j = here ? e - me * p.E_loc : -1;  // local expert of slot `lane`
+        int* grow = recv_h + static_cast<int64_t>(row) * W;  // group `row`
         if (!p.expand) {
-          const int64_t row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);
-          warp_copy(p.recv_x + row * p.x_bytes, xrow, p.x_bytes);
-          if (p.s_bytes > 0) warp_copy(p.recv_s + row * p.s_bytes, srow, p.s_bytes);
+          warp_copy(p.recv_x + static_cast<int64_t>(row) * p.x_bytes, xrow, p.x_bytes);
+          if (p.s_bytes > 0) warp_copy(p.recv_s + static_cast<int64_t>(row) * p.s_bytes, srow, p.s_bytes);
+          if (lane < K) {
+            static_cast<int64_t*>(p.recv_idx)[static_cast<int64_t>(row) * K + lane] = j;
+            p.recv_w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
+          }
+          for (int c = lane; c < W; c += kWarp) {
+            int v = -1;
+            if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) v = me;
+            else if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) v = t;
+            else if (c == handle::kRecvGroup || c == handle::kGroupMember) v = row;
+            else if (c == handle::kGroupCombineSlot) v = cslot;
+            grow[c] = v;
+          }
         } else {
-          for (unsigned m = at_d; m != 0; m &= m - 1) {
-            const int64_t row = __shfl_sync(0xffffffffu, erow, __ffs(m) - 1);
-            warp_copy(p.recv_x + row * p.x_bytes, xrow, p.x_bytes);
-            if (p.s_bytes > 0) warp_copy(p.recv_s + row * p.s_bytes, srow, p.s_bytes);
+          warp_copy_rows(p.recv_x, erow, at_d, xrow, p.x_bytes);
+          if (p.s_bytes > 0) warp_copy_rows(p.recv_s, erow, at_d, srow, p.s_bytes);
+          // members ascending = local expert ids ascending (blocks are in expert order)
+          int members_before = 0;
+          for (int k = 0; k < K; ++k) {
+            const int jk = __shfl_sync(0xffffffffu, j, k);
+            if (jk >= 0 && j >= 0 && jk < j) ++members_before;
+          }
+          for (int c = handle::kGroupSrcRank + lane; c < W; c += kWarp) {
+            int v = -1;
+            if (c == handle::kGroupSrcRank) v = me;
+            else if (c == handle::kGroupSrcToken) v = t;
+            else if (c == handle::kGroupCombineSlot) v = cslot;
+            grow[c] = v;
+          }
+          __syncwarp();
+          if (here) {
+            grow[handle::kGroupMember + members_before] = erow;
+            static_cast<int*>(p.recv_idx)[erow] = j;
+            p.recv_w[erow] = wgt;
+            int* rrow = recv_h + static_cast<int64_t>(erow) * W;
+            rrow[handle::kRecvSrcRank] = me;
+            rrow[handle::kRecvSrcToken] = t;
+            rrow[handle::kRecvTopkSlot] = lane;
+            rrow[handle::kRecvGroup] = row;
           }
         }
+        continue;
       }
-      const int64_t row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);
       char* base = peer_ptr(p.comm, d);
-      int* meta = reinterpret_cast<int*>(base + p.rows.m_off) + row * p.rows.meta_ints;
+      int* meta = reinterpret_cast<int*>(base + p.rows.m_off) + static_cast<int64_t>(row) * p.rows.meta_ints;
       if (lane == 0) {
         meta[0] = me;
         meta[1] = t;
-        meta[2] = __popc(dmask & ((1u << d) - 1u));
+        meta[2] = cslot;
         meta[3] = 0;
       }
       if (lane < K) {
@@ -95,24 +220,18 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
         meta[4 + K + lane] = here ? erow : -1;
         meta[4 + 2 * K + lane] = here ? __float_as_int(wgt) : 0;
       }
-      if (d == me) continue;
-      warp_copy(base + p.rows.x_off + row * p.rows.x_stride, xrow, p.x_bytes);
-      if (p.s_bytes > 0) warp_copy(base + p.rows.s_off + row * p.rows.s_stride, srow, p.s_bytes);
+      warp_copy(base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride, xrow, p.x_bytes);
+      if (p.s_bytes > 0)
+        warp_copy(base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride, srow, p.s_bytes);
     }
   }
-  cta_barrier(p.comm, blockIdx.x, kOpDispatchPush);
-}
-
-// Which expert-major row r is: valid (inside its expert's real count) or padding.
-__device__ __forceinline__ bool expand_row_valid(const int* tpe, const int* bstart, int E_loc,
-                                                 int r) {
-  if (r >= bstart[E_loc]) return false;
-  int lo = 0, hi = E_loc - 1;  // last j with bstart[j] <= r
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (bstart[mid] <= r) lo = mid; else hi = mid - 1;
+  if (p.local_only) {
+    FillArgs a{p.s.recv_info, p.recv_x, p.recv_s, p.recv_idx, p.recv_w, p.tpe, recv_h,
+               p.x_bytes, p.s_bytes, p.C, K, W, p.E_loc, p.expand};
+    fill_empty_rows(a);
+    return;
   }
-  return r - bstart[lo] < tpe[lo];
+  cta_barrier(p.comm, blockIdx.x, kOpDispatchPush);
 }
 
 __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p) {
@@ -120,117 +239,81 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
   pdl_trigger();
   const int K = p.K, W = p.W;
   const int G = p.recv_info[kRecvG];
-  const int* tpe = p.recv_info + kRecvTpe;
-  const int* bstart = tpe + p.E_loc;
+  const int local_lo = p.recv_info[recv_local_lo(p.E_loc)];
+  const int local_n = p.recv_info[recv_local_n(p.E_loc)];
   const int lane = lane_id();
   const int warps = blockDim.x / kWarp;
   const int gwarp = blockIdx.x * warps + warp_id();
   const int nwarps = gridDim.x * warps;
 
-  // tokens_per_expert (the push kernel wrote the handle's header and send part)
-  const int64_t head = static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
-  if (blockIdx.x == 0)
-    for (int j = threadIdx.x; j < p.E_loc; j += blockDim.x) p.tpe[j] = tpe[j];
-
-  int* recv_h = p.handle + head;
+  int* recv_h = p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
   int64_t* idx64 = static_cast<int64_t*>(p.recv_idx);
   int* idx32 = static_cast<int*>(p.recv_idx);
-  for (int i = gwarp; i < p.C; i += nwarps) {
+  // groups from the other ranks: [0, G) without this rank's own [local_lo, local_lo + local_n)
+  for (int q = gwarp; q < G - local_n; q += nwarps) {
+    const int i = q < local_lo ? q : q + local_n;
     int* hrow = recv_h + static_cast<int64_t>(i) * W;
-    if (i < G) {
-      // ---- group i (compact row i in the window) ----
-      const int* meta =
-          reinterpret_cast<const int*>(p.win + p.rows.m_off) + static_cast<int64_t>(i) * p.rows.meta_ints;
-      const int src = meta[0], tok = meta[1], cslot = meta[2];
-      const char* wx = p.win + p.rows.x_off + static_cast<int64_t>(i) * p.rows.x_stride;
-      const char* ws = p.win + p.rows.s_off + static_cast<int64_t>(i) * p.rows.s_stride;
-      int j = -1, erow = -1;
-      float wgt = 0.f;
+    // ---- group i (compact row i in the window) ----
+    const int* meta =
+        reinterpret_cast<const int*>(p.win + p.rows.m_off) + static_cast<int64_t>(i) * p.rows.meta_ints;
+    const int src = meta[0], tok = meta[1], cslot = meta[2];
+    const char* wx = p.win + p.rows.x_off + static_cast<int64_t>(i) * p.rows.x_stride;
+    const char* ws = p.win + p.rows.s_off + static_cast<int64_t>(i) * p.rows.s_stride;
+    int j = -1, erow = -1;
+    float wgt = 0.f;
+    if (lane < K) {
+      j = meta[4 + lane];
+      erow = meta[4 + K + lane];
+      wgt = __int_as_float(meta[4 + 2 * K + lane]);
+    }
+    if (!p.expand) {
+      warp_copy(p.recv_x + static_cast<int64_t>(i) * p.x_bytes, wx, p.x_bytes);
+      if (p.s_bytes > 0) warp_copy(p.recv_s + static_cast<int64_t>(i) * p.s_bytes, ws, p.s_bytes);
       if (lane < K) {
-        j = meta[4 + lane];
-        erow = meta[4 + K + lane];
-        wgt = __int_as_float(meta[4 + 2 * K + lane]);
+        idx64[static_cast<int64_t>(i) * K + lane] = j;
+        p.recv_w[static_cast<int64_t>(i) * K + lane] = wgt;
       }
-      const bool copy = src != p.rank;  // this rank's own rows are already in place
-      if (!p.expand) {
-        if (copy) {
-          warp_copy(p.recv_x + static_cast<int64_t>(i) * p.x_bytes, wx, p.x_bytes);
-          if (p.s_bytes > 0) warp_copy(p.recv_s + static_cast<int64_t>(i) * p.s_bytes, ws, p.s_bytes);
-        }
-        if (lane < K) {
-          idx64[static_cast<int64_t>(i) * K + lane] = j;
-          p.recv_w[static_cast<int64_t>(i) * K + lane] = wgt;
-        }
-        for (int c = lane; c < W; c += kWarp) {
-          int v = -1;
-          if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) v = src;
-          else if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) v = tok;
-          else if (c == handle::kRecvGroup || c == handle::kGroupMember) v = i;
-          else if (c == handle::kGroupCombineSlot) v = cslot;
-          hrow[c] = v;
-        }
-      } else {
-        // members ascending = local expert ids ascending (blocks are in expert order)
-        const unsigned local = __ballot_sync(0xffffffffu, j >= 0);
-        int members_before = 0;  // members with a smaller expert id than mine
-        for (int k = 0; k < K; ++k) {
-          const int jk = __shfl_sync(0xffffffffu, j, k);
-          if (jk >= 0 && j >= 0 && jk < j) ++members_before;
-        }
-        for (int c = handle::kGroupSrcRank + lane; c < W; c += kWarp) {
-          int v = -1;
-          if (c == handle::kGroupSrcRank) v = src;
-          else if (c == handle::kGroupSrcToken) v = tok;
-          else if (c == handle::kGroupCombineSlot) v = cslot;
-          hrow[c] = v;
-        }
-        __syncwarp();
-        if (j >= 0) hrow[handle::kGroupMember + members_before] = erow;
-        for (unsigned rest = local; rest != 0; rest &= rest - 1) {
-          const int k = __ffs(rest) - 1;
-          const int r = __shfl_sync(0xffffffffu, erow, k);
-          const int jk = __shfl_sync(0xffffffffu, j, k);
-          const float wk = __shfl_sync(0xffffffffu, wgt, k);
-          if (copy) {
-            warp_copy(p.recv_x + static_cast<int64_t>(r) * p.x_bytes, wx, p.x_bytes);
-            if (p.s_bytes > 0) warp_copy(p.recv_s + static_cast<int64_t>(r) * p.s_bytes, ws, p.s_bytes);
-          }
-          if (lane == 0) {
-            idx32[r] = jk;
-            p.recv_w[r] = wk;
-            int* rrow = recv_h + static_cast<int64_t>(r) * W;
-            rrow[handle::kRecvSrcRank] = src;
-            rrow[handle::kRecvSrcToken] = tok;
-            rrow[handle::kRecvTopkSlot] = k;
-            rrow[handle::kRecvGroup] = i;
-          }
-        }
+      for (int c = lane; c < W; c += kWarp) {
+        int v = -1;
+        if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) v = src;
+        else if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) v = tok;
+        else if (c == handle::kRecvGroup || c == handle::kGroupMember) v = i;
+        else if (c == handle::kGroupCombineSlot) v = cslot;
+        hrow[c] = v;
       }
     } else {
-      // ---- no group i ----
-      if (!p.expand) {
-        warp_zero(p.recv_x + static_cast<int64_t>(i) * p.x_bytes, p.x_bytes);
-        if (p.s_bytes > 0) warp_zero(p.recv_s + static_cast<int64_t>(i) * p.s_bytes, p.s_bytes);
-        if (lane < K) {
-          idx64[static_cast<int64_t>(i) * K + lane] = -1;
-          p.recv_w[static_cast<int64_t>(i) * K + lane] = 0.f;
-        }
-        warp_fill_i32(hrow, W, -1);
-      } else {
-        warp_fill_i32(hrow + 4, W - 4, -1);
+      // members ascending = local expert ids ascending (blocks are in expert order)
+      const unsigned local = __ballot_sync(0xffffffffu, j >= 0);
+      int members_before = 0;  // members with a smaller expert id than mine
+      for (int k = 0; k < K; ++k) {
+        const int jk = __shfl_sync(0xffffffffu, j, k);
+        if (jk >= 0 && j >= 0 && jk < j) ++members_before;
       }
-    }
-    if (p.expand && !expand_row_valid(tpe, bstart, p.E_loc, i)) {
-      // ---- expert-major padding row i ----
-      warp_zero(p.recv_x + static_cast<int64_t>(i) * p.x_bytes, p.x_bytes);
-      if (p.s_bytes > 0) warp_zero(p.recv_s + static_cast<int64_t>(i) * p.s_bytes, p.s_bytes);
-      if (lane == 0) {
-        idx32[i] = -1;
-        p.recv_w[i] = 0.f;
+      for (int c = handle::kGroupSrcRank + lane; c < W; c += kWarp) {
+        int v = -1;
+        if (c == handle::kGroupSrcRank) v = src;
+        else if (c == handle::kGroupSrcToken) v = tok;
+        else if (c == handle::kGroupCombineSlot) v = cslot;
+        hrow[c] = v;
       }
-      if (lane <= handle::kRecvGroup) hrow[lane] = -1;  // per-row columns
+      __syncwarp();
+      if (j >= 0) {
+        hrow[handle::kGroupMember + members_before] = erow;
+        idx32[erow] = j;
+        p.recv_w[erow] = wgt;
+        int* rrow = recv_h + static_cast<int64_t>(erow) * W;
+        rrow[handle::kRecvSrcRank] = src;
+        rrow[handle::kRecvSrcToken] = tok;
+        rrow[handle::kRecvTopkSlot] = lane;
+        rrow[handle::kRecvGroup] = i;
+      }
+      warp_copy_rows(p.recv_x, erow, local, wx, p.x_bytes);
+      if (p.s_bytes > 0) warp_copy_rows(p.recv_s, erow, local, ws, p.s_bytes);
     }
   }
+  FillArgs a{p.recv_info, p.recv_x, p.recv_s, p.recv_idx, p.recv_w, p.tpe, recv_h,
+             p.x_bytes, p.s_bytes, p.C, K, W, p.E_loc, p.expand};
+  fill_empty_rows(a);
 }
 
 }  // namespace

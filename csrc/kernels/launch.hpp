@@ -76,6 +76,12 @@ constexpr int kRecvG = 0;           // groups (compact rows) received
 constexpr int kRecvPairs = 1;       // (token, local expert) pairs received
 constexpr int kRecvAligned = 2;     // sum of aligned per-expert counts
 constexpr int kRecvTpe = 8;         // offset of tokens_per_expert
+// After tokens_per_expert[E_loc] and block_start[E_loc + 1]: the compact rows [lo, lo + n) at
+// this rank that carry this rank's own tokens (the push writes them and their handle rows
+// directly; the epilogue skips them).
+constexpr int recv_local_lo(int e_loc) { return kRecvTpe + 2 * e_loc + 1; }
+constexpr int recv_local_n(int e_loc) { return kRecvTpe + 2 * e_loc + 2; }
+constexpr int recv_info_ints(int e_loc) { return kRecvTpe + 2 * e_loc + 8; }
 
 // Row layout of dispatch in the data region: x rows, scale rows and metadata rows, each for
 // R*M compact rows. Metadata ints: [src rank, src token, combine slot, 0,
@@ -101,12 +107,18 @@ struct PushParams {
   const char* scales;
   const void* topk_idx;
   const float* topk_weights;
-  char* recv_x;  // this rank's outputs: rows for itself are written here directly
+  // this rank's outputs: rows for itself (data, routing tensors, handle receive rows) are
+  // written here directly
+  char* recv_x;
   char* recv_s;
-  int* handle;   // header + send part written here
+  void* recv_idx;  // int64 [C, K] compact, int32 [C] expand
+  float* recv_w;
+  int* tpe;
+  int* handle;   // header + send part (+ receive rows of this rank's own tokens)
   int idx64;
   int64_t x_bytes, s_bytes;  // per row
-  int T, K, E, E_loc, expand, W, cta_tokens;
+  int T, K, E, E_loc, expand, W, cta_tokens, C;
+  int local_only;  // 1 rank: no window, no barrier; the push also does the epilogue's work
   DispatchRows rows;
   DispatchScratch s;
   Comm comm;

@@ -238,6 +238,10 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
     const int hi = (me + 1) * p.E_loc < E ? sc[(me + 1) * p.E_loc] : total;
     info[kRecvTpe + 2 * p.E_loc] = hi - lo;
     info[kRecvAligned] = hi - lo;
+    int below = 0;  // my own tokens' compact rows here: [below, below + tot[E + me])
+    for (int s = 0; s < me; ++s) below += ld_cg(counts + s * NC + E + me);
+    info[recv_local_lo(p.E_loc)] = below;
+    info[recv_local_n(p.E_loc)] = tot[E + me];
     const int pairs = misc[1];
     info[kRecvPairs] = pairs;
     // handle header row

@@ -4,6 +4,7 @@
 #include "ops.hpp"
 
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/EmptyTensor.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
@@ -47,6 +48,20 @@ void check_fits(const State& st, const char* op, int64_t need) {
 }
 
 constexpr int kWarpsPerCta = 16;  // the push/pull/epilogue kernels run 512 threads
+
+// A fresh uninitialised CUDA tensor on `device` without a trip through the dispatcher (the
+// kernels write every element of every output).
+at::Tensor empty(at::IntArrayRef size, at::ScalarType dtype, at::Device device) {
+  return at::Tensor(at::detail::empty_cuda(size, dtype, device, std::nullopt));
+}
+
+// Grid of a kernel with one warp per item when there is one rank (no barrier, so any grid):
+// at most one CTA per SM (these kernels hold 512 threads of up to 128 registers) or num_sms.
+int local_ctas(const State& st, int64_t num_sms, int64_t items) {
+  const int64_t need = (items + kWarpsPerCta - 1) / kWarpsPerCta;
+  const int64_t cap = num_sms > 0 ? num_sms : st.sm_count;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cap, need)));
+}
 
 // Grid of a local (barrier-free) kernel with one warp per item: no more CTAs than items need.
 int epilogue_ctas(const State& st, int64_t items) {
@@ -130,16 +145,14 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
     C = cap;
   }
 
-  auto opts = x.options();
-  at::Tensor recv_x = at::empty({C, H}, opts);
-  at::Tensor recv_s = x_scales.has_value() ? at::empty({C, P}, x_scales->options())
-                                           : at::empty({C, 0}, opts.dtype(at::kFloat));
-  at::Tensor recv_idx = expand ? at::empty({C}, opts.dtype(at::kInt))
-                               : at::empty({C, K}, opts.dtype(at::kLong));
-  at::Tensor recv_w = expand ? at::empty({C}, opts.dtype(at::kFloat))
-                             : at::empty({C, K}, opts.dtype(at::kFloat));
-  at::Tensor tpe = at::empty({E_loc}, opts.dtype(at::kInt));
-  at::Tensor handle = at::empty({1 + T + C, W}, opts.dtype(at::kInt));
+  const at::Device dev = x.device();
+  at::Tensor recv_x = empty({C, H}, x.scalar_type(), dev);
+  at::Tensor recv_s = x_scales.has_value() ? empty({C, P}, x_scales->scalar_type(), dev)
+                                           : empty({C, 0}, at::kFloat, dev);
+  at::Tensor recv_idx = expand ? empty({C}, at::kInt, dev) : empty({C, K}, at::kLong, dev);
+  at::Tensor recv_w = expand ? empty({C}, at::kFloat, dev) : empty({C, K}, at::kFloat, dev);
+  at::Tensor tpe = empty({E_loc}, at::kInt, dev);
+  at::Tensor handle = empty({1 + T + C, W}, at::kInt, dev);
 
   // phase 2: final rows, handle header + send part; rows into the other destinations' windows
   // and this rank's own rows straight into the outputs
@@ -150,6 +163,9 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
   pp.topk_weights = topk_weights.data_ptr<float>();
   pp.recv_x = static_cast<char*>(recv_x.data_ptr());
   pp.recv_s = static_cast<char*>(recv_s.data_ptr());
+  pp.recv_idx = recv_idx.data_ptr();
+  pp.recv_w = recv_w.data_ptr<float>();
+  pp.tpe = tpe.data_ptr<int>();
   pp.handle = handle.data_ptr<int>();
   pp.idx64 = idx64;
   pp.x_bytes = x_bytes;
@@ -161,9 +177,17 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
   pp.expand = expand;
   pp.W = W;
   pp.cta_tokens = lp.cta_tokens;
+  pp.C = static_cast<int>(C);
+  pp.local_only = R == 1;
   pp.rows = rows;
   pp.s = st.scratch;
   pp.comm = st.comm;
+  if (R == 1) {
+    // one rank: the push writes every output (no window, no barrier, no epilogue)
+    check_launch(launch_dispatch_push(pp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
+                 "dispatch push kernel");
+    return {recv_x, recv_s, recv_idx, recv_w, tpe, handle};
+  }
   check_launch(launch_dispatch_push(pp, barrier_ctas_for(st, num_sms, M), stream),
                "dispatch push kernel");
 
@@ -217,9 +241,9 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch(State& st, const at::Tensor& 
   p.s_off = p.x_off + align_to(M * p.x_stride, 256);
   check_fits(st, "cached_dispatch", p.s_off + M * p.s_stride - st.comm.data_off);
 
-  at::Tensor out_x = at::empty({C, Hx}, x.options());
-  at::Tensor out_s = x_scales.has_value() ? at::empty({C, P}, x_scales->options())
-                                          : at::empty({C, 0}, x.options().dtype(at::kFloat));
+  at::Tensor out_x = empty({C, Hx}, x.scalar_type(), x.device());
+  at::Tensor out_s = x_scales.has_value() ? empty({C, P}, x_scales->scalar_type(), x.device())
+                                          : empty({C, 0}, at::kFloat, x.device());
   p.out_x = static_cast<char*>(out_x.data_ptr());
   p.out_s = static_cast<char*>(out_s.data_ptr());
   p.T = static_cast<int>(T);
@@ -227,7 +251,9 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch(State& st, const at::Tensor& 
   p.K = st.cfg.topk;
   p.W = st.handle_width;
   p.comm = st.comm;
-  check_launch(launch_cached_dispatch(p, barrier_ctas(st, num_sms), epilogue_ctas(st, C), stream),
+  // one rank: the pull kernel alone, on any grid
+  const int pull_ctas = st.cfg.num_ranks == 1 ? local_ctas(st, num_sms, C) : barrier_ctas(st, num_sms);
+  check_launch(launch_cached_dispatch(p, barrier_ctas(st, num_sms), pull_ctas, stream),
                "cached_dispatch kernels");
   return {out_x, out_s};
 }
@@ -255,7 +281,7 @@ at::Tensor combine(State& st, const at::Tensor& x, const at::Tensor& handle,
   p.num_slots = std::min(st.cfg.num_ranks, st.cfg.topk);
   p.stage_off = st.comm.data_off;
   check_fits(st, "combine", static_cast<int64_t>(st.cfg.max_tokens) * p.num_slots * Wd * 4);
-  at::Tensor out = at::empty({T, Wd}, x.options());
+  at::Tensor out = empty({T, Wd}, x.scalar_type(), x.device());
   p.x = x.data_ptr();
   p.weights = w.defined() ? w.data_ptr<float>() : nullptr;
   p.handle = handle.data_ptr<int>();
@@ -267,10 +293,12 @@ at::Tensor combine(State& st, const at::Tensor& x, const at::Tensor& handle,
   p.K = st.cfg.topk;
   p.W = st.handle_width;
   p.comm = st.comm;
+  // one rank: the local reduce alone (reads x), one warp per token
+  const int reduce_ctas = st.cfg.num_ranks == 1 ? local_ctas(st, num_sms, T) : epilogue_ctas(st, T);
   check_launch(launch_combine(p,
                              barrier_ctas_for(st, num_sms,
                                               static_cast<int64_t>(st.cfg.num_ranks) * st.cfg.max_tokens),
-                             epilogue_ctas(st, T), stream),
+                             reduce_ctas, stream),
                "combine kernels");
   return out;
 }

@@ -91,7 +91,7 @@ State::State(const StateConfig& c) : cfg(c) {
       R,                                    // cbase
       1,                                    // done
       handle_width,                         // send_handle (header row)
-      kRecvTpe + 2 * e_loc + 8,             // recv_info
+      recv_info_ints(static_cast<int>(e_loc)),  // recv_info
   };
   constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
   int64_t total = 0, offs[kParts];
