@@ -109,6 +109,9 @@ class Buffer:
         except BaseException:
             with _LOCK:
                 _REGISTRY.pop(self.group_name, None)
+            if self.device.type == "cuda":
+                from deep_ep_ops.cuda import backend
+                backend.unregister(self.group_name)  # the C++ kernels' registry
             raise
 
     @property
@@ -182,15 +185,17 @@ class Buffer:
     def destroy(self) -> None:
         """Free the symmetric memory and unregister. Call before destroy_process_group."""
         with _LOCK:
-            if _REGISTRY.get(self.group_name) is self:
+            mine = _REGISTRY.get(self.group_name) is self
+            if mine:
                 del _REGISTRY[self.group_name]
+        name = self.group_name if mine else None  # also leaves the C++ kernels' registry
         if self._aux_state is not None:
             from deep_ep_ops.cuda import backend
-            backend.destroy_aux_state(self._aux_state)  # frees the Engram tables too
+            backend.destroy_aux_state(self._aux_state, name)  # frees the Engram tables too
             self._aux_state = None
         if self._cuda_state is not None:
             from deep_ep_ops.cuda import backend
-            backend.destroy_state(self._cuda_state)
+            backend.destroy_state(self._cuda_state, name)
             self._cuda_state = None
         self._engram = None
 

@@ -6,6 +6,7 @@ raises NotImplementedError; nothing ever falls back to the CPU path for GPU tens
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -22,6 +23,14 @@ from deep_ep_ops.trim import trim_dispatch
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _schema in SCHEMAS.values():
     _lib.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
+
+# Ops whose CUDA kernel (and, for dispatch, CompositeImplicitAutograd kernel) the extension
+# registers in C++ (csrc/runtime/torch_ops.cpp: unboxed, no Python on the eager hot path).
+# Until the extension is loaded (the first Buffer on an NCCL group) their Python impls serve
+# (a CUDA call then raises get_buffer's "no Buffer registered"); they live in a Library of
+# their own, destroyed by _use_cpp_kernels() right before the C++ kernels are registered.
+CPP_CUDA_OPS = ("_dispatch_static", "cached_dispatch", "combine")
+_py_cuda_lib = None
 
 
 _CUDA_FNS: dict[str, Callable] = {}
@@ -136,20 +145,70 @@ _IMPLS = {
 }
 
 
+def _register_py_cuda() -> None:
+    """The Python CUDA kernels of CPP_CUDA_OPS and the Python composite dispatch."""
+    global _py_cuda_lib
+    lib = torch.library.Library(NAMESPACE, "IMPL")
+    for name in CPP_CUDA_OPS:
+        lib.impl(name, _IMPLS[name], "CUDA")
+    lib.impl("dispatch", _dispatch, "CompositeImplicitAutograd")
+    _py_cuda_lib = lib
+
+
+def _use_cpp_kernels(ext) -> None:
+    """Swap the Python kernels of CPP_CUDA_OPS (and the composite dispatch) for the C++ ones of
+    the loaded extension ``ext`` (once; deep_ep_ops.cuda.backend calls it after loading)."""
+    global _py_cuda_lib
+    if _py_cuda_lib is None:
+        return
+    if tuple(ext.cpp_cuda_ops()) != CPP_CUDA_OPS:
+        raise RuntimeError(f"deep_ep_ops: the extension registers {ext.cpp_cuda_ops()}, "
+                           f"ops.py expects {CPP_CUDA_OPS}")
+    composite = os.environ.get("DEEP_EP_OPS_PY_COMPOSITE", "0") != "1"
+    _py_cuda_lib._destroy()
+    _py_cuda_lib = None
+    try:
+        ext.register_kernels(composite)
+    except BaseException:
+        _register_py_cuda()
+        raise
+    if not composite:  # keep the Python composite dispatch (debug switch)
+        lib = torch.library.Library(NAMESPACE, "IMPL")
+        lib.impl("dispatch", _dispatch, "CompositeImplicitAutograd")
+        _KEEP.append(lib)
+
+
+_KEEP: list = []
+
+
+def _cuda_slow_path(name, *args):
+    """The Python impl of op ``name``, called back by the C++ CUDA kernels when the group has
+    no CUDA state registered there (get_buffer raises its message, or the Buffer is a gloo one
+    and validation names the device mismatch)."""
+    return _IMPLS[name](*args)
+
+
+def _cuda_value_checks(topk_idx, num_experts) -> None:
+    """DEEP_EP_OPS_VALIDATE=1 value checks of dispatch, called back by the C++ CUDA kernel."""
+    if V.wants_value_checks(topk_idx):
+        V.check_expert_ids(topk_idx, num_experts)
+
+
 def _register() -> None:
     from torch._library.effects import EffectType
     for name, impl in _IMPLS.items():
         qualname = f"{NAMESPACE}::{name}"
         # One Python entry serves both device keys; it routes by the tensors' device.
         _lib.impl(name, impl, "CPU")
-        _lib.impl(name, impl, "CUDA")
+        if name not in CPP_CUDA_OPS:
+            _lib.impl(name, impl, "CUDA")
         torch.library.register_fake(qualname, _fake.FAKES[name], lib=_lib)
         if name in COMM_OPS:
             # Other ranks wait for this rank's part of the collective: the compiler must
             # neither drop an op whose outputs are unused nor reorder two of them.
             torch.library._register_effectful_op(qualname, EffectType.ORDERED)
     # dispatch is a composition: autograd, fake tensors and export see its two parts.
-    _lib.impl("dispatch", _dispatch, "CompositeImplicitAutograd")
+    _register_py_cuda()
     _autograd.register_all(_lib)
 
 

@@ -43,15 +43,20 @@ def create_aux_state(buf):
     """Collective over ``buf.group``: the aux window (pp slots, cp staging, flags)."""
     from deep_ep_ops.cuda.backend import _comm_ptr
     device = buf.device.index if buf.device.index is not None else torch.cuda.current_device()
-    return _ext().create_aux_state(
+    aux = _ext().create_aux_state(
         _comm_ptr(buf), buf.rank, buf.world_size, device, float(buf.timeout_s),
         int(buf.pp_max_bytes), PP_INLINE_BYTES, int(buf.pp_slots), int(buf.cp_max_bytes),
         CP_INLINE_BYTES)
+    _ext().register_group_aux(buf.group_name, aux)  # C++ registry (torch_ops.cpp)
+    return aux
 
 
-def destroy_aux_state(aux) -> None:
+def destroy_aux_state(aux, group_name: Optional[str] = None) -> None:
     """Collective: free the aux window and the Engram tables (before destroy_process_group)."""
     torch.cuda.synchronize()
+    if group_name is not None:
+        from deep_ep_ops.cuda.backend import unregister
+        unregister(group_name)
     _ext().destroy_aux_state(aux)
 
 

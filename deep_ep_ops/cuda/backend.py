@@ -19,7 +19,10 @@ _ext = None
 def _module():
     global _ext
     if _ext is None:
-        _ext = loader.load()
+        ext = loader.load()
+        from deep_ep_ops import ops
+        ops._use_cpp_kernels(ext)  # C++ CUDA kernels of _dispatch_static / cached_dispatch / combine
+        _ext = ext
     return _ext
 
 
@@ -52,15 +55,26 @@ def create_state(buf):
         raise RuntimeError(f"deep_ep_ops: the extension was built against NCCL code {built} but "
                            f"torch loads NCCL {runtime}; they must match (NCCL device API)")
     device = buf.device.index if buf.device.index is not None else torch.cuda.current_device()
-    return ext.create_state(_comm_ptr(buf), buf.rank, buf.world_size,
-                            buf.num_max_tokens_per_rank, buf.hidden, buf.num_topk,
-                            buf.num_experts, bool(buf.fp8_dispatch), float(buf.timeout_s),
-                            device)
+    state = ext.create_state(_comm_ptr(buf), buf.rank, buf.world_size,
+                             buf.num_max_tokens_per_rank, buf.hidden, buf.num_topk,
+                             buf.num_experts, bool(buf.fp8_dispatch), float(buf.timeout_s),
+                             device)
+    # the C++ kernels of the ops find the state by group name (csrc/runtime/torch_ops.cpp)
+    ext.register_group(buf.group_name, state)
+    return state
 
 
-def destroy_state(state) -> None:
+def unregister(group_name: str) -> None:
+    """Forget the group in the C++ registry (its ops then go through Python's get_buffer)."""
+    if _ext is not None:
+        _ext.unregister_group(group_name)
+
+
+def destroy_state(state, group_name: Optional[str] = None) -> None:
     """Collective: free the window (call on every rank, before destroy_process_group)."""
     torch.cuda.synchronize()
+    if group_name is not None:
+        unregister(group_name)
     _module().destroy_state(state)
 
 

@@ -30,6 +30,7 @@ _LOCK = threading.Lock()
 _SOURCES = (
     "runtime/bindings.cpp",
     "runtime/ops.cpp",
+    "runtime/torch_ops.cpp",  # TORCH_LIBRARY CUDA kernels + group registry
     "runtime/state.cu",
     "kernels/setup.cu",
     "kernels/layout.cu",

@@ -6,10 +6,14 @@ The GPU is kept busy by a long sleep kernel queued first, so no call waits for t
 the time from call to return is pure host work (Python + dispatcher + C++ + launches). Each
 layer of the call stack is timed on its own, so the differences split the cost:
 
-  torch.ops.deep_ep.dispatch      public op: composite dispatch -> _dispatch_static
-  torch.ops.deep_ep._dispatch_static   dispatcher + autograd wrapper + Python CUDA impl
-  ops._dispatch_static            Python impl: buffer lookup, validation, backend call
-  backend.dispatch                pybind11 + the C++ entry (allocations, launches)
+  torch.ops.deep_ep.dispatch      public op: composite dispatch (C++) -> _dispatch_static
+  torch.ops.deep_ep._dispatch_static   dispatcher + Python autograd kernel + C++ CUDA kernel
+  ... below autograd              dispatcher + C++ CUDA kernel (registry, checks, launches;
+                                  csrc/runtime/torch_ops.cpp), the autograd key skipped
+  backend.dispatch                pybind11 + the C++ entry (allocations, launches), no checks
+
+and, for reference (not on the eager path since the kernels are registered in C++):
+  ops._dispatch_static            the Python impl: get_buffer, validation.py, backend call
 
 then a torch.profiler trace (CPU + CUDA runtime calls) of the public ops lists what one call
 does: runtime API calls (launches, attribute calls) and dispatcher ops, with counts per call.
@@ -44,6 +48,13 @@ def _per_call_us(fn, calls: int, repeats: int) -> float:
         samples.append((time.perf_counter() - t0) / calls * 1e6)
         torch.cuda.synchronize()
     return statistics.median(samples)
+
+
+def _below_autograd(fn):
+    def call():
+        with torch._C._AutoDispatchBelowAutograd():
+            return fn()
+    return call
 
 
 def main() -> None:
@@ -87,20 +98,29 @@ def main() -> None:
              lambda: torch.ops.deep_ep.dispatch(x, s, idx, w, name, E, 1, False, False, 0)),
             ("torch.ops.deep_ep._dispatch_static",
              lambda: torch.ops.deep_ep._dispatch_static(x, s, idx, w, name, E, 1, False, 0)),
-            ("ops._dispatch_static (Python impl)",
-             lambda: ops_py._dispatch_static(x, s, idx, w, name, E, 1, False, 0)),
+            ("  ... below autograd (C++ kernel)",
+             _below_autograd(lambda: torch.ops.deep_ep._dispatch_static(
+                 x, s, idx, w, name, E, 1, False, 0))),
             ("backend.dispatch (pybind + C++)",
              lambda: backend.dispatch(buf, state, x, s, idx, w, E, 1, False, False, 0)),
+            ("[ref] ops._dispatch_static (Python impl)",
+             lambda: ops_py._dispatch_static(x, s, idx, w, name, E, 1, False, 0)),
         ],
         "combine": [
             ("torch.ops.deep_ep.combine",
              lambda: torch.ops.deep_ep.combine(y, handle, None, name, 0)),
-            ("ops._combine (Python impl)",
-             lambda: ops_py._combine(y, handle, None, name, 0)),
+            ("  ... below autograd (C++ kernel)",
+             _below_autograd(lambda: torch.ops.deep_ep.combine(y, handle, None, name, 0))),
             ("backend.combine (pybind + C++)",
              lambda: backend.combine(buf, state, y, handle, None, 0)),
+            ("[ref] ops._combine (Python impl)",
+             lambda: ops_py._combine(y, handle, None, name, 0)),
         ],
     }
+    for op in ("dispatch", "_dispatch_static", "combine"):
+        dump = torch._C._dispatch_dump(f"deep_ep::{op}").splitlines()
+        kern = [ln for ln in dump if ln.startswith(("CUDA:", "CompositeImplicitAutograd"))]
+        print(f"deep_ep::{op}: " + "; ".join(k.split(" :: ")[0] for k in kern))
     print(f"R=1 T={T} H={H} K={K} E={E} FP8 dispatch / BF16 combine on "
           f"{torch.cuda.get_device_name(dev)}; host us per call (median of {args.repeats} x "
           f"{args.calls} calls, GPU busy)")
@@ -112,7 +132,8 @@ def main() -> None:
             print(f"\n{op} ({mode})")
             prev = None
             for label, us in times:
-                delta = "" if prev is None else f"   (layer above adds {prev - us:6.1f})"
+                delta = "" if prev is None or label.startswith("[ref]") else \
+                    f"   (layer above adds {prev - us:6.1f})"
                 print(f"  {label:40s} {us:7.1f} us{delta}")
                 prev = us
 

@@ -1,0 +1,399 @@
+// CUDA kernels of torch.ops.deep_ep.{_dispatch_static, cached_dispatch, combine} and the
+// composite dispatch, registered in C++ so the dispatcher calls them unboxed: no Python on the
+// eager hot path (autograd aside).
+//
+// * A registry group_name -> (State, AuxState), filled by deep_ep_ops/cuda/backend.py when a
+//   Buffer's CUDA states are created and emptied when they are destroyed.
+// * The shape / dtype / device / contiguity checks of deep_ep_ops/validation.py, ported with the
+//   same messages, raised as c10::ValueError (Python ValueError) before any launch.
+// * Rare paths go back to Python: an unknown group (Python's get_buffer raises its message, or
+//   runs the op when the group is a gloo Buffer given CUDA tensors) and DEEP_EP_OPS_VALIDATE=1
+//   (the value checks read the data: a sync, Python's validation.py does them).
+// * register_kernels() (called by deep_ep_ops.ops._use_cpp_kernels after it removed the Python
+//   CUDA impls) makes the registrations; nothing is registered when the .so is merely loaded.
+#include <torch/extension.h>
+#include <pybind11/stl.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cctype>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "aux_state.hpp"
+#include "ops.hpp"
+#include "state.hpp"
+
+namespace deep_ep_ops {
+namespace {
+
+constexpr int64_t kHeaderRows = 1;  // deep_ep_ops/handle.py HEADER_ROWS
+
+struct Entry {
+  std::shared_ptr<State> state;
+  std::shared_ptr<AuxState> aux;
+};
+
+std::mutex g_mutex;
+std::unordered_map<std::string, Entry>& registry() {
+  static auto* r = new std::unordered_map<std::string, Entry>();  // never destroyed (exit order)
+  return *r;
+}
+
+std::shared_ptr<State> find_state(c10::string_view name) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto& r = registry();
+  auto it = r.find(std::string(name.data(), name.size()));
+  if (it == r.end() || !it->second.state) return nullptr;
+  return it->second.state;
+}
+
+// ---- messages (deep_ep_ops/validation.py _fail / _desc, Python reprs) ---------------------
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat8_e4m3fn: return "torch.float8_e4m3fn";
+    case at::kFloat8_e5m2: return "torch.float8_e5m2";
+    case at::kFloat8_e4m3fnuz: return "torch.float8_e4m3fnuz";
+    case at::kFloat8_e5m2fnuz: return "torch.float8_e5m2fnuz";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: {
+      std::string s = c10::toString(t);
+      for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return "torch." + s;
+    }
+  }
+}
+
+std::string py_tuple(at::IntArrayRef v) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
+  if (v.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+std::string desc(const at::Tensor& t) {
+  return "shape " + py_tuple(t.sizes()) + " " + dtype_name(t.scalar_type()) + " on " +
+         t.device().str();
+}
+
+std::string py_repr(c10::string_view s) {
+  const bool dq = s.find('\'') != c10::string_view::npos && s.find('"') == c10::string_view::npos;
+  const char q = dq ? '"' : '\'';
+  std::string out(1, q);
+  for (char c : s) {
+    if (c == '\\' || c == q) out += '\\';
+    out += c;
+  }
+  return out + q;
+}
+
+[[noreturn]] void fail(const char* op, const char* arg, const std::string& expected,
+                       const std::string& got) {
+  TORCH_CHECK_VALUE(false, "deep_ep.", op, ": ", arg, " must be ", expected, "; got ", got);
+  __builtin_unreachable();
+}
+
+bool is_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn; }
+bool is_index(at::ScalarType t) { return t == at::kInt || t == at::kLong; }
+bool is_scale(at::ScalarType t) { return t == at::kFloat || t == at::kInt; }
+
+struct Named {
+  const char* name;
+  const at::Tensor* t;  // nullptr: None
+};
+
+// validation.check_device + check_contiguous (the group of a registered State is NCCL: CUDA)
+void check_device_contiguous(const char* op, c10::string_view group,
+                             std::initializer_list<Named> tensors) {
+  for (const auto& n : tensors) {
+    if (n.t == nullptr || n.t->is_meta()) continue;
+    if (!n.t->is_cuda())
+      fail(op, n.name, "on cuda (group " + py_repr(group) + " is nccl)", desc(*n.t));
+  }
+  for (const auto& n : tensors) {
+    if (n.t != nullptr && !n.t->is_contiguous())
+      fail(op, n.name, "contiguous", "strides " + py_tuple(n.t->strides()));
+  }
+}
+
+const at::Tensor* opt(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
+}
+
+// ---- Python fallbacks (rare paths) ------------------------------------------------------
+
+bool value_checks_requested() {
+  const char* v = std::getenv("DEEP_EP_OPS_VALIDATE");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+// deep_ep_ops.ops._cuda_slow_path(name, *args): the Python impl of the op (get_buffer, every
+// check of validation.py, the backend call). Used when the group has no registered State.
+template <typename R, typename... Args>
+R python_impl(const char* name, const Args&... args) {
+  pybind11::gil_scoped_acquire gil;
+  pybind11::object fn =
+      pybind11::module_::import("deep_ep_ops.ops").attr("_cuda_slow_path");
+  return fn(name, args...).template cast<R>();
+}
+
+void python_value_checks(const at::Tensor& topk_idx, int64_t num_experts) {
+  pybind11::gil_scoped_acquire gil;
+  pybind11::module_::import("deep_ep_ops.ops").attr("_cuda_value_checks")(topk_idx, num_experts);
+}
+
+// ---- checks (validation.py check_dispatch / check_handle / check_cached_dispatch /
+// check_combine) ------------------------------------------------------------------------
+
+void check_dispatch(const State& st, c10::string_view group, const at::Tensor& x,
+                    const std::optional<at::Tensor>& x_scales, const at::Tensor& topk_idx,
+                    const at::Tensor& topk_weights, int64_t num_experts,
+                    int64_t expert_alignment, int64_t num_sms) {
+  const char* op = "dispatch";
+  if (x.dim() != 2) fail(op, "x", "2-D [T, H]", desc(x));
+  const int64_t T = x.size(0), H = x.size(1);
+  const bool fp8 = is_fp8(x.scalar_type());
+  if (!is_float(x.scalar_type()) && !fp8)
+    fail(op, "x", "a float dtype (bf16/fp16/fp32/fp64) or float8_e4m3fn", desc(x));
+  const auto& cfg = st.cfg;
+  if (H != cfg.hidden)
+    fail(op, "x", "[T, " + std::to_string(cfg.hidden) + "] (hidden of the Buffer for " +
+         py_repr(group) + ")", desc(x));
+  if (T > cfg.max_tokens)
+    fail(op, "x", "at most num_max_tokens_per_rank=" + std::to_string(cfg.max_tokens) + " rows",
+         desc(x));
+  const at::Tensor* s = opt(x_scales);
+  if (fp8 && s == nullptr)
+    fail(op, "x_scales", "a [T, P] float32/int32 tensor when x is float8_e4m3fn", "None");
+  if (s != nullptr) {
+    if (!fp8) fail(op, "x_scales", "None unless x is float8_e4m3fn", desc(*s));
+    if (s->dim() != 2 || s->size(0) != T || !is_scale(s->scalar_type()))
+      fail(op, "x_scales", "[" + std::to_string(T) + ", P] float32 or int32 (4-byte scale packs)",
+           desc(*s));
+    if (s->size(1) > (H + 31) / 32)
+      fail(op, "x_scales", "at most ceil(H/32)=" + std::to_string((H + 31) / 32) +
+           " packs per row", desc(*s));
+  }
+  const int64_t K = cfg.topk;
+  const std::string tk = "[" + std::to_string(T) + ", " + std::to_string(K) + "]";
+  if (topk_idx.dim() != 2 || topk_idx.size(0) != T || topk_idx.size(1) != K ||
+      !is_index(topk_idx.scalar_type()))
+    fail(op, "topk_idx", tk + " int64 or int32 (K = num_topk of the Buffer)", desc(topk_idx));
+  if (topk_weights.dim() != 2 || topk_weights.size(0) != T || topk_weights.size(1) != K ||
+      !is_float(topk_weights.scalar_type()))
+    fail(op, "topk_weights", tk + " float32", desc(topk_weights));
+  if (num_experts != cfg.num_experts)
+    fail(op, "num_experts", std::to_string(cfg.num_experts) + " (num_experts of the Buffer)",
+         std::to_string(num_experts));
+  if (expert_alignment < 1)
+    fail(op, "expert_alignment", "an int >= 1", std::to_string(expert_alignment));
+  if (num_sms < 0) fail(op, "num_sms", ">= 0 (0 = automatic)", std::to_string(num_sms));
+  check_device_contiguous(op, group, {{"x", &x}, {"x_scales", s}, {"topk_idx", &topk_idx},
+                                      {"topk_weights", &topk_weights}});
+}
+
+void check_handle(const char* op, const State& st, c10::string_view group,
+                  const at::Tensor& handle) {
+  const int64_t W = st.handle_width;
+  if (handle.dim() != 2 || handle.size(1) != W || handle.scalar_type() != at::kInt ||
+      handle.size(0) < kHeaderRows)
+    fail(op, "handle", "the int32 [1 + T + C, " + std::to_string(W) +
+         "] handle returned by dispatch on group " + py_repr(group), desc(handle));
+}
+
+void check_cached_dispatch(const State& st, c10::string_view group, const at::Tensor& x,
+                           const std::optional<at::Tensor>& x_scales, const at::Tensor& handle,
+                           int64_t num_sms) {
+  const char* op = "cached_dispatch";
+  check_handle(op, st, group, handle);
+  const bool fp8 = is_fp8(x.scalar_type());
+  if (x.dim() != 2 || !(is_float(x.scalar_type()) || fp8))
+    fail(op, "x", "a 2-D [T, H] float or float8_e4m3fn tensor", desc(x));
+  if (x.size(1) > st.cfg.hidden)
+    fail(op, "x", "[T, <= " + std::to_string(st.cfg.hidden) + "] (hidden of the Buffer)", desc(x));
+  if (x.size(0) > handle.size(0) - kHeaderRows)
+    fail(op, "x", "[T, H] with T of the dispatch that made handle (" +
+         std::to_string(handle.size(0)) + " rows)", desc(x));
+  const at::Tensor* s = opt(x_scales);
+  if (fp8 != (s != nullptr))
+    fail(op, "x_scales", "given exactly when x is float8_e4m3fn", s == nullptr ? "None" : desc(*s));
+  if (s != nullptr && (s->dim() != 2 || s->size(0) != x.size(0) || !is_scale(s->scalar_type())))
+    fail(op, "x_scales", "[" + std::to_string(x.size(0)) + ", P] float32 or int32", desc(*s));
+  if (num_sms < 0) fail(op, "num_sms", ">= 0 (0 = automatic)", std::to_string(num_sms));
+  check_device_contiguous(op, group, {{"x", &x}, {"x_scales", s}, {"handle", &handle}});
+}
+
+void check_combine(const State& st, c10::string_view group, const at::Tensor& x,
+                   const at::Tensor& handle, const std::optional<at::Tensor>& weights,
+                   int64_t num_sms) {
+  const char* op = "combine";
+  check_handle(op, st, group, handle);
+  if (x.dim() != 2 || !is_float(x.scalar_type()))
+    fail(op, "x", "a 2-D [C, H] float tensor (the rows of dispatch's output)", desc(x));
+  if (x.size(1) > st.cfg.hidden)
+    fail(op, "x", "[C, <= " + std::to_string(st.cfg.hidden) + "] (hidden of the Buffer)", desc(x));
+  if (x.size(0) > handle.size(0) - kHeaderRows)
+    fail(op, "x", "[C, H] with C rows of the dispatch that made handle (" +
+         std::to_string(handle.size(0)) + " handle rows)", desc(x));
+  const at::Tensor* w = opt(weights);
+  if (w != nullptr && (w->dim() != 1 || w->size(0) != x.size(0) || !is_float(w->scalar_type())))
+    fail(op, "weights", "None or [" + std::to_string(x.size(0)) + "] float32 (one weight per row)",
+         desc(*w));
+  if (num_sms < 0) fail(op, "num_sms", ">= 0 (0 = automatic)", std::to_string(num_sms));
+  check_device_contiguous(op, group, {{"x", &x}, {"handle", &handle}, {"weights", w}});
+}
+
+// ---- kernels ----------------------------------------------------------------------------
+
+using Out6 = DispatchOut;
+
+Out6 dispatch_static_cuda(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                          const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                          c10::string_view group_name, int64_t num_experts,
+                          int64_t expert_alignment, bool expand, int64_t num_sms) {
+  std::shared_ptr<State> st = find_state(group_name);
+  if (!st)
+    return python_impl<Out6>("_dispatch_static", x, x_scales, topk_idx, topk_weights,
+                             std::string(group_name), num_experts, expert_alignment, expand,
+                             num_sms);
+  check_dispatch(*st, group_name, x, x_scales, topk_idx, topk_weights, num_experts,
+                 expert_alignment, num_sms);
+  if (value_checks_requested() && topk_idx.numel() > 0) python_value_checks(topk_idx, num_experts);
+  return dispatch(*st, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment, expand,
+                  /*exact=*/false, num_sms);
+}
+
+std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
+                                                        const std::optional<at::Tensor>& x_scales,
+                                                        const at::Tensor& handle,
+                                                        c10::string_view group_name,
+                                                        int64_t num_sms) {
+  std::shared_ptr<State> st = find_state(group_name);
+  if (!st)
+    return python_impl<std::tuple<at::Tensor, at::Tensor>>(
+        "cached_dispatch", x, x_scales, handle, std::string(group_name), num_sms);
+  check_cached_dispatch(*st, group_name, x, x_scales, handle, num_sms);
+  return cached_dispatch(*st, x, x_scales, handle, num_sms);
+}
+
+at::Tensor combine_cuda(const at::Tensor& x, const at::Tensor& handle,
+                        const std::optional<at::Tensor>& weights, c10::string_view group_name,
+                        int64_t num_sms) {
+  std::shared_ptr<State> st = find_state(group_name);
+  if (!st)
+    return python_impl<at::Tensor>("combine", x, handle, weights, std::string(group_name),
+                                   num_sms);
+  check_combine(*st, group_name, x, handle, weights, num_sms);
+  return combine(*st, x, handle, weights, num_sms);
+}
+
+// dispatch = _dispatch_static, then _trim_dispatch when exact (ops.py _dispatch): only the
+// collective is effectful, so compile never sees an effectful op with unbacked sizes.
+Out6 dispatch_composite(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                        const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                        c10::string_view group_name, int64_t num_experts,
+                        int64_t expert_alignment, bool expand, bool exact, int64_t num_sms) {
+  static auto static_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("deep_ep::_dispatch_static", "")
+          .typed<Out6(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                      const at::Tensor&, c10::string_view, int64_t, int64_t, bool, int64_t)>();
+  Out6 out = static_op.call(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
+                            expert_alignment, expand, num_sms);
+  if (!exact) return out;
+  static auto trim_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("deep_ep::_trim_dispatch", "")
+          .typed<Out6(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&)>();
+  return trim_op.call(std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
+                      std::get<4>(out), std::get<5>(out));
+}
+
+std::unique_ptr<torch::Library> g_cuda_lib, g_composite_lib;
+
+}  // namespace
+
+// Register the kernels (once). The Python CUDA impls of these ops must be gone already
+// (deep_ep_ops.ops._use_cpp_kernels destroys their Library first).
+void register_kernels(bool composite) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_cuda_lib) {
+    auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "deep_ep",
+                                                c10::DispatchKey::CUDA, __FILE__, __LINE__);
+    lib->impl("_dispatch_static", TORCH_FN(dispatch_static_cuda));
+    lib->impl("cached_dispatch", TORCH_FN(cached_dispatch_cuda));
+    lib->impl("combine", TORCH_FN(combine_cuda));
+    g_cuda_lib = std::move(lib);
+  }
+  if (composite && !g_composite_lib) {
+    auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "deep_ep",
+                                                c10::DispatchKey::CompositeImplicitAutograd,
+                                                __FILE__, __LINE__);
+    lib->impl("dispatch", TORCH_FN(dispatch_composite));
+    g_composite_lib = std::move(lib);
+  }
+}
+
+// Ops whose CUDA kernel register_kernels() provides (ops.py moves exactly these).
+std::vector<std::string> cpp_cuda_ops() { return {"_dispatch_static", "cached_dispatch", "combine"}; }
+
+void register_group(const std::string& name, std::shared_ptr<State> state) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  registry()[name].state = std::move(state);
+}
+
+void register_group_aux(const std::string& name, std::shared_ptr<AuxState> aux) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  registry()[name].aux = std::move(aux);
+}
+
+void unregister_group(const std::string& name) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  registry().erase(name);
+}
+
+std::vector<std::string> registered_groups() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  std::vector<std::string> out;
+  for (const auto& kv : registry()) out.push_back(kv.first);
+  return out;
+}
+
+}  // namespace deep_ep_ops
+
+void deep_ep_ops_bind_torch_ops(pybind11::module_& m) {
+  namespace deo = deep_ep_ops;
+  m.def("register_kernels", &deo::register_kernels, pybind11::arg("composite") = true);
+  m.def("cpp_cuda_ops", &deo::cpp_cuda_ops);
+  m.def("register_group", &deo::register_group);
+  m.def("register_group_aux", &deo::register_group_aux);
+  m.def("unregister_group", &deo::unregister_group);
+  m.def("registered_groups", &deo::registered_groups);
+}

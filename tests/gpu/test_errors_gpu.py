@@ -1,0 +1,229 @@
+"""Bad inputs of the CUDA kernels (registered in C++, csrc/runtime/torch_ops.cpp) raise the
+ValueError of tests/test_errors.py: same argument name, same expectation, before any launch.
+
+One rank, an NCCL group in this process (module fixture). Skips without CUDA.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+E, K, M, HID = 4, 2, 4, 8
+ops = torch.ops.deep_ep
+
+
+@pytest.fixture(scope="module")
+def buf():
+    import torch.distributed as dist
+
+    import deep_ep_ops
+    from deep_ep_ops.localhost import free_port
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1, device_id=dev)
+        group = dist.group.WORLD
+    else:  # e.g. the gloo group of tests/conftest.py: a 1-rank NCCL group beside it
+        group = dist.new_group([0], backend="nccl")
+    b = deep_ep_ops.Buffer(group, num_max_tokens_per_rank=M, hidden=HID, num_topk=K,
+                           num_experts=E)
+    yield b
+    b.destroy()
+
+
+def _inputs(T=3):
+    x = torch.randn(T, HID, device="cuda")
+    idx = torch.tensor([[0, 1], [2, 3], [1, -1]], device="cuda")[:T]
+    w = torch.rand(T, K, device="cuda")
+    return x, idx, w
+
+
+def test_cpp_kernels_registered(buf):
+    for name in ("_dispatch_static", "cached_dispatch", "combine"):
+        dump = torch._C._dispatch_dump(f"deep_ep::{name}")
+        cuda = [line for line in dump.splitlines() if line.startswith("CUDA:")]
+        assert cuda and "torch_ops.cpp" in cuda[0], dump
+    dump = torch._C._dispatch_dump("deep_ep::dispatch")
+    assert "torch_ops.cpp" in dump, dump
+
+
+def test_roundtrip(buf):
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    y = ops.combine(out[0], out[5], None, buf.group_name)
+    torch.testing.assert_close(y, x)
+    exact = ops.dispatch(x, None, idx, w, buf.group_name, E, exact=True)
+    assert exact[0].shape[0] == 3
+
+
+def test_x_dtype(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"dispatch: x must be a float dtype"):
+        ops.dispatch(x.to(torch.int32), None, idx, w, buf.group_name, E)
+
+
+def test_x_not_2d(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"dispatch: x must be 2-D \[T, H\]; got shape "
+                                         r"\(1, 3, 8\) torch.float32 on cuda:0"):
+        ops.dispatch(x[None], None, idx, w, buf.group_name, E)
+
+
+def test_hidden_mismatch(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"x must be \[T, 8\] \(hidden of the Buffer"):
+        ops.dispatch(torch.randn(3, HID + 1, device="cuda"), None, idx, w, buf.group_name, E)
+
+
+def test_too_many_tokens(buf):
+    x = torch.randn(M + 1, HID, device="cuda")
+    idx = torch.zeros(M + 1, K, dtype=torch.int64, device="cuda")
+    idx[:, 1] = 1
+    with pytest.raises(ValueError, match=r"at most num_max_tokens_per_rank=4 rows"):
+        ops.dispatch(x, None, idx, torch.rand(M + 1, K, device="cuda"), buf.group_name, E)
+
+
+def test_topk_idx_shape(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"topk_idx must be \[3, 2\] int64 or int32"):
+        ops.dispatch(x, None, idx[:, :1].contiguous(), w, buf.group_name, E)
+
+
+def test_topk_idx_dtype(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"topk_idx must be .* int64 or int32"):
+        ops.dispatch(x, None, idx.float(), w, buf.group_name, E)
+
+
+def test_topk_weights_shape(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"topk_weights must be \[3, 2\]"):
+        ops.dispatch(x, None, idx, w[:2], buf.group_name, E)
+
+
+def test_num_experts_mismatch(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"num_experts must be 4"):
+        ops.dispatch(x, None, idx, w, buf.group_name, 8)
+
+
+def test_fp8_without_scales(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"x_scales must be a \[T, P\]"):
+        ops.dispatch(x.to(torch.float8_e4m3fn), None, idx, w, buf.group_name, E)
+
+
+def test_scales_wrong_dtype(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"x_scales must be \[3, P\] float32 or int32"):
+        ops.dispatch(x.to(torch.float8_e4m3fn),
+                     torch.ones(3, 1, dtype=torch.float16, device="cuda"), idx, w,
+                     buf.group_name, E)
+
+
+def test_bad_alignment(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"expert_alignment must be an int >= 1"):
+        ops.dispatch(x, None, idx, w, buf.group_name, E, 0)
+
+
+def test_negative_num_sms(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"dispatch: num_sms must be >= 0"):
+        ops.dispatch(x, None, idx, w, buf.group_name, E, 1, False, False, -1)
+
+
+def test_unknown_group_name(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"group_name='nope': no deep_ep_ops.Buffer"):
+        ops.dispatch(x, None, idx, w, "nope", E)
+    with pytest.raises(ValueError, match=r"group_name='nope': no deep_ep_ops.Buffer"):
+        ops.combine(x, torch.zeros(9, 9, dtype=torch.int32, device="cuda"), None, "nope")
+
+
+def test_wrong_device(buf):
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"dispatch: topk_idx must be on cuda \(group .* is "
+                                         r"nccl\); got shape \(3, 2\) torch.int64 on cpu"):
+        ops.dispatch(x, None, idx.cpu(), w, buf.group_name, E)
+
+
+def test_not_contiguous(buf):
+    x, idx, w = _inputs()
+    xt = torch.randn(HID, 3, device="cuda").t()
+    with pytest.raises(ValueError, match=r"dispatch: x must be contiguous; got strides \(1, 3\)"):
+        ops.dispatch(xt, None, idx, w, buf.group_name, E)
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    ("out_of_range", r"expert ids in \[-1, 4\).*topk_idx\[1, 0\] = 4"),
+    ("below", r"topk_idx\[0, 1\] = -2"),
+    ("duplicate", r"free of duplicate expert ids within a row.*row 2"),
+])
+def test_expert_ids_validate(buf, monkeypatch, bad, pattern):
+    monkeypatch.setenv("DEEP_EP_OPS_VALIDATE", "1")
+    x, idx, w = _inputs()
+    if bad == "out_of_range":
+        idx[1, 0] = E
+    elif bad == "below":
+        idx[0, 1] = -2
+    else:
+        idx[2] = torch.tensor([3, 3])
+    with pytest.raises(ValueError, match=pattern):
+        ops.dispatch(x, None, idx, w, buf.group_name, E)
+
+
+def test_combine_bad_handle(buf):
+    with pytest.raises(ValueError, match=r"combine: handle must be the int32"):
+        ops.combine(torch.randn(4, HID, device="cuda"),
+                    torch.zeros(9, 3, dtype=torch.int32, device="cuda"), None, buf.group_name)
+
+
+def test_combine_weights_shape(buf):
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    with pytest.raises(ValueError, match=r"weights must be None or \[4\] float32"):
+        ops.combine(out[0], out[5], torch.ones(3, device="cuda"), buf.group_name)
+
+
+def test_combine_too_wide(buf):
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    with pytest.raises(ValueError, match=r"combine: x must be \[C, <= 8\]"):
+        ops.combine(torch.randn(out[0].shape[0], HID + 1, device="cuda"), out[5], None,
+                    buf.group_name)
+
+
+def test_combine_int_x(buf):
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    with pytest.raises(ValueError, match=r"combine: x must be a 2-D \[C, H\] float tensor"):
+        ops.combine(out[0].int(), out[5], None, buf.group_name)
+
+
+def test_cached_dispatch_bad_handle(buf):
+    with pytest.raises(ValueError, match=r"cached_dispatch: handle must be the int32"):
+        ops.cached_dispatch(torch.randn(3, HID, device="cuda"), None,
+                            torch.zeros(9, 3, dtype=torch.int32, device="cuda"), buf.group_name)
+
+
+def test_cached_dispatch_scales_without_fp8(buf):
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    with pytest.raises(ValueError, match=r"x_scales must be given exactly when x is "
+                                         r"float8_e4m3fn"):
+        ops.cached_dispatch(x, torch.ones(3, 1, device="cuda"), out[5], buf.group_name)
+
+
+def test_cached_dispatch_too_wide(buf):
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    with pytest.raises(ValueError, match=r"cached_dispatch: x must be \[T, <= 8\]"):
+        ops.cached_dispatch(torch.randn(3, HID + 1, device="cuda"), None, out[5],
+                            buf.group_name)
