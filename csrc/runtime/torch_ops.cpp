@@ -26,6 +26,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -153,19 +154,43 @@ bool value_checks_requested() {
   return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
+// Calls deep_ep_ops.ops.<fn_name>(args...) holding the GIL. A Python exception is turned into
+// a C++ one here, with the GIL still held, because a pybind11 exception crossing the dispatcher
+// (which runs kernels without the GIL) takes the process down: ValueError -> c10::ValueError
+// (Python ValueError, same message), anything else -> c10::Error.
+template <typename R, typename... Args>
+R call_python(const char* fn_name, const Args&... args) {
+  std::string message;
+  bool value_error = false;
+  {
+    pybind11::gil_scoped_acquire gil;
+    try {
+      pybind11::object fn = pybind11::module_::import("deep_ep_ops.ops").attr(fn_name);
+      if constexpr (std::is_void_v<R>) {
+        fn(args...);
+        return;
+      } else {
+        return fn(args...).template cast<R>();
+      }
+    } catch (pybind11::error_already_set& e) {
+      value_error = e.matches(PyExc_ValueError);
+      message = pybind11::str(e.value()).cast<std::string>();
+    }
+  }
+  if (value_error) TORCH_CHECK_VALUE(false, message);
+  TORCH_CHECK(false, "deep_ep_ops.ops.", fn_name, " raised: ", message);
+  __builtin_unreachable();
+}
+
 // deep_ep_ops.ops._cuda_slow_path(name, *args): the Python impl of the op (get_buffer, every
 // check of validation.py, the backend call). Used when the group has no registered State.
 template <typename R, typename... Args>
 R python_impl(const char* name, const Args&... args) {
-  pybind11::gil_scoped_acquire gil;
-  pybind11::object fn =
-      pybind11::module_::import("deep_ep_ops.ops").attr("_cuda_slow_path");
-  return fn(name, args...).template cast<R>();
+  return call_python<R>("_cuda_slow_path", name, args...);
 }
 
 void python_value_checks(const at::Tensor& topk_idx, int64_t num_experts) {
-  pybind11::gil_scoped_acquire gil;
-  pybind11::module_::import("deep_ep_ops.ops").attr("_cuda_value_checks")(topk_idx, num_experts);
+  call_python<void>("_cuda_value_checks", topk_idx, num_experts);
 }
 
 // ---- checks (validation.py check_dispatch / check_handle / check_cached_dispatch /
