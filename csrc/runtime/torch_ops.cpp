@@ -23,7 +23,6 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -86,18 +85,30 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
+// Python's repr of a tuple of ints: (3,) and (1, 3, 8). Built with std::to_string: an
+// std::ostringstream here segfaulted inside the extension on the GPU image (torch 2.11+cu130,
+// g++ 13.3), so this file uses no iostreams.
 std::string py_tuple(at::IntArrayRef v) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
-  if (v.size() == 1) os << ",";
-  os << ")";
-  return os.str();
+  std::string s = "(";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  if (v.size() == 1) s += ",";
+  return s + ")";
+}
+
+// str(tensor.device) for the devices these ops see.
+std::string device_str(const at::Tensor& t) {
+  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device());
+  if (t.is_cpu()) return "cpu";
+  if (t.is_meta()) return "meta";
+  return "a non-CUDA device";
 }
 
 std::string desc(const at::Tensor& t) {
   return "shape " + py_tuple(t.sizes()) + " " + dtype_name(t.scalar_type()) + " on " +
-         t.device().str();
+         device_str(t);
 }
 
 std::string py_repr(c10::string_view s) {

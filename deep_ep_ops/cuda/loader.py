@@ -93,8 +93,9 @@ def cuda_arches() -> list[str]:
 
 def _flags(root: Path) -> tuple[list[str], list[str], list[str]]:
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_arches()]
-    cflags = ["-O3", "-std=c++17"]
-    cuda_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
+    # torch >= 2.10 builds itself and its extensions as C++20; the headers assume it.
+    cflags = ["-O3", "-std=c++20"]
+    cuda_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
     lib = root / "lib"
     ldflags = [f"-L{lib}", "-l:libnccl.so.2", f"-Wl,-rpath,{lib}"]
     return cflags, cuda_flags, ldflags
