@@ -1,4 +1,4 @@
-"""An MoE layer under torch.compile(fullgraph=True, mode="reduce-overhead") on 2 GPUs matches
+"""An MoE layer under torch.compile(fullgraph=True, mode="reduce-overhead") on 1 and 2 GPUs matches
 eager, forward and backward (static capacity: the compiled graph may be CUDA-graphed)."""
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def _body(rank: int, world: int, gloo, layout: str) -> None:
     buf.destroy()
 
 
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("layout", ["expert_major", "compact"])
-def test_compiled_reduce_overhead_matches_eager(layout: str) -> None:
-    if gpus() < 2:
-        pytest.skip("needs 2 GPUs")
-    run_gpus(_body, 2, layout)
+def test_compiled_reduce_overhead_matches_eager(layout: str, world: int) -> None:
+    if gpus() < world:
+        pytest.skip(f"needs {world} GPUs")
+    run_gpus(_body, world, layout)
