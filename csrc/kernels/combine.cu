@@ -15,22 +15,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
+#include "accumulate.cuh"
 #include "barrier.cuh"
 
 namespace deep_ep_ops {
 namespace {
 
 using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V >= 16 ? 16 : sizeof(T) * V) Pack {
@@ -39,16 +32,17 @@ struct alignas(sizeof(T) * V >= 16 ? 16 : sizeof(T) * V) Pack {
 
 template <typename T, int V>
 __device__ __forceinline__ void load_f32(const T* p, float (&out)[V]) {
+  static_assert(std::is_same_v<typename Acc<T>::type, float>, "combine sums 16/32-bit floats");
   const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
 #pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = to_f32(pk.v[i]);
+  for (int i = 0; i < V; ++i) out[i] = to_acc(pk.v[i]);
 }
 
 template <typename T, int V>
 __device__ __forceinline__ void store_from_f32(T* p, const float (&in)[V]) {
   Pack<T, V> pk;
 #pragma unroll
-  for (int i = 0; i < V; ++i) pk.v[i] = from_f32<T>(in[i]);
+  for (int i = 0; i < V; ++i) pk.v[i] = from_acc<T>(in[i]);
   *reinterpret_cast<Pack<T, V>*>(p) = pk;
 }
 
@@ -72,7 +66,7 @@ __device__ __forceinline__ void load_chunk(const T* row, int64_t c0, int64_t Wd,
 #pragma unroll
   for (int u = 0; u < U; ++u)
 #pragma unroll
-    for (int i = 0; i < V; ++i) out[u][i] = to_f32(pk[u].v[i]);
+    for (int i = 0; i < V; ++i) out[u][i] = to_acc(pk[u].v[i]);
 }
 
 template <typename T, int V, int U>
@@ -103,7 +97,7 @@ __device__ __forceinline__ void add_term(float (&acc)[U][V], const Pack<T, V> (&
   for (int u = 0; u < U; ++u)
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      float v = to_f32(pk[u].v[i]);
+      float v = to_acc(pk[u].v[i]);
       if (weighted) v = __fmul_rn(w, v);
       acc[u][i] = first ? v : __fadd_rn(acc[u][i], v);
     }
