@@ -16,16 +16,29 @@ def _barrier(group) -> None:
     torch.cuda.synchronize()
 
 
+def hold_gpu(us: float = 300.0) -> None:
+    """Queue a spin kernel of about ``us`` microseconds on the current stream.
+
+    Work enqueued behind it then starts back to back on the GPU, so CUDA events around it time
+    the device work. Without it the GPU is idle when the start event is recorded and waits for
+    every launch: the "device time" of a call becomes its host launch time (at one rank and for
+    small batches that was all of it)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    khz = getattr(props, "clock_rate", 0) or 2_000_000
+    torch.cuda._sleep(int(us * khz / 1e3))
+
+
 def event_median_us(fn: Callable[[], object], iters: int = 30, warmup: int = 5,
                     group=None) -> float:
     """Median over ``iters`` calls of the device time of one call (CUDA events on the current
-    stream), all ranks starting together."""
+    stream, the call enqueued behind hold_gpu), all ranks starting together."""
     for _ in range(warmup):
         fn()
     _barrier(group)
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        hold_gpu()
         start.record()
         fn()
         end.record()

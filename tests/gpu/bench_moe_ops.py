@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from bench.timing import hold_gpu  # noqa: E402
 from tests.gpu.dist_gpu import gpus, run_gpus  # noqa: E402
 
 
@@ -35,6 +36,7 @@ def _median_us(fn, iters, gloo, reps=10):
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         fn()  # absorbs the skew
+        hold_gpu()  # the timed calls are all enqueued before the GPU reaches them
         a.record()
         for _ in range(reps):
             fn()
