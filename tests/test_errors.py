@@ -18,54 +18,116 @@ def buf(single_rank_group):
     b.destroy()
 
 
-def _inputs(T=3):
-    x = torch.randn(T, HID)
-    idx = torch.tensor([[0, 1], [2, 3], [1, -1]])[:T]
-    w = torch.rand(T, K)
+def _inputs(T=3, device="cpu"):
+    x = torch.randn(T, HID, device=device)
+    idx = torch.tensor([[0, 1], [2, 3], [1, -1]], device=device)[:T]
+    w = torch.rand(T, K, device=device)
     return x, idx, w
 
 
-def test_x_dtype(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"dispatch: x must be a float dtype"):
-        ops.dispatch(x.to(torch.int32), None, idx, w, buf.group_name, E)
+# The shape / dtype checks of dispatch and combine, as (buf, device) -> (call, message pattern).
+# Here they run on CPU tensors (deep_ep_ops/validation.py raises); tests/gpu/test_errors_gpu.py
+# runs the same table on CUDA tensors, where the C++ kernels (csrc/runtime/torch_ops.cpp) raise.
+def _dispatch_call(buf, x, idx, w, x_scales=None, num_experts=E, *rest):
+    return lambda: ops.dispatch(x, x_scales, idx, w, buf.group_name, num_experts, *rest)
 
 
-def test_x_not_2d(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"dispatch: x must be 2-D \[T, H\]"):
-        ops.dispatch(x[None], None, idx, w, buf.group_name, E)
+def _x_dtype(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    return _dispatch_call(buf, x.to(torch.int32), idx, w), r"dispatch: x must be a float dtype"
 
 
-def test_hidden_mismatch(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"x must be \[T, 8\] \(hidden of the Buffer"):
-        ops.dispatch(torch.randn(3, HID + 1), None, idx, w, buf.group_name, E)
+def _x_not_2d(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    return _dispatch_call(buf, x[None], idx, w), r"dispatch: x must be 2-D \[T, H\]"
 
 
-def test_too_many_tokens(buf):
-    x = torch.randn(M + 1, HID)
-    idx = torch.zeros(M + 1, K, dtype=torch.int64).copy_(torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"at most num_max_tokens_per_rank=4 rows"):
-        ops.dispatch(x, None, idx, torch.rand(M + 1, K), buf.group_name, E)
+def _hidden_mismatch(buf, dev):
+    _, idx, w = _inputs(device=dev)
+    return (_dispatch_call(buf, torch.randn(3, HID + 1, device=dev), idx, w),
+            r"x must be \[T, 8\] \(hidden of the Buffer")
 
 
-def test_topk_idx_shape(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"topk_idx must be \[3, 2\] int64 or int32"):
-        ops.dispatch(x, None, idx[:, :1], w, buf.group_name, E)
+def _too_many_tokens(buf, dev):
+    x = torch.randn(M + 1, HID, device=dev)
+    idx = torch.zeros(M + 1, K, dtype=torch.int64, device=dev)
+    idx[:, 1] = 1
+    return (_dispatch_call(buf, x, idx, torch.rand(M + 1, K, device=dev)),
+            r"at most num_max_tokens_per_rank=4 rows")
 
 
-def test_topk_idx_dtype(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"topk_idx must be .* int64 or int32"):
-        ops.dispatch(x, None, idx.float(), w, buf.group_name, E)
+def _topk_idx_shape(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    return (_dispatch_call(buf, x, idx[:, :1].contiguous(), w),
+            r"topk_idx must be \[3, 2\] int64 or int32")
 
 
-def test_topk_weights_shape(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"topk_weights must be \[3, 2\]"):
-        ops.dispatch(x, None, idx, w[:2], buf.group_name, E)
+def _topk_idx_dtype(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    return _dispatch_call(buf, x, idx.float(), w), r"topk_idx must be .* int64 or int32"
+
+
+def _topk_weights_shape(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    return _dispatch_call(buf, x, idx, w[:2]), r"topk_weights must be \[3, 2\]"
+
+
+def _num_experts_mismatch(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    return _dispatch_call(buf, x, idx, w, None, 8), r"num_experts must be 4"
+
+
+def _fp8_without_scales(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    return (_dispatch_call(buf, x.to(torch.float8_e4m3fn), idx, w),
+            r"x_scales must be a \[T, P\]")
+
+
+def _scales_wrong_dtype(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    scales = torch.ones(3, 1, dtype=torch.float16, device=dev)
+    return (_dispatch_call(buf, x.to(torch.float8_e4m3fn), idx, w, scales),
+            r"x_scales must be \[3, P\] float32 or int32")
+
+
+def _bad_alignment(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    return _dispatch_call(buf, x, idx, w, None, E, 0), r"expert_alignment must be an int >= 1"
+
+
+def _combine_bad_handle(buf, dev):
+    def call():
+        ops.combine(torch.randn(4, HID, device=dev),
+                    torch.zeros(9, 3, dtype=torch.int32, device=dev), None, buf.group_name)
+    return call, r"combine: handle must be the int32"
+
+
+def _combine_weights_shape(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    return (lambda: ops.combine(out[0], out[5], torch.ones(3, device=dev), buf.group_name),
+            r"weights must be None or \[4\] float32")
+
+
+def _combine_too_wide(buf, dev):
+    x, idx, w = _inputs(device=dev)
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    wide = torch.randn(out[0].shape[0], HID + 1, device=dev)
+    return (lambda: ops.combine(wide, out[5], None, buf.group_name),
+            r"combine: x must be \[C, <= 8\]")
+
+
+SHAPE_CASES = {f.__name__[1:]: f for f in (
+    _x_dtype, _x_not_2d, _hidden_mismatch, _too_many_tokens, _topk_idx_shape, _topk_idx_dtype,
+    _topk_weights_shape, _num_experts_mismatch, _fp8_without_scales, _scales_wrong_dtype,
+    _bad_alignment, _combine_bad_handle, _combine_weights_shape, _combine_too_wide)}
+
+
+@pytest.mark.parametrize("case", sorted(SHAPE_CASES))
+def test_shape_checks(buf, case):
+    call, pattern = SHAPE_CASES[case](buf, "cpu")
+    with pytest.raises(ValueError, match=pattern):
+        call()
 
 
 def test_expert_id_out_of_range(buf):
@@ -89,41 +151,10 @@ def test_duplicate_expert_in_row(buf):
         ops.dispatch(x, None, idx, w, buf.group_name, E)
 
 
-def test_num_experts_mismatch(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"num_experts must be 4"):
-        ops.dispatch(x, None, idx, w, buf.group_name, 8)
-
-
-def test_fp8_without_scales(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"x_scales must be a \[T, P\]"):
-        ops.dispatch(x.to(torch.float8_e4m3fn), None, idx, w, buf.group_name, E)
-
-
-def test_scales_wrong_dtype(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"x_scales must be \[3, P\] float32 or int32"):
-        ops.dispatch(x.to(torch.float8_e4m3fn), torch.ones(3, 1, dtype=torch.float16), idx, w,
-                     buf.group_name, E)
-
-
-def test_bad_alignment(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"expert_alignment must be an int >= 1"):
-        ops.dispatch(x, None, idx, w, buf.group_name, E, 0)
-
-
 def test_unknown_group_name(buf):
     x, idx, w = _inputs()
     with pytest.raises(ValueError, match=r"group_name='nope': no deep_ep_ops.Buffer"):
         ops.dispatch(x, None, idx, w, "nope", E)
-
-
-def test_combine_bad_handle(buf):
-    with pytest.raises(ValueError, match=r"combine: handle must be the int32"):
-        ops.combine(torch.randn(4, HID), torch.zeros(9, 3, dtype=torch.int32), None,
-                    buf.group_name)
 
 
 def test_combine_rows_mismatch(buf):
@@ -131,20 +162,6 @@ def test_combine_rows_mismatch(buf):
     out = ops.dispatch(x, None, idx, w, buf.group_name, E)
     with pytest.raises(ValueError, match=r"handle does not match the inputs"):
         ops.combine(out[0][:-1], out[5], None, buf.group_name)
-
-
-def test_combine_weights_shape(buf):
-    x, idx, w = _inputs()
-    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
-    with pytest.raises(ValueError, match=r"weights must be None or \[4\] float32"):
-        ops.combine(out[0], out[5], torch.ones(3), buf.group_name)
-
-
-def test_combine_too_wide(buf):
-    x, idx, w = _inputs()
-    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
-    with pytest.raises(ValueError, match=r"combine: x must be \[C, <= 8\]"):
-        ops.combine(torch.randn(out[0].shape[0], HID + 1), out[5], None, buf.group_name)
 
 
 def test_engram_without_table(buf):

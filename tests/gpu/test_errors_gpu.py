@@ -1,5 +1,6 @@
 """Bad inputs of the CUDA kernels (registered in C++, csrc/runtime/torch_ops.cpp) raise the
-ValueError of tests/test_errors.py: same argument name, same expectation, before any launch.
+ValueError of tests/test_errors.py: its shape/dtype table (SHAPE_CASES) runs here on CUDA
+tensors, plus the CUDA-only paths (device, contiguity, the Python fallbacks).
 
 One rank, an NCCL group in this process (module fixture). Skips without CUDA.
 """
@@ -10,9 +11,11 @@ import os
 import pytest
 import torch
 
+from tests.test_errors import HID, SHAPE_CASES, E, K, M
+from tests.test_errors import _inputs as _inputs_on
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-E, K, M, HID = 4, 2, 4, 8
 ops = torch.ops.deep_ep
 
 
@@ -38,10 +41,7 @@ def buf():
 
 
 def _inputs(T=3):
-    x = torch.randn(T, HID, device="cuda")
-    idx = torch.tensor([[0, 1], [2, 3], [1, -1]], device="cuda")[:T]
-    w = torch.rand(T, K, device="cuda")
-    return x, idx, w
+    return _inputs_on(T, "cuda")
 
 
 def test_cpp_kernels_registered(buf):
@@ -53,6 +53,21 @@ def test_cpp_kernels_registered(buf):
     assert "torch_ops.cpp" in dump, dump
 
 
+@pytest.mark.parametrize("case", sorted(SHAPE_CASES))
+def test_shape_checks(buf, case):
+    call, pattern = SHAPE_CASES[case](buf, "cuda")
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def test_full_message(buf):
+    """The C++ message is the Python one to the last character (shape, dtype, device)."""
+    x, idx, w = _inputs()
+    with pytest.raises(ValueError, match=r"dispatch: x must be 2-D \[T, H\]; got shape "
+                                         r"\(1, 3, 8\) torch.float32 on cuda:0"):
+        ops.dispatch(x[None], None, idx, w, buf.group_name, E)
+
+
 def test_roundtrip(buf):
     x, idx, w = _inputs()
     out = ops.dispatch(x, None, idx, w, buf.group_name, E)
@@ -60,77 +75,6 @@ def test_roundtrip(buf):
     torch.testing.assert_close(y, x)
     exact = ops.dispatch(x, None, idx, w, buf.group_name, E, exact=True)
     assert exact[0].shape[0] == 3
-
-
-def test_x_dtype(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"dispatch: x must be a float dtype"):
-        ops.dispatch(x.to(torch.int32), None, idx, w, buf.group_name, E)
-
-
-def test_x_not_2d(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"dispatch: x must be 2-D \[T, H\]; got shape "
-                                         r"\(1, 3, 8\) torch.float32 on cuda:0"):
-        ops.dispatch(x[None], None, idx, w, buf.group_name, E)
-
-
-def test_hidden_mismatch(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"x must be \[T, 8\] \(hidden of the Buffer"):
-        ops.dispatch(torch.randn(3, HID + 1, device="cuda"), None, idx, w, buf.group_name, E)
-
-
-def test_too_many_tokens(buf):
-    x = torch.randn(M + 1, HID, device="cuda")
-    idx = torch.zeros(M + 1, K, dtype=torch.int64, device="cuda")
-    idx[:, 1] = 1
-    with pytest.raises(ValueError, match=r"at most num_max_tokens_per_rank=4 rows"):
-        ops.dispatch(x, None, idx, torch.rand(M + 1, K, device="cuda"), buf.group_name, E)
-
-
-def test_topk_idx_shape(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"topk_idx must be \[3, 2\] int64 or int32"):
-        ops.dispatch(x, None, idx[:, :1].contiguous(), w, buf.group_name, E)
-
-
-def test_topk_idx_dtype(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"topk_idx must be .* int64 or int32"):
-        ops.dispatch(x, None, idx.float(), w, buf.group_name, E)
-
-
-def test_topk_weights_shape(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"topk_weights must be \[3, 2\]"):
-        ops.dispatch(x, None, idx, w[:2], buf.group_name, E)
-
-
-def test_num_experts_mismatch(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"num_experts must be 4"):
-        ops.dispatch(x, None, idx, w, buf.group_name, 8)
-
-
-def test_fp8_without_scales(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"x_scales must be a \[T, P\]"):
-        ops.dispatch(x.to(torch.float8_e4m3fn), None, idx, w, buf.group_name, E)
-
-
-def test_scales_wrong_dtype(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"x_scales must be \[3, P\] float32 or int32"):
-        ops.dispatch(x.to(torch.float8_e4m3fn),
-                     torch.ones(3, 1, dtype=torch.float16, device="cuda"), idx, w,
-                     buf.group_name, E)
-
-
-def test_bad_alignment(buf):
-    x, idx, w = _inputs()
-    with pytest.raises(ValueError, match=r"expert_alignment must be an int >= 1"):
-        ops.dispatch(x, None, idx, w, buf.group_name, E, 0)
 
 
 def test_negative_num_sms(buf):
@@ -155,7 +99,7 @@ def test_wrong_device(buf):
 
 
 def test_not_contiguous(buf):
-    x, idx, w = _inputs()
+    _, idx, w = _inputs()
     xt = torch.randn(HID, 3, device="cuda").t()
     with pytest.raises(ValueError, match=r"dispatch: x must be contiguous; got strides \(1, 3\)"):
         ops.dispatch(xt, None, idx, w, buf.group_name, E)
@@ -177,27 +121,6 @@ def test_expert_ids_validate(buf, monkeypatch, bad, pattern):
         idx[2] = torch.tensor([3, 3])
     with pytest.raises(ValueError, match=pattern):
         ops.dispatch(x, None, idx, w, buf.group_name, E)
-
-
-def test_combine_bad_handle(buf):
-    with pytest.raises(ValueError, match=r"combine: handle must be the int32"):
-        ops.combine(torch.randn(4, HID, device="cuda"),
-                    torch.zeros(9, 3, dtype=torch.int32, device="cuda"), None, buf.group_name)
-
-
-def test_combine_weights_shape(buf):
-    x, idx, w = _inputs()
-    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
-    with pytest.raises(ValueError, match=r"weights must be None or \[4\] float32"):
-        ops.combine(out[0], out[5], torch.ones(3, device="cuda"), buf.group_name)
-
-
-def test_combine_too_wide(buf):
-    x, idx, w = _inputs()
-    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
-    with pytest.raises(ValueError, match=r"combine: x must be \[C, <= 8\]"):
-        ops.combine(torch.randn(out[0].shape[0], HID + 1, device="cuda"), out[5], None,
-                    buf.group_name)
 
 
 def test_combine_int_x(buf):
