@@ -172,6 +172,10 @@ def _use_cpp_kernels(ext) -> None:
     except BaseException:
         _register_py_cuda()
         raise
+    # C++ autograd kernels of the same ops for CUDA tensors (the Python ones of autograd.py
+    # stay on the Autograd alias key: CPU tensors, and CUDA with DEEP_EP_OPS_CPP_AUTOGRAD=0).
+    if os.environ.get("DEEP_EP_OPS_CPP_AUTOGRAD", "1") != "0":
+        ext.register_autograd_kernels()
     if not composite:  # keep the Python composite dispatch (debug switch)
         lib = torch.library.Library(NAMESPACE, "IMPL")
         lib.impl("dispatch", _dispatch, "CompositeImplicitAutograd")

@@ -63,4 +63,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("combine", &deo::combine, py::call_guard<py::gil_scoped_release>());
   void deep_ep_ops_bind_aux(pybind11::module_&); deep_ep_ops_bind_aux(m);  // aux_bindings.cpp
   void deep_ep_ops_bind_torch_ops(pybind11::module_&); deep_ep_ops_bind_torch_ops(m);  // torch_ops.cpp
+  void deep_ep_ops_bind_torch_autograd(pybind11::module_&); deep_ep_ops_bind_torch_autograd(m);  // torch_autograd.cpp
 }

@@ -36,7 +36,6 @@
 namespace deep_ep_ops {
 namespace {
 
-constexpr int64_t kHeaderRows = 1;  // deep_ep_ops/handle.py HEADER_ROWS
 
 struct Entry {
   std::shared_ptr<State> state;
@@ -258,7 +257,7 @@ void check_handle(const char* op, const State& st, c10::string_view group,
                   const at::Tensor& handle) {
   const int64_t W = st.handle_width;
   if (handle.dim() != 2 || handle.size(1) != W || handle.scalar_type() != at::kInt ||
-      handle.size(0) < kHeaderRows)
+      handle.size(0) < handle::kHeaderRows)
     fail(op, "handle", "the int32 [1 + T + C, " + std::to_string(W) +
          "] handle returned by dispatch on group " + py_repr(group), desc(handle));
 }
@@ -273,7 +272,7 @@ void check_cached_dispatch(const State& st, c10::string_view group, const at::Te
     fail(op, "x", "a 2-D [T, H] float or float8_e4m3fn tensor", desc(x));
   if (x.size(1) > st.cfg.hidden)
     fail(op, "x", "[T, <= " + std::to_string(st.cfg.hidden) + "] (hidden of the Buffer)", desc(x));
-  if (x.size(0) > handle.size(0) - kHeaderRows)
+  if (x.size(0) > handle.size(0) - handle::kHeaderRows)
     fail(op, "x", "[T, H] with T of the dispatch that made handle (" +
          std::to_string(handle.size(0)) + " rows)", desc(x));
   const at::Tensor* s = opt(x_scales);
@@ -294,7 +293,7 @@ void check_combine(const State& st, c10::string_view group, const at::Tensor& x,
     fail(op, "x", "a 2-D [C, H] float tensor (the rows of dispatch's output)", desc(x));
   if (x.size(1) > st.cfg.hidden)
     fail(op, "x", "[C, <= " + std::to_string(st.cfg.hidden) + "] (hidden of the Buffer)", desc(x));
-  if (x.size(0) > handle.size(0) - kHeaderRows)
+  if (x.size(0) > handle.size(0) - handle::kHeaderRows)
     fail(op, "x", "[C, H] with C rows of the dispatch that made handle (" +
          std::to_string(handle.size(0)) + " handle rows)", desc(x));
   const at::Tensor* w = opt(weights);

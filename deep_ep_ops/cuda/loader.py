@@ -31,6 +31,7 @@ _SOURCES = (
     "runtime/bindings.cpp",
     "runtime/ops.cpp",
     "runtime/torch_ops.cpp",  # TORCH_LIBRARY CUDA kernels + group registry
+    "runtime/torch_autograd.cpp",  # AutogradCUDA kernels of the same ops
     "runtime/state.cu",
     "kernels/setup.cu",
     "kernels/layout.cu",

@@ -7,7 +7,10 @@ the time from call to return is pure host work (Python + dispatcher + C++ + laun
 layer of the call stack is timed on its own, so the differences split the cost:
 
   torch.ops.deep_ep.dispatch      public op: composite dispatch (C++) -> _dispatch_static
-  torch.ops.deep_ep._dispatch_static   dispatcher + Python autograd kernel + C++ CUDA kernel
+  torch.ops.deep_ep._dispatch_static   dispatcher + autograd kernel (C++, AutogradCUDA:
+                                  csrc/runtime/torch_autograd.cpp) + C++ CUDA kernel
+  [grad] torch.ops.deep_ep.*      the public op with topk_weights / x requiring grad: the
+                                  autograd node is built (the training path)
   ... below autograd              dispatcher + C++ CUDA kernel (registry, checks, launches;
                                   csrc/runtime/torch_ops.cpp), the autograd key skipped
   backend.dispatch                pybind11 + the C++ entry (allocations, launches), no checks
@@ -90,6 +93,8 @@ def main() -> None:
     out = torch.ops.deep_ep.dispatch(x, s, idx, w, name, E, 1, False, False, 0)
     handle = out[5]
     y = out[0].to(torch.bfloat16)
+    w_rg = w.clone().requires_grad_()
+    y_rg = y.clone().requires_grad_()
     torch.cuda.synchronize()
 
     layers = {
@@ -101,6 +106,8 @@ def main() -> None:
             ("  ... below autograd (C++ kernel)",
              _below_autograd(lambda: torch.ops.deep_ep._dispatch_static(
                  x, s, idx, w, name, E, 1, False, 0))),
+            ("[grad] torch.ops.deep_ep.dispatch",
+             lambda: torch.ops.deep_ep.dispatch(x, s, idx, w_rg, name, E, 1, False, False, 0)),
             ("backend.dispatch (pybind + C++)",
              lambda: backend.dispatch(buf, state, x, s, idx, w, E, 1, False, False, 0)),
             ("[ref] ops._dispatch_static (Python impl)",
@@ -111,6 +118,8 @@ def main() -> None:
              lambda: torch.ops.deep_ep.combine(y, handle, None, name, 0)),
             ("  ... below autograd (C++ kernel)",
              _below_autograd(lambda: torch.ops.deep_ep.combine(y, handle, None, name, 0))),
+            ("[grad] torch.ops.deep_ep.combine",
+             lambda: torch.ops.deep_ep.combine(y_rg, handle, None, name, 0)),
             ("backend.combine (pybind + C++)",
              lambda: backend.combine(buf, state, y, handle, None, 0)),
             ("[ref] ops._combine (Python impl)",
@@ -119,7 +128,8 @@ def main() -> None:
     }
     for op in ("dispatch", "_dispatch_static", "combine"):
         dump = torch._C._dispatch_dump(f"deep_ep::{op}").splitlines()
-        kern = [ln for ln in dump if ln.startswith(("CUDA:", "CompositeImplicitAutograd"))]
+        kern = [ln for ln in dump
+                if ln.startswith(("CUDA:", "AutogradCUDA:", "CompositeImplicitAutograd"))]
         print(f"deep_ep::{op}: " + "; ".join(k.split(" :: ")[0] for k in kern))
     print(f"R=1 T={T} H={H} K={K} E={E} FP8 dispatch / BF16 combine on "
           f"{torch.cuda.get_device_name(dev)}; host us per call (median of {args.repeats} x "
@@ -132,10 +142,11 @@ def main() -> None:
             print(f"\n{op} ({mode})")
             prev = None
             for label, us in times:
-                delta = "" if prev is None or label.startswith("[ref]") else \
-                    f"   (layer above adds {prev - us:6.1f})"
+                side = label.startswith("[")  # [ref] / [grad]: not a layer of the stack
+                delta = "" if prev is None or side else f"   (layer above adds {prev - us:6.1f})"
                 print(f"  {label:40s} {us:7.1f} us{delta}")
-                prev = us
+                if not side:
+                    prev = us
 
     if not args.no_profile:
         from torch.profiler import ProfilerActivity, profile
