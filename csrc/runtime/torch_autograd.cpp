@@ -76,6 +76,7 @@ at::Tensor combine_rows(const at::Tensor& rows, const at::Tensor& handle, const 
 // slot-placed gradients returns it) -------------------------------------------------------
 
 struct DispatchStaticFn : torch::autograd::Function<DispatchStaticFn> {
+  static constexpr bool is_traceable = true;  // backward: dispatcher ops on saved data only
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
                                const std::optional<at::Tensor>& x_scales,
                                const at::Tensor& topk_idx, const at::Tensor& topk_weights,
@@ -92,11 +93,14 @@ struct DispatchStaticFn : torch::autograd::Function<DispatchStaticFn> {
     ctx->saved_data["group"] = std::string(group_name.data(), group_name.size());
     ctx->saved_data["expand"] = expand;
     ctx->saved_data["num_sms"] = num_sms;
-    ctx->saved_data["T"] = x.size(0);
-    ctx->saved_data["K"] = topk_weights.size(1);
+    // SymInts: under torch.compile with dynamic shapes x.size(0) would pin T to a constant
+    ctx->saved_data["T"] = x.sym_size(0);
+    ctx->saved_data["K"] = topk_weights.sym_size(1);
     // autograd edges exist for tensor inputs only: topk_weights is edge 2, or 3 with scales
     ctx->saved_data["w_edge"] = static_cast<int64_t>(opt(x_scales) != nullptr ? 3 : 2);
-    ctx->mark_non_differentiable({recv_s, recv_idx, tpe, handle});
+    // No mark_non_differentiable: the integer outputs are non-differentiable by dtype, the
+    // float recv_x_scales stays differentiable as with the Python kernel, and compiled
+    // autograd asserts on a non-empty non-differentiable set.
     return {recv_x, recv_s, recv_idx, recv_w, tpe, handle};
   }
 
@@ -113,11 +117,13 @@ struct DispatchStaticFn : torch::autograd::Function<DispatchStaticFn> {
     if (ctx->needs_input_grad(ctx->saved_data["w_edge"].toInt()) && g_w.defined()) {
       at::Tensor rows;
       if (ctx->saved_data["expand"].toBool()) {
-        const int64_t T = ctx->saved_data["T"].toInt(), K = ctx->saved_data["K"].toInt();
-        const at::Tensor slot =
-            handle.slice(0, handle::kHeaderRows + T).select(1, handle::kRecvTopkSlot).to(at::kLong);
+        const c10::SymInt T = ctx->saved_data["T"].toSymInt();
+        const c10::SymInt K = ctx->saved_data["K"].toSymInt();
+        const at::Tensor slot = handle.slice_symint(0, handle::kHeaderRows + T)
+                                    .select(1, handle::kRecvTopkSlot)
+                                    .to(at::kLong);
         const at::Tensor valid = slot.ge(0);
-        rows = at::zeros({g_w.size(0), K}, g_w.options())
+        rows = at::zeros_symint({g_w.sym_size(0), K}, g_w.options())
                    .scatter(1, slot.clamp_min(0).unsqueeze(1),
                             at::where(valid, g_w, at::zeros_like(g_w)).unsqueeze(1));
       } else {
@@ -135,7 +141,7 @@ Out6 dispatch_static_autograd(const at::Tensor& x, const std::optional<at::Tenso
                               const at::Tensor& topk_idx, const at::Tensor& topk_weights,
                               c10::string_view group_name, int64_t num_experts,
                               int64_t expert_alignment, bool expand, int64_t num_sms) {
-  if (!wants_grad({&x, &topk_weights})) {
+  if (!wants_grad({&x, opt(x_scales), &topk_weights})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return dispatch_static_op().call(x, x_scales, topk_idx, topk_weights, group_name,
                                      num_experts, expert_alignment, expand, num_sms);
@@ -148,6 +154,7 @@ Out6 dispatch_static_autograd(const at::Tensor& x, const std::optional<at::Tenso
 // ---- cached_dispatch: d x = combine(d recv_x) -----------------------------------------
 
 struct CachedDispatchFn : torch::autograd::Function<CachedDispatchFn> {
+  static constexpr bool is_traceable = true;
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
                                const std::optional<at::Tensor>& x_scales,
                                const at::Tensor& handle, c10::string_view group_name,
@@ -160,7 +167,6 @@ struct CachedDispatchFn : torch::autograd::Function<CachedDispatchFn> {
     ctx->save_for_backward({handle});
     ctx->saved_data["group"] = std::string(group_name.data(), group_name.size());
     ctx->saved_data["num_sms"] = num_sms;
-    ctx->mark_non_differentiable({std::get<1>(out)});
     return {std::get<0>(out), std::get<1>(out)};
   }
 
@@ -177,7 +183,7 @@ struct CachedDispatchFn : torch::autograd::Function<CachedDispatchFn> {
 Out2 cached_dispatch_autograd(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                               const at::Tensor& handle, c10::string_view group_name,
                               int64_t num_sms) {
-  if (!wants_grad({&x})) {
+  if (!wants_grad({&x, opt(x_scales)})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return cached_dispatch_op().call(x, x_scales, handle, group_name, num_sms);
   }
@@ -189,6 +195,7 @@ Out2 cached_dispatch_autograd(const at::Tensor& x, const std::optional<at::Tenso
 // d w[row] = <d out[t(row)], x[row]>, both accumulated in fp32 (fp64 for fp64) ------------
 
 struct CombineFn : torch::autograd::Function<CombineFn> {
+  static constexpr bool is_traceable = true;
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& handle,
                             const std::optional<at::Tensor>& weights, c10::string_view group_name,
                             int64_t num_sms) {
