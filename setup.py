@@ -14,5 +14,5 @@ setup(
     package_data={"deep_ep_ops.cuda.csrc": ["runtime/*", "kernels/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.10"],
-    extras_require={"test": ["pytest", "expecttest", "transformers>=4.46"]},
+    extras_require={"test": ["pytest", "expecttest", "transformers>=4.46", "ninja"]},
 )

@@ -2,6 +2,13 @@
 // which documents every field; tests/test_handle_layout.py checks the two agree.
 #pragma once
 
+// Usable from device code and from host-only C++ (no CUDA headers needed there).
+#if defined(__CUDACC__)
+#define DEO_HOST_DEVICE __host__ __device__
+#else
+#define DEO_HOST_DEVICE
+#endif
+
 namespace deep_ep_ops {
 namespace handle {
 
@@ -22,7 +29,7 @@ constexpr int kNumHeaderFields = 9;
 // send part (rows 1 .. T)
 constexpr int kSendNumDst = 0;
 constexpr int kSendDstRank = 1;  // + k
-__host__ __device__ constexpr int send_dst_row(int num_topk) { return kSendDstRank + num_topk; }
+DEO_HOST_DEVICE constexpr int send_dst_row(int num_topk) { return kSendDstRank + num_topk; }
 
 // receive part, per row
 constexpr int kRecvSrcRank = 0;
@@ -35,7 +42,7 @@ constexpr int kGroupSrcToken = 5;
 constexpr int kGroupCombineSlot = 6;
 constexpr int kGroupMember = 7;  // + i
 
-__host__ __device__ constexpr int handle_width(int num_topk) {
+DEO_HOST_DEVICE constexpr int handle_width(int num_topk) {
   const int send = 1 + 2 * num_topk, recv = kGroupMember + num_topk;
   const int wide = send > recv ? send : recv;
   return wide > kNumHeaderFields ? wide : kNumHeaderFields;

@@ -10,6 +10,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <c10/core/DispatchKey.h>
 #include <torch/library.h>
 
 #include <memory>
@@ -18,7 +19,7 @@
 #include <string>
 #include <tuple>
 
-#include "../kernels/launch.hpp"  // handle_layout.hpp (with the CUDA host/device macros)
+#include "../kernels/handle_layout.hpp"
 
 namespace deep_ep_ops {
 namespace {
@@ -247,13 +248,15 @@ std::unique_ptr<torch::Library> g_lib;
 
 }  // namespace
 
-// Register the AutogradCUDA kernels (once; deep_ep_ops.ops._use_cpp_kernels calls it unless
-// DEEP_EP_OPS_CPP_AUTOGRAD=0).
-void register_autograd_kernels() {
+// Register the kernels on `dispatch_key` (once per process): AutogradCUDA from
+// deep_ep_ops.ops._use_cpp_kernels (unless DEEP_EP_OPS_CPP_AUTOGRAD=0); AutogradCPU only in
+// tests/test_cpp_autograd_cpu.py, which checks these formulas on CPU over gloo.
+void register_autograd_kernels(const std::string& dispatch_key) {
   std::lock_guard<std::mutex> lock(g_mutex);
   if (g_lib) return;
   auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "deep_ep",
-                                              c10::DispatchKey::AutogradCUDA, __FILE__, __LINE__);
+                                              c10::parseDispatchKey(dispatch_key), __FILE__,
+                                              __LINE__);
   lib->impl("_dispatch_static", TORCH_FN(dispatch_static_autograd));
   lib->impl("cached_dispatch", TORCH_FN(cached_dispatch_autograd));
   lib->impl("combine", TORCH_FN(combine_autograd));
@@ -263,5 +266,6 @@ void register_autograd_kernels() {
 }  // namespace deep_ep_ops
 
 void deep_ep_ops_bind_torch_autograd(pybind11::module_& m) {
-  m.def("register_autograd_kernels", &deep_ep_ops::register_autograd_kernels);
+  m.def("register_autograd_kernels", &deep_ep_ops::register_autograd_kernels,
+        pybind11::arg("dispatch_key") = "AutogradCUDA");
 }
