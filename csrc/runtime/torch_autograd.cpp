@@ -8,7 +8,6 @@
 // When no input requires a gradient the kernel goes straight below autograd (no graph node).
 #include <torch/extension.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <c10/core/DispatchKey.h>
 #include <torch/library.h>
@@ -20,50 +19,19 @@
 #include <tuple>
 
 #include "../kernels/handle_layout.hpp"
+#include "op_handles.hpp"
 
 namespace deep_ep_ops {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using Out6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using Out2 = std::tuple<at::Tensor, at::Tensor>;
-
-using DispatchStaticSig = Out6(const at::Tensor&, const std::optional<at::Tensor>&,
-                               const at::Tensor&, const at::Tensor&, c10::string_view, int64_t,
-                               int64_t, bool, int64_t);
-using CachedDispatchSig = Out2(const at::Tensor&, const std::optional<at::Tensor>&,
-                               const at::Tensor&, c10::string_view, int64_t);
-using CombineSig = at::Tensor(const at::Tensor&, const at::Tensor&,
-                              const std::optional<at::Tensor>&, c10::string_view, int64_t);
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-const c10::TypedOperatorHandle<DispatchStaticSig>& dispatch_static_op() {
-  static const auto op = typed_op<DispatchStaticSig>("deep_ep::_dispatch_static");
-  return op;
-}
-const c10::TypedOperatorHandle<CachedDispatchSig>& cached_dispatch_op() {
-  static const auto op = typed_op<CachedDispatchSig>("deep_ep::cached_dispatch");
-  return op;
-}
-const c10::TypedOperatorHandle<CombineSig>& combine_op() {
-  static const auto op = typed_op<CombineSig>("deep_ep::combine");
-  return op;
-}
 
 bool wants_grad(std::initializer_list<const at::Tensor*> inputs) {
   if (!c10::GradMode::is_enabled()) return false;
   for (const at::Tensor* t : inputs)
     if (t != nullptr && t->defined() && t->requires_grad()) return true;
   return false;
-}
-
-const at::Tensor* opt(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? &*t : nullptr;
 }
 
 // combine(g, handle) with autograd: the gradient that sums the copies of every token.
@@ -83,7 +51,7 @@ struct DispatchStaticFn : torch::autograd::Function<DispatchStaticFn> {
                                const at::Tensor& topk_idx, const at::Tensor& topk_weights,
                                c10::string_view group_name, int64_t num_experts,
                                int64_t expert_alignment, bool expand, int64_t num_sms) {
-    Out6 out;
+    Tensors6 out;
     {
       at::AutoDispatchBelowADInplaceOrView below;
       out = dispatch_static_op().call(x, x_scales, topk_idx, topk_weights, group_name,
@@ -114,7 +82,8 @@ struct DispatchStaticFn : torch::autograd::Function<DispatchStaticFn> {
     const at::Tensor& g_x = grads[0];
     const at::Tensor& g_w = grads[3];
     at::Tensor grad_x, grad_w;
-    if (ctx->needs_input_grad(0) && g_x.defined()) grad_x = combine_rows(g_x, handle, group, num_sms);
+    if (ctx->needs_input_grad(0) && g_x.defined())
+      grad_x = combine_rows(g_x, handle, group, num_sms);
     if (ctx->needs_input_grad(ctx->saved_data["w_edge"].toInt()) && g_w.defined()) {
       at::Tensor rows;
       if (ctx->saved_data["expand"].toBool()) {
@@ -138,10 +107,11 @@ struct DispatchStaticFn : torch::autograd::Function<DispatchStaticFn> {
   }
 };
 
-Out6 dispatch_static_autograd(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
-                              const at::Tensor& topk_idx, const at::Tensor& topk_weights,
-                              c10::string_view group_name, int64_t num_experts,
-                              int64_t expert_alignment, bool expand, int64_t num_sms) {
+Tensors6 dispatch_static_autograd(const at::Tensor& x,
+                                  const std::optional<at::Tensor>& x_scales,
+                                  const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                                  c10::string_view group_name, int64_t num_experts,
+                                  int64_t expert_alignment, bool expand, int64_t num_sms) {
   if (!wants_grad({&x, opt(x_scales), &topk_weights})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return dispatch_static_op().call(x, x_scales, topk_idx, topk_weights, group_name,
@@ -160,7 +130,7 @@ struct CachedDispatchFn : torch::autograd::Function<CachedDispatchFn> {
                                const std::optional<at::Tensor>& x_scales,
                                const at::Tensor& handle, c10::string_view group_name,
                                int64_t num_sms) {
-    Out2 out;
+    Tensors2 out;
     {
       at::AutoDispatchBelowADInplaceOrView below;
       out = cached_dispatch_op().call(x, x_scales, handle, group_name, num_sms);
@@ -181,9 +151,10 @@ struct CachedDispatchFn : torch::autograd::Function<CachedDispatchFn> {
   }
 };
 
-Out2 cached_dispatch_autograd(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
-                              const at::Tensor& handle, c10::string_view group_name,
-                              int64_t num_sms) {
+Tensors2 cached_dispatch_autograd(const at::Tensor& x,
+                                  const std::optional<at::Tensor>& x_scales,
+                                  const at::Tensor& handle, c10::string_view group_name,
+                                  int64_t num_sms) {
   if (!wants_grad({&x, opt(x_scales)})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return cached_dispatch_op().call(x, x_scales, handle, group_name, num_sms);

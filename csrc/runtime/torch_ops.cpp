@@ -14,7 +14,6 @@
 #include <torch/extension.h>
 #include <pybind11/stl.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -30,6 +29,7 @@
 #include <vector>
 
 #include "aux_state.hpp"
+#include "op_handles.hpp"
 #include "ops.hpp"
 #include "state.hpp"
 
@@ -151,10 +151,6 @@ void check_device_contiguous(const char* op, c10::string_view group,
     if (n.t != nullptr && !n.t->is_contiguous())
       fail(op, n.name, "contiguous", "strides " + py_tuple(n.t->strides()));
   }
-}
-
-const at::Tensor* opt(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? &*t : nullptr;
 }
 
 // ---- Python fallbacks (rare paths) ------------------------------------------------------
@@ -354,21 +350,11 @@ Out6 dispatch_composite(const at::Tensor& x, const std::optional<at::Tensor>& x_
                         const at::Tensor& topk_idx, const at::Tensor& topk_weights,
                         c10::string_view group_name, int64_t num_experts,
                         int64_t expert_alignment, bool expand, bool exact, int64_t num_sms) {
-  static auto static_op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("deep_ep::_dispatch_static", "")
-          .typed<Out6(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                      const at::Tensor&, c10::string_view, int64_t, int64_t, bool, int64_t)>();
-  Out6 out = static_op.call(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
-                            expert_alignment, expand, num_sms);
+  Out6 out = dispatch_static_op().call(x, x_scales, topk_idx, topk_weights, group_name,
+                                       num_experts, expert_alignment, expand, num_sms);
   if (!exact) return out;
-  static auto trim_op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("deep_ep::_trim_dispatch", "")
-          .typed<Out6(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, const at::Tensor&)>();
-  return trim_op.call(std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
-                      std::get<4>(out), std::get<5>(out));
+  return trim_dispatch_op().call(std::get<0>(out), std::get<1>(out), std::get<2>(out),
+                                 std::get<3>(out), std::get<4>(out), std::get<5>(out));
 }
 
 std::unique_ptr<torch::Library> g_cuda_lib, g_composite_lib;
