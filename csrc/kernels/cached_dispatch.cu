@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(512) cached_pull_kernel(CachedParams p) {
   pdl_wait();
   pdl_trigger();
   // Arriving here certifies this rank's whole stage kernel (it ran before this kernel).
-  if (p.comm.num_ranks > 1) cta_barrier(p.comm, blockIdx.x, kOpCachedPull);
+  cta_barrier(p.comm, blockIdx.x, kOpCachedPull);
   const int me = p.comm.rank;
   const int W = p.W, K = p.K;
   const int G = p.handle[handle::kHdrValidGroups];

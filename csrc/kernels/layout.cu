@@ -192,13 +192,7 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
     row[c] = tot[c];
   }
   if (threadIdx.x == 0) info[4] = static_cast<int>(global_ns() - t_start);
-  if (R > 1) {
-    cta_barrier(p.comm, kLayoutSlot, kOpDispatchLayout);
-  } else {
-    // One rank: the count row is the one this CTA just wrote; the system-scope fence and flag
-    // round trip of the barrier cost ~2.4 us on H100 for nothing.
-    __syncthreads();
-  }
+  cta_barrier(p.comm, kLayoutSlot, kOpDispatchLayout);
   if (threadIdx.x == 0) info[5] = static_cast<int>(global_ns() - t_start);
 
   // ---- phase 4 (last CTA): bases from the full count matrix ----
