@@ -108,6 +108,8 @@ class Forks {
     }
     return streams_[i];
   }
+  // Stream of the i-th of several parallel copies: `main`, then the side streams in turn.
+  cudaStream_t round_robin(int i) { return i % kCopyStreams == 0 ? main_ : get(i % kCopyStreams); }
   void join() {
     for (int i = 0; i < kCopyStreams; ++i) {
       if (!used_[i]) continue;
@@ -337,8 +339,7 @@ static at::Tensor cp_all_gather_impl(AuxState& st, const at::Tensor& x_in) {
   int i = 0;
   for (int q = 0; q < R; ++q) {
     if (q == me) continue;
-    cudaStream_t s = (i % kCopyStreams == 0) ? main : forks.get(i % kCopyStreams);
-    copy_async(op + q * B, st.comm.peer_base[q] + lay.cp_bulk_off, B, s);
+    copy_async(op + q * B, st.comm.peer_base[q] + lay.cp_bulk_off, B, forks.round_robin(i));
     ++i;
   }
   forks.join();
@@ -400,8 +401,8 @@ static at::Tensor cp_reduce_scatter_impl(AuxState& st, const at::Tensor& x_in) {
     int i = 0;
     for (int q = 0; q < R; ++q) {
       if (q == me) continue;
-      cudaStream_t s = (i % kCopyStreams == 0) ? main : forks.get(i % kCopyStreams);
-      copy_async(st.comm.peer_base[q] + lay.cp_bulk_off + me * blk, xp + q * blk, blk, s);
+      copy_async(st.comm.peer_base[q] + lay.cp_bulk_off + me * blk, xp + q * blk, blk,
+                 forks.round_robin(i));
       ++i;
     }
     forks.join();
