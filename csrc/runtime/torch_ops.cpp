@@ -232,13 +232,14 @@ void check_dispatch(const State& st, c10::string_view group, const at::Tensor& x
            " packs per row", desc(*s));
   }
   const int64_t K = cfg.topk;
-  const std::string tk = "[" + std::to_string(T) + ", " + std::to_string(K) + "]";
+  // built only on failure: this runs on every eager call
+  const auto tk = [&] { return "[" + std::to_string(T) + ", " + std::to_string(K) + "]"; };
   if (topk_idx.dim() != 2 || topk_idx.size(0) != T || topk_idx.size(1) != K ||
       !is_index(topk_idx.scalar_type()))
-    fail(op, "topk_idx", tk + " int64 or int32 (K = num_topk of the Buffer)", desc(topk_idx));
+    fail(op, "topk_idx", tk() + " int64 or int32 (K = num_topk of the Buffer)", desc(topk_idx));
   if (topk_weights.dim() != 2 || topk_weights.size(0) != T || topk_weights.size(1) != K ||
       !is_float(topk_weights.scalar_type()))
-    fail(op, "topk_weights", tk + " float32", desc(topk_weights));
+    fail(op, "topk_weights", tk() + " float32", desc(topk_weights));
   if (num_experts != cfg.num_experts)
     fail(op, "num_experts", std::to_string(cfg.num_experts) + " (num_experts of the Buffer)",
          std::to_string(num_experts));
