@@ -34,7 +34,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-SLEEP_CYCLES = 400_000_000  # ~0.2-0.3 s of GPU sleep: longer than any batch of calls below
+from bench.timing import hold_gpu  # noqa: E402
+
+SLEEP_US = 200_000.0  # GPU busy longer than any batch of calls below
 
 
 def _per_call_us(fn, calls: int, repeats: int) -> float:
@@ -44,7 +46,7 @@ def _per_call_us(fn, calls: int, repeats: int) -> float:
     torch.cuda.synchronize()
     samples = []
     for _ in range(repeats):
-        torch.cuda._sleep(SLEEP_CYCLES)
+        hold_gpu(SLEEP_US)
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -154,7 +156,7 @@ def main() -> None:
         for op, fn in (("dispatch", layers["dispatch"][0][1]), ("combine", layers["combine"][0][1])):
             fn()
             torch.cuda.synchronize()
-            torch.cuda._sleep(SLEEP_CYCLES)
+            hold_gpu(SLEEP_US)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(n):
                     fn()
