@@ -148,18 +148,25 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
             rk[k] + (my_cnt[ex[k]] << 16) + my_cnt[E + dk[k]];
     p.s.tok_dmask[t] = dmask;
   }
-  // Last CTA to finish goes on (threadFenceReduction pattern).
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(p.s.done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  // Last CTA to finish goes on (threadFenceReduction pattern). A lone CTA (T <= cta_tokens:
+  // every decode batch) skips the fence and the ticket, ~2 us of round trips: its own
+  // histogram writes are visible to its threads after the barrier.
+  const bool many = gridDim.x > 1;
+  if (many) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(p.s.done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+  } else {
+    __syncthreads();
+  }
 
   // ---- phase 3 (last CTA): scan over CTAs, publish my count row ----
   int* info = p.s.recv_info;
   if (threadIdx.x == 0) {
-    *p.s.done = 0u;  // ready for the next call (every CTA of this one has counted)
+    if (many) *p.s.done = 0u;  // ready for the next call (every CTA of this one has counted)
     info[3] = static_cast<int>(global_ns() - t_start);
   }
   {
