@@ -19,7 +19,7 @@ __global__ void __launch_bounds__(512) cached_stage_kernel(CachedParams p) {
   pdl_wait();
   pdl_trigger();
   cta_barrier(p.comm, blockIdx.x, kOpCachedStage);
-  char* win = p.comm.peer_base[p.comm.rank];
+  char* win = peer_ptr(p.comm, p.comm.rank);
   const int warps = blockDim.x / kWarp;
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
     warp_copy(win + p.x_off + static_cast<int64_t>(t) * p.x_stride,

@@ -135,7 +135,7 @@ struct EpilogueParams {
   int* tpe;
   int* handle;
   int64_t x_bytes, s_bytes;
-  int C, T, K, W, E_loc, expand, rank;
+  int C, T, K, W, E_loc, expand;
 };
 
 struct CachedParams {

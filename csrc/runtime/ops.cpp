@@ -210,7 +210,6 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
   ep.W = W;
   ep.E_loc = E_loc;
   ep.expand = expand;
-  ep.rank = st.cfg.rank;
   check_launch(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "dispatch epilogue");
   return {recv_x, recv_s, recv_idx, recv_w, tpe, handle};
 }
