@@ -189,16 +189,23 @@ def _plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     sw = report["sm_sweep"]
+    # One rank moves nothing over NVLink: plot the local permute against the d2d copy instead.
+    kind = "nvlink" if report["ranks"] > 1 else "logical"
     if sw:
-        a.plot([w["num_sms"] for w in sw], [w["dispatch_nvlink_GBps"] for w in sw], "o-",
+        a.plot([w["num_sms"] for w in sw], [w[f"dispatch_{kind}_GBps"] for w in sw], "o-",
                label="dispatch (FP8)")
-        a.plot([w["num_sms"] for w in sw], [w["combine_nvlink_GBps"] for w in sw], "s-",
+        a.plot([w["num_sms"] for w in sw], [w[f"combine_{kind}_GBps"] for w in sw], "s-",
                label="combine (BF16)")
-    both = report["limits"].get("peer_both_ways_GBps")
-    if both:
-        a.axhline(both, color="gray", ls="--", label="copy engine, both ways")
+    if kind == "nvlink":
+        both = report["limits"].get("peer_both_ways_GBps")
+        if both:
+            a.axhline(both, color="gray", ls="--", label="copy engine, both ways")
+    else:
+        d2d = report["limits"].get("d2d_copy_GBps")
+        if d2d:  # read + write; the logical rate counts each byte once
+            a.axhline(d2d / 2, color="gray", ls="--", label="d2d copy (bytes counted once)")
     a.set_xlabel("SMs")
-    a.set_ylabel("NVLink GB/s per rank")
+    a.set_ylabel("NVLink GB/s per rank" if kind == "nvlink" else "logical GB/s (local permute)")
     a.set_title("Bandwidth vs SMs")
     a.legend()
     ts = report["token_sweep"]

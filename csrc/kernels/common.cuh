@@ -28,6 +28,13 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
 __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// Nanoseconds of the GPU's global timer (phase timestamps for profiling).
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
 // Loads of data peers wrote earlier in this kernel: skip L1, which is not coherent with them.
 __device__ __forceinline__ int ld_cg(const int* p) { return __ldcg(p); }
 

@@ -15,84 +15,12 @@
 // (expanding compact rows into expert-major rows when asked) with their handle receive rows,
 // and fills every row that carries no token (padding is always zero).
 #include "barrier.cuh"
+#include "fill_rows.cuh"
 
 namespace deep_ep_ops {
 namespace {
 
 using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
-
-// Which expert-major row r is: valid (inside its expert's real count) or padding.
-__device__ __forceinline__ bool expand_row_valid(const int* tpe, const int* bstart, int E_loc,
-                                                 int r) {
-  if (r >= __ldg(bstart + E_loc)) return false;
-  int lo = 0, hi = E_loc - 1;  // last j with bstart[j] <= r
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (__ldg(bstart + mid) <= r) lo = mid; else hi = mid - 1;
-  }
-  return r - __ldg(bstart + lo) < __ldg(tpe + lo);
-}
-
-// What the outputs of the rows that carry no token hold, plus tokens_per_expert: grid-wide,
-// any grid. Compact: rows [G, C). Expert-major: the group columns of rows [G, C) and every
-// padding row. Touches nothing the rows' owners (push, epilogue groups) write.
-struct FillArgs {
-  const int* recv_info;
-  char* recv_x;
-  char* recv_s;
-  void* recv_idx;
-  float* recv_w;
-  int* tpe;
-  int* recv_h;  // handle receive part
-  int64_t x_bytes, s_bytes;
-  int C, K, W, E_loc, expand;
-};
-
-__device__ void fill_empty_rows(const FillArgs& a) {
-  const int G = a.recv_info[kRecvG];
-  const int* tpe = a.recv_info + kRecvTpe;
-  const int* bstart = tpe + a.E_loc;
-  const int64_t gt = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int warps = blockDim.x / kWarp;
-  const int gwarp = blockIdx.x * warps + warp_id();
-  const int nwarps = gridDim.x * warps;
-  const int K = a.K, W = a.W;
-  for (int64_t j = gt; j < a.E_loc; j += nthreads) a.tpe[j] = tpe[j];
-  const int64_t empty = a.C > G ? a.C - G : 0;
-  if (!a.expand) {
-    int* h = a.recv_h + static_cast<int64_t>(G) * W;
-    for (int64_t f = gt; f < empty * W; f += nthreads) h[f] = -1;
-    int64_t* idx = static_cast<int64_t*>(a.recv_idx) + static_cast<int64_t>(G) * K;
-    float* w = a.recv_w + static_cast<int64_t>(G) * K;
-    for (int64_t f = gt; f < empty * K; f += nthreads) {
-      idx[f] = -1;
-      w[f] = 0.f;
-    }
-    for (int64_t i = G + gwarp; i < a.C; i += nwarps) {
-      warp_zero(a.recv_x + i * a.x_bytes, a.x_bytes);
-      if (a.s_bytes > 0) warp_zero(a.recv_s + i * a.s_bytes, a.s_bytes);
-    }
-    return;
-  }
-  const int gw = W - handle::kGroupSrcRank;  // group columns
-  for (int64_t f = gt; f < empty * gw; f += nthreads)
-    a.recv_h[(G + f / gw) * W + handle::kGroupSrcRank + f % gw] = -1;
-  int* idx = static_cast<int*>(a.recv_idx);
-  for (int64_t i = gt; i < a.C; i += nthreads) {
-    if (expand_row_valid(tpe, bstart, a.E_loc, static_cast<int>(i))) continue;
-    idx[i] = -1;
-    a.recv_w[i] = 0.f;
-    int* r = a.recv_h + i * W;
-#pragma unroll
-    for (int c = 0; c <= handle::kRecvGroup; ++c) r[c] = -1;  // per-row columns
-  }
-  for (int64_t i = gwarp; i < a.C; i += nwarps) {
-    if (expand_row_valid(tpe, bstart, a.E_loc, static_cast<int>(i))) continue;
-    warp_zero(a.recv_x + i * a.x_bytes, a.x_bytes);
-    if (a.s_bytes > 0) warp_zero(a.recv_s + i * a.s_bytes, a.s_bytes);
-  }
-}
 
 __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
   const int warps = blockDim.x / kWarp;

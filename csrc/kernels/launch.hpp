@@ -36,6 +36,7 @@ enum OpId : int {
   kOpCachedStage = 3,
   kOpCachedPull = 4,
   kOpCombinePush = 5,
+  kOpLocalTiles = 6,
 };
 
 // Window layout (the same byte offsets on every rank):
@@ -69,7 +70,13 @@ struct DispatchScratch {
   unsigned* done;       // [1] count CTAs finished (the last one resets it to 0)
   int* send_handle;     // [W] handle header row (copied into the handle by the push kernel)
   int* recv_info;       // kRecvInfo* fields, then tokens_per_expert[E_loc], block_start[E_loc+1]
+  // one-rank fused dispatch (local_dispatch.cu):
+  unsigned long long* tile_status;  // [kMaxLocalTiles] (call tag << 32) | valid tokens of tile i
+  int* tpe_acc;                     // [E] tokens per expert, summed by every tile; the last
+                                    //   tile to finish copies it out and zeroes it
+  unsigned* tile_ctr;               // [3] next tile ticket, tiles finished, tag of the last call
 };
+constexpr int kMaxLocalTiles = 1024;  // CTAs of the one-rank fused dispatch (<= SMs)
 // Count kernel: one warp per 32 tokens, at least one warp per CTA.
 constexpr int layout_max_ctas(int max_tokens) { return (max_tokens + 31) / 32 + 1; }
 constexpr int kRecvG = 0;           // groups (compact rows) received
@@ -124,6 +131,25 @@ struct PushParams {
   Comm comm;
 };
 
+// One rank, compact layout, static capacity: the whole dispatch in one kernel.
+struct LocalDispatchParams {
+  const char* x;
+  const char* scales;
+  const void* topk_idx;
+  const float* topk_weights;
+  char* recv_x;
+  char* recv_s;
+  int64_t* recv_idx;  // [C, K]
+  float* recv_w;      // [C, K]
+  int* tpe;           // [E]
+  int* handle;        // [1 + T + C, W]
+  int idx64;
+  int64_t x_bytes, s_bytes;  // per row
+  int T, K, E, A, M, W, C;
+  DispatchScratch s;
+  Comm comm;  // timeouts and the error record only (no window traffic)
+};
+
 struct EpilogueParams {
   const char* win;  // local window base
   DispatchRows rows;
@@ -170,6 +196,7 @@ cudaError_t launch_peer_bases(const void* window, int num_ranks, char** out_devi
 cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream);
 int layout_warps(int E, int R, size_t smem_limit);
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream);
+cudaError_t launch_local_dispatch(const LocalDispatchParams& p, int ctas, cudaStream_t stream);
 cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream);
 cudaError_t launch_cached_dispatch(const CachedParams& p, int ctas, int epi_ctas,
                                    cudaStream_t stream);

@@ -23,12 +23,6 @@ namespace {
 
 using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
 
-__device__ __forceinline__ unsigned long long global_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
-}
-
 // Exclusive scan of a[0..n) in place by the whole CTA; returns the total. wsum: 32 ints of
 // shared memory. Every thread of the CTA must call it.
 __device__ int block_exclusive_scan(int* a, int n, int* wsum) {

@@ -114,6 +114,45 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
   rows.m_off = rows.s_off + align_to(cap * rows.s_stride, 256);
   check_fits(st, "dispatch", rows.m_off + cap * rows.meta_ints * 4 - st.comm.data_off);
 
+  if (R == 1 && !expand && !exact) {
+    // one rank, compact rows, static capacity: a local permute in one kernel
+    const int64_t C = cap;
+    const at::Device dev = x.device();
+    at::Tensor recv_x = empty({C, H}, x.scalar_type(), dev);
+    at::Tensor recv_s = x_scales.has_value() ? empty({C, P}, x_scales->scalar_type(), dev)
+                                             : empty({C, 0}, at::kFloat, dev);
+    at::Tensor recv_idx = empty({C, K}, at::kLong, dev);
+    at::Tensor recv_w = empty({C, K}, at::kFloat, dev);
+    at::Tensor tpe = empty({E_loc}, at::kInt, dev);
+    at::Tensor handle = empty({1 + T + C, W}, at::kInt, dev);
+    LocalDispatchParams lp{};
+    lp.x = static_cast<const char*>(x.data_ptr());
+    lp.scales = x_scales.has_value() ? static_cast<const char*>(x_scales->data_ptr()) : nullptr;
+    lp.topk_idx = topk_idx.data_ptr();
+    lp.topk_weights = topk_weights.data_ptr<float>();
+    lp.recv_x = static_cast<char*>(recv_x.data_ptr());
+    lp.recv_s = static_cast<char*>(recv_s.data_ptr());
+    lp.recv_idx = recv_idx.data_ptr<int64_t>();
+    lp.recv_w = recv_w.data_ptr<float>();
+    lp.tpe = tpe.data_ptr<int>();
+    lp.handle = handle.data_ptr<int>();
+    lp.idx64 = idx64;
+    lp.x_bytes = x_bytes;
+    lp.s_bytes = s_bytes;
+    lp.T = static_cast<int>(T);
+    lp.K = K;
+    lp.E = E;
+    lp.A = A;
+    lp.M = M;
+    lp.W = W;
+    lp.C = static_cast<int>(C);
+    lp.s = st.scratch;
+    lp.comm = st.comm;
+    check_launch(launch_local_dispatch(lp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
+                 "dispatch (one rank) kernel");
+    return {recv_x, recv_s, recv_idx, recv_w, tpe, handle};
+  }
+
   // phase 1: counts, count exchange, per-destination bases, handle header (into scratch)
   LayoutParams lp{};
   lp.topk_idx = topk_idx.data_ptr();

@@ -92,6 +92,9 @@ State::State(const StateConfig& c) : cfg(c) {
       1,                                    // done
       handle_width,                         // send_handle (header row)
       recv_info_ints(static_cast<int>(e_loc)),  // recv_info
+      2 * static_cast<int64_t>(kMaxLocalTiles),  // tile_status (uint64)
+      E,                                    // tpe_acc
+      3,                                    // tile_ctr
   };
   constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
   int64_t total = 0, offs[kParts];
@@ -111,6 +114,9 @@ State::State(const StateConfig& c) : cfg(c) {
   scratch.done = reinterpret_cast<unsigned*>(at(6));
   scratch.send_handle = reinterpret_cast<int*>(at(7));
   scratch.recv_info = reinterpret_cast<int*>(at(8));
+  scratch.tile_status = reinterpret_cast<unsigned long long*>(at(9));
+  scratch.tpe_acc = reinterpret_cast<int*>(at(10));
+  scratch.tile_ctr = reinterpret_cast<unsigned*>(at(11));
 
   error_host = alloc_error_record(&comm.error);
   DEO_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&pinned_counts), 64, cudaHostAllocDefault));

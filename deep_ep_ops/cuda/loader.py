@@ -36,6 +36,7 @@ _SOURCES = (
     "kernels/setup.cu",
     "kernels/layout.cu",
     "kernels/dispatch.cu",
+    "kernels/local_dispatch.cu",
     "kernels/cached_dispatch.cu",
     "kernels/combine.cu",
     # pp_send_recv, cp_all_gather / cp_reduce_scatter, engram_fetch (+ backward)

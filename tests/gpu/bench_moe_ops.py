@@ -115,11 +115,16 @@ def _body(rank, world, gloo, args):
                 print(f"{'expand' if expand else 'compact'} layout, 10 dispatches + 10 combines"
                       f" (PDL {'on: times include the wait for the previous kernel' if pdl else 'off'})")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
-        from deep_ep_ops.cuda import backend
-        ts = backend._module().layout_times(buf.cuda_state)
-        print(f"rank {rank} layout kernel phases (us from start): counted {ts[0]/1e3:.1f}, "
-              f"published {ts[1]/1e3:.1f}, barrier done {ts[2]/1e3:.1f}, offsets "
-              f"{ts[3]/1e3:.1f}, end {ts[4]/1e3:.1f}", flush=True)
+            from deep_ep_ops.cuda import backend
+            ts = backend._module().layout_times(buf.cuda_state)
+            if world == 1 and not expand:  # the one-kernel dispatch (local_dispatch.cu)
+                print(f"rank {rank} one-rank dispatch, last CTA to finish (tile {ts[4]}), us from "
+                      f"its start: counted {ts[0]/1e3:.1f}, scanned {ts[1]/1e3:.1f}, copied "
+                      f"{ts[2]/1e3:.1f}, end {ts[3]/1e3:.1f}", flush=True)
+            else:
+                print(f"rank {rank} layout kernel phases (us from start): counted {ts[0]/1e3:.1f}, "
+                      f"published {ts[1]/1e3:.1f}, barrier done {ts[2]/1e3:.1f}, offsets "
+                      f"{ts[3]/1e3:.1f}, end {ts[4]/1e3:.1f}", flush=True)
     all_rows = [None] * world
     dist.all_gather_object(all_rows, rows, group=gloo)
     if rank == 0:

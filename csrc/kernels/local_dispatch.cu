@@ -1,0 +1,279 @@
+// Dispatch with one rank, compact layout, static capacity: a local permute, done by ONE kernel
+// instead of the layout kernel + push kernel pair (whose boundary, last-CTA ticket and serial
+// scan cost ~17 us on H100 before the first byte moved).
+//
+// Compact row of a token = number of valid tokens (any expert id >= 0) before it. Each CTA
+// takes a ticket (its tile id, so every lower tile belongs to a CTA that has already started
+// and waiting for it cannot deadlock, whatever else shares the GPU), counts its contiguous
+// tile of tokens, publishes the count with a per-call tag, and sums the counts of the lower
+// tiles in parallel (single-pass scan with a full look-back: at most one load per lower tile).
+// The rows are then a pure function of the routing, identical to the layout + push path.
+// Meanwhile the tile's rows stream into L2 (bulk prefetches issued right after the id loads).
+// The highest tile learns the total G from its own scan: it writes the handle header and the
+// rows of invalid tokens [G, T). Tokens per expert are integer sums (atomics into a zeroed
+// accumulator: order-free); the last CTA to finish copies them out and resets the tickets.
+// Rows [T, C) never carry a token and are filled by every CTA in parallel without waiting.
+#include "barrier.cuh"
+#include "fill_rows.cuh"
+
+namespace deep_ep_ops {
+namespace {
+
+using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / kWarp;
+
+__device__ __forceinline__ unsigned long long ld_acquire_gpu(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_gpu(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+static __device__ __noinline__ void report_tile_timeout(ErrorRecord* e, int rank, int trap,
+                                                        int tile, unsigned tag, unsigned seen) {
+  if (e != nullptr && *reinterpret_cast<volatile int*>(&e->code) == 0) {
+    volatile ErrorRecord* v = e;
+    v->code = 1;
+    v->rank = rank;
+    v->peer = rank;
+    v->slot = tile;
+    v->expected = tag;
+    v->seen = seen;
+    v->op = kOpLocalTiles;
+    __threadfence_system();
+  }
+  printf("[deep_ep_ops] rank %d: GPU timeout in dispatch (one rank) waiting for the count of "
+         "tile %d of the same kernel (call tag %u, saw %u): its CTA never ran to that point. "
+         "This Buffer is now unusable.\n", rank, tile, tag, seen);
+  if (trap) __trap();
+}
+
+// Count of `tile` in this call; waits (with the Buffer's timeout) until it is published.
+__device__ __forceinline__ int tile_count(const unsigned long long* status, int tile,
+                                          unsigned tag, const Comm& c) {
+  unsigned long long v = ld_acquire_gpu(status + tile);
+  if (static_cast<unsigned>(v >> 32) != tag) {
+    const long long start = clock64();
+    while (static_cast<unsigned>((v = ld_acquire_gpu(status + tile)) >> 32) != tag) {
+      if (clock64() - start > c.timeout_cycles) {
+        report_tile_timeout(c.error, c.rank, c.trap_on_timeout, tile, tag,
+                            static_cast<unsigned>(v >> 32));
+        return 0;
+      }
+    }
+  }
+  return static_cast<int>(v & 0xffffffffu);
+}
+
+// Sum of v over the CTA (every thread gets it). red: kWarps ints of shared memory.
+__device__ __forceinline__ int block_sum(int v, int* red) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();  // red may still be read by a previous call
+  if (lane_id() == 0) red[warp_id()] = v;
+  __syncthreads();
+  int s = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) s += red[w];
+  return s;
+}
+
+__global__ void __launch_bounds__(kThreads, 1) local_dispatch_kernel(LocalDispatchParams p) {
+  extern __shared__ int smem[];
+  int* hist = smem;            // [E] this tile's tokens per expert
+  int* tok_row = hist + p.E;   // [tile tokens] row among the tile's valid tokens, -1: invalid
+  __shared__ int red[kWarps];
+  __shared__ unsigned tile_tag[2];
+  __shared__ int is_last;
+  pdl_wait();
+  pdl_trigger();
+  const unsigned long long t_start = global_ns();  // phase stamps: recv_info[3..7]
+  const int T = p.T, K = p.K, E = p.E, W = p.W;
+  const int lane = lane_id(), warp = warp_id();
+  if (threadIdx.x == 0) {
+    tile_tag[0] = atomicAdd(p.s.tile_ctr, 1u);
+    tile_tag[1] = *reinterpret_cast<volatile unsigned*>(p.s.tile_ctr + 2) + 1u;
+  }
+  for (int e = threadIdx.x; e < E; e += kThreads) hist[e] = 0;
+  __syncthreads();
+  const int tile = static_cast<int>(tile_tag[0]);
+  const unsigned tag = tile_tag[1];
+  const int nb = gridDim.x;
+  const int lo = static_cast<int>(static_cast<int64_t>(tile) * T / nb);
+  const int hi = static_cast<int>(static_cast<int64_t>(tile + 1) * T / nb);
+  const int n = hi - lo;
+
+  // ---- count: validity and rank among the tile's valid tokens, per-expert histogram ----
+  int valid_in_tile = 0;
+  for (int base = 0; base < n; base += kThreads) {
+    const int i = base + threadIdx.x;
+    bool valid = false;
+    if (i < n) {
+      const int64_t t = lo + i;
+      for (int k0 = 0; k0 < K; k0 += 8) {
+        int ids[8];  // all loads in flight before the first atomic
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          ids[u] = k0 + u < K ? load_expert(p.topk_idx, p.idx64, t * K + k0 + u) : -1;
+        if (k0 == 0) {
+          // Stream the token's rows into L2 while the scan runs, issued after the id loads:
+          // behind ~30 MB of prefetches the ids (the critical path) would wait ~8 us.
+          prefetch_l2(p.x + t * p.x_bytes, p.x_bytes);
+          if (p.s_bytes > 0) prefetch_l2(p.scales + t * p.s_bytes, p.s_bytes);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          if (ids[u] >= 0 && ids[u] < E) {
+            valid = true;
+            atomicAdd(&hist[ids[u]], 1);  // integer sum: order-free (ids distinct in a row)
+          }
+        }
+      }
+    }
+    const unsigned bal = __ballot_sync(0xffffffffu, valid);
+    if (lane == 0) red[warp] = __popc(bal);
+    __syncthreads();
+    int before = valid_in_tile;
+    for (int w = 0; w < warp; ++w) before += red[w];
+    if (i < n) tok_row[i] = valid ? before + __popc(bal & lanemask_lt()) : -1;
+    for (int w = 0; w < kWarps; ++w) valid_in_tile += red[w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    // the histogram and tok_row are CTA-local; only the count is published
+    st_release_gpu(p.s.tile_status + tile,
+                   (static_cast<unsigned long long>(tag) << 32) | static_cast<unsigned>(valid_in_tile));
+  }
+  for (int e = threadIdx.x; e < E; e += kThreads)
+    if (hist[e] != 0) atomicAdd(p.s.tpe_acc + e, hist[e]);
+
+  const unsigned long long t_counted = global_ns();
+
+  // ---- rows before this tile: the counts of every lower tile (all already running) ----
+  int below = 0;
+  for (int j = threadIdx.x; j < tile; j += kThreads) below += tile_count(p.s.tile_status, j, tag, p.comm);
+  below = block_sum(below, red);
+  const unsigned long long t_scanned = global_ns();
+  int* recv_h = p.handle + static_cast<int64_t>(handle::kHeaderRows + T) * W;
+  FillArgs fa{nullptr, p.recv_x, p.recv_s, p.recv_idx, p.recv_w, p.tpe, recv_h,
+              p.x_bytes, p.s_bytes, p.C, K, W, E, 0};
+  if (tile == nb - 1) {
+    // The highest tile knows the total G = its base + its count: header row, and the rows of
+    // invalid tokens [G, T) (nobody else writes them).
+    const int G = below + valid_in_tile;
+    if (threadIdx.x < W) {
+      const int c = threadIdx.x;
+      int v = 0;
+      if (c == handle::kHdrValidRows || c == handle::kHdrValidGroups) v = G;
+      else if (c == handle::kHdrNumTokens) v = T;
+      else if (c == handle::kHdrNumRanks) v = 1;
+      else if (c == handle::kHdrNumExperts) v = E;
+      else if (c == handle::kHdrMaxTokens) v = p.M;
+      else if (c == handle::kHdrAlignment) v = p.A;
+      else if (c == handle::kHdrTopk) v = K;
+      p.handle[c] = v;  // kHdrExpand: 0
+    }
+    if (threadIdx.x == 0) p.s.recv_info[kRecvG] = G;
+    zero_compact_rows(fa, G, T, threadIdx.x, kThreads, warp, kWarps);
+  }
+
+  // ---- copy: one warp per token; outputs, routing tensors, handle send and receive rows ----
+  for (int i = warp; i < n; i += kWarps) {
+    const int t = lo + i;
+    const int r = tok_row[i];
+    const int row = r >= 0 ? below + r : -1;
+    const int64_t tk = static_cast<int64_t>(t) * K + lane;
+    int e = -1;
+    float wgt = 0.f;
+    if (lane < K) {
+      e = load_expert(p.topk_idx, p.idx64, tk);
+      wgt = p.topk_weights[tk];
+    }
+    // send part: [#destinations, rank of slot k (K), row of slot k (K), -1...]
+    int* hrow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W;
+    const int slot_row = e >= 0 ? row : -1;
+    for (int c0 = 0; c0 < W; c0 += kWarp) {  // warp-uniform trip count: the shuffles converge
+      const int c = c0 + lane;
+      const int k1 = c - handle::kSendDstRank, k2 = c - handle::send_dst_row(K);
+      const int e1 = __shfl_sync(0xffffffffu, e, k1 & (kWarp - 1));
+      const int r2 = __shfl_sync(0xffffffffu, slot_row, k2 & (kWarp - 1));
+      int v = -1;
+      if (c == handle::kSendNumDst) v = row >= 0 ? 1 : 0;
+      else if (k1 >= 0 && k1 < K) v = e1 >= 0 ? 0 : -1;
+      else if (k2 >= 0 && k2 < K) v = r2;
+      if (c < W) hrow[c] = v;
+    }
+    if (row < 0) continue;
+    warp_copy(p.recv_x + static_cast<int64_t>(row) * p.x_bytes,
+              p.x + static_cast<int64_t>(t) * p.x_bytes, p.x_bytes);
+    if (p.s_bytes > 0)
+      warp_copy(p.recv_s + static_cast<int64_t>(row) * p.s_bytes,
+                p.scales + static_cast<int64_t>(t) * p.s_bytes, p.s_bytes);
+    if (lane < K) {
+      p.recv_idx[static_cast<int64_t>(row) * K + lane] = e >= 0 ? e : -1;
+      p.recv_w[static_cast<int64_t>(row) * K + lane] = e >= 0 ? wgt : 0.f;
+    }
+    int* grow = recv_h + static_cast<int64_t>(row) * W;
+    for (int c = lane; c < W; c += kWarp) {
+      int v = -1;
+      if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) v = 0;
+      else if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) v = t;
+      else if (c == handle::kRecvGroup || c == handle::kGroupMember) v = row;
+      else if (c == handle::kGroupCombineSlot) v = 0;
+      grow[c] = v;
+    }
+  }
+
+  // ---- rows [T, C) never carry a token: every CTA fills its share now ----
+  zero_compact_rows(fa, T, p.C, static_cast<int64_t>(tile) * kThreads + threadIdx.x,
+                    static_cast<int64_t>(nb) * kThreads, static_cast<int64_t>(tile) * kWarps + warp,
+                    static_cast<int64_t>(nb) * kWarps);
+
+  // ---- the last CTA to finish: tokens_per_expert (every tile has added its histogram) ----
+  const unsigned long long t_copied = global_ns();
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(p.s.tile_ctr + 1, 1u) == static_cast<unsigned>(nb - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < E; e += kThreads) {
+    p.tpe[e] = __ldcg(p.s.tpe_acc + e);
+    p.s.tpe_acc[e] = 0;  // ready for the next call
+  }
+  if (threadIdx.x == 0) {
+    int* info = p.s.recv_info;  // this CTA's phases, ns from its start (after pdl_wait)
+    info[3] = static_cast<int>(t_counted - t_start);
+    info[4] = static_cast<int>(t_scanned - t_start);
+    info[5] = static_cast<int>(t_copied - t_start);
+    info[6] = static_cast<int>(global_ns() - t_start);
+    info[7] = tile;
+    p.s.tile_ctr[0] = 0u;
+    p.s.tile_ctr[1] = 0u;
+    p.s.tile_ctr[2] = tag;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_local_dispatch(const LocalDispatchParams& p, int ctas, cudaStream_t stream) {
+  ctas = ctas < 1 ? 1 : (ctas > kMaxLocalTiles ? kMaxLocalTiles : ctas);
+  const int tile_tokens = (p.T + ctas - 1) / ctas;
+  const size_t smem = static_cast<size_t>(p.E + tile_tokens) * sizeof(int);
+  // Raise the dynamic shared-memory limit once per size (not per call: keeps capture clean).
+  static size_t configured = 48 * 1024;
+  if (smem > configured) {
+    cudaError_t err = cudaFuncSetAttribute(local_dispatch_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    configured = smem;
+  }
+  return launch_pdl(local_dispatch_kernel, ctas, kThreads, smem, stream, p);
+}
+
+}  // namespace deep_ep_ops
