@@ -31,6 +31,12 @@ void check_alive(const State& st, const char* op) {
   // A GPU wait of an earlier call timed out: the ranks' barrier epochs are out of step and
   // results since then are garbage. Say so (and who stalled) instead of continuing.
   const ErrorRecord* e = st.error_host;
+  if (e != nullptr && *reinterpret_cast<const volatile int*>(&e->code) != 0 &&
+      e->op == kOpLocalTiles)
+    throw std::runtime_error(std::string("deep_ep.") + op + ": an earlier one-rank dispatch "
+                             "timed out waiting for tile " + std::to_string(e->slot) +
+                             " of its own kernel (a CTA that never ran); the Buffer cannot be "
+                             "used any more");
   if (e != nullptr && *reinterpret_cast<const volatile int*>(&e->code) != 0)
     throw std::runtime_error(std::string("deep_ep.") + op + ": an earlier call on this Buffer "
                              "failed: rank " + std::to_string(e->rank) + " timed out waiting "

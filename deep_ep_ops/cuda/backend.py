@@ -79,7 +79,9 @@ def destroy_state(state, group_name: Optional[str] = None) -> None:
 
 
 _OPS = {1: "dispatch (count exchange)", 2: "dispatch (data push)",
-        3: "cached_dispatch (staging)", 4: "cached_dispatch (pull)", 5: "combine (push)"}
+        3: "cached_dispatch (staging)", 4: "cached_dispatch (pull)", 5: "combine (push)",
+        6: "dispatch (one rank: tile counts)"}
+_OP_LOCAL_TILES = 6  # kOpLocalTiles: a wait on a tile of the same kernel, not on a peer
 
 
 def last_error(state) -> Optional[dict]:
@@ -87,8 +89,12 @@ def last_error(state) -> Optional[dict]:
     code, rank, peer, slot, expected, seen, op = _module().error_record(state)
     if code == 0:
         return None
-    message = (f"rank {rank}: GPU timeout in {_OPS.get(op, '?')} waiting for peer rank {peer} "
-               f"(barrier slot {slot}, expected epoch {expected}, saw {seen})")
+    if op == _OP_LOCAL_TILES:
+        message = (f"rank {rank}: GPU timeout in {_OPS[op]} waiting for tile {slot} of the same "
+                   f"kernel (call tag {expected}, saw {seen})")
+    else:
+        message = (f"rank {rank}: GPU timeout in {_OPS.get(op, '?')} waiting for peer rank "
+                   f"{peer} (barrier slot {slot}, expected epoch {expected}, saw {seen})")
     return dict(rank=rank, peer=peer, slot=slot, expected=expected, seen=seen, op=op,
                 message=message)
 
