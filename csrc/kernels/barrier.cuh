@@ -42,10 +42,15 @@ static __device__ __noinline__ void report_timeout_at(ErrorRecord* e, int rank, 
   const char* names[] = {"?", "dispatch (count exchange)", "dispatch (data push)",
                          "cached_dispatch (staging)", "cached_dispatch (pull)",
                          "combine (push)"};
-  printf("[deep_ep_ops] rank %d: GPU timeout in %s waiting for peer rank %d "
-         "(barrier slot %d, expected epoch %u, saw %u). The peer did not enter the same "
-         "collective call; this Buffer is now unusable.\n",
-         rank, names[(op >= 1 && op <= 5) ? op : 0], peer, slot, expected, seen);
+  if (op == kOpLocalTiles)  // a wait inside one kernel (local_dispatch.cu): slot = the tile
+    printf("[deep_ep_ops] rank %d: GPU timeout in dispatch (one rank) waiting for the count of "
+           "tile %d of the same kernel (call tag %u, saw %u): its CTA never ran to that point. "
+           "This Buffer is now unusable.\n", rank, slot, expected, seen);
+  else
+    printf("[deep_ep_ops] rank %d: GPU timeout in %s waiting for peer rank %d "
+           "(barrier slot %d, expected epoch %u, saw %u). The peer did not enter the same "
+           "collective call; this Buffer is now unusable.\n",
+           rank, names[(op >= 1 && op <= 5) ? op : 0], peer, slot, expected, seen);
   // By default the kernel finishes (outputs are garbage) and the host raises at the next call
   // on this Buffer, so the process stays healthy enough to report; a trap kills the context.
   if (trap) __trap();

@@ -196,6 +196,18 @@ __device__ __forceinline__ int load_expert(const void* idx, bool idx64, int64_t 
                : static_cast<const int*>(idx)[i];
 }
 
+// Lane k < K gets the expert id and weight of slot k of token t; the other lanes -1 and 0.
+__device__ __forceinline__ void load_slot(const DispatchIO& io, int t, int& e, float& wgt) {
+  const int k = lane_id();
+  e = -1;
+  wgt = 0.f;
+  if (k < io.K) {
+    const int64_t tk = static_cast<int64_t>(t) * io.K + k;
+    e = load_expert(io.topk_idx, io.idx64, tk);
+    wgt = io.topk_weights[tk];
+  }
+}
+
 }  // namespace dev
 
 // DEEP_EP_OPS_PDL=0 turns programmatic dependent launch off (read once per process).

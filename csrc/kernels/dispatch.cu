@@ -16,6 +16,7 @@
 // and fills every row that carries no token (padding is always zero).
 #include "barrier.cuh"
 #include "fill_rows.cuh"
+#include "handle_rows.cuh"
 
 namespace deep_ep_ops {
 namespace {
@@ -31,26 +32,23 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
   // then mostly read L2 while the layout's latency-bound work runs.
   if (lane == 0) {
     int n = 0;
-    for (int t = blockIdx.x * warps + warp_id(); t < p.T && n < 2; t += gridDim.x * warps, ++n) {
-      prefetch_l2(p.x + static_cast<int64_t>(t) * p.x_bytes, p.x_bytes);
-      if (p.s_bytes > 0) prefetch_l2(p.scales + static_cast<int64_t>(t) * p.s_bytes, p.s_bytes);
+    for (int t = blockIdx.x * warps + warp_id(); t < p.io.T && n < 2; t += gridDim.x * warps, ++n) {
+      prefetch_l2(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes);
+      if (p.io.s_bytes > 0) prefetch_l2(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes);
     }
   }
   pdl_wait();
   pdl_trigger();
-  const int R = p.comm.num_ranks, K = p.K, me = p.comm.rank, E = p.E, NC = E + R, W = p.W;
-  int* recv_h = p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
+  const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
+  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
   if (blockIdx.x == 0)  // handle header row
-    for (int c = threadIdx.x; c < W; c += blockDim.x) p.handle[c] = p.s.send_handle[c];
-  for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
+    for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
+  for (int t = blockIdx.x * warps + warp_id(); t < p.io.T; t += gridDim.x * warps) {
     const unsigned dmask = p.s.tok_dmask[t];
     const int64_t tk = static_cast<int64_t>(t) * K + lane;
-    int e = -1;
-    float wgt = 0.f;
-    if (lane < K) {
-      e = load_expert(p.topk_idx, p.idx64, tk);
-      wgt = p.topk_weights[tk];
-    }
+    int e;
+    float wgt;
+    load_slot(p.io, t, e, wgt);
     // final rows of slot `lane`: base + this count-CTA's prefix + rank inside the count-CTA
     const int edst = e >= 0 ? e / p.E_loc : -1;
     int erow = -1, crow = -1;
@@ -60,24 +58,10 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
       erow = p.s.ebase[e] + pre[e] + (rk >> 16);
       crow = p.s.cbase[edst] + pre[E + edst] + (rk & 0xffff);
     }
-    // handle send part: [#destinations, rank of slot k (K), row of slot k (K), -1...]
-    {
-      int* hrow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W;
-      const int sel = p.expand ? erow : crow;
-      for (int c0 = 0; c0 < W; c0 += kWarp) {
-        const int c = c0 + lane;
-        const int k1 = c - handle::kSendDstRank, k2 = c - handle::send_dst_row(K);
-        const int v1 = __shfl_sync(0xffffffffu, edst, k1 & (kWarp - 1));
-        const int v2 = __shfl_sync(0xffffffffu, sel, k2 & (kWarp - 1));
-        int v = -1;
-        if (c == handle::kSendNumDst) v = __popc(dmask);
-        else if (k1 >= 0 && k1 < K) v = v1;
-        else if (k2 >= 0 && k2 < K) v = v2;
-        if (c < W) hrow[c] = v;
-      }
-    }
-    const char* xrow = p.x + static_cast<int64_t>(t) * p.x_bytes;
-    const char* srow = p.scales + static_cast<int64_t>(t) * p.s_bytes;
+    warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
+                        __popc(dmask), edst, p.expand ? erow : crow);
+    const char* xrow = p.io.x + static_cast<int64_t>(t) * p.io.x_bytes;
+    const char* srow = p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes;
     for (unsigned rest = dmask; rest != 0; rest &= rest - 1) {
       const int d = __ffs(rest) - 1;
       const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
@@ -90,41 +74,28 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
         const int j = here ? e - me * p.E_loc : -1;  // local expert of slot `lane`
         int* grow = recv_h + static_cast<int64_t>(row) * W;  // group `row`
         if (!p.expand) {
-          warp_copy(p.recv_x + static_cast<int64_t>(row) * p.x_bytes, xrow, p.x_bytes);
-          if (p.s_bytes > 0) warp_copy(p.recv_s + static_cast<int64_t>(row) * p.s_bytes, srow, p.s_bytes);
+          warp_copy(p.io.recv_x + static_cast<int64_t>(row) * p.io.x_bytes, xrow, p.io.x_bytes);
+          if (p.io.s_bytes > 0) warp_copy(p.io.recv_s + static_cast<int64_t>(row) * p.io.s_bytes, srow, p.io.s_bytes);
           if (lane < K) {
-            static_cast<int64_t*>(p.recv_idx)[static_cast<int64_t>(row) * K + lane] = j;
-            p.recv_w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
+            static_cast<int64_t*>(p.io.recv_idx)[static_cast<int64_t>(row) * K + lane] = j;
+            p.io.recv_w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
           }
-          for (int c = lane; c < W; c += kWarp) {
-            int v = -1;
-            if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) v = me;
-            else if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) v = t;
-            else if (c == handle::kRecvGroup || c == handle::kGroupMember) v = row;
-            else if (c == handle::kGroupCombineSlot) v = cslot;
-            grow[c] = v;
-          }
+          warp_write_compact_recv_row(grow, W, me, t, row, cslot);
         } else {
-          warp_copy_rows(p.recv_x, erow, at_d, xrow, p.x_bytes);
-          if (p.s_bytes > 0) warp_copy_rows(p.recv_s, erow, at_d, srow, p.s_bytes);
+          warp_copy_rows(p.io.recv_x, erow, at_d, xrow, p.io.x_bytes);
+          if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, at_d, srow, p.io.s_bytes);
           // members ascending = local expert ids ascending (blocks are in expert order)
           int members_before = 0;
           for (int k = 0; k < K; ++k) {
             const int jk = __shfl_sync(0xffffffffu, j, k);
             if (jk >= 0 && j >= 0 && jk < j) ++members_before;
           }
-          for (int c = handle::kGroupSrcRank + lane; c < W; c += kWarp) {
-            int v = -1;
-            if (c == handle::kGroupSrcRank) v = me;
-            else if (c == handle::kGroupSrcToken) v = t;
-            else if (c == handle::kGroupCombineSlot) v = cslot;
-            grow[c] = v;
-          }
+          warp_write_group_cols(grow, W, me, t, cslot);
           __syncwarp();
           if (here) {
             grow[handle::kGroupMember + members_before] = erow;
-            static_cast<int*>(p.recv_idx)[erow] = j;
-            p.recv_w[erow] = wgt;
+            static_cast<int*>(p.io.recv_idx)[erow] = j;
+            p.io.recv_w[erow] = wgt;
             int* rrow = recv_h + static_cast<int64_t>(erow) * W;
             rrow[handle::kRecvSrcRank] = me;
             rrow[handle::kRecvSrcToken] = t;
@@ -148,14 +119,14 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
         meta[4 + K + lane] = here ? erow : -1;
         meta[4 + 2 * K + lane] = here ? __float_as_int(wgt) : 0;
       }
-      warp_copy(base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride, xrow, p.x_bytes);
-      if (p.s_bytes > 0)
-        warp_copy(base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride, srow, p.s_bytes);
+      warp_copy(base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride, xrow, p.io.x_bytes);
+      if (p.io.s_bytes > 0)
+        warp_copy(base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride, srow, p.io.s_bytes);
     }
   }
   if (p.local_only) {
-    FillArgs a{p.s.recv_info, p.recv_x, p.recv_s, p.recv_idx, p.recv_w, p.tpe, recv_h,
-               p.x_bytes, p.s_bytes, p.C, K, W, p.E_loc, p.expand};
+    FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
+               p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
     fill_empty_rows(a);
     return;
   }
@@ -165,7 +136,7 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
 __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p) {
   pdl_wait();
   pdl_trigger();
-  const int K = p.K, W = p.W;
+  const int K = p.io.K, W = p.io.W;
   const int G = p.recv_info[kRecvG];
   const int local_lo = p.recv_info[recv_local_lo(p.E_loc)];
   const int local_n = p.recv_info[recv_local_n(p.E_loc)];
@@ -174,9 +145,9 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
   const int gwarp = blockIdx.x * warps + warp_id();
   const int nwarps = gridDim.x * warps;
 
-  int* recv_h = p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
-  int64_t* idx64 = static_cast<int64_t*>(p.recv_idx);
-  int* idx32 = static_cast<int*>(p.recv_idx);
+  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
+  int64_t* idx64 = static_cast<int64_t*>(p.io.recv_idx);
+  int* idx32 = static_cast<int*>(p.io.recv_idx);
   // groups from the other ranks: [0, G) without this rank's own [local_lo, local_lo + local_n)
   for (int q = gwarp; q < G - local_n; q += nwarps) {
     const int i = q < local_lo ? q : q + local_n;
@@ -195,20 +166,13 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
       wgt = __int_as_float(meta[4 + 2 * K + lane]);
     }
     if (!p.expand) {
-      warp_copy(p.recv_x + static_cast<int64_t>(i) * p.x_bytes, wx, p.x_bytes);
-      if (p.s_bytes > 0) warp_copy(p.recv_s + static_cast<int64_t>(i) * p.s_bytes, ws, p.s_bytes);
+      warp_copy(p.io.recv_x + static_cast<int64_t>(i) * p.io.x_bytes, wx, p.io.x_bytes);
+      if (p.io.s_bytes > 0) warp_copy(p.io.recv_s + static_cast<int64_t>(i) * p.io.s_bytes, ws, p.io.s_bytes);
       if (lane < K) {
         idx64[static_cast<int64_t>(i) * K + lane] = j;
-        p.recv_w[static_cast<int64_t>(i) * K + lane] = wgt;
+        p.io.recv_w[static_cast<int64_t>(i) * K + lane] = wgt;
       }
-      for (int c = lane; c < W; c += kWarp) {
-        int v = -1;
-        if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) v = src;
-        else if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) v = tok;
-        else if (c == handle::kRecvGroup || c == handle::kGroupMember) v = i;
-        else if (c == handle::kGroupCombineSlot) v = cslot;
-        hrow[c] = v;
-      }
+      warp_write_compact_recv_row(hrow, W, src, tok, i, cslot);
     } else {
       // members ascending = local expert ids ascending (blocks are in expert order)
       const unsigned local = __ballot_sync(0xffffffffu, j >= 0);
@@ -217,30 +181,24 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
         const int jk = __shfl_sync(0xffffffffu, j, k);
         if (jk >= 0 && j >= 0 && jk < j) ++members_before;
       }
-      for (int c = handle::kGroupSrcRank + lane; c < W; c += kWarp) {
-        int v = -1;
-        if (c == handle::kGroupSrcRank) v = src;
-        else if (c == handle::kGroupSrcToken) v = tok;
-        else if (c == handle::kGroupCombineSlot) v = cslot;
-        hrow[c] = v;
-      }
+      warp_write_group_cols(hrow, W, src, tok, cslot);
       __syncwarp();
       if (j >= 0) {
         hrow[handle::kGroupMember + members_before] = erow;
         idx32[erow] = j;
-        p.recv_w[erow] = wgt;
+        p.io.recv_w[erow] = wgt;
         int* rrow = recv_h + static_cast<int64_t>(erow) * W;
         rrow[handle::kRecvSrcRank] = src;
         rrow[handle::kRecvSrcToken] = tok;
         rrow[handle::kRecvTopkSlot] = lane;
         rrow[handle::kRecvGroup] = i;
       }
-      warp_copy_rows(p.recv_x, erow, local, wx, p.x_bytes);
-      if (p.s_bytes > 0) warp_copy_rows(p.recv_s, erow, local, ws, p.s_bytes);
+      warp_copy_rows(p.io.recv_x, erow, local, wx, p.io.x_bytes);
+      if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, local, ws, p.io.s_bytes);
     }
   }
-  FillArgs a{p.recv_info, p.recv_x, p.recv_s, p.recv_idx, p.recv_w, p.tpe, recv_h,
-             p.x_bytes, p.s_bytes, p.C, K, W, p.E_loc, p.expand};
+  FillArgs a{p.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
+             p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
   fill_empty_rows(a);
 }
 

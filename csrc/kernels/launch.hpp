@@ -109,22 +109,28 @@ struct LayoutParams {
   Comm comm;
 };
 
-struct PushParams {
+// A dispatch's inputs and this rank's fresh outputs, as the kernels that write outputs see them.
+struct DispatchIO {
   const char* x;
   const char* scales;
   const void* topk_idx;
   const float* topk_weights;
-  // this rank's outputs: rows for itself (data, routing tensors, handle receive rows) are
-  // written here directly
   char* recv_x;
   char* recv_s;
   void* recv_idx;  // int64 [C, K] compact, int32 [C] expand
   float* recv_w;
-  int* tpe;
-  int* handle;   // header + send part (+ receive rows of this rank's own tokens)
+  int* tpe;     // [E_loc]
+  int* handle;  // [1 + T + C, W]
   int idx64;
   int64_t x_bytes, s_bytes;  // per row
-  int T, K, E, E_loc, expand, W, cta_tokens, C;
+  int T, K, E, W, C;
+};
+
+struct PushParams {
+  // rows for this rank itself (data, routing tensors, handle receive rows) go straight into
+  // io's outputs; with more ranks the header and send part too
+  DispatchIO io;
+  int E_loc, expand, cta_tokens;
   int local_only;  // 1 rank: no window, no barrier; the push also does the epilogue's work
   DispatchRows rows;
   DispatchScratch s;
@@ -133,35 +139,18 @@ struct PushParams {
 
 // One rank, compact layout, static capacity: the whole dispatch in one kernel.
 struct LocalDispatchParams {
-  const char* x;
-  const char* scales;
-  const void* topk_idx;
-  const float* topk_weights;
-  char* recv_x;
-  char* recv_s;
-  int64_t* recv_idx;  // [C, K]
-  float* recv_w;      // [C, K]
-  int* tpe;           // [E]
-  int* handle;        // [1 + T + C, W]
-  int idx64;
-  int64_t x_bytes, s_bytes;  // per row
-  int T, K, E, A, M, W, C;
+  DispatchIO io;  // recv_idx: int64 [C, K]
+  int A, M;
   DispatchScratch s;
   Comm comm;  // timeouts and the error record only (no window traffic)
 };
 
 struct EpilogueParams {
+  DispatchIO io;    // the same as the push kernel's (inputs unused)
   const char* win;  // local window base
   DispatchRows rows;
   const int* recv_info;
-  char* recv_x;
-  char* recv_s;
-  void* recv_idx;  // int64 [C, K] compact, int32 [C] expand
-  float* recv_w;
-  int* tpe;
-  int* handle;
-  int64_t x_bytes, s_bytes;
-  int C, T, K, W, E_loc, expand;
+  int E_loc, expand;
 };
 
 struct CachedParams {

@@ -17,6 +17,7 @@
 // The push kernel adds the three terms per (token, slot), so the rows are the same pure
 // function of the routing as in a one-pass serial count: (source rank, source token) order.
 #include "barrier.cuh"
+#include "handle_rows.cuh"
 
 namespace deep_ep_ops {
 namespace {
@@ -246,17 +247,9 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
     const int pairs = misc[1];
     info[kRecvPairs] = pairs;
     // handle header row
-    int* h = p.s.send_handle;
-    for (int c = 0; c < p.W; ++c) h[c] = 0;
-    h[handle::kHdrValidRows] = p.expand ? pairs : misc[0];
-    h[handle::kHdrValidGroups] = misc[0];
-    h[handle::kHdrNumTokens] = p.T;
-    h[handle::kHdrNumRanks] = R;
-    h[handle::kHdrNumExperts] = E;
-    h[handle::kHdrMaxTokens] = p.M;
-    h[handle::kHdrExpand] = p.expand;
-    h[handle::kHdrAlignment] = p.A;
-    h[handle::kHdrTopk] = K;
+    write_header_row(p.s.send_handle, p.W,
+                     HandleHeader{p.expand ? pairs : misc[0], misc[0], p.T, R, E, p.M, p.expand,
+                                  p.A, K});
     info[6] = static_cast<int>(global_ns() - t_start);
     info[7] = info[6];
   }

@@ -15,6 +15,7 @@
 // Rows [T, C) never carry a token and are filled by every CTA in parallel without waiting.
 #include "barrier.cuh"
 #include "fill_rows.cuh"
+#include "handle_rows.cuh"
 
 namespace deep_ep_ops {
 namespace {
@@ -36,25 +37,6 @@ __device__ __forceinline__ void st_release_gpu(unsigned long long* p, unsigned l
   asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-static __device__ __noinline__ void report_tile_timeout(ErrorRecord* e, int rank, int trap,
-                                                        int tile, unsigned tag, unsigned seen) {
-  if (e != nullptr && *reinterpret_cast<volatile int*>(&e->code) == 0) {
-    volatile ErrorRecord* v = e;
-    v->code = 1;
-    v->rank = rank;
-    v->peer = rank;
-    v->slot = tile;
-    v->expected = tag;
-    v->seen = seen;
-    v->op = kOpLocalTiles;
-    __threadfence_system();
-  }
-  printf("[deep_ep_ops] rank %d: GPU timeout in dispatch (one rank) waiting for the count of "
-         "tile %d of the same kernel (call tag %u, saw %u): its CTA never ran to that point. "
-         "This Buffer is now unusable.\n", rank, tile, tag, seen);
-  if (trap) __trap();
-}
-
 // Count of `tile` in this call; waits (with the Buffer's timeout) until it is published.
 __device__ __forceinline__ int tile_count(const unsigned long long* status, int tile,
                                           unsigned tag, const Comm& c) {
@@ -63,8 +45,8 @@ __device__ __forceinline__ int tile_count(const unsigned long long* status, int 
     const long long start = clock64();
     while (static_cast<unsigned>((v = ld_acquire_gpu(status + tile)) >> 32) != tag) {
       if (clock64() - start > c.timeout_cycles) {
-        report_tile_timeout(c.error, c.rank, c.trap_on_timeout, tile, tag,
-                            static_cast<unsigned>(v >> 32));
+        report_timeout_at(c.error, c.rank, c.trap_on_timeout, kOpLocalTiles, tile, c.rank, tag,
+                          static_cast<unsigned>(v >> 32));
         return 0;
       }
     }
@@ -88,14 +70,14 @@ __device__ __forceinline__ int block_sum(int v, int* red) {
 __global__ void __launch_bounds__(kThreads, 1) local_dispatch_kernel(LocalDispatchParams p) {
   extern __shared__ int smem[];
   int* hist = smem;            // [E] this tile's tokens per expert
-  int* tok_row = hist + p.E;   // [tile tokens] row among the tile's valid tokens, -1: invalid
+  int* tok_row = hist + p.io.E;  // [tile tokens] row among the tile's valid tokens, -1: invalid
   __shared__ int red[kWarps];
   __shared__ unsigned tile_tag[2];
   __shared__ int is_last;
   pdl_wait();
   pdl_trigger();
   const unsigned long long t_start = global_ns();  // phase stamps: recv_info[3..7]
-  const int T = p.T, K = p.K, E = p.E, W = p.W;
+  const int T = p.io.T, K = p.io.K, E = p.io.E, W = p.io.W;
   const int lane = lane_id(), warp = warp_id();
   if (threadIdx.x == 0) {
     tile_tag[0] = atomicAdd(p.s.tile_ctr, 1u);
@@ -121,12 +103,12 @@ __global__ void __launch_bounds__(kThreads, 1) local_dispatch_kernel(LocalDispat
         int ids[8];  // all loads in flight before the first atomic
 #pragma unroll
         for (int u = 0; u < 8; ++u)
-          ids[u] = k0 + u < K ? load_expert(p.topk_idx, p.idx64, t * K + k0 + u) : -1;
+          ids[u] = k0 + u < K ? load_expert(p.io.topk_idx, p.io.idx64, t * K + k0 + u) : -1;
         if (k0 == 0 && i < kPrefetchRows) {
           // Stream the tile's first rows into L2 while the scan runs, issued after the id
           // loads: behind ~30 MB of prefetches the ids (the critical path) waited ~8 us.
-          prefetch_l2(p.x + t * p.x_bytes, p.x_bytes);
-          if (p.s_bytes > 0) prefetch_l2(p.scales + t * p.s_bytes, p.s_bytes);
+          prefetch_l2(p.io.x + t * p.io.x_bytes, p.io.x_bytes);
+          if (p.io.s_bytes > 0) prefetch_l2(p.io.scales + t * p.io.s_bytes, p.io.s_bytes);
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
@@ -161,26 +143,17 @@ __global__ void __launch_bounds__(kThreads, 1) local_dispatch_kernel(LocalDispat
   for (int j = threadIdx.x; j < tile; j += kThreads) below += tile_count(p.s.tile_status, j, tag, p.comm);
   below = block_sum(below, red);
   const unsigned long long t_scanned = global_ns();
-  int* recv_h = p.handle + static_cast<int64_t>(handle::kHeaderRows + T) * W;
-  FillArgs fa{nullptr, p.recv_x, p.recv_s, p.recv_idx, p.recv_w, p.tpe, recv_h,
-              p.x_bytes, p.s_bytes, p.C, K, W, E, 0};
+  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + T) * W;
+  FillArgs fa{nullptr, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
+              p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, E, 0};
   if (tile == nb - 1) {
     // The highest tile knows the total G = its base + its count: header row, and the rows of
     // invalid tokens [G, T) (nobody else writes them).
     const int G = below + valid_in_tile;
-    if (threadIdx.x < W) {
-      const int c = threadIdx.x;
-      int v = 0;
-      if (c == handle::kHdrValidRows || c == handle::kHdrValidGroups) v = G;
-      else if (c == handle::kHdrNumTokens) v = T;
-      else if (c == handle::kHdrNumRanks) v = 1;
-      else if (c == handle::kHdrNumExperts) v = E;
-      else if (c == handle::kHdrMaxTokens) v = p.M;
-      else if (c == handle::kHdrAlignment) v = p.A;
-      else if (c == handle::kHdrTopk) v = K;
-      p.handle[c] = v;  // kHdrExpand: 0
+    if (threadIdx.x == 0) {
+      write_header_row(p.io.handle, W, HandleHeader{G, G, T, 1, E, p.M, 0, p.A, K});
+      p.s.recv_info[kRecvG] = G;
     }
-    if (threadIdx.x == 0) p.s.recv_info[kRecvG] = G;
     zero_compact_rows(fa, G, T, threadIdx.x, kThreads, warp, kWarps);
   }
 
@@ -189,50 +162,27 @@ __global__ void __launch_bounds__(kThreads, 1) local_dispatch_kernel(LocalDispat
     const int t = lo + i;
     const int r = tok_row[i];
     const int row = r >= 0 ? below + r : -1;
-    const int64_t tk = static_cast<int64_t>(t) * K + lane;
-    int e = -1;
-    float wgt = 0.f;
-    if (lane < K) {
-      e = load_expert(p.topk_idx, p.idx64, tk);
-      wgt = p.topk_weights[tk];
-    }
-    // send part: [#destinations, rank of slot k (K), row of slot k (K), -1...]
-    int* hrow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W;
-    const int slot_row = e >= 0 ? row : -1;
-    for (int c0 = 0; c0 < W; c0 += kWarp) {  // warp-uniform trip count: the shuffles converge
-      const int c = c0 + lane;
-      const int k1 = c - handle::kSendDstRank, k2 = c - handle::send_dst_row(K);
-      const int e1 = __shfl_sync(0xffffffffu, e, k1 & (kWarp - 1));
-      const int r2 = __shfl_sync(0xffffffffu, slot_row, k2 & (kWarp - 1));
-      int v = -1;
-      if (c == handle::kSendNumDst) v = row >= 0 ? 1 : 0;
-      else if (k1 >= 0 && k1 < K) v = e1 >= 0 ? 0 : -1;
-      else if (k2 >= 0 && k2 < K) v = r2;
-      if (c < W) hrow[c] = v;
-    }
+    int e;
+    float wgt;
+    load_slot(p.io, t, e, wgt);
+    // slot k goes to rank 0 (the only one) at the token's row, or nowhere
+    warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
+                        row >= 0 ? 1 : 0, e >= 0 ? 0 : -1, e >= 0 ? row : -1);
     if (row < 0) continue;
-    warp_copy(p.recv_x + static_cast<int64_t>(row) * p.x_bytes,
-              p.x + static_cast<int64_t>(t) * p.x_bytes, p.x_bytes);
-    if (p.s_bytes > 0)
-      warp_copy(p.recv_s + static_cast<int64_t>(row) * p.s_bytes,
-                p.scales + static_cast<int64_t>(t) * p.s_bytes, p.s_bytes);
+    warp_copy(p.io.recv_x + static_cast<int64_t>(row) * p.io.x_bytes,
+              p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes);
+    if (p.io.s_bytes > 0)
+      warp_copy(p.io.recv_s + static_cast<int64_t>(row) * p.io.s_bytes,
+                p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes);
     if (lane < K) {
-      p.recv_idx[static_cast<int64_t>(row) * K + lane] = e >= 0 ? e : -1;
-      p.recv_w[static_cast<int64_t>(row) * K + lane] = e >= 0 ? wgt : 0.f;
+      static_cast<int64_t*>(p.io.recv_idx)[static_cast<int64_t>(row) * K + lane] = e >= 0 ? e : -1;
+      p.io.recv_w[static_cast<int64_t>(row) * K + lane] = e >= 0 ? wgt : 0.f;
     }
-    int* grow = recv_h + static_cast<int64_t>(row) * W;
-    for (int c = lane; c < W; c += kWarp) {
-      int v = -1;
-      if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) v = 0;
-      else if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) v = t;
-      else if (c == handle::kRecvGroup || c == handle::kGroupMember) v = row;
-      else if (c == handle::kGroupCombineSlot) v = 0;
-      grow[c] = v;
-    }
+    warp_write_compact_recv_row(recv_h + static_cast<int64_t>(row) * W, W, 0, t, row, 0);
   }
 
   // ---- rows [T, C) never carry a token: every CTA fills its share now ----
-  zero_compact_rows(fa, T, p.C, static_cast<int64_t>(tile) * kThreads + threadIdx.x,
+  zero_compact_rows(fa, T, p.io.C, static_cast<int64_t>(tile) * kThreads + threadIdx.x,
                     static_cast<int64_t>(nb) * kThreads, static_cast<int64_t>(tile) * kWarps + warp,
                     static_cast<int64_t>(nb) * kWarps);
 
@@ -245,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1) local_dispatch_kernel(LocalDispat
   if (!is_last) return;
   __threadfence();
   for (int e = threadIdx.x; e < E; e += kThreads) {
-    p.tpe[e] = __ldcg(p.s.tpe_acc + e);
+    p.io.tpe[e] = __ldcg(p.s.tpe_acc + e);
     p.s.tpe_acc[e] = 0;  // ready for the next call
   }
   if (threadIdx.x == 0) {
@@ -265,8 +215,8 @@ __global__ void __launch_bounds__(kThreads, 1) local_dispatch_kernel(LocalDispat
 
 cudaError_t launch_local_dispatch(const LocalDispatchParams& p, int ctas, cudaStream_t stream) {
   ctas = ctas < 1 ? 1 : (ctas > kMaxLocalTiles ? kMaxLocalTiles : ctas);
-  const int tile_tokens = (p.T + ctas - 1) / ctas;
-  const size_t smem = static_cast<size_t>(p.E + tile_tokens) * sizeof(int);
+  const int tile_tokens = (p.io.T + ctas - 1) / ctas;
+  const size_t smem = static_cast<size_t>(p.io.E + tile_tokens) * sizeof(int);
   // Raise the dynamic shared-memory limit once per size (not per call: keeps capture clean).
   static size_t configured = 48 * 1024;
   if (smem > configured) {

@@ -83,6 +83,47 @@ int barrier_ctas_for(const State& st, int64_t num_sms, int64_t max_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(barrier_ctas(st, num_sms), need)));
 }
 
+// Fresh outputs of a dispatch with C receive rows: recv_x [C, H], scales [C, P], topk idx and
+// weights ([C, K] compact, [C] expert-major), tokens_per_expert [E_loc], handle [1 + T + C, W].
+DispatchOut dispatch_outputs(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                             int64_t C, int K, int E_loc, int W, bool expand) {
+  const at::Device dev = x.device();
+  return {empty({C, x.size(1)}, x.scalar_type(), dev),
+          x_scales.has_value() ? empty({C, x_scales->size(1)}, x_scales->scalar_type(), dev)
+                               : empty({C, 0}, at::kFloat, dev),
+          expand ? empty({C}, at::kInt, dev) : empty({C, K}, at::kLong, dev),
+          expand ? empty({C}, at::kFloat, dev) : empty({C, K}, at::kFloat, dev),
+          empty({E_loc}, at::kInt, dev),
+          empty({1 + x.size(0) + C, W}, at::kInt, dev)};
+}
+
+// What the kernels that write a dispatch's outputs see of its inputs and outputs.
+DispatchIO dispatch_io(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                       const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                       const DispatchOut& out, int K, int E, int W) {
+  const auto& [recv_x, recv_s, recv_idx, recv_w, tpe, handle] = out;
+  DispatchIO io{};
+  io.x = static_cast<const char*>(x.data_ptr());
+  io.scales = x_scales.has_value() ? static_cast<const char*>(x_scales->data_ptr()) : nullptr;
+  io.topk_idx = topk_idx.data_ptr();
+  io.topk_weights = topk_weights.data_ptr<float>();
+  io.recv_x = static_cast<char*>(recv_x.data_ptr());
+  io.recv_s = static_cast<char*>(recv_s.data_ptr());
+  io.recv_idx = recv_idx.data_ptr();
+  io.recv_w = recv_w.data_ptr<float>();
+  io.tpe = tpe.data_ptr<int>();
+  io.handle = handle.data_ptr<int>();
+  io.idx64 = topk_idx.scalar_type() == at::kLong;
+  io.x_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
+  io.s_bytes = x_scales.has_value() ? x_scales->size(1) * 4 : 0;
+  io.T = static_cast<int>(x.size(0));
+  io.K = K;
+  io.E = E;
+  io.W = W;
+  io.C = static_cast<int>(recv_x.size(0));
+  return io;
+}
+
 }  // namespace
 
 int barrier_ctas(const State& st, int64_t num_sms) {
@@ -123,40 +164,16 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
   if (R == 1 && !expand && !exact) {
     // one rank, compact rows, static capacity: a local permute in one kernel
     const int64_t C = cap;
-    const at::Device dev = x.device();
-    at::Tensor recv_x = empty({C, H}, x.scalar_type(), dev);
-    at::Tensor recv_s = x_scales.has_value() ? empty({C, P}, x_scales->scalar_type(), dev)
-                                             : empty({C, 0}, at::kFloat, dev);
-    at::Tensor recv_idx = empty({C, K}, at::kLong, dev);
-    at::Tensor recv_w = empty({C, K}, at::kFloat, dev);
-    at::Tensor tpe = empty({E_loc}, at::kInt, dev);
-    at::Tensor handle = empty({1 + T + C, W}, at::kInt, dev);
+    DispatchOut out = dispatch_outputs(x, x_scales, C, K, E_loc, W, false);
     LocalDispatchParams lp{};
-    lp.x = static_cast<const char*>(x.data_ptr());
-    lp.scales = x_scales.has_value() ? static_cast<const char*>(x_scales->data_ptr()) : nullptr;
-    lp.topk_idx = topk_idx.data_ptr();
-    lp.topk_weights = topk_weights.data_ptr<float>();
-    lp.recv_x = static_cast<char*>(recv_x.data_ptr());
-    lp.recv_s = static_cast<char*>(recv_s.data_ptr());
-    lp.recv_idx = recv_idx.data_ptr<int64_t>();
-    lp.recv_w = recv_w.data_ptr<float>();
-    lp.tpe = tpe.data_ptr<int>();
-    lp.handle = handle.data_ptr<int>();
-    lp.idx64 = idx64;
-    lp.x_bytes = x_bytes;
-    lp.s_bytes = s_bytes;
-    lp.T = static_cast<int>(T);
-    lp.K = K;
-    lp.E = E;
+    lp.io = dispatch_io(x, x_scales, topk_idx, topk_weights, out, K, E, W);
     lp.A = A;
     lp.M = M;
-    lp.W = W;
-    lp.C = static_cast<int>(C);
     lp.s = st.scratch;
     lp.comm = st.comm;
     check_launch(launch_local_dispatch(lp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
                  "dispatch (one rank) kernel");
-    return {recv_x, recv_s, recv_idx, recv_w, tpe, handle};
+    return out;
   }
 
   // phase 1: counts, count exchange, per-destination bases, handle header (into scratch)
@@ -190,39 +207,15 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
     C = cap;
   }
 
-  const at::Device dev = x.device();
-  at::Tensor recv_x = empty({C, H}, x.scalar_type(), dev);
-  at::Tensor recv_s = x_scales.has_value() ? empty({C, P}, x_scales->scalar_type(), dev)
-                                           : empty({C, 0}, at::kFloat, dev);
-  at::Tensor recv_idx = expand ? empty({C}, at::kInt, dev) : empty({C, K}, at::kLong, dev);
-  at::Tensor recv_w = expand ? empty({C}, at::kFloat, dev) : empty({C, K}, at::kFloat, dev);
-  at::Tensor tpe = empty({E_loc}, at::kInt, dev);
-  at::Tensor handle = empty({1 + T + C, W}, at::kInt, dev);
+  DispatchOut out = dispatch_outputs(x, x_scales, C, K, E_loc, W, expand);
 
   // phase 2: final rows, handle header + send part; rows into the other destinations' windows
   // and this rank's own rows straight into the outputs
   PushParams pp{};
-  pp.x = static_cast<const char*>(x.data_ptr());
-  pp.scales = x_scales.has_value() ? static_cast<const char*>(x_scales->data_ptr()) : nullptr;
-  pp.topk_idx = topk_idx.data_ptr();
-  pp.topk_weights = topk_weights.data_ptr<float>();
-  pp.recv_x = static_cast<char*>(recv_x.data_ptr());
-  pp.recv_s = static_cast<char*>(recv_s.data_ptr());
-  pp.recv_idx = recv_idx.data_ptr();
-  pp.recv_w = recv_w.data_ptr<float>();
-  pp.tpe = tpe.data_ptr<int>();
-  pp.handle = handle.data_ptr<int>();
-  pp.idx64 = idx64;
-  pp.x_bytes = x_bytes;
-  pp.s_bytes = s_bytes;
-  pp.T = static_cast<int>(T);
-  pp.K = K;
-  pp.E = E;
+  pp.io = dispatch_io(x, x_scales, topk_idx, topk_weights, out, K, E, W);
   pp.E_loc = E_loc;
   pp.expand = expand;
-  pp.W = W;
   pp.cta_tokens = lp.cta_tokens;
-  pp.C = static_cast<int>(C);
   pp.local_only = R == 1;
   pp.rows = rows;
   pp.s = st.scratch;
@@ -231,32 +224,21 @@ DispatchOut dispatch(State& st, const at::Tensor& x, const std::optional<at::Ten
     // one rank: the push writes every output (no window, no barrier, no epilogue)
     check_launch(launch_dispatch_push(pp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
                  "dispatch push kernel");
-    return {recv_x, recv_s, recv_idx, recv_w, tpe, handle};
+    return out;
   }
   check_launch(launch_dispatch_push(pp, barrier_ctas_for(st, num_sms, M), stream),
                "dispatch push kernel");
 
   // phase 3: window -> fresh outputs, handle receive part, zero padding
   EpilogueParams ep{};
+  ep.io = pp.io;
   ep.win = st.comm.peer_base[st.cfg.rank];
   ep.rows = rows;
   ep.recv_info = st.scratch.recv_info;
-  ep.recv_x = static_cast<char*>(recv_x.data_ptr());
-  ep.recv_s = static_cast<char*>(recv_s.data_ptr());
-  ep.recv_idx = recv_idx.data_ptr();
-  ep.recv_w = recv_w.data_ptr<float>();
-  ep.tpe = tpe.data_ptr<int>();
-  ep.handle = handle.data_ptr<int>();
-  ep.x_bytes = x_bytes;
-  ep.s_bytes = s_bytes;
-  ep.C = static_cast<int>(C);
-  ep.T = static_cast<int>(T);
-  ep.K = K;
-  ep.W = W;
   ep.E_loc = E_loc;
   ep.expand = expand;
   check_launch(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "dispatch epilogue");
-  return {recv_x, recv_s, recv_idx, recv_w, tpe, handle};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> cached_dispatch(State& st, const at::Tensor& x,
