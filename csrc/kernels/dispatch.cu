@@ -84,24 +84,8 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
         } else {
           warp_copy_rows(p.io.recv_x, erow, at_d, xrow, p.io.x_bytes);
           if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, at_d, srow, p.io.s_bytes);
-          // members ascending = local expert ids ascending (blocks are in expert order)
-          int members_before = 0;
-          for (int k = 0; k < K; ++k) {
-            const int jk = __shfl_sync(0xffffffffu, j, k);
-            if (jk >= 0 && j >= 0 && jk < j) ++members_before;
-          }
-          warp_write_group_cols(grow, W, me, t, cslot);
-          __syncwarp();
-          if (here) {
-            grow[handle::kGroupMember + members_before] = erow;
-            static_cast<int*>(p.io.recv_idx)[erow] = j;
-            p.io.recv_w[erow] = wgt;
-            int* rrow = recv_h + static_cast<int64_t>(erow) * W;
-            rrow[handle::kRecvSrcRank] = me;
-            rrow[handle::kRecvSrcToken] = t;
-            rrow[handle::kRecvTopkSlot] = lane;
-            rrow[handle::kRecvGroup] = row;
-          }
+          warp_write_expand_group(recv_h, W, K, row, me, t, cslot, j, erow, wgt,
+                                  static_cast<int*>(p.io.recv_idx), p.io.recv_w);
         }
         continue;
       }
@@ -174,25 +158,8 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
       }
       warp_write_compact_recv_row(hrow, W, src, tok, i, cslot);
     } else {
-      // members ascending = local expert ids ascending (blocks are in expert order)
       const unsigned local = __ballot_sync(0xffffffffu, j >= 0);
-      int members_before = 0;  // members with a smaller expert id than mine
-      for (int k = 0; k < K; ++k) {
-        const int jk = __shfl_sync(0xffffffffu, j, k);
-        if (jk >= 0 && j >= 0 && jk < j) ++members_before;
-      }
-      warp_write_group_cols(hrow, W, src, tok, cslot);
-      __syncwarp();
-      if (j >= 0) {
-        hrow[handle::kGroupMember + members_before] = erow;
-        idx32[erow] = j;
-        p.io.recv_w[erow] = wgt;
-        int* rrow = recv_h + static_cast<int64_t>(erow) * W;
-        rrow[handle::kRecvSrcRank] = src;
-        rrow[handle::kRecvSrcToken] = tok;
-        rrow[handle::kRecvTopkSlot] = lane;
-        rrow[handle::kRecvGroup] = i;
-      }
+      warp_write_expand_group(recv_h, W, K, i, src, tok, cslot, j, erow, wgt, idx32, p.io.recv_w);
       warp_copy_rows(p.io.recv_x, erow, local, wx, p.io.x_bytes);
       if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, local, ws, p.io.s_bytes);
     }

@@ -71,5 +71,33 @@ __device__ __forceinline__ void warp_write_group_cols(int* grow, int W, int src,
   }
 }
 
+// Expert-major receive rows of one group (the token in compact row `group`): the group columns,
+// then each lane k with a local expert j >= 0 writes its expert-major row `erow` into the group's
+// member columns (members in ascending expert order, as the blocks are), its topk idx and
+// weight, and that row's receive columns. The whole warp calls it.
+__device__ __forceinline__ void warp_write_expand_group(int* recv_h, int W, int K, int group,
+                                                        int src, int tok, int cslot, int j,
+                                                        int erow, float wgt, int* recv_idx,
+                                                        float* recv_w) {
+  int members_before = 0;  // members with a smaller expert id than mine
+  for (int k = 0; k < K; ++k) {
+    const int jk = __shfl_sync(0xffffffffu, j, k);
+    if (jk >= 0 && j >= 0 && jk < j) ++members_before;
+  }
+  int* grow = recv_h + static_cast<int64_t>(group) * W;
+  warp_write_group_cols(grow, W, src, tok, cslot);
+  __syncwarp();
+  if (j >= 0) {
+    grow[handle::kGroupMember + members_before] = erow;
+    recv_idx[erow] = j;
+    recv_w[erow] = wgt;
+    int* rrow = recv_h + static_cast<int64_t>(erow) * W;
+    rrow[handle::kRecvSrcRank] = src;
+    rrow[handle::kRecvSrcToken] = tok;
+    rrow[handle::kRecvTopkSlot] = lane_id();
+    rrow[handle::kRecvGroup] = group;
+  }
+}
+
 }  // namespace dev
 }  // namespace deep_ep_ops
