@@ -44,6 +44,14 @@ def run_gpus(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 
     spawn_ranks(_worker, world, (fn, args), timeout_s, what="GPU test")
 
 
+def run_on_gpus(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 500) -> None:
+    """``run_gpus`` for a test: skips it when this machine has fewer than ``world`` GPUs."""
+    import pytest
+    if gpus() < world:
+        pytest.skip(f"needs {world} GPUs")
+    run_gpus(fn, world, *args, timeout_s=timeout_s)
+
+
 def capture_graph(fn: Callable[[], Any], warmup: int = 1,
                   before_capture: Callable[[], None] | None = None):
     """``(graph, output)``: ``fn`` run ``warmup`` times on a side stream (allocator and lazy

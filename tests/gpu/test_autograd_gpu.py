@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.dist_gpu import gpus, run_gpus
+from tests.gpu.dist_gpu import gpus, run_on_gpus
 from tests.test_autograd_closed_forms import closed_form_body
 
 pytestmark = pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
@@ -23,6 +23,4 @@ def _body(rank: int, world: int, gloo) -> None:
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_cpp_autograd_closed_forms(world: int) -> None:
-    if gpus() < world:
-        pytest.skip(f"needs {world} GPUs")
-    run_gpus(_body, world)
+    run_on_gpus(_body, world)

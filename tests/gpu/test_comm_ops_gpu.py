@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.gpu.dist_gpu import capture_graph, gpus, run_gpus
+from tests.gpu.dist_gpu import capture_graph, gpus, run_on_gpus
 
 pytestmark = pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
 
@@ -337,33 +337,23 @@ def _timeout_body(rank, world, gloo):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_pp_send_recv(world):
-    if gpus() < world:
-        pytest.skip(f"needs {world} GPUs")
-    run_gpus(_pp_body, world)
+    run_on_gpus(_pp_body, world)
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_cp_collectives(world):
-    if gpus() < world:
-        pytest.skip(f"needs {world} GPUs")
-    run_gpus(_cp_body, world)
+    run_on_gpus(_cp_body, world)
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_engram(world):
-    if gpus() < world:
-        pytest.skip(f"needs {world} GPUs")
-    run_gpus(_engram_body, world)
+    run_on_gpus(_engram_body, world)
 
 
 @pytest.mark.parametrize("world", [2])
 def test_compile_fullgraph(world):
-    if gpus() < world:
-        pytest.skip(f"needs {world} GPUs")
-    run_gpus(_compile_body, world)
+    run_on_gpus(_compile_body, world)
 
 
 def test_timeout_names_peer():
-    if gpus() < 2:
-        pytest.skip("needs 2 GPUs")
-    run_gpus(_timeout_body, 2)
+    run_on_gpus(_timeout_body, 2)

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from tests.gpu.dist_gpu import capture_graph, gpus, run_gpus
+from tests.gpu.dist_gpu import capture_graph, gpus, run_on_gpus
 
 pytestmark = pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
 
@@ -158,9 +158,7 @@ def _check_all(rank, world, gloo, seed):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_dispatch_combine_bitwise(world):
-    if gpus() < world:
-        pytest.skip(f"needs {world} GPUs")
-    run_gpus(_check_all, world, 1234)
+    run_on_gpus(_check_all, world, 1234)
 
 
 def _graph_body(rank, world, gloo):
@@ -213,9 +211,7 @@ def _graph_body(rank, world, gloo):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_cuda_graph_replay(world):
-    if gpus() < world:
-        pytest.skip(f"needs {world} GPUs")
-    run_gpus(_graph_body, world)
+    run_on_gpus(_graph_body, world)
 
 
 def _timeout_body(rank, world, gloo):
@@ -254,6 +250,4 @@ def _timeout_body(rank, world, gloo):
 
 
 def test_timeout_names_peer():
-    if gpus() < 2:
-        pytest.skip("needs 2 GPUs")
-    run_gpus(_timeout_body, 2, timeout_s=120)
+    run_on_gpus(_timeout_body, 2, timeout_s=120)
