@@ -169,6 +169,18 @@ int aux_dtype(at::ScalarType t) {
 
 // Bulk pp messages: chunk count and length are functions of the byte size alone, so sender and
 // receiver agree without talking.
+// The one-kernel path of a small cp op (block_bytes: all-gather, x; reduce-scatter, one output
+// block); the reduce-scatter fields are set by its caller.
+CpInlineParams cp_inline_params(const AuxState& st, const char* x, char* out, int64_t block_bytes) {
+  CpInlineParams p{};
+  p.x = x;
+  p.out = out;
+  p.block_bytes = block_bytes;
+  p.lay = st.lay;
+  p.comm = st.comm;
+  return p;
+}
+
 int pp_chunks(int64_t bytes) {
   if (bytes < 2 * kChunkMin) return 1;
   return static_cast<int>(std::min<int64_t>(kPpMaxChunks, bytes / kChunkMin));
@@ -316,14 +328,8 @@ static at::Tensor cp_all_gather_impl(AuxState& st, const at::Tensor& x_in) {
   }
   const AuxLayout& lay = st.lay;
   if (B <= lay.cp_inline_bytes) {
-    CpInlineParams p{};
-    p.x = xp;
-    p.out = op;
-    p.block_bytes = B;
-    p.reduce = 0;
-    p.lay = lay;
-    p.comm = st.comm;
-    check_cuda(launch_cp_inline(p, main), "launching the cp inline kernel");
+    check_cuda(launch_cp_inline(cp_inline_params(st, xp, op, B), main),
+               "launching the cp inline kernel");
     return out;
   }
   check_cp_capacity(st, "deep_ep.cp_all_gather: x", B);
@@ -381,15 +387,10 @@ static at::Tensor cp_reduce_scatter_impl(AuxState& st, const at::Tensor& x_in) {
   }
   const AuxLayout& lay = st.lay;
   if (blk <= lay.cp_inline_bytes) {
-    CpInlineParams p{};
-    p.x = xp;
-    p.out = op;
-    p.block_bytes = blk;
+    CpInlineParams p = cp_inline_params(st, xp, op, blk);
     p.block_elems = elems;
     p.reduce = 1;
     p.dtype = dtype;
-    p.lay = lay;
-    p.comm = st.comm;
     check_cuda(launch_cp_inline(p, main), "launching the cp inline kernel");
     return out;
   }
