@@ -143,6 +143,7 @@ struct LocalDispatchParams {
   int A, M;
   DispatchScratch s;
   Comm comm;  // timeouts and the error record only (no window traffic)
+  int head_loads;  // set by the launcher: rows are 16-byte aligned (warps load a head early)
 };
 
 struct EpilogueParams {
