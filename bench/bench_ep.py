@@ -149,8 +149,8 @@ def _rank_main(rank: int, args, port: int, queue) -> None:
 def _markdown(report: dict) -> str:
     lim = report["limits"]
     lines = [f"# EP benchmark: {report['kind']}, {report['date']}", "",
-             f"R = {report['ranks']} ranks. Limits measured in this run (copy engine, "
-             f"256 MiB): " + ", ".join(f"{k} = {v:.1f}" for k, v in lim.items()
+             f"R = {report['ranks']} ranks. Limits measured in this run (copies of "
+             f"256 MiB, CUDA events): " + ", ".join(f"{k} = {v:.1f}" for k, v in lim.items()
                                         if k.endswith("GBps")), "",
              "| workload | dispatch us | combine us | dispatch GB/s logical / nvlink | "
              "combine GB/s logical / nvlink | NCCL a2a dispatch us | NCCL a2a combine us | "
@@ -165,6 +165,7 @@ def _markdown(report: dict) -> str:
             f"{w.get('nccl_combine_us', float('nan')):.1f} | "
             f"{w.get('dispatch_host_us', float('nan')):.1f} / "
             f"{w.get('combine_host_us', float('nan')):.1f} |")
+    lines += _ratio_lines(report)
     lines += ["", "SM sweep (FP8 dispatch, BF16 combine):", "",
               "| num_sms | dispatch us | combine us | dispatch nvlink GB/s | "
               "combine nvlink GB/s |", "|---|---|---|---|---|"]
@@ -181,6 +182,28 @@ def _markdown(report: dict) -> str:
     lines += ["", "Other libraries: " + "; ".join(f"{k}: {v}" for k, v in
                                                   report["peers"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _ratio_lines(report: dict) -> list[str]:
+    """Each workload against the limit measured in the same run: with one rank the local
+    permute against the d2d copy (bytes counted once, as the logical rate counts them), with
+    several the NVLink rate against the both-ways peer copy; and NCCL's time over ours."""
+    lim = report["limits"]
+    one_rank = report["ranks"] == 1
+    limit = lim.get("d2d_copy_GBps", float("nan")) / 2 if one_rank else \
+        lim.get("peer_both_ways_GBps", float("nan"))
+    rate = "logical" if one_rank else "nvlink"
+    name = "d2d copy" if one_rank else "both-ways peer copy"
+    lines = ["", f"Ratios: {rate} GB/s over the {name} ({limit:.0f} GB/s); NCCL a2a time over "
+             "ours:", "", "| workload | dispatch x limit | combine x limit | dispatch x NCCL | "
+             "combine x NCCL |", "|---|---|---|---|---|"]
+    for w in report["workloads"]:
+        lines.append(
+            f"| {w['name']} | {w[f'dispatch_{rate}_GBps'] / limit:.2f} | "
+            f"{w[f'combine_{rate}_GBps'] / limit:.2f} | "
+            f"{w.get('nccl_dispatch_us', float('nan')) / w['dispatch_us']:.2f} | "
+            f"{w.get('nccl_combine_us', float('nan')) / w['combine_us']:.2f} |")
+    return lines
 
 
 def _plot(report: dict, path: str) -> None:
