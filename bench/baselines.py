@@ -13,7 +13,7 @@ def _time_copies(pairs: list[tuple[torch.Tensor, torch.Tensor]], iters: int = 20
     """Median seconds to run every (dst, src) copy at once, each on its own stream of the
     source GPU. Each copy is timed by CUDA events on its own stream (events cannot span
     devices); a sample is the longest copy of the round. Host timing would add the launch and
-    synchronisation cost (~25 us on a ~190 us copy: 12 % too slow a baseline)."""
+    synchronisation cost (~25 us on a ~190 us copy: a 13 % too slow baseline)."""
     devices = range(torch.cuda.device_count())
     streams = [torch.cuda.Stream(device=src.device) for _, src in pairs]
     times = []

@@ -36,7 +36,8 @@ std::shared_ptr<State> create_state(uintptr_t comm_ptr, int rank, int num_ranks,
 std::vector<int64_t> error_record(const State& st) { return error_record_fields(st.error_host); }
 
 // Phase timestamps (ns from its start) of the last dispatch's layout kernel, or with one rank
-// and compact rows of its one kernel's last CTA (local_dispatch.cu), for profiling.
+// and compact rows of its one kernel's last tile to add its histogram (local_dispatch.cu),
+// for profiling.
 std::vector<int64_t> layout_times(const State& st) {
   int v[8] = {};
   cudaMemcpy(v, st.scratch.recv_info, sizeof(v), cudaMemcpyDeviceToHost);

@@ -118,9 +118,9 @@ def _body(rank, world, gloo, args):
             from deep_ep_ops.cuda import backend
             ts = backend._module().layout_times(buf.cuda_state)
             if world == 1 and not expand:  # the one-kernel dispatch (local_dispatch.cu)
-                print(f"rank {rank} one-rank dispatch, last tile to add its histogram (tile {ts[4]}), us from "
-                      f"its start: counted {ts[0]/1e3:.1f}, scanned {ts[1]/1e3:.1f}, copied "
-                      f"{ts[2]/1e3:.1f}, end {ts[3]/1e3:.1f}", flush=True)
+                print(f"rank {rank} one-rank dispatch, last tile to add its histogram "
+                      f"(tile {ts[4]}), us from its start: counted {ts[0]/1e3:.1f}, scanned "
+                      f"{ts[1]/1e3:.1f}, copied {ts[2]/1e3:.1f}, end {ts[3]/1e3:.1f}", flush=True)
             else:
                 print(f"rank {rank} layout kernel phases (us from start): counted {ts[0]/1e3:.1f}, "
                       f"published {ts[1]/1e3:.1f}, barrier done {ts[2]/1e3:.1f}, offsets "
