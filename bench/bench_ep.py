@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from bench import baselines
 from bench import report as report_io
-from bench.timing import event_median_us, graph_replay_us, host_overhead_us
+from bench.timing import event_median_us, graph_replay_us, host_overhead_us, sms_used
 from deep_ep_ops.localhost import free_port
 from deep_ep_ops.nn.moe import quantize_fp8
 
@@ -54,27 +54,46 @@ def _sum_over_ranks(value: float) -> float:
     return float(t)
 
 
+class _Calls:
+    """A Buffer, the inputs of one workload and its dispatch / combine calls."""
+
+    def __init__(self, rank: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int):
+        import deep_ep_ops
+        device = torch.device("cuda", rank)
+        self.buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=T, hidden=H, num_topk=K,
+                                      num_experts=E, fp8_dispatch=fp8)
+        self.x, self.scales, self.idx, self.w = _inputs(rank, T, H, E, K, fp8, device)
+        self.E, self.num_sms = E, num_sms
+        out = self.dispatch()
+        self.handle = out[5]
+        self.y = torch.randn(out[0].shape[0], H, device=device, dtype=torch.bfloat16)
+
+    def dispatch(self):
+        return torch.ops.deep_ep.dispatch(self.x, self.scales, self.idx, self.w,
+                                          self.buf.group_name, self.E, 1, False, False,
+                                          self.num_sms)
+
+    def combine(self):
+        return torch.ops.deep_ep.combine(self.y, self.handle, None, self.buf.group_name,
+                                         self.num_sms)
+
+
+def count_sms(rank: int, T: int, H: int, E: int, K: int, fp8: bool) -> dict:
+    """SMs that one dispatch and one combine occupy (one profiled call each). Run after every
+    timing: the profiler may leave hooks that slow later launches."""
+    calls = _Calls(rank, T, H, E, K, fp8, 0)
+    res = {"dispatch_sms": sms_used(calls.dispatch), "combine_sms": sms_used(calls.combine)}
+    calls.buf.destroy()
+    return res
+
+
 def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int,
                  iters: int, decode: bool = False, baseline: bool = True) -> dict:
-    import deep_ep_ops
-    device = torch.device("cuda", rank)
-    ops = torch.ops.deep_ep
-    buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=T, hidden=H, num_topk=K, num_experts=E,
-                             fp8_dispatch=fp8)
-    name = buf.group_name
-    x, scales, idx, w = _inputs(rank, T, H, E, K, fp8, device)
+    calls = _Calls(rank, T, H, E, K, fp8, num_sms)
+    buf, dispatch, combine, handle = calls.buf, calls.dispatch, calls.combine, calls.handle
+    x, scales, idx = calls.x, calls.scales, calls.idx
+    device = x.device
     row_bytes = H * x.element_size() + (scales.shape[1] * 4 if scales is not None else 0)
-
-    def dispatch():
-        return ops.dispatch(x, scales, idx, w, name, E, 1, False, False, num_sms)
-
-    out = dispatch()
-    handle = out[5]
-    y = torch.randn(out[0].shape[0], H, device=device, dtype=torch.bfloat16)
-
-    def combine():
-        return ops.combine(y, handle, None, name, num_sms)
-
     valid, local = _row_counts(handle, T, rank)
     res = {"T": T, "H": H, "E": E, "K": K, "R": R, "fp8": fp8, "num_sms": num_sms}
     if decode:
@@ -140,6 +159,9 @@ def _rank_main(rank: int, args, port: int, queue) -> None:
     for T in t_values:
         results["token_sweep"].append(run_workload(rank, R, T, H, E, K, True, 0,
                                                    max(5, iters // 3)))
+    # the SM sweep's count is its num_sms
+    for w in results["workloads"] + results["token_sweep"]:
+        w.update(count_sms(rank, w["T"], H, E, K, w["fp8"]))
     if rank == 0:
         queue.put(results)
     dist.barrier()
@@ -153,15 +175,15 @@ def _markdown(report: dict) -> str:
              f"256 MiB, CUDA events): " + ", ".join(f"{k} = {v:.1f}" for k, v in lim.items()
                                         if k.endswith("GBps")), "",
              "| workload | dispatch us | combine us | dispatch GB/s logical / nvlink | "
-             "combine GB/s logical / nvlink | NCCL a2a dispatch us | NCCL a2a combine us | "
-             "host us (d / c) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "combine GB/s logical / nvlink | SMs used (d / c) | NCCL a2a dispatch us | "
+             "NCCL a2a combine us | host us (d / c) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for w in report["workloads"]:
         lines.append(
             f"| {w['name']} | {w['dispatch_us']:.1f} | {w['combine_us']:.1f} | "
             f"{w['dispatch_logical_GBps']:.0f} / {w['dispatch_nvlink_GBps']:.0f} | "
             f"{w['combine_logical_GBps']:.0f} / {w['combine_nvlink_GBps']:.0f} | "
-            f"{w.get('nccl_dispatch_us', float('nan')):.1f} | "
+            f"{_sms_cell(w)} | {w.get('nccl_dispatch_us', float('nan')):.1f} | "
             f"{w.get('nccl_combine_us', float('nan')):.1f} | "
             f"{w.get('dispatch_host_us', float('nan')):.1f} / "
             f"{w.get('combine_host_us', float('nan')):.1f} |")
@@ -173,15 +195,21 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {w['num_sms']} | {w['dispatch_us']:.1f} | {w['combine_us']:.1f} | "
                      f"{w['dispatch_nvlink_GBps']:.0f} | {w['combine_nvlink_GBps']:.0f} |")
     lines += ["", "Token sweep (FP8):", "",
-              "| T | dispatch us | combine us | NCCL dispatch us | NCCL combine us |",
-              "|---|---|---|---|---|"]
+              "| T | dispatch us | combine us | SMs used (d / c) | NCCL dispatch us | "
+              "NCCL combine us |", "|---|---|---|---|---|---|"]
     for w in report["token_sweep"]:
         lines.append(f"| {w['T']} | {w['dispatch_us']:.1f} | {w['combine_us']:.1f} | "
-                     f"{w.get('nccl_dispatch_us', float('nan')):.1f} | "
+                     f"{_sms_cell(w)} | {w.get('nccl_dispatch_us', float('nan')):.1f} | "
                      f"{w.get('nccl_combine_us', float('nan')):.1f} |")
     lines += ["", "Other libraries: " + "; ".join(f"{k}: {v}" for k, v in
                                                   report["peers"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _sms_cell(w: dict) -> str:
+    def one(v):
+        return "n/a" if v is None else str(v)
+    return f"{one(w.get('dispatch_sms'))} / {one(w.get('combine_sms'))}"
 
 
 def _ratio_lines(report: dict) -> list[str]:

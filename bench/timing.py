@@ -2,7 +2,12 @@
 overhead (CPU time from call to return, device work excluded)."""
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -82,3 +87,36 @@ def graph_replay_us(fn: Callable[[], object], ops_per_call: int = 1, iters: int 
             graph.replay()
     per_iter = event_median_us(replay, iters=iters, warmup=2, group=group)
     return per_iter / replays_per_iter / ops_per_call
+
+
+def ctas_from_trace(trace: dict) -> list[tuple[str, int]]:
+    """(kernel name, CTAs) of every GPU kernel in a torch.profiler chrome trace."""
+    out = []
+    for ev in trace.get("traceEvents", []):
+        grid = ev.get("args", {}).get("grid") if ev.get("cat") == "kernel" else None
+        if isinstance(grid, str):  # some writers give "[x, y, z]" as a string
+            grid = re.findall(r"\d+", grid)
+        if grid:
+            out.append((ev.get("name", "?"), math.prod(int(g) for g in grid)))
+    return out
+
+
+def sms_used(fn: Callable[[], object]) -> int | None:
+    """SMs one call of ``fn`` occupies at most: the largest grid among the kernels it launches
+    (from the profiler's trace), capped by the device's SM count; None if the trace holds no
+    kernel (no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            kernels = ctas_from_trace(json.load(f))
+    finally:
+        os.unlink(path)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return min(sms, max(c for _, c in kernels)) if kernels else None
