@@ -28,7 +28,18 @@ CASES = [
     ("bf16-h2048-k8-e8-alldrop", 2048, 8, 8, 64, "bf16", None, (1,), False, 1.0),
     ("bf16-h4096-k5-e10", 4096, 5, 10, 200, "bf16", None, (1, 16), False, 0.2),
     ("bf16-h2052-k2-e4-odd", 2052, 2, 4, 300, "bf16", None, (1,), False, 0.2),  # 4104-byte rows
+    # x and scales contiguous but one element past a 16-byte boundary (no vector loads)
+    ("fp8-h4096-k4-e16-misaligned", 4096, 4, 16, 300, "fp8", None, (1,), False, 0.1),
 ]
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a contiguous tensor whose data starts one element past an
+    allocation's (16-byte aligned) start."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
 
 
 def _inputs(rank, world, H, K, E, M, dtype, tokens, skew, drop, seed):
@@ -94,6 +105,9 @@ def _check_all(rank, world, gloo, seed):
         rbuf = _ref_buf(rank, world, gloo, M, H, K, E)
         x, s, idx, w = _inputs(rank, world, H, K, E, M, dtype, tokens, skew, drop, seed)
         gx, gs, gidx, gw = (t.to(dev) if t is not None else None for t in (x, s, idx, w))
+        if name.endswith("-misaligned"):
+            gx, gs = _misaligned(gx), _misaligned(gs)
+            assert gx.data_ptr() % 16 and gs.data_ptr() % 16 and gx.is_contiguous()
         for A in aligns:
             for expand in (False, True):
                 for exact in (False, True):
