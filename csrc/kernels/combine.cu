@@ -89,6 +89,15 @@ __device__ __forceinline__ void load_packs(const T* row, int64_t c0, int64_t Wd,
   }
 }
 
+// A token routed nowhere combines to zeros.
+template <int V, int U>
+__device__ __forceinline__ void zero_chunk(float (&acc)[U][V]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[u][i] = 0.f;
+}
+
 // acc = term (first) or acc + term, term = w * x (weighted) or x, each rounded on its own.
 template <typename T, int V, int U>
 __device__ __forceinline__ void add_term(float (&acc)[U][V], const Pack<T, V> (&pk)[U],
@@ -229,12 +238,7 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
     const S* slot0 = win + static_cast<int64_t>(t) * p.num_slots * Wd;
     for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
       float acc[U][V];
-      if (n == 0) {
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-          for (int i = 0; i < V; ++i) acc[u][i] = 0.f;
-      }
+      if (n == 0) zero_chunk(acc);
       for (int s = 0; s < n; ++s) {
         float v[U][V];
         if (s == s_me)
@@ -292,10 +296,7 @@ __global__ void __launch_bounds__(512) combine_local_kernel(CombineParams p) {
       for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U1) {
         float acc[U1][V];
         if (nm == 0) {
-#pragma unroll
-          for (int u = 0; u < U1; ++u)
-#pragma unroll
-            for (int i = 0; i < V; ++i) acc[u][i] = 0.f;
+          zero_chunk(acc);
         } else {
           Pack<T, V> a[U1];
           load_packs<T, V, U1>(x + r * Wd, c0, Wd, a);
