@@ -2,9 +2,10 @@
 NCCL (send/recv, all_gather_into_tensor, reduce_scatter_tensor) and the copy-engine limits, all
 measured in the same run.
 
-    python -m bench.bench_comm --kind nvidia-h200-x2 [--quick]
+    python -m bench.bench_comm [--ranks R] [--ranks-per-gpu N] [--quick] [--kind LABEL]
 
-One process per GPU (NCCL). Writes bench/results/<kind>-<date>-comm.{json,md}. Times are medians
+One process per rank (NCCL), one GPU each or N per GPU under MPS. Writes
+bench/results/<kind>-R<R>[-<N>pergpu]-<date>-comm.{json,md}. Times are medians
 of CUDA-event timings per call (all ranks start together after a barrier; the slowest rank is
 reported); small sizes also get CUDA-graph replay times. Size S: pp = bytes each rank sends (to
 rank+1, while receiving S from rank-1); all-gather = input bytes per rank; reduce-scatter =
@@ -17,17 +18,15 @@ kernels (and reduce-scatter one reduction kernel).
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bench import baselines
 from bench import report as report_io
 from bench.timing import event_median_us, graph_replay_us
-from deep_ep_ops.localhost import free_port
+from deep_ep_ops.local_ranks import spawn
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -87,7 +86,7 @@ def _measure(fn, iters: int, graph: bool) -> dict:
 def run_comm(rank: int, R: int, sizes: list[int], iters: int) -> list[dict]:
     import deep_ep_ops
     ops = torch.ops.deep_ep
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", torch.cuda.current_device())
     top = max(sizes)
     buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=512, hidden=128, num_topk=1,
                              num_experts=R, pp_max_bytes=top, cp_max_bytes=R * top)
@@ -144,7 +143,7 @@ def run_engram(rank: int, R: int, iters: int, n: int = 1 << 20, N: int = 512, L:
                H: int = 128) -> dict:
     import deep_ep_ops
     ops = torch.ops.deep_ep
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", torch.cuda.current_device())
     buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=N, hidden=H, num_topk=1, num_experts=R,
                              pp_max_bytes=0, cp_max_bytes=0)
     name = buf.group_name
@@ -177,19 +176,10 @@ def run_engram(rank: int, R: int, iters: int, n: int = 1 << 20, N: int = 512, L:
     return res
 
 
-def _rank_main(rank: int, args, port: int, result_path: str) -> None:
-    torch.cuda.set_device(rank)
-    R = args.ranks
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=R, device_id=torch.device("cuda", rank))
+def _rank_main(rank: int, R: int, args) -> dict:
     iters = 5 if args.quick else 20
-    results = {"comm": run_comm(rank, R, _sizes(args.quick), iters),
-               "engram": run_engram(rank, R, iters, n=(1 << 16) if args.quick else (1 << 20))}
-    if rank == 0:
-        with open(result_path, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"comm": run_comm(rank, R, _sizes(args.quick), iters),
+            "engram": run_engram(rank, R, iters, n=(1 << 16) if args.quick else (1 << 20))}
 
 
 def _fmt_size(b: int) -> str:
@@ -236,18 +226,16 @@ def _markdown(report: dict) -> str:
 
 def main() -> None:
     args = report_io.parse_args(__doc__.splitlines()[0])
-    limits = baselines.copy_engine_limits(64 * MiB if args.quick else 256 * MiB)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "results.json")
-        mp.start_processes(_rank_main, args=(args, free_port(), path), nprocs=args.ranks,
-                           start_method="spawn")
-        with open(path) as f:
-            results = json.load(f)
+    limits = (baselines.copy_engine_limits(64 * MiB if args.quick else 256 * MiB)
+              if args.ranks_per_gpu == 1 else {})
+    results = spawn(_rank_main, args.ranks, args, backend="nccl",
+                    ranks_per_gpu=args.ranks_per_gpu, timeout_s=3600, what="bench_comm")[0]
     report = {"kind": args.kind, "date": report_io.today(), "ranks": args.ranks,
-              "limits": limits, "torch": torch.__version__,
+              "ranks_per_gpu": args.ranks_per_gpu, "limits": limits, "torch": torch.__version__,
               "timing": "CUDA events, median, slowest rank; graph: CUDA-graph replay per call",
               **results}
     report_io.save(report, args, "-comm", _markdown)
+
 
 if __name__ == "__main__":
     main()

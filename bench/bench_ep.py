@@ -1,10 +1,14 @@
 """EP dispatch/combine benchmark, side by side with same-run baselines.
 
-    python -m bench.bench_ep --kind nvidia-h200-x2 [--quick]
+    python -m bench.bench_ep [--ranks R] [--ranks-per-gpu N] [--quick] [--kind LABEL]
 
-One process per GPU (NCCL). Writes bench/results/<kind>-<date>.{json,md,png}. Times are medians
-of CUDA-event timings (per call, all ranks starting together after a barrier; the slowest rank
-is reported); decode times are CUDA-graph replay times per op.
+One process per rank (NCCL), one GPU each, or N ranks per GPU under MPS (each with 100/N % of
+the SMs; peer memory by CUDA IPC). Writes bench/results/<kind>-R<R>[-<N>pergpu]-<date>.
+{json,md,png}. Times are medians of CUDA-event timings of back-to-back calls (all ranks starting
+together after a barrier; the slowest rank is reported); decode times are CUDA-graph replay
+times per op. Baselines in the same run: every rank copying the bytes it receives (d2d, all at
+once: the memory-bound limit when ranks share a GPU), the copy-engine peer limits (one GPU per
+rank), NCCL all_to_all_single of the same payload.
 Bandwidths (1e9 B/s): "logical" counts every received row including the local rank's (as
 DeepEP reports); "nvlink" counts only rows that crossed the link.
 """
@@ -12,13 +16,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bench import baselines
 from bench import report as report_io
 from bench.timing import event_median_us, graph_replay_us, host_overhead_us, sms_used
-from deep_ep_ops.localhost import free_port
+from deep_ep_ops.local_ranks import spawn
 from deep_ep_ops.nn.moe import quantize_fp8
+
+CALLS_PER_SAMPLE = 10  # back-to-back calls per timed sample
 
 
 def _inputs(rank: int, T: int, H: int, E: int, K: int, fp8: bool, device):
@@ -59,7 +64,7 @@ class _Calls:
 
     def __init__(self, rank: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int):
         import deep_ep_ops
-        device = torch.device("cuda", rank)
+        device = torch.device("cuda", torch.cuda.current_device())
         self.buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=T, hidden=H, num_topk=K,
                                       num_experts=E, fp8_dispatch=fp8)
         self.x, self.scales, self.idx, self.w = _inputs(rank, T, H, E, K, fp8, device)
@@ -87,6 +92,15 @@ def count_sms(rank: int, T: int, H: int, E: int, K: int, fp8: bool) -> dict:
     return res
 
 
+def copy_us(num_bytes: int, iters: int) -> float:
+    """Every rank copying ``num_bytes`` device-to-device at once (with the SMs it has): the
+    slowest rank's median time of one copy."""
+    src = torch.randint(0, 255, (max(num_bytes, 1),), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return _max_over_ranks(event_median_us(lambda: dst.copy_(src), iters=iters,
+                                           calls_per_sample=CALLS_PER_SAMPLE))
+
+
 def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int,
                  iters: int, decode: bool = False, baseline: bool = True) -> dict:
     calls = _Calls(rank, T, H, E, K, fp8, num_sms)
@@ -100,8 +114,8 @@ def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, n
         t_d = graph_replay_us(dispatch, iters=iters)
         t_c = graph_replay_us(combine, iters=iters)
     else:
-        t_d = event_median_us(dispatch, iters=iters)
-        t_c = event_median_us(combine, iters=iters)
+        t_d = event_median_us(dispatch, iters=iters, calls_per_sample=CALLS_PER_SAMPLE)
+        t_c = event_median_us(combine, iters=iters, calls_per_sample=CALLS_PER_SAMPLE)
         res["dispatch_host_us"] = _max_over_ranks(host_overhead_us(dispatch))
         res["combine_host_us"] = _max_over_ranks(host_overhead_us(combine))
     res["dispatch_us"] = _max_over_ranks(t_d)
@@ -115,6 +129,9 @@ def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, n
     res["combine_nvlink_GBps"] = link_bytes / row_bytes * comb_row / res["combine_us"] / 1e3
 
     if baseline:
+        # the bytes this rank receives (dispatch) / sends back (combine), copied by every rank
+        res["dispatch_copy_us"] = copy_us(valid * row_bytes, iters)
+        res["combine_copy_us"] = copy_us(valid * comb_row, iters)
         nccl = baselines.NcclDispatcher(idx, E)
         packed = x.view(torch.uint8) if scales is None else torch.cat(
             [x.view(torch.uint8), scales.view(torch.uint8)], dim=1)
@@ -126,54 +143,56 @@ def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, n
                 graph_replay_us(lambda: nccl.combine(yb), iters=iters))
         else:
             res["nccl_dispatch_us"] = _max_over_ranks(
-                event_median_us(lambda: nccl.dispatch(packed), iters=iters))
+                event_median_us(lambda: nccl.dispatch(packed), iters=max(3, iters // 3)))
             res["nccl_combine_us"] = _max_over_ranks(
-                event_median_us(lambda: nccl.combine(yb), iters=iters))
+                event_median_us(lambda: nccl.combine(yb), iters=max(3, iters // 3)))
     buf.destroy()
     return res
 
 
-def _rank_main(rank: int, args, port: int, queue) -> None:
-    torch.cuda.set_device(rank)
-    R = args.ranks
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=R, device_id=torch.device("cuda", rank))
+def _rank_main(rank: int, R: int, args) -> dict:
     H, E, K = 7168, 256, 8
     iters = 5 if args.quick else 30
-    sms = torch.cuda.get_device_properties(rank).multi_processor_count
-    results: dict = {"workloads": [], "sm_sweep": [], "token_sweep": []}
-    prefill = [(4096, True), (4096, False), (8192, True)] if not args.quick else [(512, True)]
-    for T, fp8 in prefill:
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    results: dict = {"workloads": [], "sm_sweep": [], "token_sweep": [], "sms_per_rank": sms}
+    T0 = 512 if args.quick else 4096
+    prefill = [(T0, True, 0), (T0, True, 24), (T0, False, 0), (T0, False, 24)]
+    if not args.quick:
+        prefill.append((8192, True, 0))
+    for T, fp8, num_sms in prefill:
+        if num_sms > sms:
+            continue
+        with_sms = f", {num_sms} SMs" if num_sms else ""
         results["workloads"].append(
-            dict(name=f"prefill T={T} {'FP8' if fp8 else 'BF16'}",
-                 **run_workload(rank, R, T, H, E, K, fp8, 0, iters)))
+            dict(name=f"prefill T={T} {'FP8' if fp8 else 'BF16'}{with_sms}",
+                 **run_workload(rank, R, T, H, E, K, fp8, num_sms, iters)))
     results["workloads"].append(
         dict(name="decode T=128 FP8 (CUDA graph)",
              **run_workload(rank, R, 128, H, E, K, True, 0, iters, decode=True)))
-    sm_values = [s for s in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 132) if s <= sms]
-    for s in (sm_values if not args.quick else [4, 16]):
-        results["sm_sweep"].append(run_workload(rank, R, 4096 if not args.quick else 512, H,
-                                                E, K, True, s, max(5, iters // 3),
-                                                baseline=False))
-    t_values = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192) if not args.quick else (1, 128)
-    for T in t_values:
-        results["token_sweep"].append(run_workload(rank, R, T, H, E, K, True, 0,
-                                                   max(5, iters // 3)))
+    if args.sweeps:
+        sm_values = [s for s in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 132) if s <= sms]
+        for s in (sm_values if not args.quick else [4, 16]):
+            results["sm_sweep"].append(run_workload(rank, R, T0, H, E, K, True, s,
+                                                    max(5, iters // 3), baseline=False))
+        t_values = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192) if not args.quick else (1, 128)
+        for T in t_values:
+            results["token_sweep"].append(run_workload(rank, R, T, H, E, K, True, 0,
+                                                       max(5, iters // 3)))
     # the SM sweep's count is its num_sms
     for w in results["workloads"] + results["token_sweep"]:
-        w.update(count_sms(rank, w["T"], H, E, K, w["fp8"]))
-    if rank == 0:
-        queue.put(results)
-    dist.barrier()
-    dist.destroy_process_group()
+        if not w["num_sms"]:
+            w.update(count_sms(rank, w["T"], H, E, K, w["fp8"]))
+    return results
 
 
 def _markdown(report: dict) -> str:
     lim = report["limits"]
     lines = [f"# EP benchmark: {report['kind']}, {report['date']}", "",
-             f"R = {report['ranks']} ranks. Limits measured in this run (copies of "
-             f"256 MiB, CUDA events): " + ", ".join(f"{k} = {v:.1f}" for k, v in lim.items()
-                                        if k.endswith("GBps")), "",
+             f"R = {report['ranks']} ranks, {report['ranks_per_gpu']} per GPU "
+             f"({report['sms_per_rank']} SMs visible per rank). Times: {report['timing']}.",
+             "Limits measured in this run (copies of 256 MiB, CUDA events): " +
+             (", ".join(f"{k} = {v:.1f}" for k, v in lim.items() if k.endswith("GBps"))
+              or "none"), "",
              "| workload | dispatch us | combine us | dispatch GB/s logical / nvlink | "
              "combine GB/s logical / nvlink | SMs used (d / c) | NCCL a2a dispatch us | "
              "NCCL a2a combine us | host us (d / c) |",
@@ -188,6 +207,7 @@ def _markdown(report: dict) -> str:
             f"{w.get('dispatch_host_us', float('nan')):.1f} / "
             f"{w.get('combine_host_us', float('nan')):.1f} |")
     lines += _ratio_lines(report)
+    lines += _copy_ratio_lines(report)
     lines += ["", "SM sweep (FP8 dispatch, BF16 combine):", "",
               "| num_sms | dispatch us | combine us | dispatch nvlink GB/s | "
               "combine nvlink GB/s |", "|---|---|---|---|---|"]
@@ -234,6 +254,23 @@ def _ratio_lines(report: dict) -> list[str]:
     return lines
 
 
+def _copy_ratio_lines(report: dict) -> list[str]:
+    """Each workload against every rank copying the same bytes at once (d2d, in this run, with
+    the SMs each rank has): copy time over ours; >= 1 means faster than the copy."""
+    lines = ["", "Against the same-run copy (every rank copies the bytes it receives, d2d, all "
+             "at once; copy time over ours):", "",
+             "| workload | dispatch us | copy us | dispatch x copy | combine us | copy us | "
+             "combine x copy |", "|---|---|---|---|---|---|---|"]
+    for w in report["workloads"]:
+        if "dispatch_copy_us" not in w:
+            continue
+        lines.append(
+            f"| {w['name']} | {w['dispatch_us']:.1f} | {w['dispatch_copy_us']:.1f} | "
+            f"{w['dispatch_copy_us'] / w['dispatch_us']:.2f} | {w['combine_us']:.1f} | "
+            f"{w['combine_copy_us']:.1f} | {w['combine_copy_us'] / w['combine_us']:.2f} |")
+    return lines
+
+
 def _plot(report: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -270,25 +307,33 @@ def _plot(report: dict, path: str) -> None:
     b.set_ylabel("us")
     b.set_title("Latency vs tokens")
     b.legend()
-    fig.suptitle(f"deep_ep_ops EP{report['ranks']} on {report['kind']}")
+    fig.suptitle(f"deep_ep_ops EP{report['ranks']} ({report['ranks_per_gpu']} per GPU) on "
+                 f"{report['kind']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> None:
-    args = report_io.parse_args(__doc__.splitlines()[0])
-    limits = baselines.copy_engine_limits(64 << 20 if args.quick else 256 << 20)
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_rank_main, args=(args, free_port(), queue), nprocs=args.ranks,
-                       start_method="spawn")
-    results = queue.get()
+    def extra(parser):
+        parser.add_argument("--no-sweeps", dest="sweeps", action="store_false",
+                            help="skip the SM and token sweeps")
+    args = report_io.parse_args(__doc__.splitlines()[0], extra)
+    if args.ranks_per_gpu == 1:  # the links between GPUs; ranks sharing a GPU have none
+        limits = baselines.copy_engine_limits(64 << 20 if args.quick else 256 << 20)
+    else:
+        limits = {}
+    results = spawn(_rank_main, args.ranks, args, backend="nccl",
+                    ranks_per_gpu=args.ranks_per_gpu, timeout_s=3600, what="bench_ep")[0]
     report = {"kind": args.kind, "date": report_io.today(), "ranks": args.ranks,
-              "limits": limits, "peers": baselines.optional_peers(), "torch": torch.__version__,
-              "timing": "CUDA events, median, slowest rank; decode: CUDA-graph replay",
+              "ranks_per_gpu": args.ranks_per_gpu, "limits": limits,
+              "peers": baselines.optional_peers(), "torch": torch.__version__,
+              "timing": f"CUDA events, median of samples of {CALLS_PER_SAMPLE} back-to-back "
+                        "calls, slowest rank; decode: CUDA-graph replay",
               **results}
     stem = report_io.save(report, args, "", _markdown)
-    _plot(report, stem + ".png")
+    if report["sm_sweep"] or report["token_sweep"]:
+        _plot(report, stem + ".png")
+
 
 if __name__ == "__main__":
     main()

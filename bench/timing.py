@@ -35,9 +35,11 @@ def hold_gpu(us: float = 300.0) -> None:
 
 
 def event_median_us(fn: Callable[[], object], iters: int = 30, warmup: int = 5,
-                    group=None) -> float:
-    """Median over ``iters`` calls of the device time of one call (CUDA events on the current
-    stream, the call enqueued behind hold_gpu), all ranks starting together."""
+                    group=None, calls_per_sample: int = 1) -> float:
+    """Median over ``iters`` samples of the device time of one call (CUDA events on the current
+    stream, the calls enqueued behind hold_gpu), all ranks starting together. A sample of
+    ``calls_per_sample`` back-to-back calls divides out the ranks' start skew (they leave the
+    host barrier at different times; a collective's first call absorbs the difference)."""
     for _ in range(warmup):
         fn()
     _barrier(group)
@@ -46,10 +48,11 @@ def event_median_us(fn: Callable[[], object], iters: int = 30, warmup: int = 5,
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         hold_gpu()
         start.record()
-        fn()
+        for _ in range(calls_per_sample):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / calls_per_sample)
         _barrier(group)
     return statistics.median(times)
 

@@ -51,13 +51,19 @@ class Buffer:
             waits (on the GPU) for the receiver.
         cp_max_bytes: largest ``cp_all_gather`` input (per rank) / ``cp_reduce_scatter`` input
             on CUDA (symmetric memory; 0 = small inputs only).
+        transport: how the CUDA backend's ranks reach each other's memory: ``"nccl"`` (an NCCL
+            symmetric window; NCCL >= 2.28, one GPU per rank, all in one NCCL LSA team),
+            ``"ipc"`` (CUDA IPC; any NCCL, ranks of one host, several per GPU under MPS) or
+            ``"auto"`` (NCCL when its LSA team covers the group, else IPC when all ranks are on
+            this host, else a ValueError: the group spans hosts). The same on every rank;
+            ``buf.transport`` says which was taken (None on CPU).
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, *,
                  num_max_tokens_per_rank: int, hidden: int, num_topk: int, num_experts: int,
                  fp8_dispatch: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
                  pp_max_bytes: Optional[int] = None, pp_slots: Optional[int] = None,
-                 cp_max_bytes: Optional[int] = None) -> None:
+                 cp_max_bytes: Optional[int] = None, transport: str = "auto") -> None:
         if _is_capturing():
             raise RuntimeError("deep_ep_ops.Buffer cannot be created during CUDA graph capture; "
                                "create it before capturing")
@@ -91,6 +97,11 @@ class Buffer:
         self.backend: str = dist.get_backend(self.group)
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if self.backend == "nccl" else torch.device("cpu"))
+        from deep_ep_ops.cuda.transport import TRANSPORTS  # names only; no CUDA needed
+        if transport not in TRANSPORTS:
+            raise ValueError(f"Buffer: transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.requested_transport = transport
+        self.transport: Optional[str] = None
         self._engram: Optional[torch.Tensor] = None
         self._cuda_state = None
         self._aux_state = None
@@ -104,8 +115,9 @@ class Buffer:
         try:
             if self.device.type == "cuda":
                 from deep_ep_ops.cuda import backend
-                self._cuda_state = backend.create_state(self)
-                self._aux_state = backend.create_aux_state(self)
+                self._cuda_state, peer_memory = backend.create_state(self)
+                self._aux_state = backend.create_aux_state(self, peer_memory)
+                self.transport = peer_memory.name
         except BaseException:
             with _LOCK:
                 _REGISTRY.pop(self.group_name, None)
@@ -208,4 +220,4 @@ class Buffer:
     def __repr__(self) -> str:
         return (f"Buffer(group={self.group_name!r}, R={self.world_size}, "
                 f"M={self.num_max_tokens_per_rank}, H={self.hidden}, K={self.num_topk}, "
-                f"E={self.num_experts}, backend={self.backend})")
+                f"E={self.num_experts}, backend={self.backend}, transport={self.transport})")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deep_ep_ops.localhost import free_port
+from deep_ep_ops.local_ranks import free_port
 
 
 def _timed(fn, device: torch.device, repeats: int):

@@ -1,4 +1,5 @@
-"""Shared fixtures: a one-rank gloo group in the test process itself."""
+"""Shared fixtures: a one-rank gloo group in the test process itself; the GPU tests' option
+``--ranks-per-gpu N`` (several ranks share each GPU under MPS)."""
 from __future__ import annotations
 
 import os
@@ -10,11 +11,25 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--ranks-per-gpu", type=int, default=None,
+                     help="GPU tests: put this many ranks on each GPU (MPS); default: one per "
+                          "GPU while there are enough GPUs, else as few per GPU as fit")
+
+
+def pytest_configure(config):
+    per_gpu = config.getoption("--ranks-per-gpu")
+    if per_gpu is not None:
+        if per_gpu < 1:
+            raise pytest.UsageError("--ranks-per-gpu must be >= 1")
+        os.environ["DEEP_EP_OPS_TEST_RANKS_PER_GPU"] = str(per_gpu)
+
+
 @pytest.fixture(scope="session")
 def single_rank_group():
     """The default process group: gloo, world size 1 (for checks that need no peers)."""
     if not dist.is_initialized():
-        from deep_ep_ops.localhost import free_port
+        from deep_ep_ops.local_ranks import free_port
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1)
     yield dist.group.WORLD

@@ -181,8 +181,6 @@ struct CombineParams {
 };
 
 // Launchers (defined next to their kernels). They return the launch error, if any.
-cudaError_t launch_peer_bases(const void* window, int num_ranks, char** out_device,
-                              cudaStream_t stream);
 cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream);
 int layout_warps(int E, int R, size_t smem_limit);
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream);

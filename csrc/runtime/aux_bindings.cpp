@@ -15,7 +15,8 @@
 namespace deep_ep_ops {
 namespace {
 
-std::shared_ptr<AuxState> create_aux_state(uintptr_t comm_ptr, int rank, int num_ranks,
+std::shared_ptr<AuxState> create_aux_state(std::shared_ptr<PeerMemoryTransport> transport,
+                                           int rank, int num_ranks,
                                            int device, double timeout_s, int64_t pp_max_bytes,
                                            int64_t pp_inline_bytes, int64_t pp_slots,
                                            int64_t cp_max_bytes, int64_t cp_inline_bytes) {
@@ -23,10 +24,10 @@ std::shared_ptr<AuxState> create_aux_state(uintptr_t comm_ptr, int rank, int num
   cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device).stream(), &status);
   if (status != cudaStreamCaptureStatusNone)
     throw std::runtime_error("deep_ep_ops: a Buffer cannot be created during CUDA graph capture");
-  if (comm_ptr == 0) throw std::runtime_error("deep_ep_ops: the NCCL communicator pointer is null");
-  AuxConfig cfg{comm_ptr, rank,           num_ranks,    device,       timeout_s, pp_max_bytes,
-                pp_inline_bytes, static_cast<int>(pp_slots), cp_max_bytes, cp_inline_bytes};
-  return std::make_shared<AuxState>(cfg);
+  AuxConfig cfg{rank,         num_ranks,       device,
+                timeout_s,    pp_max_bytes,    pp_inline_bytes,
+                static_cast<int>(pp_slots), cp_max_bytes, cp_inline_bytes};
+  return std::make_shared<AuxState>(cfg, std::move(transport));
 }
 
 }  // namespace

@@ -457,7 +457,7 @@ static at::Tensor engram_table_impl(AuxState& st, int64_t n, int64_t hidden, at:
     throw std::invalid_argument("engram_table: R * max_fetch_rows must be < 2^32, got "
                                 "max_fetch_rows=" + std::to_string(max_rows));
   EngramTable& t = st.add_engram_table(n, row_bytes, trainable ? max_rows : 0);
-  return at::from_blob(t.base, {n, hidden},
+  return at::from_blob(t.window.local, {n, hidden},
                        at::TensorOptions().dtype(dtype).device(at::kCUDA, device));
 }
 
@@ -472,7 +472,7 @@ static at::Tensor engram_fetch_impl(AuxState& st, const at::Tensor& table,
                                     const at::Tensor& indices) {
   check_aux(st, "engram_fetch");
   const EngramTable* t = st.engram_table();
-  if (t == nullptr || table.data_ptr() != t->base)
+  if (t == nullptr || table.data_ptr() != t->window.local)
     throw std::invalid_argument("deep_ep.engram_fetch: table must be the shard returned by "
                                 "buf.engram_table() (its memory is what peers read)");
   c10::cuda::CUDAGuard guard(table.device());

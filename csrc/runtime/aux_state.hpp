@@ -1,18 +1,19 @@
-// Per-Buffer state of the pp / cp / engram ops: a symmetric window of their own on the group's
-// communicator (flags, pp slots, cp staging), device counters, a host-mapped error record, the
-// Engram table windows and the events used to fork copies onto side streams. No torch types.
+// Per-Buffer state of the pp / cp / engram ops: a peer-memory window of their own from the
+// Buffer's transport (flags, pp slots, cp staging), device counters, a host-mapped error record,
+// the Engram table windows and the events used to fork copies onto side streams. No torch types.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "../kernels/aux_launch.hpp"
+#include "../transport/peer_memory.hpp"
 
 namespace deep_ep_ops {
 
 struct AuxConfig {
-  uintptr_t comm_ptr;  // ncclComm_t borrowed from ProcessGroupNCCL (the same as State's)
   int rank, num_ranks, device;
   double timeout_s;
   int64_t pp_max_bytes;     // largest pp message (bulk slot per source rank)
@@ -24,28 +25,26 @@ struct AuxConfig {
 
 // One registered Engram table (+ the staging of its backward) in its own window.
 struct EngramTable {
-  void* base = nullptr;    // ncclMemAlloc'd; the torch tensor views its first n*row_bytes
-  void* window = nullptr;  // ncclWindow_t
+  PeerRegion window;  // the torch tensor views its first n*row_bytes
   EngramTableView view{};
-  int64_t window_bytes = 0;
 };
 
 class AuxState {
  public:
-  explicit AuxState(const AuxConfig& cfg);
+  AuxState(const AuxConfig& cfg, std::shared_ptr<PeerMemoryTransport> transport);
   ~AuxState();
   AuxState(const AuxState&) = delete;
   AuxState& operator=(const AuxState&) = delete;
 
-  // Collective: every rank of the group calls it (window deregistration), tables included.
+  // Collective: every rank of the group calls it (window release), tables included.
   void destroy();
-  bool alive() const { return window_ != nullptr; }
+  bool alive() const { return window_.local != nullptr; }
 
-  // Collective: allocate and register a table window; returns the table's local address.
+  // Collective: allocate a table window; returns the table.
   EngramTable& add_engram_table(int64_t n, int64_t row_bytes, int64_t max_rows);
   const EngramTable* engram_table() const { return tables_.empty() ? nullptr : &tables_.back(); }
 
-  char* local_base() const { return static_cast<char*>(base_); }
+  char* local_base() const { return window_.local; }
   cudaEvent_t event(int i) const { return events_[i]; }
 
   static constexpr int kNumEvents = 16;
@@ -56,9 +55,8 @@ class AuxState {
   int sm_count = 0;
 
  private:
-  void* base_ = nullptr;
-  void* window_ = nullptr;
-  char** peer_tmp_ = nullptr;  // device scratch for the peer-address setup kernel
+  std::shared_ptr<PeerMemoryTransport> transport_;
+  PeerRegion window_;
   std::vector<EngramTable> tables_;
   cudaEvent_t events_[kNumEvents] = {};
 };

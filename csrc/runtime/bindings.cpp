@@ -4,7 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <ATen/cuda/CUDAContext.h>
-#include <nccl.h>
+#include <nccl.h>  // NCCL_VERSION_CODE
 
 #include <cstring>
 #include <memory>
@@ -17,19 +17,17 @@
 namespace deep_ep_ops {
 namespace {
 
-std::shared_ptr<State> create_state(uintptr_t comm_ptr, int rank, int num_ranks, int max_tokens,
-                                    int hidden, int topk, int num_experts, bool fp8,
-                                    double timeout_s, int device) {
+std::shared_ptr<State> create_state(std::shared_ptr<PeerMemoryTransport> transport, int rank,
+                                    int num_ranks, int max_tokens, int hidden, int topk,
+                                    int num_experts, bool fp8, double timeout_s, int device) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device).stream(), &status);
   if (status != cudaStreamCaptureStatusNone)
     throw std::runtime_error(
-        "deep_ep_ops: a Buffer cannot be created during CUDA graph capture (it allocates and "
-        "registers symmetric memory collectively); create it before capturing");
-  if (comm_ptr == 0) throw std::runtime_error("deep_ep_ops: the NCCL communicator pointer is null");
-  StateConfig cfg{comm_ptr, rank, num_ranks, max_tokens, hidden, topk, num_experts, fp8,
-                  timeout_s, device};
-  return std::make_shared<State>(cfg);
+        "deep_ep_ops: a Buffer cannot be created during CUDA graph capture (it allocates "
+        "peer memory collectively); create it before capturing");
+  StateConfig cfg{rank, num_ranks, max_tokens, hidden, topk, num_experts, fp8, timeout_s, device};
+  return std::make_shared<State>(cfg, std::move(transport));
 }
 
 // (code, rank, peer, slot, expected, seen, op) of the first GPU timeout; code 0 = none.
@@ -53,7 +51,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("window_bytes", [](const deo::State& s) { return s.window_bytes; })
       .def_property_readonly("data_bytes", [](const deo::State& s) { return s.data_bytes; })
       .def_property_readonly("sm_count", [](const deo::State& s) { return s.sm_count; })
-      .def_property_readonly("alive", &deo::State::alive);
+      .def_property_readonly("alive", &deo::State::alive)
+      .def_property_readonly("transport", &deo::State::transport_name);
   m.def("create_state", &deo::create_state);
   m.def("destroy_state", [](deo::State& s) { s.destroy(); });
   m.def("error_record", &deo::error_record);
@@ -63,6 +62,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dispatch", &deo::dispatch, py::call_guard<py::gil_scoped_release>());
   m.def("cached_dispatch", &deo::cached_dispatch, py::call_guard<py::gil_scoped_release>());
   m.def("combine", &deo::combine, py::call_guard<py::gil_scoped_release>());
+  void deep_ep_ops_bind_transport(pybind11::module_&); deep_ep_ops_bind_transport(m);  // transport/
   void deep_ep_ops_bind_aux(pybind11::module_&); deep_ep_ops_bind_aux(m);  // aux_bindings.cpp
   void deep_ep_ops_bind_torch_ops(pybind11::module_&); deep_ep_ops_bind_torch_ops(m);  // torch_ops.cpp
   void deep_ep_ops_bind_torch_autograd(pybind11::module_&); deep_ep_ops_bind_torch_autograd(m);  // torch_autograd.cpp

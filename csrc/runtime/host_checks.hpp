@@ -1,6 +1,6 @@
-// Host-side helpers shared by the setup code of every per-Buffer state: CUDA / NCCL status
-// checks that throw (Python sees a RuntimeError with the failing call spelled out), a device
-// guard that restores the caller's device, symmetric-window registration, and the error record.
+// Host-side helpers shared by the setup code of every per-Buffer state and the transports: CUDA
+// / NCCL status checks that throw (Python sees a RuntimeError with the failing call spelled
+// out), a device guard that restores the caller's device, and the error record.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -50,30 +50,6 @@ class DeviceGuard {
  private:
   int prev_ = 0;
 };
-
-// Collective over the communicator: `bytes` of zeroed symmetric memory registered as one window;
-// every rank's address of it (as mapped here) goes to peer_bases[0..num_ranks). NCCL 2.28 has no
-// host query of a window's peer addresses, so a setup kernel reads them into `scratch_dev`
-// (device memory for num_ranks pointers). Zeroed: flags start at 0 and tables read as zeros.
-inline void register_symmetric_window(uintptr_t comm_ptr, int num_ranks, int64_t bytes,
-                                      char** scratch_dev, void** base, void** window,
-                                      char** peer_bases) {
-  auto comm = reinterpret_cast<ncclComm_t>(comm_ptr);
-  DEO_NCCL(ncclMemAlloc(base, static_cast<size_t>(bytes)));
-  DEO_CUDA(cudaMemset(*base, 0, static_cast<size_t>(bytes)));
-  DEO_CUDA(cudaDeviceSynchronize());
-  ncclWindow_t win = nullptr;
-  DEO_NCCL(ncclCommWindowRegister(comm, *base, static_cast<size_t>(bytes), &win,
-                                  NCCL_WIN_COLL_SYMMETRIC));
-  *window = win;
-  DEO_CUDA(launch_peer_bases(win, num_ranks, scratch_dev, nullptr));
-  DEO_CUDA(cudaMemcpy(peer_bases, scratch_dev, sizeof(char*) * num_ranks,
-                      cudaMemcpyDeviceToHost));
-  for (int p = 0; p < num_ranks; ++p)
-    if (peer_bases[p] == nullptr)
-      throw std::runtime_error("deep_ep_ops: NCCL returned no window address for rank " +
-                               std::to_string(p));
-}
 
 // A zeroed error record in host-mapped memory: GPU waits write it (it survives a trap) and the
 // host reads it at the next call. Returns the host address; *device_view is the same memory

@@ -1,17 +1,19 @@
-// Per-Buffer CUDA state: the NCCL symmetric window on the group's own communicator, the peers'
-// window addresses, device scratch and the host-mapped error record. No torch types here.
+// Per-Buffer CUDA state of dispatch / cached_dispatch / combine: a peer-memory window (from the
+// Buffer's transport), the peers' window addresses, device scratch and the host-mapped error
+// record. No torch types here.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "../kernels/launch.hpp"
+#include "../transport/peer_memory.hpp"
 
 namespace deep_ep_ops {
 
 struct StateConfig {
-  uintptr_t comm_ptr;  // ncclComm_t borrowed from ProcessGroupNCCL
   int rank, num_ranks;
   int max_tokens, hidden, topk, num_experts;
   bool fp8;
@@ -21,14 +23,15 @@ struct StateConfig {
 
 class State {
  public:
-  explicit State(const StateConfig& cfg);
+  State(const StateConfig& cfg, std::shared_ptr<PeerMemoryTransport> transport);
   ~State();
   State(const State&) = delete;
   State& operator=(const State&) = delete;
 
-  // Collective: every rank of the group must call it (window deregistration).
+  // Collective: every rank of the group must call it (the transport releases the window).
   void destroy();
-  bool alive() const { return window_ != nullptr; }
+  bool alive() const { return window_.local != nullptr; }
+  const char* transport_name() const { return transport_->name(); }
 
   const StateConfig cfg;
   Comm comm{};
@@ -42,11 +45,9 @@ class State {
   int* pinned_counts = nullptr;       // exact mode: recv_info head copied back to the host
 
  private:
-  void* base_ = nullptr;
-  void* window_ = nullptr;  // ncclWindow_t
-  void* dev_comm_ = nullptr;  // ncclDevComm (heap, the type stays out of this header)
+  std::shared_ptr<PeerMemoryTransport> transport_;
+  PeerRegion window_;
   void* scratch_block_ = nullptr;
-  char** peer_bases_dev_ = nullptr;
 };
 
 }  // namespace deep_ep_ops

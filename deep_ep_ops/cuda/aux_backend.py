@@ -1,8 +1,8 @@
 """CUDA backend of pp_send_recv, cp_all_gather, cp_reduce_scatter, engram_fetch and its backward.
 
 Re-exported by ``deep_ep_ops.cuda.backend`` (ops.py looks the functions up there by op name).
-Each op is one call into the extension on a per-Buffer ``AuxState``: a symmetric window of its
-own on the group's communicator, created with the Buffer (window registration is collective and
+Each op is one call into the extension on a per-Buffer ``AuxState``: a peer-memory window of
+its own from the Buffer's transport, created with the Buffer (allocation is collective and
 impossible during graph capture), so these ops never share barriers or staging with dispatch /
 combine.
 
@@ -39,12 +39,12 @@ def _ext():
     return backend._module()
 
 
-def create_aux_state(buf):
-    """Collective over ``buf.group``: the aux window (pp slots, cp staging, flags)."""
-    from deep_ep_ops.cuda.backend import _comm_ptr
+def create_aux_state(buf, peer_memory):
+    """Collective over ``buf.group``: the aux window (pp slots, cp staging, flags), allocated
+    through the transport of the Buffer's EP state."""
     device = buf.device.index if buf.device.index is not None else torch.cuda.current_device()
     aux = _ext().create_aux_state(
-        _comm_ptr(buf), buf.rank, buf.world_size, device, float(buf.timeout_s),
+        peer_memory, buf.rank, buf.world_size, device, float(buf.timeout_s),
         int(buf.pp_max_bytes), PP_INLINE_BYTES, int(buf.pp_slots), int(buf.cp_max_bytes),
         CP_INLINE_BYTES)
     _ext().register_group_aux(buf.group_name, aux)  # C++ registry (torch_ops.cpp)

@@ -1,17 +1,16 @@
 """CUDA backend of dispatch / cached_dispatch / combine (single node, NVLink load/store).
 
 Thin glue: every op is one call into the JIT-built extension (``loader.load()``), which
-allocates fresh outputs on the current stream and launches the kernels. Setup borrows the
-group's own NCCL communicator and registers one symmetric window on it.
+allocates fresh outputs on the current stream and launches the kernels. Setup allocates the
+peer-memory windows through the Buffer's transport (``transport.py``).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from deep_ep_ops.cuda import loader
+from deep_ep_ops.cuda import loader, transport
 
 _ext = None
 
@@ -26,42 +25,22 @@ def _module():
     return _ext
 
 
-def _comm_ptr(buf) -> int:
-    backend = buf.group._get_backend(torch.device("cuda"))
-    ptr = backend._comm_ptr()
-    if ptr == 0:
-        # The communicator is created lazily by the first collective unless the group was made
-        # with device_id=...; one tiny all_reduce creates it.
-        t = torch.zeros(1, device=buf.device)
-        dist.all_reduce(t, group=buf.group)
-        torch.cuda.synchronize(buf.device)
-        ptr = backend._comm_ptr()
-    if ptr == 0:
-        raise RuntimeError(f"deep_ep_ops: group {buf.group_name!r} has no NCCL communicator "
-                           "(create it with device_id=... or run a collective first)")
-    return ptr
-
-
 def create_state(buf):
-    """Collective over ``buf.group``: allocate and register the symmetric window."""
+    """Collective over ``buf.group``: pick the transport, allocate the EP window with it.
+    Returns ``(state, transport)``; the aux state shares the transport."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("deep_ep_ops: a Buffer cannot be created during CUDA graph capture; "
                            "create it before capturing")
     ext = _module()
-    runtime = torch.cuda.nccl.version()
-    built = ext.nccl_version_code()
-    major, minor, patch = runtime[:3]
-    if major * 10000 + minor * 100 + patch != built:
-        raise RuntimeError(f"deep_ep_ops: the extension was built against NCCL code {built} but "
-                           f"torch loads NCCL {runtime}; they must match (NCCL device API)")
+    peer_memory = transport.create(ext, buf, buf.requested_transport)
     device = buf.device.index if buf.device.index is not None else torch.cuda.current_device()
-    state = ext.create_state(_comm_ptr(buf), buf.rank, buf.world_size,
+    state = ext.create_state(peer_memory, buf.rank, buf.world_size,
                              buf.num_max_tokens_per_rank, buf.hidden, buf.num_topk,
                              buf.num_experts, bool(buf.fp8_dispatch), float(buf.timeout_s),
                              device)
     # the C++ kernels of the ops find the state by group name (csrc/runtime/torch_ops.cpp)
     ext.register_group(buf.group_name, state)
-    return state
+    return state, peer_memory
 
 
 def unregister(group_name: str) -> None:

@@ -8,7 +8,8 @@
   the lock when its holder dies, so a killed build never blocks later ones (torch's own
   ``lock`` file inside the build folder, which can go stale, is removed while we hold ours).
 * NCCL: headers and ``libnccl.so.2`` of the nvidia-nccl-cu13/-cu12 wheel torch loads
-  (``$DEEP_EP_OPS_NCCL_HOME`` overrides), linked as ``-l:libnccl.so.2`` with an rpath.
+  (``$DEEP_EP_OPS_NCCL_HOME`` overrides), linked as ``-l:libnccl.so.2`` with an rpath. Without
+  ``nccl_device.h`` (NCCL < 2.28) the build has only the CUDA IPC transport.
 * Arches: ``$DEEP_EP_OPS_CUDA_ARCHS`` (``;`` or ``,`` separated, default ``90``), e.g. ``90;100``.
 """
 from __future__ import annotations
@@ -27,26 +28,11 @@ from typing import Optional
 _MODULE: Optional[ModuleType] = None
 _LOCK = threading.Lock()
 
-_SOURCES = (
-    "runtime/bindings.cpp",
-    "runtime/ops.cpp",
-    "runtime/torch_ops.cpp",  # TORCH_LIBRARY CUDA kernels + group registry
-    "runtime/torch_autograd.cpp",  # AutogradCUDA kernels of the same ops
-    "runtime/state.cu",
-    "kernels/setup.cu",
-    "kernels/layout.cu",
-    "kernels/dispatch.cu",
-    "kernels/local_dispatch.cu",
-    "kernels/cached_dispatch.cu",
-    "kernels/combine.cu",
-    # pp_send_recv, cp_all_gather / cp_reduce_scatter, engram_fetch (+ backward)
-    "runtime/aux_bindings.cpp",
-    "runtime/aux_ops.cpp",
-    "runtime/aux_state.cu",
-    "kernels/pp.cu",
-    "kernels/cp.cu",
-    "kernels/engram.cu",
-)
+
+
+def sources(src: Path) -> list[str]:
+    """Every translation unit under ``src`` (transport/, kernels/, runtime/), relative paths."""
+    return sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.suffix in (".cu", ".cpp"))
 
 
 def csrc_dir() -> Path:
@@ -74,10 +60,9 @@ def nccl_home() -> Path:
                                "DEEP_EP_OPS_NCCL_HOME") from exc
         roots = [Path(p) for p in nccl_pkg.__path__]
     for root in roots:
-        if (root / "include" / "nccl_device.h").is_file():
+        if (root / "include" / "nccl.h").is_file():
             return root
-    raise RuntimeError(f"deep_ep_ops: no include/nccl_device.h under {roots} (NCCL >= 2.28 "
-                       "with the device API is required)")
+    raise RuntimeError(f"deep_ep_ops: no include/nccl.h under {roots}")
 
 
 def nccl_version_code(root: Path) -> int:
@@ -175,7 +160,7 @@ def _build(name: str, build_dir: Path, src: Path, root: Path,
     cflags, cuda_flags, ldflags = _flags(root)
     module = cpp_extension.load(
         name=name,
-        sources=[str(src / s) for s in _SOURCES],
+        sources=[str(src / s) for s in sources(src)],
         extra_cflags=cflags,
         extra_cuda_cflags=cuda_flags,
         extra_ldflags=ldflags,

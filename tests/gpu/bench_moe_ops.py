@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from bench.timing import hold_gpu  # noqa: E402
-from tests.gpu.dist_gpu import gpus, run_gpus  # noqa: E402
+from tests.gpu.dist_gpu import gpus, rank_device, run_gpus  # noqa: E402
 
 
 def _median_us(fn, iters, gloo, reps=10):
@@ -66,7 +66,7 @@ def _d2d_once_GBps(dev, nbytes=256 << 20, iters=10):
 
 def _body(rank, world, gloo, args):
     import deep_ep_ops
-    dev = torch.device("cuda", rank)
+    dev = rank_device()
     T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
     buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
                              num_experts=E, fp8_dispatch=True)

@@ -1,55 +1,71 @@
-"""Run a test body on R local GPUs: one process per GPU with an NCCL default group (created with
-device_id, so the communicator exists at once) and a gloo group over the same ranks for the
-CPU reference. Process handling (fail fast, tracebacks) is tests/dist_utils.py's."""
+"""Run a test body on R GPU ranks: one process per rank with an NCCL default group (created with
+device_id, so the communicator exists at once) and a gloo group over the same ranks for the CPU
+reference. Ranks go one per GPU when there are enough GPUs, else several per GPU under MPS
+(``pytest --ranks-per-gpu N`` forces N); deep_ep_ops.local_ranks does the process handling."""
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, Callable
+import shutil
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from tests.dist_utils import exit_rank, spawn_ranks
+from deep_ep_ops.local_ranks import MPS_CONTROL, gpu_count, spawn
 
 # Never use NVLink multicast on the shared test machines.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
+RANKS_PER_GPU_ENV = "DEEP_EP_OPS_TEST_RANKS_PER_GPU"  # set by conftest's --ranks-per-gpu
 
-def _worker(rank: int, world: int, port: int, errors, fn: Callable, args: tuple) -> None:
-    import faulthandler
-    faulthandler.enable()  # a crashing rank prints its Python stack
-    # a hanging rank prints every thread's stack periodically (stderr), so a run killed from
-    # outside still shows where each rank waited
-    faulthandler.dump_traceback_later(float(os.environ.get("DEEP_EP_OPS_STACK_DUMP_S", "120")),
-                                      repeat=True)
-    os.environ["NCCL_NVLS_ENABLE"] = "0"
-    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+
+def gpus() -> int:
+    return gpu_count()
+
+
+def rank_device() -> torch.device:
+    """This rank's GPU (inside a body run by run_gpus)."""
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _with_gloo(rank: int, world: int, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(4)
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, device_id=device)
     gloo = dist.new_group(list(range(world)), backend="gloo")
-
-    def body():
-        fn(rank, world, gloo, *args)
-        dist.barrier(group=gloo)
-    # Teardown is skipped (exit_rank): destructors of NCCL/gloo threads can abort a passed rank.
-    exit_rank(errors, rank, body)
+    fn(rank, world, gloo, *args)
+    dist.barrier(group=gloo)
 
 
-def run_gpus(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 500) -> None:
-    """Call ``fn(rank, world, gloo_group, *args)`` on ``world`` GPU processes."""
-    spawn_ranks(_worker, world, (fn, args), timeout_s, what="GPU test")
+def ranks_per_gpu(world: int) -> int:
+    """Ranks per GPU for a world of ``world`` ranks: --ranks-per-gpu if given, else the fewest
+    that fit on this machine's GPUs."""
+    forced = os.environ.get(RANKS_PER_GPU_ENV)
+    if forced:
+        return min(int(forced), world)
+    return max(1, math.ceil(world / max(gpus(), 1)))
+
+
+def run_gpus(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 500,
+             per_gpu: Optional[int] = None) -> None:
+    """Call ``fn(rank, world, gloo_group, *args)`` on ``world`` GPU ranks."""
+    spawn(_with_gloo, world, fn, args, backend="nccl",
+          ranks_per_gpu=per_gpu or ranks_per_gpu(world), timeout_s=timeout_s,
+          what="GPU test")
 
 
 def run_on_gpus(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 500) -> None:
-    """``run_gpus`` for a test: skips it when this machine has fewer than ``world`` GPUs."""
+    """``run_gpus`` for a test: skips it when this machine can place ``world`` ranks neither one
+    per GPU nor several per GPU under MPS."""
     import pytest
-    if gpus() < world:
-        pytest.skip(f"needs {world} GPUs")
-    run_gpus(fn, world, *args, timeout_s=timeout_s)
+    per_gpu = ranks_per_gpu(world)
+    if gpus() == 0:
+        pytest.skip("needs a CUDA GPU")
+    if math.ceil(world / per_gpu) > gpus():
+        pytest.skip(f"{world} ranks at {per_gpu} per GPU need more than {gpus()} GPUs")
+    if per_gpu > 1 and shutil.which(MPS_CONTROL) is None:
+        pytest.skip(f"{world} ranks on {gpus()} GPU(s) need CUDA MPS ({MPS_CONTROL} not found)")
+    run_gpus(fn, world, *args, timeout_s=timeout_s, per_gpu=per_gpu)
 
 
 def capture_graph(fn: Callable[[], Any], warmup: int = 1,
@@ -69,7 +85,3 @@ def capture_graph(fn: Callable[[], Any], warmup: int = 1,
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
-
-
-def gpus() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0

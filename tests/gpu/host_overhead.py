@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--no-profile", action="store_true")
     args = p.parse_args()
 
-    from deep_ep_ops.localhost import free_port
+    from deep_ep_ops.local_ranks import free_port
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.gpu.dist_gpu import capture_graph, gpus, run_on_gpus
+from tests.gpu.dist_gpu import capture_graph, gpus, rank_device, run_on_gpus
 
 pytestmark = pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
 
@@ -51,9 +51,10 @@ def _rand(shape, dtype, seed):
 
 def _buffer(**kw):
     import deep_ep_ops
+    # cp_reduce_scatter's input is R times the largest CP_CASES block (16 MiB)
     args = dict(num_max_tokens_per_rank=64, hidden=128, num_topk=1,
                 num_experts=dist.get_world_size(), timeout_s=60.0, pp_max_bytes=64 * MiB,
-                cp_max_bytes=96 * MiB)
+                cp_max_bytes=(16 * dist.get_world_size() + 64) * MiB)
     args.update(kw)
     return deep_ep_ops.Buffer(**args)
 
@@ -76,7 +77,7 @@ PP_CASES = [  # (shape, dtype): 12 B, 4 KiB, odd bf16, exactly the inline limit,
 def _pp_body(rank, world, gloo):
     from deep_ep_ops.cpu import collectives as ref
     ops = torch.ops.deep_ep
-    dev = torch.device("cuda", rank)
+    dev = rank_device()
     buf = _buffer()
     rb = _ref(rank, world, gloo)
     name = buf.group_name
@@ -153,7 +154,7 @@ CP_CASES = [  # rows per rank, trailing shape, dtype (rows divisible by R for re
 def _cp_body(rank, world, gloo):
     from deep_ep_ops.cpu import collectives as ref
     ops = torch.ops.deep_ep
-    dev = torch.device("cuda", rank)
+    dev = rank_device()
     buf = _buffer()
     rb = _ref(rank, world, gloo)
     name = buf.group_name
@@ -223,7 +224,7 @@ def _engram_indices(N, L, limit, dtype, seed):
 def _engram_body(rank, world, gloo):
     from deep_ep_ops.cpu import collectives as ref
     ops = torch.ops.deep_ep
-    dev = torch.device("cuda", rank)
+    dev = rank_device()
     rb = _ref(rank, world, gloo)
     for ci, (n, H, dtype, N, L, idt) in enumerate(ENGRAM_CASES):
         buf = _buffer()
@@ -289,7 +290,7 @@ def _engram_body(rank, world, gloo):
 
 def _compile_body(rank, world, gloo):
     ops = torch.ops.deep_ep
-    dev = torch.device("cuda", rank)
+    dev = rank_device()
     buf = _buffer()
     name = buf.group_name
     table = buf.engram_table(100, 64, torch.float32)
@@ -320,7 +321,7 @@ def _compile_body(rank, world, gloo):
 def _timeout_body(rank, world, gloo):
     from deep_ep_ops.cuda import backend
     ops = torch.ops.deep_ep
-    dev = torch.device("cuda", rank)
+    dev = rank_device()
     buf = _buffer(timeout_s=2.0, pp_slots=2)
     name = buf.group_name
     if rank == 0:  # rank 1 never receives: the third inline send waits for a slot, times out
@@ -335,25 +336,29 @@ def _timeout_body(rank, world, gloo):
     buf.destroy()
 
 
-@pytest.mark.parametrize("world", [1, 2])
+WORLDS = [1, 2, 3, 4, 8]  # more ranks than GPUs: several per GPU under MPS
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_pp_send_recv(world):
     run_on_gpus(_pp_body, world)
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", WORLDS)
 def test_cp_collectives(world):
     run_on_gpus(_cp_body, world)
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", WORLDS)
 def test_engram(world):
     run_on_gpus(_engram_body, world)
 
 
-@pytest.mark.parametrize("world", [2])
+@pytest.mark.parametrize("world", [2, 4])
 def test_compile_fullgraph(world):
     run_on_gpus(_compile_body, world)
 
 
-def test_timeout_names_peer():
-    run_on_gpus(_timeout_body, 2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_timeout_names_peer(world):
+    run_on_gpus(_timeout_body, world)

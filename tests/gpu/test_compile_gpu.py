@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.dist_gpu import run_on_gpus
+from tests.gpu.dist_gpu import rank_device, run_on_gpus
 
 E, K, M, HID, FFN = 8, 2, 64, 128, 64
 
@@ -17,7 +17,7 @@ def _body(rank: int, world: int, gloo, layout: str) -> None:
     import deep_ep_ops
     from deep_ep_ops.nn import ExpertParallelMoE, TopKRouter
 
-    dev = torch.device("cuda", rank)
+    dev = rank_device()
     buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=M, hidden=HID,
                              num_topk=K, num_experts=E)
 
@@ -63,7 +63,7 @@ def _body(rank: int, world: int, gloo, layout: str) -> None:
     buf.destroy()
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("layout", ["expert_major", "compact"])
 def test_compiled_reduce_overhead_matches_eager(layout: str, world: int) -> None:
     run_on_gpus(_body, world, layout)

@@ -24,7 +24,7 @@ def buf():
     import torch.distributed as dist
 
     import deep_ep_ops
-    from deep_ep_ops.localhost import free_port
+    from deep_ep_ops.local_ranks import free_port
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)

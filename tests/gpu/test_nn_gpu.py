@@ -1,4 +1,5 @@
-"""deep_ep_ops.nn on 2 GPUs (NCCL): a Mixtral-style model with expert-parallel MoE blocks gives
+"""deep_ep_ops.nn on 1, 2 and 4 ranks (NCCL; several ranks share a GPU under MPS when GPUs are
+fewer): a Mixtral-style model with expert-parallel MoE blocks gives
 the single-GPU model's logits within bf16 tolerance (grouped-GEMM, windowed and FP8 paths); a
 decode step captured in a CUDA graph and replayed with new tokens equals eager; the decode
 loop's tokens/s is printed next to the unsharded model's on one GPU (run with -s to see it)."""
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.gpu.dist_gpu import capture_graph, run_gpus
+from tests.gpu.dist_gpu import capture_graph, rank_device, run_on_gpus
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -19,13 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 B, S, H, E, K, V = 4, 16, 128, 8, 2, 512
 
 
-def _gpus(world: int):
-    return pytest.param(world, marks=pytest.mark.skipif(
-        not torch.cuda.is_available() or torch.cuda.device_count() < world,
-        reason=f"needs {world} CUDA GPUs"))
-
-
-WORLDS = [_gpus(1), _gpus(2)]
+WORLDS = [1, 2, 4]
 
 
 def _model(device):
@@ -38,7 +33,7 @@ def _model(device):
 
 
 def _logits_body(rank: int, world: int, gloo) -> None:
-    device = torch.device("cuda", rank)
+    device = rank_device()
     import deep_ep_ops
     from deep_ep_ops.nn import shard_moe_blocks
     ref = _model(device)
@@ -89,7 +84,7 @@ def _decode_loop(run, tok, pos, cache, out, prompt, steps: int) -> tuple[list, f
 
 
 def _decode_body(rank: int, world: int, gloo) -> None:
-    device = torch.device("cuda", rank)
+    device = rank_device()
     import deep_ep_ops
     from deep_ep_ops.nn import shard_moe_blocks
     batch, prompt_len, steps = 8, 8, 48
@@ -130,16 +125,16 @@ def _decode_body(rank: int, world: int, gloo) -> None:
                 rout.copy_(rstep())
             _, ref_rate = _decode_loop(ref_eager, rtok, rpos, rcache, rout, prompt, steps)
             how = "eager (capture failed)"
-        print(f"\ndecode tokens/s: expert-parallel on {world} GPUs (CUDA graph) {rate:.0f} per "
+        print(f"\ndecode tokens/s: expert-parallel on {world} ranks (CUDA graph) {rate:.0f} per "
               f"rank, {world * rate:.0f} total; unsharded on 1 GPU ({how}) {ref_rate:.0f}")
     dist.barrier()
 
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_swapped_model_logits_match_single_gpu(world: int) -> None:
-    run_gpus(_logits_body, world)
+    run_on_gpus(_logits_body, world)
 
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_cuda_graph_decode_matches_eager_and_reports_speed(world: int) -> None:
-    run_gpus(_decode_body, world)
+    run_on_gpus(_decode_body, world)

@@ -1,35 +1,20 @@
-// Host-side setup and teardown of a Buffer's CUDA state. Compiled by nvcc only because the NCCL
-// device headers (ncclDevComm) need it; there is no device code here.
+// Host-side setup and teardown of a Buffer's CUDA state (window layout, scratch, error record).
 #include "state.hpp"
 
 #include "host_checks.hpp"
 
-#include <nccl.h>
-#include <nccl_device.h>
-
 #include <algorithm>
-#include <cstring>
 #include <stdexcept>
 
 namespace deep_ep_ops {
 
-State::State(const StateConfig& c) : cfg(c) {
-  if (cfg.num_ranks < 1 || cfg.num_ranks > kMaxRanks)
-    throw std::runtime_error("deep_ep_ops: the CUDA backend supports 1.." +
-                             std::to_string(kMaxRanks) + " ranks per group, got " +
-                             std::to_string(cfg.num_ranks));
+State::State(const StateConfig& c, std::shared_ptr<PeerMemoryTransport> transport)
+    : cfg(c), transport_(std::move(transport)) {
+  if (transport_->num_ranks() != cfg.num_ranks || transport_->rank() != cfg.rank)
+    throw std::invalid_argument("deep_ep_ops: the transport's group differs from the Buffer's");
   if (cfg.topk > kMaxTopk)
-    throw std::runtime_error("deep_ep_ops: num_topk must be <= " + std::to_string(kMaxTopk));
-  int version = 0;
-  DEO_NCCL(ncclGetVersion(&version));
-  if (version != NCCL_VERSION_CODE) {
-    // The device API has no ABI stability before 2.29/2.31: headers and library must match.
-    throw std::runtime_error("deep_ep_ops: built against NCCL " +
-                             std::to_string(NCCL_VERSION_CODE) + " but the loaded libnccl is " +
-                             std::to_string(version) + "; rebuild (clear DEEP_EP_OPS_CACHE)");
-  }
+    throw std::invalid_argument("deep_ep_ops: num_topk must be <= " + std::to_string(kMaxTopk));
   DeviceGuard guard(cfg.device);
-  auto comm_handle = reinterpret_cast<ncclComm_t>(cfg.comm_ptr);
   const int R = cfg.num_ranks, M = cfg.max_tokens, H = cfg.hidden, K = cfg.topk,
             E = cfg.num_experts;
 
@@ -59,26 +44,8 @@ State::State(const StateConfig& c) : cfg(c) {
   comm.data_off = comm.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
   window_bytes = align_up(comm.data_off + data_bytes, 1 << 21);
 
-  DEO_CUDA(cudaMalloc(&peer_bases_dev_, sizeof(char*) * R));
-  register_symmetric_window(cfg.comm_ptr, R, window_bytes, peer_bases_dev_, &base_, &window_,
-                            comm.peer_base);
-
-  auto* dc = new ncclDevComm;
-  dev_comm_ = dc;
-  ncclDevCommRequirements reqs;
-#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 29, 0)
-  reqs = NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER;
-#else
-  std::memset(&reqs, 0, sizeof(reqs));  // 2.28 has no initializer macro
-#endif
-  reqs.lsaBarrierCount = 1;  // LSA only: no GIN resources, so no NIC is needed
-  DEO_NCCL(ncclDevCommCreate(comm_handle, &reqs, dc));
-  if (dc->lsaSize != R || dc->lsaRank != cfg.rank) {
-    throw std::runtime_error(
-        "deep_ep_ops: every rank of the group must be a load/store (NVLink/P2P) peer on one "
-        "host; NCCL reports an LSA team of " + std::to_string(dc->lsaSize) + " ranks for a group of " +
-        std::to_string(R));
-  }
+  window_ = transport_->allocate(window_bytes);
+  std::copy(window_.peer_base, window_.peer_base + kMaxRanks, comm.peer_base);
 
   // ---- scratch ----
   const int64_t e_loc = E / R;
@@ -129,22 +96,13 @@ State::State(const StateConfig& c) : cfg(c) {
 }
 
 void State::destroy() {
-  if (window_ == nullptr) return;
+  if (!alive()) return;
   DeviceGuard guard(cfg.device);
-  auto comm_handle = reinterpret_cast<ncclComm_t>(cfg.comm_ptr);
   cudaDeviceSynchronize();  // no kernel may still use the window
-  auto* dc = static_cast<ncclDevComm*>(dev_comm_);
-  ncclDevCommDestroy(comm_handle, dc);
-  delete dc;
-  dev_comm_ = nullptr;
-  ncclCommWindowDeregister(comm_handle, static_cast<ncclWindow_t>(window_));
-  window_ = nullptr;
-  ncclMemFree(base_);
-  base_ = nullptr;
+  transport_->release(window_);
+  std::fill(comm.peer_base, comm.peer_base + kMaxRanks, nullptr);
   cudaFree(scratch_block_);
   scratch_block_ = nullptr;
-  cudaFree(peer_bases_dev_);
-  peer_bases_dev_ = nullptr;
   cudaFreeHost(error_host);
   error_host = nullptr;
   comm.error = nullptr;
@@ -154,7 +112,7 @@ void State::destroy() {
 
 State::~State() {
   // Teardown is collective; a State dropped without destroy() (interpreter exit) leaks its
-  // window rather than calling NCCL from one rank alone.
+  // window rather than releasing it from one rank alone.
 }
 
 }  // namespace deep_ep_ops

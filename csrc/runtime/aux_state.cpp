@@ -1,9 +1,7 @@
-// Setup and teardown of AuxState. Compiled by nvcc only for the NCCL headers; no device code.
+// Setup and teardown of AuxState.
 #include "aux_state.hpp"
 
 #include "host_checks.hpp"
-
-#include <nccl.h>
 
 #include <algorithm>
 #include <stdexcept>
@@ -11,10 +9,10 @@
 
 namespace deep_ep_ops {
 
-AuxState::AuxState(const AuxConfig& c) : cfg(c) {
-  if (cfg.num_ranks < 1 || cfg.num_ranks > kMaxRanks)
-    throw std::runtime_error("deep_ep_ops: the CUDA backend supports 1.." +
-                             std::to_string(kMaxRanks) + " ranks per group");
+AuxState::AuxState(const AuxConfig& c, std::shared_ptr<PeerMemoryTransport> transport)
+    : cfg(c), transport_(std::move(transport)) {
+  if (transport_->num_ranks() != cfg.num_ranks || transport_->rank() != cfg.rank)
+    throw std::invalid_argument("deep_ep_ops: the transport's group differs from the Buffer's");
   if (cfg.pp_slots < 1) throw std::invalid_argument("Buffer: pp_slots must be >= 1");
   if (cfg.pp_max_bytes < 0 || cfg.cp_max_bytes < 0 || cfg.pp_inline_bytes < 0 ||
       cfg.cp_inline_bytes < 0)
@@ -41,9 +39,8 @@ AuxState::AuxState(const AuxConfig& c) : cfg(c) {
   off = align_up(off + cfg.cp_max_bytes, 4096);
   lay.window_bytes = align_up(off, 1 << 21);
 
-  DEO_CUDA(cudaMalloc(&peer_tmp_, sizeof(char*) * kMaxRanks));
-  register_symmetric_window(cfg.comm_ptr, R, lay.window_bytes, peer_tmp_, &base_, &window_,
-                            comm.peer_base);
+  window_ = transport_->allocate(lay.window_bytes);
+  std::copy(window_.peer_base, window_.peer_base + kMaxRanks, comm.peer_base);
 
   AuxCounters* ctr = nullptr;
   DEO_CUDA(cudaMalloc(&ctr, sizeof(AuxCounters)));
@@ -68,31 +65,22 @@ EngramTable& AuxState::add_engram_table(int64_t n, int64_t row_bytes, int64_t ma
   t.view.count_off = align_up(n * row_bytes, 4096);
   t.view.idx_off = t.view.count_off + 256;
   t.view.rows_off = align_up(t.view.idx_off + 8 * max_rows, 256);
-  t.window_bytes = align_up(t.view.rows_off + max_rows * row_bytes, 1 << 21);
-  register_symmetric_window(cfg.comm_ptr, cfg.num_ranks, t.window_bytes, peer_tmp_, &t.base,
-                            &t.window, t.view.peer_base);
+  t.window = transport_->allocate(align_up(t.view.rows_off + max_rows * row_bytes, 1 << 21));
+  std::copy(t.window.peer_base, t.window.peer_base + kMaxRanks, t.view.peer_base);
   tables_.push_back(t);
   return tables_.back();
 }
 
 void AuxState::destroy() {
-  if (window_ == nullptr) return;
+  if (!alive()) return;
   DeviceGuard guard(cfg.device);
-  auto comm_handle = reinterpret_cast<ncclComm_t>(cfg.comm_ptr);
   cudaDeviceSynchronize();  // no kernel or copy may still use a window
-  for (auto it = tables_.rbegin(); it != tables_.rend(); ++it) {
-    ncclCommWindowDeregister(comm_handle, static_cast<ncclWindow_t>(it->window));
-    ncclMemFree(it->base);
-  }
+  for (auto it = tables_.rbegin(); it != tables_.rend(); ++it) transport_->release(it->window);
   tables_.clear();
-  ncclCommWindowDeregister(comm_handle, static_cast<ncclWindow_t>(window_));
-  window_ = nullptr;
-  ncclMemFree(base_);
-  base_ = nullptr;
+  transport_->release(window_);
+  std::fill(comm.peer_base, comm.peer_base + kMaxRanks, nullptr);
   cudaFree(comm.ctr);
   comm.ctr = nullptr;
-  cudaFree(peer_tmp_);
-  peer_tmp_ = nullptr;
   for (auto& e : events_) {
     if (e != nullptr) cudaEventDestroy(e);
     e = nullptr;
@@ -104,7 +92,7 @@ void AuxState::destroy() {
 
 AuxState::~AuxState() {
   // Teardown is collective; a state dropped without destroy() leaks its windows rather than
-  // calling NCCL from one rank alone.
+  // releasing them from one rank alone.
 }
 
 }  // namespace deep_ep_ops
