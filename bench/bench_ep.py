@@ -92,13 +92,16 @@ def count_sms(rank: int, T: int, H: int, E: int, K: int, fp8: bool) -> dict:
     return res
 
 
-def copy_us(num_bytes: int, iters: int) -> float:
+def copy_us(buf, num_bytes: int, iters: int) -> float:
     """Every rank copying ``num_bytes`` device-to-device at once (with the SMs it has): the
-    slowest rank's median time of one copy."""
+    slowest rank's median time of one copy. A tiny all-gather lines the ranks up on the GPU
+    first, so the copies overlap as the op's transfers do."""
     src = torch.randint(0, 255, (max(num_bytes, 1),), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    return _max_over_ranks(event_median_us(lambda: dst.copy_(src), iters=iters,
-                                           calls_per_sample=CALLS_PER_SAMPLE))
+    tiny = torch.zeros(4, device="cuda")
+    return _max_over_ranks(event_median_us(
+        lambda: dst.copy_(src), iters=iters, calls_per_sample=CALLS_PER_SAMPLE,
+        device_sync=lambda: torch.ops.deep_ep.cp_all_gather(tiny, buf.group_name)))
 
 
 def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int,
@@ -130,8 +133,8 @@ def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, n
 
     if baseline:
         # the bytes this rank receives (dispatch) / sends back (combine), copied by every rank
-        res["dispatch_copy_us"] = copy_us(valid * row_bytes, iters)
-        res["combine_copy_us"] = copy_us(valid * comb_row, iters)
+        res["dispatch_copy_us"] = copy_us(buf, valid * row_bytes, iters)
+        res["combine_copy_us"] = copy_us(buf, valid * comb_row, iters)
         nccl = baselines.NcclDispatcher(idx, E)
         packed = x.view(torch.uint8) if scales is None else torch.cat(
             [x.view(torch.uint8), scales.view(torch.uint8)], dim=1)

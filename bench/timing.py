@@ -35,11 +35,14 @@ def hold_gpu(us: float = 300.0) -> None:
 
 
 def event_median_us(fn: Callable[[], object], iters: int = 30, warmup: int = 5,
-                    group=None, calls_per_sample: int = 1) -> float:
+                    group=None, calls_per_sample: int = 1,
+                    device_sync: Callable[[], object] | None = None) -> float:
     """Median over ``iters`` samples of the device time of one call (CUDA events on the current
     stream, the calls enqueued behind hold_gpu), all ranks starting together. A sample of
     ``calls_per_sample`` back-to-back calls divides out the ranks' start skew (they leave the
-    host barrier at different times; a collective's first call absorbs the difference)."""
+    host barrier at different times; a collective's first call absorbs the difference).
+    ``device_sync`` (a collective kernel, untimed) lines the ranks up on the GPU right before
+    the start event, for work with no cross-rank wait of its own (a copy by every rank)."""
     for _ in range(warmup):
         fn()
     _barrier(group)
@@ -47,6 +50,8 @@ def event_median_us(fn: Callable[[], object], iters: int = 30, warmup: int = 5,
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         hold_gpu()
+        if device_sync is not None:
+            device_sync()
         start.record()
         for _ in range(calls_per_sample):
             fn()

@@ -275,16 +275,18 @@ def _run(placement: Placement, fn: Callable, args: tuple, timeout_s: float, thre
             else:
                 failures.append((rank, payload))
     deadline = time.monotonic() + timeout_s
-    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        drain()
-        if any(p.exitcode not in (None, 0) for p in procs):
-            time.sleep(2)  # let the failing rank's peers report their own errors first
-            break
-        time.sleep(0.05)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join()
+    try:
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            drain()
+            if any(p.exitcode not in (None, 0) for p in procs):
+                time.sleep(2)  # let the failing rank's peers report their own errors first
+                break
+            time.sleep(0.05)
+    finally:  # also when the caller is interrupted: no rank outlives the call
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+            p.join()
     drain()
     if failures or alive or any(p.exitcode != 0 for p in procs):
         details = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures))

@@ -49,8 +49,7 @@ void check_fits(const State& st, const char* op, int64_t need) {
     throw std::runtime_error(std::string("deep_ep.") + op + ": needs " + std::to_string(need) +
                              " bytes of symmetric memory but the Buffer reserved " +
                              std::to_string(st.data_bytes) +
-                             " (rows wider than hidden*2 bytes need fewer tokens; create the "
-                             "Buffer with a larger hidden or num_max_tokens_per_rank)");
+                             " (the rows are wider than the Buffer's hidden allows)");
 }
 
 constexpr int kWarpsPerCta = 16;  // the push/pull/epilogue kernels run 512 threads

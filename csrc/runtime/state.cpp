@@ -28,17 +28,17 @@ State::State(const StateConfig& c, std::shared_ptr<PeerMemoryTransport> transpor
   // ---- window layout ----
   const int64_t P = cfg.fp8 ? (H + 31) / 32 : 0;
   const int64_t meta_ints = align_up(4 + 3 * K, 4);
+  // Dispatch rows up to fp32 wide (x may be fp32; bf16 and fp8 + scales are narrower): R*M
+  // rows of 4H bytes, their scales and metadata. That also holds the combine staging, at most
+  // min(R, K) fp32 partials per token.
   const int64_t dispatch_bytes = static_cast<int64_t>(R) * M *
-                                     (align_up(2LL * H, 16) + align_up(4 * P, 16) + 4 * meta_ints) +
+                                     (align_up(4LL * H, 16) + align_up(4 * P, 16) + 4 * meta_ints) +
                                  3 * 256;
   const int64_t combine_bytes =
       static_cast<int64_t>(M) * std::min(R, K) * align_up(4LL * H, 16);
   const int64_t cached_bytes =
       static_cast<int64_t>(M) * (align_up(4LL * H, 16) + align_up(4 * ((H + 31) / 32), 16)) + 256;
-  // The metadata/scale slack on top of the combine area lets an fp32 dispatch fit whenever
-  // the combine area already holds R*M fp32 rows (K >= R).
-  const int64_t slack = static_cast<int64_t>(R) * M * (4 * meta_ints + align_up(4 * P, 16)) + 1024;
-  data_bytes = align_up(std::max({dispatch_bytes, combine_bytes + slack, cached_bytes}), 4096);
+  data_bytes = align_up(std::max({dispatch_bytes, combine_bytes, cached_bytes}), 4096);
   comm.flags_off = 0;
   comm.counts_off = align_up(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
   comm.data_off = comm.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);

@@ -297,12 +297,14 @@ def _compile_body(rank, world, gloo):
     table.copy_(_rand((100, 64), torch.float32, 5 + rank).to(dev))
     nxt, prv = (rank + 1) % world, (rank - 1) % world
 
+    # The outputs compared are the ops' own (exact); a sum over them would differ in rounding
+    # between eager and Inductor's reduction order, not because of the ops.
     def step(x, idx):
         y = ops.cp_all_gather(x * 2, name)
         z = ops.cp_reduce_scatter(y + 1, name)
         w = ops.pp_send_recv(z, nxt, prv, list(z.shape), z.dtype, name)
         e = ops.engram_fetch(table, idx, name)
-        return w.sum(0) + e.sum(), y
+        return w, e, y
 
     x = _rand((4, 256), torch.float32, 9 + rank).to(dev)
     idx = _engram_indices(8, 3, world * 100, torch.int64, 19 + rank).to(dev)

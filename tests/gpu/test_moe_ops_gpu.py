@@ -101,7 +101,7 @@ def _check_all(rank, world, gloo, seed):
         if E % world:
             continue
         if world > 2:  # more ranks: the same layouts at a size the CPU reference keeps up with
-            M = min(M, 1024)
+            M, aligns = min(M, 256), aligns[-1:]
         buf = deep_ep_ops.Buffer(group, num_max_tokens_per_rank=M, hidden=H, num_topk=K,
                                  num_experts=E, fp8_dispatch=dtype == "fp8", timeout_s=60.0)
         rbuf = _ref_buf(rank, world, gloo, M, H, K, E)

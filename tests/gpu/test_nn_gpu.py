@@ -48,7 +48,8 @@ def _logits_body(rank: int, world: int, gloo) -> None:
         model = shard_moe_blocks(copy.deepcopy(ref), buf, **kwargs)
         with torch.no_grad():
             got = model(input_ids=ids, use_cache=False).logits.float()
-        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=f"rank {rank} {kwargs}")
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol,
+                                   msg=lambda m: f"rank {rank} {kwargs}: {m}")
         buf.destroy()
 
 
