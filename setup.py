@@ -11,7 +11,7 @@ setup(
     # meta/ and csrc/ stay top-level folders of the repository; installed, they become
     # deep_ep_ops.meta and deep_ep_ops/cuda/csrc (where the JIT loader looks for sources).
     package_dir={"deep_ep_ops.meta": "meta", "deep_ep_ops.cuda.csrc": "csrc"},
-    package_data={"deep_ep_ops.cuda.csrc": ["runtime/*", "kernels/*", "transport/*"]},
+    package_data={"deep_ep_ops.cuda.csrc": ["channels/*", "device/*", "ep/*", "host/*", "torch/*", "transport/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.10"],
     extras_require={"test": ["pytest", "expecttest", "transformers>=4.46", "ninja"]},

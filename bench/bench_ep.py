@@ -245,6 +245,9 @@ def _ratio_lines(report: dict) -> list[str]:
         lim.get("peer_both_ways_GBps", float("nan"))
     rate = "logical" if one_rank else "nvlink"
     name = "d2d copy" if one_rank else "both-ways peer copy"
+    if limit != limit:  # not measured: the ranks share a GPU, there is no link to measure
+        return ["", f"Ratios: no {name} limit in this run (ranks share a GPU); see the "
+                "same-run copy below."]
     lines = ["", f"Ratios: {rate} GB/s over the {name} ({limit:.0f} GB/s); NCCL a2a time over "
              "ours:", "", "| workload | dispatch x limit | combine x limit | dispatch x NCCL | "
              "combine x NCCL |", "|---|---|---|---|---|"]

@@ -1,31 +1,30 @@
 """``Buffer``: the collective set-up every op refers to by ``group_name``.
 
-A process-wide registry maps ``group_name`` to the live Buffer, so ops take a plain string (what
-torch.compile, export and CUDA graphs handle) instead of a Python object.
+Creating one registers it (deep_ep_ops.registry) under its group's name, so ops take a plain
+string (what torch.compile, export and CUDA graphs handle) instead of a Python object.
 """
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-_REGISTRY: dict[str, "Buffer"] = {}
-_LOCK = threading.Lock()
+from deep_ep_ops import registry
 
 DEFAULT_TIMEOUT_S = 30.0
+
+# Sizes of the pp / cp windows when not given (each costs peer memory: pp R * pp_max_bytes,
+# cp cp_max_bytes)
+_DEFAULT_PP_MAX_BYTES = 16 << 20
+_DEFAULT_PP_SLOTS = 4
+_DEFAULT_CP_MAX_BYTES = 32 << 20
+TRANSPORTS = ("auto", "nccl", "ipc")
 
 
 def get_buffer(group_name: str) -> "Buffer":
     """The Buffer registered for ``group_name``; a clear error when there is none."""
-    buf = _REGISTRY.get(group_name)
-    if buf is None:
-        known = sorted(_REGISTRY) or "none"
-        raise ValueError(
-            f"group_name={group_name!r}: no deep_ep_ops.Buffer is registered for this group "
-            f"(registered: {known}); create one with deep_ep_ops.Buffer(group, ...) on every rank")
-    return buf
+    return registry.get(group_name)
 
 
 def _is_capturing() -> bool:
@@ -87,43 +86,35 @@ class Buffer:
         self.num_experts = num_experts
         self.fp8_dispatch = fp8_dispatch
         self.timeout_s = float(timeout_s)
-        from deep_ep_ops.cuda import aux_backend as _aux  # sizes only; no CUDA needed
-        self.pp_max_bytes = _aux.PP_MAX_BYTES if pp_max_bytes is None else int(pp_max_bytes)
-        self.pp_slots = _aux.PP_SLOTS if pp_slots is None else int(pp_slots)
-        self.cp_max_bytes = _aux.CP_MAX_BYTES if cp_max_bytes is None else int(cp_max_bytes)
+        self.pp_max_bytes = _DEFAULT_PP_MAX_BYTES if pp_max_bytes is None else int(pp_max_bytes)
+        self.pp_slots = _DEFAULT_PP_SLOTS if pp_slots is None else int(pp_slots)
+        self.cp_max_bytes = _DEFAULT_CP_MAX_BYTES if cp_max_bytes is None else int(cp_max_bytes)
         if self.pp_max_bytes < 0 or self.cp_max_bytes < 0 or self.pp_slots < 1:
             raise ValueError(f"Buffer: pp_max_bytes and cp_max_bytes must be >= 0 and pp_slots "
                              f">= 1, got {pp_max_bytes}, {cp_max_bytes}, {pp_slots}")
         self.backend: str = dist.get_backend(self.group)
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if self.backend == "nccl" else torch.device("cpu"))
-        from deep_ep_ops.cuda.transport import TRANSPORTS  # names only; no CUDA needed
         if transport not in TRANSPORTS:
             raise ValueError(f"Buffer: transport must be one of {TRANSPORTS}, got {transport!r}")
         self.requested_transport = transport
         self.transport: Optional[str] = None
         self._engram: Optional[torch.Tensor] = None
-        self._cuda_state = None
-        self._aux_state = None
-        with _LOCK:
-            if self.group_name in _REGISTRY:
-                raise RuntimeError(
-                    f"Buffer: group {self.group_name!r} already has a Buffer; destroy() it first "
-                    "(one Buffer per group; use a second group over the same ranks for "
-                    "concurrent in-flight work)")
-            _REGISTRY[self.group_name] = self
+        self._ep_state = None
+        self._channel_state = None
+        registry.add(self)
         try:
             if self.device.type == "cuda":
-                from deep_ep_ops.cuda import backend
-                self._cuda_state, peer_memory = backend.create_state(self)
-                self._aux_state = backend.create_aux_state(self, peer_memory)
+                from deep_ep_ops.cuda import channels, ep
+                self._ep_state, peer_memory = ep.create_state(self)
+                self._channel_state = channels.create_state(self, peer_memory)
                 self.transport = peer_memory.name
+                registry.update(self)
         except BaseException:
-            with _LOCK:
-                _REGISTRY.pop(self.group_name, None)
-            if self.device.type == "cuda":
-                from deep_ep_ops.cuda import backend
-                backend.unregister(self.group_name)  # the C++ kernels' registry
+            # Release is collective and this rank cannot know how far its peers got: leak
+            # what was made rather than wait for peers that may have failed elsewhere.
+            registry.remove(self)
+            self._ep_state = self._channel_state = None
             raise
 
     @property
@@ -131,19 +122,27 @@ class Buffer:
         return self.num_experts // self.world_size
 
     @property
-    def cuda_state(self):
-        if self._cuda_state is None:
-            raise RuntimeError(f"group {self.group_name!r} ({self.backend}) has no CUDA state: "
-                               "CUDA tensors need a Buffer on an NCCL group")
-        return self._cuda_state
+    def device_index(self) -> int:
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     @property
-    def aux_state(self):
-        """CUDA state of pp_send_recv / cp_* / engram_* (their own symmetric window)."""
-        if self._aux_state is None:
+    def ep_state(self):
+        """CUDA state of dispatch / cached_dispatch / combine (its peer-memory window)."""
+        if self._ep_state is None:
             raise RuntimeError(f"group {self.group_name!r} ({self.backend}) has no CUDA state: "
                                "CUDA tensors need a Buffer on an NCCL group")
-        return self._aux_state
+        return self._ep_state
+
+    def ep_state_or_none(self):
+        return self._ep_state
+
+    @property
+    def channel_state(self):
+        """CUDA state of pp_send_recv / cp_* / engram_* (a peer-memory window of their own)."""
+        if self._channel_state is None:
+            raise RuntimeError(f"group {self.group_name!r} ({self.backend}) has no CUDA state: "
+                               "CUDA tensors need a Buffer on an NCCL group")
+        return self._channel_state
 
     def cp_input(self, shape, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """CUDA: a view of this rank's slot of the copy-engine ``cp_all_gather``. Write the
@@ -151,8 +150,8 @@ class Buffer:
         until the next cp op on this Buffer (which may overwrite it); CPU: a new tensor."""
         if self.device.type != "cuda":
             return torch.empty(tuple(shape), dtype=dtype)
-        from deep_ep_ops.cuda import backend
-        return backend.cp_input(self, shape, dtype)
+        from deep_ep_ops.cuda import channels
+        return channels.cp_input(self, shape, dtype)
 
     def engram_table(self, num_entries_per_rank: int, hidden: int,
                      dtype: torch.dtype = torch.bfloat16,
@@ -168,9 +167,9 @@ class Buffer:
             raise ValueError(f"engram_table: num_entries_per_rank and hidden must be >= 1, got "
                              f"{num_entries_per_rank}, {hidden}")
         if self.device.type == "cuda":
-            from deep_ep_ops.cuda import backend
-            table = backend.engram_table(self, self.cuda_state, num_entries_per_rank, hidden,
-                                         dtype, max_fetch_rows)
+            from deep_ep_ops.cuda import channels
+            table = channels.engram_table(self, num_entries_per_rank, hidden, dtype,
+                                          max_fetch_rows)
         else:
             table = torch.zeros(num_entries_per_rank, hidden, dtype=dtype)
         self._engram = table
@@ -195,20 +194,20 @@ class Buffer:
                 f"from buf.engram_table(); got another tensor {tuple(table.shape)} {table.dtype}")
 
     def destroy(self) -> None:
-        """Free the symmetric memory and unregister. Call before destroy_process_group."""
-        with _LOCK:
-            mine = _REGISTRY.get(self.group_name) is self
-            if mine:
-                del _REGISTRY[self.group_name]
-        name = self.group_name if mine else None  # also leaves the C++ kernels' registry
-        if self._aux_state is not None:
-            from deep_ep_ops.cuda import backend
-            backend.destroy_aux_state(self._aux_state, name)  # frees the Engram tables too
-            self._aux_state = None
-        if self._cuda_state is not None:
-            from deep_ep_ops.cuda import backend
-            backend.destroy_state(self._cuda_state, name)
-            self._cuda_state = None
+        """Free the peer memory and unregister. Collective: call it on every rank, before
+        destroy_process_group."""
+        registry.remove(self)
+        self._release_states()
+
+    def _release_states(self) -> None:
+        if self._channel_state is not None:
+            from deep_ep_ops.cuda import channels
+            channels.destroy_state(self._channel_state)  # frees the Engram tables too
+            self._channel_state = None
+        if self._ep_state is not None:
+            from deep_ep_ops.cuda import ep
+            ep.destroy_state(self._ep_state)
+            self._ep_state = None
         self._engram = None
 
     def __enter__(self) -> "Buffer":

@@ -1,21 +1,30 @@
 """Defines the ``deep_ep`` ops and registers their fake, CPU, CUDA and autograd parts.
 
-Backends: CPU tensors run the reference in ``deep_ep_ops.cpu``; CUDA tensors run
-``deep_ep_ops.cuda.backend`` (JIT-built on first use). An op the CUDA backend does not provide
-raises NotImplementedError; nothing ever falls back to the CPU path for GPU tensors.
+Every op is one row of ``_OPS``: its input check (deep_ep_ops.validation), its CPU reference
+(deep_ep_ops.cpu) and its CUDA glue (deep_ep_ops.cuda). A call finds its Buffer in the registry,
+checks its inputs and runs the backend of its tensors' device; an op the CUDA backend lacks
+raises NotImplementedError; nothing falls back to the CPU path for GPU tensors.
+
+The CUDA kernels of ``_dispatch_static``, ``cached_dispatch`` and ``combine`` and the composite
+``dispatch`` also exist in C++ (csrc/torch/): once the extension is loaded (the first CUDA
+Buffer), ``_use_cpp_kernels`` swaps them in, so the eager hot path runs no Python.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from deep_ep_ops import autograd as _autograd
+from deep_ep_ops import registry
 from deep_ep_ops import validation as V
-from deep_ep_ops.buffer import get_buffer
 from deep_ep_ops.cpu import collectives as cpu_coll
 from deep_ep_ops.cpu import moe as cpu_moe
+from deep_ep_ops.cuda import channels as cuda_channels
+from deep_ep_ops.cuda import ep as cuda_ep
+from deep_ep_ops.cuda import extension
 from deep_ep_ops.meta import fake as _fake
 from deep_ep_ops.schemas import COMM_OPS, NAMESPACE, SCHEMAS
 from deep_ep_ops.trim import trim_dispatch
@@ -24,140 +33,106 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 for _schema in SCHEMAS.values():
     _lib.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
 
-# Ops whose CUDA kernel (and, for dispatch, CompositeImplicitAutograd kernel) the extension
-# registers in C++ (csrc/runtime/torch_ops.cpp: unboxed, no Python on the eager hot path).
-# Until the extension is loaded (the first Buffer on an NCCL group) their Python impls serve
-# (a CUDA call then raises get_buffer's "no Buffer registered"); they live in a Library of
-# their own, destroyed by _use_cpp_kernels() right before the C++ kernels are registered.
-CPP_CUDA_OPS = ("_dispatch_static", "cached_dispatch", "combine")
-_py_cuda_lib = None
+
+@dataclass(frozen=True)
+class OpImpl:
+    """How one collective op runs: ``check(buf, *args)``, then ``cpu(buf, *args)`` or
+    ``cuda(buf, *args)`` by the device of its first tensor argument (``args`` are the op's
+    arguments without group_name)."""
+    check: Optional[Callable]
+    cpu: Callable
+    cuda: Optional[Callable]
 
 
-_CUDA_FNS: dict[str, Callable] = {}
+# The CPU reference takes no num_sms (it launches nothing).
+_OPS: dict[str, OpImpl] = {
+    "_dispatch_static": OpImpl(
+        lambda buf, x, s, idx, w, E, A, expand, num_sms:
+            V.check_dispatch(buf, x, s, idx, w, E, A, num_sms),
+        lambda buf, x, s, idx, w, E, A, expand, num_sms:
+            cpu_moe.dispatch(buf, x, s, idx, w, E, A, expand),
+        cuda_ep.dispatch),
+    "cached_dispatch": OpImpl(
+        V.check_cached_dispatch,
+        lambda buf, x, s, handle, num_sms: cpu_moe.cached_dispatch(buf, x, s, handle),
+        cuda_ep.cached_dispatch),
+    "combine": OpImpl(
+        V.check_combine,
+        lambda buf, x, handle, w, num_sms: cpu_moe.combine(buf, x, handle, w),
+        cuda_ep.combine),
+    "engram_fetch": OpImpl(V.check_engram_fetch, cpu_coll.engram_fetch,
+                           cuda_channels.engram_fetch),
+    "_engram_scatter_add": OpImpl(None, cpu_coll.engram_scatter_add,
+                                  cuda_channels.engram_scatter_add),
+    "pp_send_recv": OpImpl(V.check_pp, cpu_coll.pp_send_recv, cuda_channels.pp_send_recv),
+    "cp_all_gather": OpImpl(lambda buf, x: V.check_cp("cp_all_gather", buf, x),
+                            cpu_coll.cp_all_gather, cuda_channels.cp_all_gather),
+    "cp_reduce_scatter": OpImpl(V.check_reduce_scatter, cpu_coll.cp_reduce_scatter,
+                                cuda_channels.cp_reduce_scatter),
+}
 
 
-def _cuda_backend_fn(name: str) -> Callable:
-    fn = _CUDA_FNS.get(name)   # cached: looked up on every eager call
-    if fn is None:
-        from deep_ep_ops.cuda import backend
-        fn = getattr(backend, name, None)
-        if fn is None:
-            raise NotImplementedError(
-                f"deep_ep.{name} has no CUDA implementation yet; use CPU tensors on a gloo "
-                "group for the reference backend")
-        _CUDA_FNS[name] = fn
-    return fn
+def _entry(name: str) -> Callable:
+    """The Python kernel of op ``name``: registry lookup, check, backend by device (the row of
+    ``_OPS`` is read at call time, so a test may swap it)."""
+    schema_args = torch._C.parse_schema(SCHEMAS[name]).arguments
+    group_at = next(i for i, a in enumerate(schema_args) if a.name == "group_name")
+    defaults = [a.default_value for a in schema_args]
 
+    def run(*args):
+        if len(args) < len(defaults):  # the dispatcher leaves trailing defaults out
+            args = args + tuple(defaults[len(args):])
+        impl = _OPS[name]
+        group_name = args[group_at]
+        rest = args[:group_at] + args[group_at + 1:]
+        buf = registry.get(group_name)
+        if impl.check is not None:
+            impl.check(buf, *rest)
+        if rest[0].is_cuda:
+            if impl.cuda is None:
+                raise NotImplementedError(
+                    f"deep_ep.{name} has no CUDA implementation yet; use CPU tensors on a gloo "
+                    "group for the reference backend")
+            return impl.cuda(buf, *rest)
+        return impl.cpu(buf, *rest)
+    run.__name__ = f"{name}_impl"
+    return run
 
-# -- dispatch / cached_dispatch / combine --------------------------------------------------
 
 def _dispatch(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
               expert_alignment=1, expand=False, exact=False, num_sms=0):
+    """The composite dispatch: the static-capacity collective, then a local trim when exact
+    (only the collective carries an effect token; see schemas.py)."""
     outputs = torch.ops.deep_ep._dispatch_static(x, x_scales, topk_idx, topk_weights,
                                                  group_name, num_experts, expert_alignment,
                                                  expand, num_sms)
     return torch.ops.deep_ep._trim_dispatch(*outputs) if exact else outputs
 
 
-def _dispatch_static(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
-                     expert_alignment, expand, num_sms):
-    buf = get_buffer(group_name)
-    V.check_dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
-                     num_sms)
-    if x.is_cuda:
-        return _cuda_backend_fn("dispatch")(buf, buf.cuda_state, x, x_scales, topk_idx,
-                                            topk_weights, num_experts, expert_alignment,
-                                            expand, False, num_sms)
-    return cpu_moe.dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts,
-                            expert_alignment, expand)
+_KERNELS: dict[str, Callable] = {name: _entry(name) for name in _OPS}
+_KERNELS["_trim_dispatch"] = trim_dispatch
 
-
-def _cached_dispatch(x, x_scales, handle, group_name, num_sms=0):
-    buf = get_buffer(group_name)
-    V.check_cached_dispatch(buf, x, x_scales, handle, num_sms)
-    if x.is_cuda:
-        return _cuda_backend_fn("cached_dispatch")(buf, buf.cuda_state, x, x_scales, handle,
-                                                   num_sms)
-    return cpu_moe.cached_dispatch(buf, x, x_scales, handle)
-
-
-def _combine(x, handle, weights, group_name, num_sms=0):
-    buf = get_buffer(group_name)
-    V.check_combine(buf, x, handle, weights, num_sms)
-    if x.is_cuda:
-        return _cuda_backend_fn("combine")(buf, buf.cuda_state, x, handle, weights, num_sms)
-    return cpu_moe.combine(buf, x, handle, weights)
-
-
-# -- engram / pp / cp ------------------------------------------------------------------------
-
-def _engram_fetch(table, indices, group_name):
-    buf = get_buffer(group_name)
-    V.check_engram_fetch(buf, table, indices)
-    if table.is_cuda:
-        return _cuda_backend_fn("engram_fetch")(buf, buf.cuda_state, table, indices)
-    return cpu_coll.engram_fetch(buf, table, indices)
-
-
-def _engram_scatter_add(grad, indices, group_name, num_entries, hidden):
-    buf = get_buffer(group_name)
-    if grad.is_cuda:
-        return _cuda_backend_fn("engram_scatter_add")(buf, buf.cuda_state, grad, indices,
-                                                      num_entries, hidden)
-    return cpu_coll.engram_scatter_add(buf, grad, indices, num_entries, hidden)
-
-
-def _pp_send_recv(send, dst, src, recv_shape, recv_dtype, group_name):
-    buf = get_buffer(group_name)
-    V.check_pp(buf, send, dst, src, recv_shape, recv_dtype)
-    if send.is_cuda:
-        return _cuda_backend_fn("pp_send_recv")(buf, buf.cuda_state, send, dst, src,
-                                                recv_shape, recv_dtype)
-    return cpu_coll.pp_send_recv(buf, send, dst, src, recv_shape, recv_dtype)
-
-
-def _cp_all_gather(x, group_name):
-    buf = get_buffer(group_name)
-    V.check_cp("cp_all_gather", buf, x)
-    if x.is_cuda:
-        return _cuda_backend_fn("cp_all_gather")(buf, buf.cuda_state, x)
-    return cpu_coll.cp_all_gather(buf, x)
-
-
-def _cp_reduce_scatter(x, group_name):
-    buf = get_buffer(group_name)
-    V.check_reduce_scatter(buf, x)
-    if x.is_cuda:
-        return _cuda_backend_fn("cp_reduce_scatter")(buf, buf.cuda_state, x)
-    return cpu_coll.cp_reduce_scatter(buf, x)
-
-
-_IMPLS = {
-    "_dispatch_static": _dispatch_static,
-    "_trim_dispatch": trim_dispatch,
-    "cached_dispatch": _cached_dispatch,
-    "combine": _combine,
-    "engram_fetch": _engram_fetch,
-    "_engram_scatter_add": _engram_scatter_add,
-    "pp_send_recv": _pp_send_recv,
-    "cp_all_gather": _cp_all_gather,
-    "cp_reduce_scatter": _cp_reduce_scatter,
-}
+# Ops whose CUDA kernel (and, for dispatch, CompositeImplicitAutograd kernel) the extension
+# registers in C++ once loaded. Until then their Python kernels serve (a CUDA call then raises
+# the registry's "no Buffer registered" or validation's device message); they live in a
+# Library of their own, destroyed right before the C++ kernels are registered.
+CPP_CUDA_OPS = ("_dispatch_static", "cached_dispatch", "combine")
+_py_cuda_lib: Optional[torch.library.Library] = None
+_KEEP: list = []
 
 
 def _register_py_cuda() -> None:
-    """The Python CUDA kernels of CPP_CUDA_OPS and the Python composite dispatch."""
     global _py_cuda_lib
     lib = torch.library.Library(NAMESPACE, "IMPL")
     for name in CPP_CUDA_OPS:
-        lib.impl(name, _IMPLS[name], "CUDA")
+        lib.impl(name, _KERNELS[name], "CUDA")
     lib.impl("dispatch", _dispatch, "CompositeImplicitAutograd")
     _py_cuda_lib = lib
 
 
 def _use_cpp_kernels(ext) -> None:
     """Swap the Python kernels of CPP_CUDA_OPS (and the composite dispatch) for the C++ ones of
-    the loaded extension ``ext`` (once; deep_ep_ops.cuda.backend calls it after loading)."""
+    the just loaded extension ``ext`` (an extension.on_load hook)."""
     global _py_cuda_lib
     if _py_cuda_lib is None:
         return
@@ -182,30 +157,14 @@ def _use_cpp_kernels(ext) -> None:
         _KEEP.append(lib)
 
 
-_KEEP: list = []
-
-
-def _cuda_slow_path(name, *args):
-    """The Python impl of op ``name``, called back by the C++ CUDA kernels when the group has
-    no CUDA state registered there (get_buffer raises its message, or the Buffer is a gloo one
-    and validation names the device mismatch)."""
-    return _IMPLS[name](*args)
-
-
-def _cuda_value_checks(topk_idx, num_experts) -> None:
-    """DEEP_EP_OPS_VALIDATE=1 value checks of dispatch, called back by the C++ CUDA kernel."""
-    if V.wants_value_checks(topk_idx):
-        V.check_expert_ids(topk_idx, num_experts)
-
-
 def _register() -> None:
     from torch._library.effects import EffectType
-    for name, impl in _IMPLS.items():
+    for name, kernel in _KERNELS.items():
         qualname = f"{NAMESPACE}::{name}"
         # One Python entry serves both device keys; it routes by the tensors' device.
-        _lib.impl(name, impl, "CPU")
+        _lib.impl(name, kernel, "CPU")
         if name not in CPP_CUDA_OPS:
-            _lib.impl(name, impl, "CUDA")
+            _lib.impl(name, kernel, "CUDA")
         torch.library.register_fake(qualname, _fake.FAKES[name], lib=_lib)
         if name in COMM_OPS:
             # Other ranks wait for this rank's part of the collective: the compiler must
@@ -214,6 +173,7 @@ def _register() -> None:
     # dispatch is a composition: autograd, fake tensors and export see its two parts.
     _register_py_cuda()
     _autograd.register_all(_lib)
+    extension.on_load(_use_cpp_kernels)
 
 
 _register()

@@ -8,12 +8,14 @@ graph is being captured, because they cost a device-to-host sync.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from deep_ep_ops.buffer import Buffer
 from deep_ep_ops.handle import HEADER_ROWS, handle_width
+
+if TYPE_CHECKING:
+    from deep_ep_ops.buffer import Buffer
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FP8_DTYPES = (torch.float8_e4m3fn,)

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from deep_ep_ops import validation as V
-from deep_ep_ops.buffer import get_buffer
+from deep_ep_ops.registry import get as get_buffer
 from deep_ep_ops.meta import shapes as S
 
 

@@ -1,7 +1,7 @@
 """Gradients of dispatch / cached_dispatch / combine against closed forms. One body serves
 both autograd implementations: the Python formulas (deep_ep_ops/autograd.py) on CPU tensors
-over gloo (here, 1 to 3 ranks) and the C++ AutogradCUDA kernels (csrc/runtime/
-torch_autograd.cpp) on CUDA (tests/gpu/test_autograd_gpu.py, 1 and 2 GPUs).
+over gloo (here, 1 to 3 ranks) and the C++ AutogradCUDA kernels (csrc/torch/
+ep_autograd.cpp) on CUDA (tests/gpu/test_autograd_gpu.py, 1 and 2 GPUs).
 
 A round trip needs no reference run: whatever rank holds a token's experts,
 combine(dispatch(x).recv_x * c, handle, recv_w) at token t is sum over valid k of

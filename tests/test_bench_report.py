@@ -30,6 +30,13 @@ def _workload(name: str, d_us: float, c_us: float, logical: float, nvlink: float
             "nccl_combine_us": 6 * c_us, "dispatch_host_us": 12.0, "combine_host_us": 9.0}
 
 
+def _report(ranks: int, limits: dict, workloads: list[dict], ranks_per_gpu: int = 1) -> dict:
+    return {"kind": "test-kind", "date": "2026-11-23", "ranks": ranks,
+            "ranks_per_gpu": ranks_per_gpu, "sms_per_rank": 66, "timing": "test timing",
+            "limits": limits, "workloads": workloads, "sm_sweep": [], "token_sweep": [],
+            "peers": {}}
+
+
 def _ratio_row(md: str, name: str) -> list[str]:
     ratios = md.split("Ratios:")[1]
     row = next(line for line in ratios.splitlines() if line.startswith(f"| {name} |"))
@@ -39,9 +46,7 @@ def _ratio_row(md: str, name: str) -> list[str]:
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_markdown_ratios_use_the_limit_of_the_rank_count(ranks: int) -> None:
     limits = {"d2d_copy_GBps": 2000.0, "peer_both_ways_GBps": 400.0}
-    report = {"kind": "test-kind", "date": "2026-11-23", "ranks": ranks, "limits": limits,
-              "workloads": [_workload("prefill", 50.0, 80.0, 900.0, 200.0)],
-              "sm_sweep": [], "token_sweep": [], "peers": {}}
+    report = _report(ranks, limits, [_workload("prefill", 50.0, 80.0, 900.0, 200.0)])
     md = _markdown(report)
     # one rank: logical rate over the d2d copy counted once (1000); several: NVLink rate over
     # the both-ways peer copy (400)
@@ -56,6 +61,18 @@ def test_markdown_says_when_the_sm_count_is_unknown() -> None:
     w = _workload("decode", 10.0, 8.0, 90.0, 0.0)
     w["dispatch_sms"] = None  # the profiler saw no kernel
     del w["combine_sms"]  # a report written before the column existed
-    report = {"kind": "k", "date": "d", "ranks": 1, "limits": {"d2d_copy_GBps": 2000.0},
-              "workloads": [w], "sm_sweep": [], "token_sweep": [], "peers": {}}
+    report = _report(1, {"d2d_copy_GBps": 2000.0}, [w])
     assert "| n/a / n/a |" in _markdown(report)
+
+
+def test_markdown_ranks_sharing_a_gpu_compare_with_the_same_run_copy() -> None:
+    w = _workload("prefill", 100.0, 200.0, 600.0, 300.0)
+    w.update(dispatch_copy_us=80.0, combine_copy_us=150.0)
+    md = _markdown(_report(2, {}, [w], ranks_per_gpu=2))
+    assert "no both-ways peer copy limit in this run (ranks share a GPU)" in md
+    row = next(line for line in md.split("same-run copy (")[1].splitlines()
+               if line.startswith("| prefill |"))
+    # copy time over ours
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == [
+        "100.0", "80.0", "0.80", "200.0", "150.0", "0.75"]
+    assert "R = 2 ranks, 2 per GPU (66 SMs visible per rank)" in md

@@ -3,6 +3,8 @@ matches eager forward and backward; torch.export of the static-capacity layer ru
 comm ops are not dead-code eliminated."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -73,12 +75,13 @@ def _dce_body(rank: int, R: int) -> None:
     must still run the op on every rank (else a peer would wait forever)."""
     buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=M, hidden=HID, num_topk=K, num_experts=E)
     calls = []
-    original = deep_ep_ops.ops.cpu_coll.pp_send_recv
+    table = deep_ep_ops.ops._OPS
+    original = table["pp_send_recv"]
 
     def counting(*args, **kwargs):
         calls.append(1)
-        return original(*args, **kwargs)
-    deep_ep_ops.ops.cpu_coll.pp_send_recv = counting
+        return original.cpu(*args, **kwargs)
+    table["pp_send_recv"] = dataclasses.replace(original, cpu=counting)
 
     def step(t):
         torch.ops.deep_ep.pp_send_recv(t, (rank + 1) % R, (rank - 1) % R, [3], torch.float32,
@@ -88,7 +91,7 @@ def _dce_body(rank: int, R: int) -> None:
     out = torch.compile(step, fullgraph=True, backend="inductor")(torch.ones(3))
     assert torch.equal(out, torch.full((3,), 2.0))
     assert len(calls) == 1, f"pp_send_recv ran {len(calls)} times in the compiled step"
-    deep_ep_ops.ops.cpu_coll.pp_send_recv = original
+    table["pp_send_recv"] = original
     buf.destroy()
 
 

@@ -1,4 +1,4 @@
-"""The C++ autograd kernels (csrc/runtime/torch_autograd.cpp; AutogradCUDA in production)
+"""The C++ autograd kernels (csrc/torch/ep_autograd.cpp; AutogradCUDA in production)
 built here without CUDA and registered on AutogradCPU in each rank process, then checked over
 gloo by the bodies that check the Python formulas: closed-form gradients, float64 gradcheck,
 torch.compile (aot_eager) forward + backward, and torch.export.
@@ -20,7 +20,7 @@ from tests.dist_utils import run_ranks
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None or not is_ninja_available(),
-    reason="needs a C++ compiler and ninja to build csrc/runtime/torch_autograd.cpp")
+    reason="needs a C++ compiler and ninja to build csrc/torch/ep_autograd.cpp")
 
 
 MODULE_CPP = Path(__file__).resolve().parent / "csrc" / "autograd_cpu_module.cpp"
@@ -29,7 +29,7 @@ MODULE_CPP = Path(__file__).resolve().parent / "csrc" / "autograd_cpu_module.cpp
 def _load() -> ModuleType:
     from deep_ep_ops.cuda.loader import csrc_dir
     return load(name="deep_ep_ops_autograd_cpu",
-                sources=[str(csrc_dir() / "runtime" / "torch_autograd.cpp"), str(MODULE_CPP)],
+                sources=[str(csrc_dir() / "torch" / "ep_autograd.cpp"), str(MODULE_CPP)],
                 extra_cflags=["-O1", "-std=c++20"], verbose=False)
 
 
@@ -40,7 +40,7 @@ def _body(rank: int, world: int) -> None:
     _load().register_autograd_kernels("AutogradCPU")
     for op in ("_dispatch_static", "cached_dispatch", "combine"):
         dump = torch._C._dispatch_dump(f"deep_ep::{op}")
-        assert any(line.startswith("AutogradCPU:") and "torch_autograd.cpp" in line
+        assert any(line.startswith("AutogradCPU:") and "ep_autograd.cpp" in line
                    for line in dump.splitlines()), dump
     closed_form_body(rank, world, torch.device("cpu"))
     test_gradcheck._body(rank, world)

@@ -27,7 +27,7 @@ def _inputs(T=3, device="cpu"):
 
 # The shape / dtype checks of dispatch and combine, as (buf, device) -> (call, message pattern).
 # Here they run on CPU tensors (deep_ep_ops/validation.py raises); tests/gpu/test_errors_gpu.py
-# runs the same table on CUDA tensors, where the C++ kernels (csrc/runtime/torch_ops.cpp) raise.
+# runs the same table on CUDA tensors, where the C++ kernels (csrc/torch/ep_kernels.cpp) raise.
 def _dispatch_call(buf, x, idx, w, x_scales=None, num_experts=E, *rest):
     return lambda: ops.dispatch(x, x_scales, idx, w, buf.group_name, num_experts, *rest)
 

@@ -1,5 +1,5 @@
 """The C++ kernels and the Python backends read the handle through the same column layout:
-csrc/kernels/handle_layout.hpp mirrors deep_ep_ops/handle.py name by name."""
+csrc/ep/handle_layout.hpp mirrors deep_ep_ops/handle.py name by name."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import re
 from deep_ep_ops import handle as H
 
 HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
-                      "kernels", "handle_layout.hpp")
+                      "ep", "handle_layout.hpp")
 
 
 def _cpp_name(py_name: str) -> str:

@@ -4,7 +4,7 @@
 // on one GPU (MPS), where NCCL's LSA team does not cover the group.
 #include "peer_memory.hpp"
 
-#include "../runtime/host_checks.hpp"
+#include "../host/cuda_check.hpp"
 
 #include <cuda_runtime.h>
 

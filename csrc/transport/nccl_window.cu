@@ -4,7 +4,7 @@
 // host query of a window's peer addresses (2.29 adds one), so a thread reads them on the device.
 #include "peer_memory.hpp"
 
-#include "../runtime/host_checks.hpp"
+#include "../host/cuda_check.hpp"
 
 #include <nccl.h>
 

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "../kernels/launch.hpp"  // kMaxRanks
+#include "../ep/ep_launch.hpp"  // kMaxRanks
 
 namespace deep_ep_ops {
 

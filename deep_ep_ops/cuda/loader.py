@@ -31,7 +31,7 @@ _LOCK = threading.Lock()
 
 
 def sources(src: Path) -> list[str]:
-    """Every translation unit under ``src`` (transport/, kernels/, runtime/), relative paths."""
+    """Every translation unit under ``src`` (each folder of csrc/), relative paths."""
     return sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.suffix in (".cu", ".cpp"))
 
 
@@ -41,7 +41,7 @@ def csrc_dir() -> Path:
     here = Path(__file__).resolve().parent
     candidates += [here / "csrc", here.parent.parent / "csrc"]
     for c in candidates:
-        if (c / "runtime" / "bindings.cpp").is_file():
+        if (c / "torch" / "module.cpp").is_file():
             return c
     raise RuntimeError("deep_ep_ops: CUDA sources not found (looked in "
                        f"{[str(c) for c in candidates]}); set DEEP_EP_OPS_CSRC")

@@ -1,4 +1,4 @@
-// Test-only module: csrc/runtime/torch_autograd.cpp built without CUDA, so
+// Test-only module: csrc/torch/ep_autograd.cpp built without CUDA, so
 // tests/test_cpp_autograd_cpu.py can register its kernels on AutogradCPU and check the C++
 // backward formulas against the CPU reference ops (gloo) on a machine without a GPU.
 #include <torch/extension.h>

@@ -115,8 +115,8 @@ def _body(rank, world, gloo, args):
                 print(f"{'expand' if expand else 'compact'} layout, 10 dispatches + 10 combines"
                       f" (PDL {'on: times include the wait for the previous kernel' if pdl else 'off'})")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
-            from deep_ep_ops.cuda import backend
-            ts = backend._module().layout_times(buf.cuda_state)
+            from deep_ep_ops.cuda import extension
+            ts = extension.module().layout_times(buf.ep_state)
             if world == 1 and not expand:  # the one-kernel dispatch (local_dispatch.cu)
                 print(f"rank {rank} one-rank dispatch, last tile to add its histogram "
                       f"(tile {ts[4]}), us from its start: counted {ts[0]/1e3:.1f}, scanned "

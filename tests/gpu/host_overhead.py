@@ -8,15 +8,15 @@ layer of the call stack is timed on its own, so the differences split the cost:
 
   torch.ops.deep_ep.dispatch      public op: composite dispatch (C++) -> _dispatch_static
   torch.ops.deep_ep._dispatch_static   dispatcher + autograd kernel (C++, AutogradCUDA:
-                                  csrc/runtime/torch_autograd.cpp) + C++ CUDA kernel
+                                  csrc/torch/ep_autograd.cpp) + C++ CUDA kernel
   [grad] torch.ops.deep_ep.*      the public op with topk_weights / x requiring grad: the
                                   autograd node is built (the training path)
   ... below autograd              dispatcher + C++ CUDA kernel (registry, checks, launches;
-                                  csrc/runtime/torch_ops.cpp), the autograd key skipped
-  backend.dispatch                pybind11 + the C++ entry (allocations, launches), no checks
+                                  csrc/torch/ep_kernels.cpp), the autograd key skipped
+  cuda.ep.dispatch                pybind11 + the C++ entry (allocations, launches), no checks
 
 and, for reference (not on the eager path since the kernels are registered in C++):
-  ops._dispatch_static            the Python impl: get_buffer, validation.py, backend call
+  the Python kernel               registry lookup, validation.py, backend call (ops._KERNELS)
 
 then a torch.profiler trace (CPU + CUDA runtime calls) of the public ops lists what one call
 does: runtime API calls (launches, attribute calls) and dispatcher ops, with counts per call.
@@ -81,12 +81,12 @@ def main() -> None:
                             world_size=1, device_id=dev)
     import deep_ep_ops
     from deep_ep_ops import ops as ops_py
-    from deep_ep_ops.cuda import backend
+    from deep_ep_ops.cuda import ep
 
     T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
     buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
                              num_experts=E, fp8_dispatch=True)
-    name, state = buf.group_name, buf.cuda_state
+    name = buf.group_name
     g = torch.Generator(device=dev).manual_seed(0)
     x = (torch.randn(T, H, device=dev, generator=g) * 4).to(torch.float8_e4m3fn)
     s = torch.rand(T, (H + 127) // 128, device=dev, generator=g) + 0.5
@@ -110,10 +110,10 @@ def main() -> None:
                  x, s, idx, w, name, E, 1, False, 0))),
             ("[grad] torch.ops.deep_ep.dispatch",
              lambda: torch.ops.deep_ep.dispatch(x, s, idx, w_rg, name, E, 1, False, False, 0)),
-            ("backend.dispatch (pybind + C++)",
-             lambda: backend.dispatch(buf, state, x, s, idx, w, E, 1, False, False, 0)),
-            ("[ref] ops._dispatch_static (Python impl)",
-             lambda: ops_py._dispatch_static(x, s, idx, w, name, E, 1, False, 0)),
+            ("cuda.ep.dispatch (pybind + C++)",
+             lambda: ep.dispatch(buf, x, s, idx, w, E, 1, False, 0)),
+            ("[ref] the Python kernel of _dispatch_static",
+             lambda: ops_py._KERNELS["_dispatch_static"](x, s, idx, w, name, E, 1, False, 0)),
         ],
         "combine": [
             ("torch.ops.deep_ep.combine",
@@ -122,10 +122,10 @@ def main() -> None:
              _below_autograd(lambda: torch.ops.deep_ep.combine(y, handle, None, name, 0))),
             ("[grad] torch.ops.deep_ep.combine",
              lambda: torch.ops.deep_ep.combine(y_rg, handle, None, name, 0)),
-            ("backend.combine (pybind + C++)",
-             lambda: backend.combine(buf, state, y, handle, None, 0)),
-            ("[ref] ops._combine (Python impl)",
-             lambda: ops_py._combine(y, handle, None, name, 0)),
+            ("cuda.ep.combine (pybind + C++)",
+             lambda: ep.combine(buf, y, handle, None, 0)),
+            ("[ref] the Python kernel of combine",
+             lambda: ops_py._KERNELS["combine"](y, handle, None, name, 0)),
         ],
     }
     for op in ("dispatch", "_dispatch_static", "combine"):

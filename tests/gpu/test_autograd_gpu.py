@@ -1,5 +1,5 @@
 """The closed-form gradient checks of tests/test_autograd_closed_forms.py on CUDA, where the
-C++ AutogradCUDA kernels (csrc/runtime/torch_autograd.cpp) compute them; 1 and 2 GPUs."""
+C++ AutogradCUDA kernels (csrc/torch/ep_autograd.cpp) compute them; 1 and 2 GPUs."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +16,7 @@ def _body(rank: int, world: int, gloo) -> None:
     closed_form_body(rank, world, rank_device())
     for op in ("_dispatch_static", "cached_dispatch", "combine"):
         dump = torch._C._dispatch_dump(f"deep_ep::{op}")
-        assert any(line.startswith("AutogradCUDA:") and "torch_autograd.cpp" in line
+        assert any(line.startswith("AutogradCUDA:") and "ep_autograd.cpp" in line
                    for line in dump.splitlines()), dump
     dist.barrier(group=gloo)
 

@@ -321,7 +321,7 @@ def _compile_body(rank, world, gloo):
 # ---- timeout ----------------------------------------------------------------------------------------
 
 def _timeout_body(rank, world, gloo):
-    from deep_ep_ops.cuda import backend
+    from deep_ep_ops.cuda import channels
     ops = torch.ops.deep_ep
     dev = rank_device()
     buf = _buffer(timeout_s=2.0, pp_slots=2)
@@ -330,7 +330,7 @@ def _timeout_body(rank, world, gloo):
         for _ in range(3):
             ops.pp_send_recv(torch.ones(8, device=dev), 1, -1, [0], torch.float32, name)
         torch.cuda.synchronize()
-        err = backend.aux_last_error(buf.aux_state)
+        err = channels.last_error(buf.channel_state)
         assert err is not None and err["peer"] == 1, err
         with pytest.raises(RuntimeError, match="peer rank 1"):
             ops.pp_send_recv(torch.ones(8, device=dev), 1, -1, [0], torch.float32, name)

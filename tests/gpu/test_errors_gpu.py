@@ -1,4 +1,4 @@
-"""Bad inputs of the CUDA kernels (registered in C++, csrc/runtime/torch_ops.cpp) raise the
+"""Bad inputs of the CUDA kernels (registered in C++, csrc/torch/ep_kernels.cpp) raise the
 ValueError of tests/test_errors.py: its shape/dtype table (SHAPE_CASES) runs here on CUDA
 tensors, plus the CUDA-only paths (device, contiguity, the Python fallbacks).
 

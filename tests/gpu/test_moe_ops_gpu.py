@@ -92,7 +92,6 @@ def _ref_buf(rank, world, gloo, M, H, K, E):
 def _check_all(rank, world, gloo, seed):
     import deep_ep_ops
     from deep_ep_ops.cpu import moe as ref
-    from deep_ep_ops.cuda import backend
     from deep_ep_ops.trim import trim_dispatch
     dev = rank_device()
     import torch.distributed as dist
@@ -114,12 +113,8 @@ def _check_all(rank, world, gloo, seed):
             for expand in (False, True):
                 for exact in (False, True):
                     where = f"[{name} R={world} rank={rank} A={A} expand={expand} exact={exact}]"
-                    if exact:
-                        outs = backend.dispatch(buf, buf.cuda_state, gx, gs, gidx, gw, E, A,
-                                                expand, True, 0)
-                    else:
-                        outs = torch.ops.deep_ep.dispatch(gx, gs, gidx, gw, buf.group_name, E,
-                                                          A, expand, False)
+                    outs = torch.ops.deep_ep.dispatch(gx, gs, gidx, gw, buf.group_name, E, A,
+                                                      expand, exact)
                     want = ref.dispatch(rbuf, x, s, idx, w, E, A, expand)
                     if exact:
                         want = trim_dispatch(*want)
@@ -238,7 +233,7 @@ def _timeout_body(rank, world, gloo):
     import sys
     import deep_ep_ops
     import torch.distributed as dist
-    from deep_ep_ops.cuda import backend
+    from deep_ep_ops.cuda import ep
     dev = rank_device()
     buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=16, hidden=128,
                              num_topk=2, num_experts=4, timeout_s=2.0)
@@ -250,7 +245,7 @@ def _timeout_body(rank, world, gloo):
         torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, 4)
         torch.cuda.synchronize()
         print("rank 0: first call finished", flush=True)
-        err = backend.last_error(buf.cuda_state)
+        err = ep.last_error(buf.ep_state)
         print(f"rank 0: recorded {err}", flush=True)
         # ... and the next call on the Buffer raises, naming the stalled peer (every other
         # rank stalled; the record names the first wait that gave up)

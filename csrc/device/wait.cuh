@@ -1,0 +1,97 @@
+// The one device sync layer of every op family: waits on a flag with a timeout (one clock, the
+// GPU's global timer in ns), the error record a failed wait fills, and the check that stops a
+// wait early once another wait of the same Buffer failed. Families build their barriers on
+// these (ep/ep_barrier.cuh, channels/channel_sync.cuh).
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+
+#include "common.cuh"
+#include "shared_types.hpp"
+
+namespace deep_ep_ops {
+namespace dev {
+
+__device__ __forceinline__ unsigned long long now_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+// A fatal error (timeout, pp size mismatch) is pending. A bad Engram index is not fatal: the
+// protocol stayed intact, so waits and sums must go on as usual.
+__device__ __forceinline__ bool fatal_code(int code) { return code != 0 && code != kErrBadIndex; }
+
+// True once a wait of this Buffer failed (host-mapped: read rarely, it crosses PCIe).
+__device__ __forceinline__ bool failed(const WaitContext& w) {
+  return w.error != nullptr && fatal_code(*reinterpret_cast<volatile int*>(&w.error->code));
+}
+
+// Records a failure: the first wins, except that a fatal one replaces a pending bad Engram index
+// (else a later timeout would read as "bad index, the Buffer goes on"). Plain stores (atomics on
+// host memory need PCIe atomics; two reporters racing is benign); the code goes last, after a
+// fence, so the host never reads a code with the fields of another error. Timeouts print and,
+// when asked, trap; the host raises at the next call either way. Takes the context by value: a
+// reference to a kernel parameter in a non-inlined call makes the compiler copy the whole
+// parameter struct to every thread's local memory.
+static __device__ __noinline__ void record_failure(WaitContext w, int code, int op, int slot,
+                                                   int peer, uint32_t expected, uint32_t seen) {
+  ErrorRecord* e = w.error;
+  if (e != nullptr) {
+    const int pending = *reinterpret_cast<volatile int*>(&e->code);
+    if (pending != 0 && (fatal_code(pending) || !fatal_code(code))) return;
+    volatile ErrorRecord* v = e;
+    v->rank = w.rank;
+    v->peer = peer;
+    v->slot = slot;
+    v->expected = expected;
+    v->seen = seen;
+    v->op = op;
+    __threadfence_system();
+    v->code = code;
+    __threadfence_system();
+  }
+  if (code != kErrTimeout) return;
+  if (op == kOpLocalTiles)  // a wait inside one kernel: slot = the tile
+    printf("[deep_ep_ops] rank %d: GPU timeout in %s: tile %d of the same kernel never counted "
+           "(call tag %u, saw %u). This Buffer is now unusable.\n",
+           w.rank, wait_site_text(op), slot, expected, seen);
+  else
+    printf("[deep_ep_ops] rank %d: GPU timeout in %s waiting for peer rank %d (slot %d, "
+           "expected %u, saw %u). The peer did not make the matching call; this Buffer is now "
+           "unusable.\n", w.rank, wait_site_text(op), peer, slot, expected, seen);
+  if (w.trap_on_timeout) __trap();
+}
+
+// One thread: spin until pred(*f); false (and the record filled) after the timeout, or at once
+// when another wait of this Buffer already failed (no second full timeout). `load` reads the
+// flag (acquire, system scope, by default).
+template <typename Pred>
+__device__ __forceinline__ bool timed_wait(const uint32_t* f, Pred pred, const WaitContext& w,
+                                           int op, int slot, int peer, uint32_t expected) {
+  uint32_t seen = ld_acquire_sys(f);
+  if (pred(seen)) return true;
+  const unsigned long long start = now_ns();
+  unsigned iter = 0;
+  while (!pred(seen = ld_acquire_sys(f))) {
+    if ((++iter & 1023u) == 0) {
+      if (now_ns() - start > w.timeout_ns) {
+        record_failure(w, kErrTimeout, op, slot, peer, expected, seen);
+        return false;
+      }
+      if (failed(w)) return false;
+    }
+  }
+  return true;
+}
+
+// Until *f reached epoch `want` (epochs only grow; wrap-around safe).
+__device__ __forceinline__ bool wait_epoch(const uint32_t* f, uint32_t want, const WaitContext& w,
+                                           int op, int slot, int peer) {
+  return timed_wait(f, [want](uint32_t v) { return static_cast<int>(v - want) >= 0; }, w, op,
+                    slot, peer, want);
+}
+
+}  // namespace dev
+}  // namespace deep_ep_ops

@@ -1,0 +1,359 @@
+// combine: out[t] = sum over t's destination ranks (ascending) of that rank's partial, where a
+// partial is the sum over the group's member rows (ascending) of w[row] * x[row].
+//
+// push (per-CTA barriers at both ends): each rank reduces the groups of the OTHER ranks'
+// tokens locally in fp32 and stores the partial into the source rank's window at
+// [source token][combine slot]; the slot is the destination's index among the token's
+// destination ranks, so slot order is rank order.
+// reduce: each source adds its slots 0..n-1 in order; its own slot (its own tokens' rows here)
+// is never staged: the reduce computes that partial from x itself, in the same order, where
+// the slot comes in the sum. With one rank there is nothing to push: combine is the reduce
+// alone, no barrier. Every product and sum is rounded to fp32 on its own (__fmul_rn/__fadd_rn
+// forbid fma contraction) and every sum starts from its first term, so results equal the
+// reference bit for bit. When a partial is exactly the row (no weights, one member per group)
+// the row travels as is and is widened at the source.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "../device/accumulate.cuh"
+#include "ep_barrier.cuh"
+
+namespace deep_ep_ops {
+namespace {
+
+using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V >= 16 ? 16 : sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void load_f32(const T* p, float (&out)[V]) {
+  static_assert(std::is_same_v<typename Acc<T>::type, float>, "combine sums 16/32-bit floats");
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = to_acc(pk.v[i]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_from_f32(T* p, const float (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pk.v[i] = from_acc<T>(in[i]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+// Chunked row access: a warp covers kWarp * V * U consecutive elements per step; lane l holds
+// the V-vectors at element c0 + (u * kWarp + l) * V, u < U (predicated past the row's end, whose
+// length is a multiple of V). U vectors per lane are in flight before the first one is used.
+// U = 2 for 16-byte vectors of bf16 (8 elements), 4 otherwise: 64 bytes of fp32 per lane and
+// term, so the sum, one term and the loads stay in registers.
+template <int V>
+constexpr int chunk_vecs() { return V >= 8 ? 2 : 4; }
+
+template <typename T, int V, int U>
+__device__ __forceinline__ void load_chunk(const T* row, int64_t c0, int64_t Wd,
+                                           float (&out)[U][V]) {
+  Pack<T, V> pk[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t c = c0 + static_cast<int64_t>(u * kWarp + lane_id()) * V;
+    if (c < Wd) pk[u] = *reinterpret_cast<const Pack<T, V>*>(row + c);
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[u][i] = to_acc(pk[u].v[i]);
+}
+
+template <typename T, int V, int U>
+__device__ __forceinline__ void store_chunk(T* row, int64_t c0, int64_t Wd,
+                                            const float (&in)[U][V]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t c = c0 + static_cast<int64_t>(u * kWarp + lane_id()) * V;
+    if (c < Wd) store_from_f32<T, V>(row + c, in[u]);
+  }
+}
+
+template <typename T, int V, int U>
+__device__ __forceinline__ void load_packs(const T* row, int64_t c0, int64_t Wd,
+                                           Pack<T, V> (&pk)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t c = c0 + static_cast<int64_t>(u * kWarp + lane_id()) * V;
+    if (c < Wd) pk[u] = *reinterpret_cast<const Pack<T, V>*>(row + c);
+  }
+}
+
+// A token routed nowhere combines to zeros.
+template <int V, int U>
+__device__ __forceinline__ void zero_chunk(float (&acc)[U][V]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[u][i] = 0.f;
+}
+
+// acc = term (first) or acc + term, term = w * x (weighted) or x, each rounded on its own.
+template <typename T, int V, int U>
+__device__ __forceinline__ void add_term(float (&acc)[U][V], const Pack<T, V> (&pk)[U],
+                                         float w, bool weighted, bool first) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      float v = to_acc(pk[u].v[i]);
+      if (weighted) v = __fmul_rn(w, v);
+      acc[u][i] = first ? v : __fadd_rn(acc[u][i], v);
+    }
+}
+
+// The partial of one group at this rank over the chunk at c0: sum over its nm >= 1 member rows
+// (lane m holds member m's row in `mrow` and its weight in `mw`) of w * x[row], in member order,
+// starting from the first term. Two members' loads are in flight at once.
+template <typename T, int V, int U>
+__device__ __forceinline__ void group_partial(const T* x, int64_t Wd, int64_t c0, int nm,
+                                              int mrow, float mw, bool weighted,
+                                              float (&acc)[U][V]) {
+  for (int m = 0; m < nm; m += 2) {
+    const bool two = m + 1 < nm;
+    const int64_t r0 = __shfl_sync(0xffffffffu, mrow, m);
+    const float w0 = __shfl_sync(0xffffffffu, mw, m);
+    const int64_t r1 = __shfl_sync(0xffffffffu, mrow, (m + 1) & (kWarp - 1));
+    const float w1 = __shfl_sync(0xffffffffu, mw, (m + 1) & (kWarp - 1));
+    Pack<T, V> a[U], b[U];
+    load_packs<T, V, U>(x + r0 * Wd, c0, Wd, a);
+    if (two) load_packs<T, V, U>(x + r1 * Wd, c0, Wd, b);
+    add_term<T, V, U>(acc, a, w0, weighted, m == 0);
+    if (two) add_term<T, V, U>(acc, b, w1, weighted, false);
+  }
+}
+
+// Lane m < nm gets member m of the group (rows ascending) and its weight. `mine`: lanes whose
+// slot row belongs to the group. Expert-major rows of one token are distinct; compact groups
+// have one member (every slot names the same compact row).
+__device__ __forceinline__ int members_to_lanes(int row, unsigned mine, bool expand,
+                                                const float* weights, int* mrow, float* mw) {
+  const int lane = lane_id();
+  int nm;
+  *mrow = -1;
+  if (!expand) {
+    nm = 1;
+    const int r = __shfl_sync(0xffffffffu, row, __ffs(mine) - 1);
+    if (lane == 0) *mrow = r;
+  } else {
+    nm = __popc(mine);
+    const bool in = (mine >> lane) & 1u;
+    int pos = 0;  // rank of my row among the group's rows
+    for (unsigned m = mine; m != 0; m &= m - 1) {
+      const int rk = __shfl_sync(0xffffffffu, row, __ffs(m) - 1);
+      if (in && rk < row) ++pos;
+    }
+    for (unsigned m = mine; m != 0; m &= m - 1) {
+      const int k = __ffs(m) - 1;
+      const int rk = __shfl_sync(0xffffffffu, row, k);
+      const int pk = __shfl_sync(0xffffffffu, pos, k);
+      if (lane == pk) *mrow = rk;
+    }
+  }
+  *mw = (weights != nullptr && lane < nm) ? weights[*mrow] : 1.f;
+  return nm;
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
+  pdl_wait();
+  pdl_trigger();
+  cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
+  constexpr int U = chunk_vecs<V>();
+  const int W = p.W, K = p.K, me = p.comm.rank;
+  const int G = p.handle[handle::kHdrValidGroups];
+  const bool expand = p.handle[handle::kHdrExpand] != 0;
+  // Rows travel as is when the partial is exactly the row: no weights and one member per
+  // group (compact layout). The handle header says which layout made it.
+  const bool raw = p.stage_raw && !expand;
+  const int64_t slot_bytes = static_cast<int64_t>(p.Wd) * (raw ? sizeof(T) : sizeof(float));
+  const int* recv = p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
+  const T* x = static_cast<const T*>(p.x);
+  const int warps = blockDim.x / kWarp;
+  const int lane = lane_id();
+  for (int g = blockIdx.x * warps + warp_id(); g < G; g += gridDim.x * warps) {
+    const int* hrow = recv + static_cast<int64_t>(g) * W;
+    const int src = hrow[handle::kGroupSrcRank];
+    if (src == me) continue;  // this rank's own tokens: the reduce reads x directly
+    const int tok = hrow[handle::kGroupSrcToken], cslot = hrow[handle::kGroupCombineSlot];
+    char* dst = peer_ptr(p.comm, src) + p.stage_off +
+                (static_cast<int64_t>(tok) * p.num_slots + cslot) * slot_bytes;
+    if (raw) {  // compact, no weights: the partial is the row itself
+      warp_copy(dst, x + static_cast<int64_t>(hrow[handle::kGroupMember]) * p.Wd, slot_bytes);
+      continue;
+    }
+    // members (ascending, -1 padded) straight to lanes
+    const int mrow = lane < K ? hrow[handle::kGroupMember + lane] : -1;
+    const int nm = expand ? __popc(__ballot_sync(0xffffffffu, mrow >= 0)) : 1;
+    const float mw = (p.weights != nullptr && lane < nm) ? p.weights[mrow] : 1.f;
+    float* out = reinterpret_cast<float*>(dst);
+    for (int64_t c0 = 0; c0 < p.Wd; c0 += kWarp * V * U) {
+      float acc[U][V];
+      group_partial<T, V, U>(x, p.Wd, c0, nm, mrow, mw, p.weights != nullptr, acc);
+      store_chunk<float, V, U>(out, c0, p.Wd, acc);
+    }
+  }
+  cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
+}
+
+// S: staged element type (float, or T when rows travel as is).
+template <typename T, typename S, int V>
+__device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expand) {
+  constexpr int U = chunk_vecs<V>();
+  const S* win = reinterpret_cast<const S*>(peer_ptr(p.comm, p.comm.rank) + p.stage_off);
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  const int me = p.comm.rank, K = p.K;
+  const int warps = blockDim.x / kWarp;
+  const int lane = lane_id();
+  const int64_t Wd = p.Wd;
+  for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
+    const int* srow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
+    const int n = srow[handle::kSendNumDst];
+    int dst = -1, row = -1;
+    if (lane < K) {
+      dst = srow[handle::kSendDstRank + lane];
+      row = srow[handle::send_dst_row(K) + lane];
+    }
+    // this rank's own slot: its index among the token's distinct destination ranks
+    const unsigned mine = __ballot_sync(0xffffffffu, lane < K && dst == me);
+    int s_me = -1, nm = 0, mrow = -1;
+    float mw = 1.f;
+    if (mine != 0) {
+      const unsigned same = __match_any_sync(0xffffffffu, dst);
+      const bool first = __ffs(same) - 1 == lane;
+      s_me = __popc(__ballot_sync(0xffffffffu, first && dst >= 0 && dst < me));
+      nm = members_to_lanes(row, mine, expand, p.weights, &mrow, &mw);
+    }
+    const S* slot0 = win + static_cast<int64_t>(t) * p.num_slots * Wd;
+    for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
+      float acc[U][V];
+      if (n == 0) zero_chunk(acc);
+      for (int s = 0; s < n; ++s) {
+        float v[U][V];
+        if (s == s_me)
+          group_partial<T, V, U>(x, Wd, c0, nm, mrow, mw, p.weights != nullptr, v);
+        else
+          load_chunk<S, V, U>(slot0 + s * Wd, c0, Wd, v);
+        if (s == 0) {
+#pragma unroll
+          for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[u][i] = v[u][i];
+        } else {
+#pragma unroll
+          for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[u][i] = __fadd_rn(acc[u][i], v[u][i]);
+        }
+      }
+      store_chunk<T, V, U>(out + static_cast<int64_t>(t) * Wd, c0, Wd, acc);
+    }
+  }
+}
+
+// One rank: out[t] = the partial of t's group (its rows of x), or 0 for a token routed nowhere.
+// One member (compact layout, every token here): 4 vectors per lane in flight; several
+// (expert-major): 2 vectors of each of two members.
+template <typename T, int V>
+__global__ void __launch_bounds__(512) combine_local_kernel(CombineParams p) {
+  pdl_wait();
+  pdl_trigger();
+  constexpr int U1 = 4, U2 = chunk_vecs<V>();
+  const bool expand = p.handle[handle::kHdrExpand] != 0;
+  const bool weighted = p.weights != nullptr;
+  const T* x = static_cast<const T*>(p.x);
+  const int me = p.comm.rank, K = p.K;
+  const int warps = blockDim.x / kWarp;
+  const int lane = lane_id();
+  const int64_t Wd = p.Wd;
+  for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
+    const int* srow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
+    int dst = -1, row = -1;
+    if (lane < K) {
+      dst = srow[handle::kSendDstRank + lane];
+      row = srow[handle::send_dst_row(K) + lane];
+    }
+    const unsigned mine = __ballot_sync(0xffffffffu, lane < K && dst == me);
+    int nm = 0, mrow = -1;
+    float mw = 1.f;
+    if (mine != 0) nm = members_to_lanes(row, mine, expand, p.weights, &mrow, &mw);
+    T* out = static_cast<T*>(p.out) + static_cast<int64_t>(t) * Wd;
+    if (nm <= 1) {
+      const int64_t r = __shfl_sync(0xffffffffu, mrow, 0);
+      const float w = __shfl_sync(0xffffffffu, mw, 0);
+#pragma unroll 1
+      for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U1) {
+        float acc[U1][V];
+        if (nm == 0) {
+          zero_chunk(acc);
+        } else {
+          Pack<T, V> a[U1];
+          load_packs<T, V, U1>(x + r * Wd, c0, Wd, a);
+          add_term<T, V, U1>(acc, a, w, weighted, true);
+        }
+        store_chunk<T, V, U1>(out, c0, Wd, acc);
+      }
+    } else {
+#pragma unroll 1
+      for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U2) {
+        float acc[U2][V];
+        group_partial<T, V, U2>(x, Wd, c0, nm, mrow, mw, weighted, acc);
+        store_chunk<T, V, U2>(out, c0, Wd, acc);
+      }
+    }
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(512) combine_reduce_kernel(CombineParams p) {
+  pdl_wait();
+  pdl_trigger();
+  const bool expand = p.handle[handle::kHdrExpand] != 0;
+  if (p.stage_raw && !expand)
+    combine_reduce<T, T, V>(p, expand);
+  else
+    combine_reduce<T, float, V>(p, expand);
+}
+
+template <typename T, int V>
+cudaError_t launch_typed(const CombineParams& p, int ctas, int epi_ctas, cudaStream_t stream) {
+  // one rank: nothing crosses a window; one kernel reads x
+  if (p.comm.num_ranks == 1) return launch_pdl(combine_local_kernel<T, V>, epi_ctas, 512, 0, stream, p);
+  cudaError_t err = launch_pdl(combine_push_kernel<T, V>, ctas, 512, 0, stream, p);
+  if (err != cudaSuccess) return err;
+  return launch_pdl(combine_reduce_kernel<T, V>, epi_ctas, 512, 0, stream, p);
+}
+
+template <typename T>
+cudaError_t launch_width(const CombineParams& p, int ctas, int epi_ctas, cudaStream_t stream) {
+  // Vector width: 16-byte accesses where the row width allows (rows start at multiples of
+  // Wd elements, so Wd % V == 0 keeps every access aligned).
+  constexpr int kWide = 16 / sizeof(T);
+  if (p.Wd % kWide == 0) return launch_typed<T, kWide>(p, ctas, epi_ctas, stream);
+  if (p.Wd % 2 == 0) return launch_typed<T, 2>(p, ctas, epi_ctas, stream);
+  return launch_typed<T, 1>(p, ctas, epi_ctas, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_combine(const CombineParams& p, int ctas, int epi_ctas, cudaStream_t stream) {
+  switch (p.dtype) {
+    case 0: return launch_width<float>(p, ctas, epi_ctas, stream);
+    case 1: return launch_width<__nv_bfloat16>(p, ctas, epi_ctas, stream);
+    case 2: return launch_width<__half>(p, ctas, epi_ctas, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace deep_ep_ops

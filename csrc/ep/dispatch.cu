@@ -1,0 +1,183 @@
+// Dispatch, phases 2 and 3.
+//
+// push: one warp per token. It adds the count kernel's three terms into the token's final rows
+// (compact row at each destination rank, expert-major row of each slot), writes the handle's
+// header and send part, and writes the token's row, scale packs and a metadata row straight
+// into every other destination rank's window at the token's compact row (so the receive order
+// (source rank, source token) holds by construction). Rows for this rank itself skip the
+// window: the push writes them straight into this rank's outputs (every expert-major row of
+// the token here, once loaded), with their routing tensors and handle receive rows. A token
+// goes to each destination rank once, however many of its experts live there. Ends with a
+// per-CTA barrier. With one rank nothing crosses a window: no barrier, and the push also does
+// the epilogue's remaining work (rows that carry no token), so dispatch is two kernels.
+//
+// epilogue: local only. Copies the window rows of the other ranks into fresh outputs
+// (expanding compact rows into expert-major rows when asked) with their handle receive rows,
+// and fills every row that carries no token (padding is always zero).
+#include "ep_barrier.cuh"
+#include "topk_loads.cuh"
+#include "fill_rows.cuh"
+#include "handle_rows.cuh"
+
+namespace deep_ep_ops {
+namespace {
+
+using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
+
+__global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
+  const int warps = blockDim.x / kWarp;
+  const int lane = lane_id();
+  // Before waiting for the layout kernel: pull this warp's first rows of x into L2. x is not
+  // the layout's output but its predecessor's, and this grid only starts once every layout
+  // CTA has passed its own pdl_wait(), i.e. once x's producer has completed; the copies below
+  // then mostly read L2 while the layout's latency-bound work runs.
+  if (lane == 0) {
+    int n = 0;
+    for (int t = blockIdx.x * warps + warp_id(); t < p.io.T && n < 2; t += gridDim.x * warps, ++n) {
+      prefetch_l2(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes);
+      if (p.io.s_bytes > 0) prefetch_l2(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes);
+    }
+  }
+  pdl_wait();
+  pdl_trigger();
+  const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
+  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
+  if (blockIdx.x == 0)  // handle header row
+    for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
+  for (int t = blockIdx.x * warps + warp_id(); t < p.io.T; t += gridDim.x * warps) {
+    const unsigned dmask = p.s.tok_dmask[t];
+    const int64_t tk = static_cast<int64_t>(t) * K + lane;
+    int e;
+    float wgt;
+    load_slot(p.io, t, e, wgt);
+    // final rows of slot `lane`: base + this count-CTA's prefix + rank inside the count-CTA
+    const int edst = e >= 0 ? e / p.E_loc : -1;
+    int erow = -1, crow = -1;
+    if (e >= 0) {
+      const int* pre = p.s.cta_prefix + static_cast<int64_t>(t / p.cta_tokens) * NC;
+      const int rk = p.s.tok_rank[tk];
+      erow = p.s.ebase[e] + pre[e] + (rk >> 16);
+      crow = p.s.cbase[edst] + pre[E + edst] + (rk & 0xffff);
+    }
+    warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
+                        __popc(dmask), edst, p.expand ? erow : crow);
+    const char* xrow = p.io.x + static_cast<int64_t>(t) * p.io.x_bytes;
+    const char* srow = p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes;
+    for (unsigned rest = dmask; rest != 0; rest &= rest - 1) {
+      const int d = __ffs(rest) - 1;
+      const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
+      const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);  // compact row at d
+      const int cslot = __popc(dmask & ((1u << d) - 1u));
+      if (d == me) {
+        // straight into this rank's outputs, with the routing tensors and handle rows the
+        // epilogue writes for the other ranks' tokens
+        const bool here = edst == me;
+        const int j = here ? e - me * p.E_loc : -1;  // local expert of slot `lane`
+        int* grow = recv_h + static_cast<int64_t>(row) * W;  // group `row`
+        if (!p.expand) {
+          warp_copy(p.io.recv_x + static_cast<int64_t>(row) * p.io.x_bytes, xrow, p.io.x_bytes);
+          if (p.io.s_bytes > 0) warp_copy(p.io.recv_s + static_cast<int64_t>(row) * p.io.s_bytes, srow, p.io.s_bytes);
+          if (lane < K) {
+            static_cast<int64_t*>(p.io.recv_idx)[static_cast<int64_t>(row) * K + lane] = j;
+            p.io.recv_w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
+          }
+          warp_write_compact_recv_row(grow, W, me, t, row, cslot);
+        } else {
+          warp_copy_rows(p.io.recv_x, erow, at_d, xrow, p.io.x_bytes);
+          if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, at_d, srow, p.io.s_bytes);
+          warp_write_expand_group(recv_h, W, K, row, me, t, cslot, j, erow, wgt,
+                                  static_cast<int*>(p.io.recv_idx), p.io.recv_w);
+        }
+        continue;
+      }
+      char* base = peer_ptr(p.comm, d);
+      int* meta = reinterpret_cast<int*>(base + p.rows.m_off) + static_cast<int64_t>(row) * p.rows.meta_ints;
+      if (lane == 0) {
+        meta[0] = me;
+        meta[1] = t;
+        meta[2] = cslot;
+        meta[3] = 0;
+      }
+      if (lane < K) {
+        const bool here = edst == d;
+        meta[4 + lane] = here ? e - d * p.E_loc : -1;
+        meta[4 + K + lane] = here ? erow : -1;
+        meta[4 + 2 * K + lane] = here ? __float_as_int(wgt) : 0;
+      }
+      warp_copy(base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride, xrow, p.io.x_bytes);
+      if (p.io.s_bytes > 0)
+        warp_copy(base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride, srow, p.io.s_bytes);
+    }
+  }
+  if (p.local_only) {
+    FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
+               p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
+    fill_empty_rows(a);
+    return;
+  }
+  cta_barrier(p.comm, blockIdx.x, kOpDispatchPush);
+}
+
+__global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p) {
+  pdl_wait();
+  pdl_trigger();
+  const int K = p.io.K, W = p.io.W;
+  const int G = p.recv_info[kRecvG];
+  const int local_lo = p.recv_info[recv_local_lo(p.E_loc)];
+  const int local_n = p.recv_info[recv_local_n(p.E_loc)];
+  const int lane = lane_id();
+  const int warps = blockDim.x / kWarp;
+  const int gwarp = blockIdx.x * warps + warp_id();
+  const int nwarps = gridDim.x * warps;
+
+  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
+  int64_t* idx64 = static_cast<int64_t*>(p.io.recv_idx);
+  int* idx32 = static_cast<int*>(p.io.recv_idx);
+  // groups from the other ranks: [0, G) without this rank's own [local_lo, local_lo + local_n)
+  for (int q = gwarp; q < G - local_n; q += nwarps) {
+    const int i = q < local_lo ? q : q + local_n;
+    int* hrow = recv_h + static_cast<int64_t>(i) * W;
+    // ---- group i (compact row i in the window) ----
+    const int* meta =
+        reinterpret_cast<const int*>(p.win + p.rows.m_off) + static_cast<int64_t>(i) * p.rows.meta_ints;
+    const int src = meta[0], tok = meta[1], cslot = meta[2];
+    const char* wx = p.win + p.rows.x_off + static_cast<int64_t>(i) * p.rows.x_stride;
+    const char* ws = p.win + p.rows.s_off + static_cast<int64_t>(i) * p.rows.s_stride;
+    int j = -1, erow = -1;
+    float wgt = 0.f;
+    if (lane < K) {
+      j = meta[4 + lane];
+      erow = meta[4 + K + lane];
+      wgt = __int_as_float(meta[4 + 2 * K + lane]);
+    }
+    if (!p.expand) {
+      warp_copy(p.io.recv_x + static_cast<int64_t>(i) * p.io.x_bytes, wx, p.io.x_bytes);
+      if (p.io.s_bytes > 0) warp_copy(p.io.recv_s + static_cast<int64_t>(i) * p.io.s_bytes, ws, p.io.s_bytes);
+      if (lane < K) {
+        idx64[static_cast<int64_t>(i) * K + lane] = j;
+        p.io.recv_w[static_cast<int64_t>(i) * K + lane] = wgt;
+      }
+      warp_write_compact_recv_row(hrow, W, src, tok, i, cslot);
+    } else {
+      const unsigned local = __ballot_sync(0xffffffffu, j >= 0);
+      warp_write_expand_group(recv_h, W, K, i, src, tok, cslot, j, erow, wgt, idx32, p.io.recv_w);
+      warp_copy_rows(p.io.recv_x, erow, local, wx, p.io.x_bytes);
+      if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, local, ws, p.io.s_bytes);
+    }
+  }
+  FillArgs a{p.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
+             p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
+  fill_empty_rows(a);
+}
+
+}  // namespace
+
+cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream) {
+  return launch_pdl(dispatch_push_kernel, ctas, 512, 0, stream, p);
+}
+
+cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream) {
+  return launch_pdl(dispatch_epilogue_kernel, ctas, 512, 0, stream, p);
+}
+
+}  // namespace deep_ep_ops

@@ -1,0 +1,48 @@
+// Cross-rank barrier of one CTA with the CTAs of the same index on every peer (the EP window's
+// flags; waits and failure records are the shared device/wait.cuh).
+//
+// Rank s announces epoch e on slot b by storing e into flags[b][s] of every peer's window
+// (release, system scope, after the CTA's own stores); it then waits until every peer's entry
+// in its own window reached e (acquire). Epochs live in device memory and only grow, so the
+// flags never need a reset and CUDA-graph replays keep counting where the last run stopped.
+//
+// A CTA may only rely on data that the peers' CTAs of the same index wrote before their
+// arrival, or on anything a peer wrote in an earlier kernel (a peer CTA cannot arrive before
+// the peer's earlier kernels finished: kernels on one stream run in order).
+#pragma once
+
+#include "../device/common.cuh"
+#include "../device/wait.cuh"
+#include "ep_launch.hpp"
+
+namespace deep_ep_ops {
+namespace dev {
+
+__device__ __forceinline__ uint32_t* flag_ptr(char* window_base, const Comm& c, int slot,
+                                              int from_rank) {
+  return reinterpret_cast<uint32_t*>(window_base + c.flags_off) + slot * kMaxRanks + from_rank;
+}
+
+// Every thread of the CTA must call this. With one rank there is nobody to announce to or
+// wait for: the CTA-wide sync is the whole barrier (the system fence and the flag round trip
+// cost ~2.4 us on H100 for nothing).
+__device__ __forceinline__ void cta_barrier(const Comm& c, int slot, int op) {
+  __syncthreads();
+  if (c.num_ranks == 1) return;
+  const uint32_t epoch = *reinterpret_cast<volatile unsigned*>(c.epochs + slot) + 1u;
+  if (threadIdx.x == 0) {
+    // Make every store of this CTA (ordered before us by __syncthreads) visible system-wide
+    // before the flag that announces them.
+    __threadfence_system();
+    for (int p = 0; p < c.num_ranks; ++p) st_release_sys(flag_ptr(peer_ptr(c, p), c, slot, c.rank), epoch);
+  }
+  if (threadIdx.x < c.num_ranks) {
+    const int peer = threadIdx.x;
+    wait_epoch(flag_ptr(peer_ptr(c, c.rank), c, slot, peer), epoch, c.wait, op, slot, peer);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) c.epochs[slot] = epoch;
+}
+
+}  // namespace dev
+}  // namespace deep_ep_ops

@@ -1,0 +1,169 @@
+// Plain C++ view of the EP kernel launches (dispatch / cached_dispatch / combine): the window
+// view, scratch, parameter structs and launch functions. Host code includes only this header,
+// so torch headers and CUDA device code never meet in one translation unit (faster JIT builds,
+// no template clashes).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "../device/shared_types.hpp"
+#include "handle_layout.hpp"
+
+namespace deep_ep_ops {
+
+constexpr int kNumSlots = 256;             // barrier slots; CTA b of a barrier kernel uses slot b
+constexpr int kLayoutSlot = kNumSlots - 1; // the one-CTA count exchange of dispatch
+constexpr int kMaxBarrierCtas = kNumSlots - 1;
+
+// Window layout (the same byte offsets on every rank):
+//   [flags_off]  uint32 flags[kNumSlots][kMaxRanks]: flags[b][s] = last barrier epoch that rank s
+//                announced to this rank on slot b
+//   [counts_off] int32 counts[R][E + R]: row s = rank s's per-expert and per-rank send counts
+//   [data_off]   dispatch rows / cached-dispatch staging / combine staging (reused by every op;
+//                each op starts behind a barrier so peers are done with the previous one)
+struct Comm {
+  char* peer_base[kMaxRanks];  // window base address of every rank as mapped here
+  unsigned* epochs;            // device-local epoch per barrier slot (graph-replay safe)
+  WaitContext wait;            // error record, timeout
+  int rank;
+  int num_ranks;
+  int64_t flags_off;
+  int64_t counts_off;
+  int64_t data_off;
+};
+
+// Per-Buffer device scratch for dispatch (sized for M tokens at setup).
+struct DispatchScratch {
+  unsigned* tok_dmask;  // [M] destination-rank mask of each token
+  int* tok_rank;        // [M*K] (t, k): rank of t among its count-CTA's tokens of expert k << 16
+                        //   | rank of t among its count-CTA's tokens sent to slot k's rank
+  int* cta_prefix;      // [layout_max_ctas(M) * (E+R)]: per count-CTA histograms, scanned in
+                        //   place into exclusive per-CTA prefixes by the last CTA
+  int* ebase;           // [E] expert-major row of the first of my tokens of expert e at e's rank
+  int* cbase;           // [R] compact row of the first of my tokens at rank d
+  unsigned* done;       // [1] count CTAs finished (the last one resets it to 0)
+  int* send_handle;     // [W] handle header row (copied into the handle by the push kernel)
+  int* recv_info;       // kRecvInfo* fields, then tokens_per_expert[E_loc], block_start[E_loc+1]
+  // one-rank fused dispatch (local_dispatch.cu):
+  unsigned long long* tile_status;  // [kMaxLocalTiles] (call tag << 32) | valid tokens of tile i
+  int* tpe_acc;                     // [E] tokens per expert, summed by every tile; the last
+                                    //   tile to finish copies it out and zeroes it
+  unsigned* tile_ctr;               // [3] next tile ticket, tiles finished, tag of the last call
+};
+constexpr int kMaxLocalTiles = 1024;  // CTAs of the one-rank fused dispatch (<= SMs)
+// Count kernel: one warp per 32 tokens, at least one warp per CTA.
+constexpr int layout_max_ctas(int max_tokens) { return (max_tokens + 31) / 32 + 1; }
+constexpr int kRecvG = 0;           // groups (compact rows) received
+constexpr int kRecvPairs = 1;       // (token, local expert) pairs received
+constexpr int kRecvAligned = 2;     // sum of aligned per-expert counts
+constexpr int kRecvTpe = 8;         // offset of tokens_per_expert
+// After tokens_per_expert[E_loc] and block_start[E_loc + 1]: the compact rows [lo, lo + n) at
+// this rank that carry this rank's own tokens (the push writes them and their handle rows
+// directly; the epilogue skips them).
+constexpr int recv_local_lo(int e_loc) { return kRecvTpe + 2 * e_loc + 1; }
+constexpr int recv_local_n(int e_loc) { return kRecvTpe + 2 * e_loc + 2; }
+constexpr int recv_info_ints(int e_loc) { return kRecvTpe + 2 * e_loc + 8; }
+
+// Row layout of dispatch in the data region: x rows, scale rows and metadata rows, each for
+// R*M compact rows. Metadata ints: [src rank, src token, combine slot, 0,
+// local expert of slot k (K), expert-major row of slot k (K), weight bits of slot k (K)].
+struct DispatchRows {
+  int64_t x_off, s_off, m_off;  // offsets from the window base
+  int64_t x_stride, s_stride;   // bytes
+  int meta_ints;                // ints per metadata row
+};
+
+struct LayoutParams {
+  const void* topk_idx;
+  int idx64;
+  int T, K, E, E_loc, A, M, expand, W;
+  int warps;       // warps per count CTA (each warp counts 32 tokens)
+  int cta_tokens;  // tokens per count CTA: 32 * warps
+  DispatchScratch s;
+  Comm comm;
+};
+
+// A dispatch's inputs and this rank's fresh outputs, as the kernels that write outputs see them.
+struct DispatchIO {
+  const char* x;
+  const char* scales;
+  const void* topk_idx;
+  const float* topk_weights;
+  char* recv_x;
+  char* recv_s;
+  void* recv_idx;  // int64 [C, K] compact, int32 [C] expand
+  float* recv_w;
+  int* tpe;     // [E_loc]
+  int* handle;  // [1 + T + C, W]
+  int idx64;
+  int64_t x_bytes, s_bytes;  // per row
+  int T, K, E, W, C;
+};
+
+struct PushParams {
+  // rows for this rank itself (data, routing tensors, handle receive rows) go straight into
+  // io's outputs; with more ranks the header and send part too
+  DispatchIO io;
+  int E_loc, expand, cta_tokens;
+  int local_only;  // 1 rank: no window, no barrier; the push also does the epilogue's work
+  DispatchRows rows;
+  DispatchScratch s;
+  Comm comm;
+};
+
+// One rank, compact layout, static capacity: the whole dispatch in one kernel.
+struct LocalDispatchParams {
+  DispatchIO io;  // recv_idx: int64 [C, K]
+  int A, M;
+  DispatchScratch s;
+  Comm comm;  // timeouts and the error record only (no window traffic)
+  int head_loads;  // set by the launcher: rows are 16-byte aligned (warps load a head early)
+};
+
+struct EpilogueParams {
+  DispatchIO io;    // the same as the push kernel's (inputs unused)
+  const char* win;  // local window base
+  DispatchRows rows;
+  const int* recv_info;
+  int E_loc, expand;
+};
+
+struct CachedParams {
+  const char* x;
+  const char* scales;
+  const int* handle;
+  char* out_x;
+  char* out_s;
+  int64_t x_bytes, s_bytes;
+  int64_t x_stride, s_stride;  // staging strides in the window
+  int64_t x_off, s_off;        // staging offsets from the window base
+  int T, C, K, W;
+  Comm comm;
+};
+
+struct CombineParams {
+  const void* x;  // [C, Wd] bf16 / fp16 / fp32
+  const float* weights;
+  const int* handle;
+  void* out;
+  int64_t stage_off;   // offset of the staging area from the window base
+  int num_slots;       // staged partials per token: min(R, K)
+  int dtype;           // 0 fp32, 1 bf16, 2 fp16
+  int stage_raw;       // 1: no weights; rows then travel as is if the layout is compact
+  int Wd, C, T, K, W;
+  Comm comm;
+};
+
+// Launchers (defined next to their kernels). They return the launch error, if any.
+cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream);
+int layout_warps(int E, int R, size_t smem_limit);
+cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream);
+cudaError_t launch_local_dispatch(const LocalDispatchParams& p, int ctas, cudaStream_t stream);
+cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream);
+cudaError_t launch_cached_dispatch(const CachedParams& p, int ctas, int epi_ctas,
+                                   cudaStream_t stream);
+cudaError_t launch_combine(const CombineParams& p, int ctas, int epi_ctas, cudaStream_t stream);
+
+}  // namespace deep_ep_ops

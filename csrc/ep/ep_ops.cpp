@@ -1,0 +1,308 @@
+// Host side of dispatch / cached_dispatch / combine: check what Python cannot cheaply check
+// (window capacity), allocate fresh outputs with torch's allocator on the current stream, and
+// launch the kernels. No host sync.
+#include "ep_ops.hpp"
+
+#include "../host/cuda_check.hpp"
+#include "../host/error_record.hpp"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/EmptyTensor.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace deep_ep_ops {
+namespace {
+
+constexpr int kDefaultCtas = 64;  // push/pull kernels: enough CTAs to keep NVLink busy
+
+void check_launch(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) check_cuda(err, (std::string("launching ") + what).c_str());
+}
+
+void check_alive(const EpState& st, const char* op) {
+  if (!st.alive())
+    throw std::runtime_error(std::string("deep_ep.") + op +
+                             ": the Buffer's CUDA state was destroyed");
+  // A GPU wait of an earlier call failed: the ranks' barrier epochs are out of step and
+  // results since then are garbage. Say so (and who stalled) instead of continuing.
+  raise_if_broken(st.error_host, op);
+}
+
+void check_fits(const EpState& st, const char* op, int64_t need) {
+  if (need > st.data_bytes)
+    throw std::runtime_error(std::string("deep_ep.") + op + ": needs " + std::to_string(need) +
+                             " bytes of symmetric memory but the Buffer reserved " +
+                             std::to_string(st.data_bytes) +
+                             " (the rows are wider than the Buffer's hidden allows)");
+}
+
+constexpr int kWarpsPerCta = 16;  // the push/pull/epilogue kernels run 512 threads
+
+// A fresh uninitialised CUDA tensor on `device` without a trip through the dispatcher (the
+// kernels write every element of every output).
+at::Tensor empty(at::IntArrayRef size, at::ScalarType dtype, at::Device device) {
+  return at::Tensor(at::detail::empty_cuda(size, dtype, device, std::nullopt));
+}
+
+// Grid of a kernel with one warp per item when there is one rank (no barrier, so any grid):
+// at most one CTA per SM (these kernels hold 512 threads of up to 128 registers) or num_sms.
+int local_ctas(const EpState& st, int64_t num_sms, int64_t items) {
+  const int64_t need = (items + kWarpsPerCta - 1) / kWarpsPerCta;
+  const int64_t cap = num_sms > 0 ? num_sms : st.sm_count;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cap, need)));
+}
+
+// Grid of a local (barrier-free) kernel with one warp per item: no more CTAs than items need.
+int epilogue_ctas(const EpState& st, int64_t items) {
+  const int64_t need = (items + kWarpsPerCta - 1) / kWarpsPerCta;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(st.sm_count * 2, need)));
+}
+
+// Grid of a barrier kernel with one warp per item, at most max_items items on every rank: the
+// cap is a function of the Buffer config, so it is the same on every rank (a CTA's barrier
+// slot is its index). Small decode batches launch fewer idle CTAs.
+int barrier_ctas_for(const EpState& st, int64_t num_sms, int64_t max_items) {
+  const int64_t need = (max_items + kWarpsPerCta - 1) / kWarpsPerCta;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(barrier_ctas(st, num_sms), need)));
+}
+
+// Fresh outputs of a dispatch with C receive rows: recv_x [C, H], scales [C, P], topk idx and
+// weights ([C, K] compact, [C] expert-major), tokens_per_expert [E_loc], handle [1 + T + C, W].
+DispatchOut dispatch_outputs(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                             int64_t C, int K, int E_loc, int W, bool expand) {
+  const at::Device dev = x.device();
+  return {empty({C, x.size(1)}, x.scalar_type(), dev),
+          x_scales.has_value() ? empty({C, x_scales->size(1)}, x_scales->scalar_type(), dev)
+                               : empty({C, 0}, at::kFloat, dev),
+          expand ? empty({C}, at::kInt, dev) : empty({C, K}, at::kLong, dev),
+          expand ? empty({C}, at::kFloat, dev) : empty({C, K}, at::kFloat, dev),
+          empty({E_loc}, at::kInt, dev),
+          empty({1 + x.size(0) + C, W}, at::kInt, dev)};
+}
+
+// What the kernels that write a dispatch's outputs see of its inputs and outputs.
+DispatchIO dispatch_io(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                       const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                       const DispatchOut& out, int K, int E, int W) {
+  const auto& [recv_x, recv_s, recv_idx, recv_w, tpe, handle] = out;
+  DispatchIO io{};
+  io.x = static_cast<const char*>(x.data_ptr());
+  io.scales = x_scales.has_value() ? static_cast<const char*>(x_scales->data_ptr()) : nullptr;
+  io.topk_idx = topk_idx.data_ptr();
+  io.topk_weights = topk_weights.data_ptr<float>();
+  io.recv_x = static_cast<char*>(recv_x.data_ptr());
+  io.recv_s = static_cast<char*>(recv_s.data_ptr());
+  io.recv_idx = recv_idx.data_ptr();
+  io.recv_w = recv_w.data_ptr<float>();
+  io.tpe = tpe.data_ptr<int>();
+  io.handle = handle.data_ptr<int>();
+  io.idx64 = topk_idx.scalar_type() == at::kLong;
+  io.x_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
+  io.s_bytes = x_scales.has_value() ? x_scales->size(1) * 4 : 0;
+  io.T = static_cast<int>(x.size(0));
+  io.K = K;
+  io.E = E;
+  io.W = W;
+  io.C = static_cast<int>(recv_x.size(0));
+  return io;
+}
+
+}  // namespace
+
+int barrier_ctas(const EpState& st, int64_t num_sms) {
+  int64_t n = num_sms > 0 ? num_sms : std::min(kDefaultCtas, st.sm_count);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n, kMaxBarrierCtas)));
+}
+
+DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                     const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                     int64_t num_experts, int64_t alignment, bool expand, int64_t num_sms) {
+  check_alive(st, "dispatch");
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const int R = st.cfg.num_ranks, M = st.cfg.max_tokens, K = st.cfg.topk;
+  const int E = static_cast<int>(num_experts), E_loc = E / R, A = static_cast<int>(alignment);
+  const int W = st.handle_width;
+  const int64_t T = x.size(0), H = x.size(1);
+  if (E != st.cfg.num_experts)
+    throw std::invalid_argument("deep_ep.dispatch: num_experts differs from the Buffer's");
+  if (topk_weights.scalar_type() != at::kFloat)
+    throw std::invalid_argument("deep_ep.dispatch: the CUDA backend takes float32 topk_weights");
+  const bool idx64 = topk_idx.scalar_type() == at::kLong;
+  const int64_t x_bytes = H * static_cast<int64_t>(x.element_size());
+  const int64_t P = x_scales.has_value() ? x_scales->size(1) : 0;
+  const int64_t s_bytes = P * 4;
+
+  DispatchRows rows{};
+  rows.x_stride = align_up(x_bytes, 16);
+  rows.s_stride = align_up(s_bytes, 16);
+  rows.meta_ints = static_cast<int>(align_up(4 + 3 * K, 4));
+  const int64_t cap = static_cast<int64_t>(R) * M;
+  rows.x_off = st.comm.data_off;
+  rows.s_off = rows.x_off + align_up(cap * rows.x_stride, 256);
+  rows.m_off = rows.s_off + align_up(cap * rows.s_stride, 256);
+  check_fits(st, "dispatch", rows.m_off + cap * rows.meta_ints * 4 - st.comm.data_off);
+
+  if (R == 1 && !expand) {
+    // one rank, compact rows, static capacity: a local permute in one kernel
+    const int64_t C = cap;
+    DispatchOut out = dispatch_outputs(x, x_scales, C, K, E_loc, W, false);
+    LocalDispatchParams lp{};
+    lp.io = dispatch_io(x, x_scales, topk_idx, topk_weights, out, K, E, W);
+    lp.A = A;
+    lp.M = M;
+    lp.s = st.scratch;
+    lp.comm = st.comm;
+    check_launch(launch_local_dispatch(lp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
+                 "dispatch (one rank) kernel");
+    return out;
+  }
+
+  // phase 1: counts, count exchange, per-destination bases, handle header (into scratch)
+  LayoutParams lp{};
+  lp.topk_idx = topk_idx.data_ptr();
+  lp.idx64 = idx64;
+  lp.T = static_cast<int>(T);
+  lp.K = K;
+  lp.E = E;
+  lp.E_loc = E_loc;
+  lp.A = A;
+  lp.M = M;
+  lp.expand = expand;
+  lp.W = W;
+  lp.warps = layout_warps(E, R, std::min<size_t>(st.smem_optin, 200 * 1024));
+  lp.cta_tokens = lp.warps * 32;
+  lp.s = st.scratch;
+  lp.comm = st.comm;
+  check_launch(launch_layout(lp, stream), "dispatch layout kernel");
+
+  const int64_t C = expand ? align_up(cap * std::min(K, E_loc) + static_cast<int64_t>(A - 1) * E_loc, A)
+                           : cap;
+
+  DispatchOut out = dispatch_outputs(x, x_scales, C, K, E_loc, W, expand);
+
+  // phase 2: final rows, handle header + send part; rows into the other destinations' windows
+  // and this rank's own rows straight into the outputs
+  PushParams pp{};
+  pp.io = dispatch_io(x, x_scales, topk_idx, topk_weights, out, K, E, W);
+  pp.E_loc = E_loc;
+  pp.expand = expand;
+  pp.cta_tokens = lp.cta_tokens;
+  pp.local_only = R == 1;
+  pp.rows = rows;
+  pp.s = st.scratch;
+  pp.comm = st.comm;
+  if (R == 1) {
+    // one rank: the push writes every output (no window, no barrier, no epilogue)
+    check_launch(launch_dispatch_push(pp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
+                 "dispatch push kernel");
+    return out;
+  }
+  check_launch(launch_dispatch_push(pp, barrier_ctas_for(st, num_sms, M), stream),
+               "dispatch push kernel");
+
+  // phase 3: window -> fresh outputs, handle receive part, zero padding
+  EpilogueParams ep{};
+  ep.io = pp.io;
+  ep.win = st.comm.peer_base[st.cfg.rank];
+  ep.rows = rows;
+  ep.recv_info = st.scratch.recv_info;
+  ep.E_loc = E_loc;
+  ep.expand = expand;
+  check_launch(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "dispatch epilogue");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> cached_dispatch(EpState& st, const at::Tensor& x,
+                                                   const std::optional<at::Tensor>& x_scales,
+                                                   const at::Tensor& handle, int64_t num_sms) {
+  check_alive(st, "cached_dispatch");
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const int64_t T = x.size(0), Hx = x.size(1);
+  const int64_t C = handle.size(0) - 1 - T;
+  const int64_t P = x_scales.has_value() ? x_scales->size(1) : 0;
+  if (C < 0) throw std::invalid_argument("deep_ep.cached_dispatch: handle has fewer rows than 1 + T");
+  if (T > st.cfg.max_tokens)
+    throw std::invalid_argument("deep_ep.cached_dispatch: more tokens than num_max_tokens_per_rank");
+
+  CachedParams p{};
+  p.x = static_cast<const char*>(x.data_ptr());
+  p.scales = x_scales.has_value() ? static_cast<const char*>(x_scales->data_ptr()) : nullptr;
+  p.handle = handle.data_ptr<int>();
+  p.x_bytes = Hx * static_cast<int64_t>(x.element_size());
+  p.s_bytes = P * 4;
+  p.x_stride = align_up(p.x_bytes, 16);
+  p.s_stride = align_up(p.s_bytes, 16);
+  const int64_t M = st.cfg.max_tokens;
+  p.x_off = st.comm.data_off;
+  p.s_off = p.x_off + align_up(M * p.x_stride, 256);
+  check_fits(st, "cached_dispatch", p.s_off + M * p.s_stride - st.comm.data_off);
+
+  at::Tensor out_x = empty({C, Hx}, x.scalar_type(), x.device());
+  at::Tensor out_s = x_scales.has_value() ? empty({C, P}, x_scales->scalar_type(), x.device())
+                                          : empty({C, 0}, at::kFloat, x.device());
+  p.out_x = static_cast<char*>(out_x.data_ptr());
+  p.out_s = static_cast<char*>(out_s.data_ptr());
+  p.T = static_cast<int>(T);
+  p.C = static_cast<int>(C);
+  p.K = st.cfg.topk;
+  p.W = st.handle_width;
+  p.comm = st.comm;
+  // one rank: the pull kernel alone, on any grid
+  const int pull_ctas = st.cfg.num_ranks == 1 ? local_ctas(st, num_sms, C) : barrier_ctas(st, num_sms);
+  check_launch(launch_cached_dispatch(p, barrier_ctas(st, num_sms), pull_ctas, stream),
+               "cached_dispatch kernels");
+  return {out_x, out_s};
+}
+
+at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
+                   const std::optional<at::Tensor>& weights, int64_t num_sms) {
+  check_alive(st, "combine");
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const int64_t C = x.size(0), Wd = x.size(1);
+  const int64_t T = handle.size(0) - 1 - C;
+  if (T < 0) throw std::invalid_argument("deep_ep.combine: handle has fewer rows than 1 + C");
+  if (T > st.cfg.max_tokens)
+    throw std::invalid_argument("deep_ep.combine: more tokens than num_max_tokens_per_rank");
+  CombineParams p{};
+  switch (x.scalar_type()) {
+    case at::kFloat: p.dtype = 0; break;
+    case at::kBFloat16: p.dtype = 1; break;
+    case at::kHalf: p.dtype = 2; break;
+    default:
+      throw std::invalid_argument("deep_ep.combine: the CUDA backend takes bf16, fp16 or fp32 x");
+  }
+  at::Tensor w;
+  if (weights.has_value()) w = weights->scalar_type() == at::kFloat ? *weights : weights->to(at::kFloat);
+  p.num_slots = std::min(st.cfg.num_ranks, st.cfg.topk);
+  p.stage_off = st.comm.data_off;
+  check_fits(st, "combine", static_cast<int64_t>(st.cfg.max_tokens) * p.num_slots * Wd * 4);
+  at::Tensor out = empty({T, Wd}, x.scalar_type(), x.device());
+  p.x = x.data_ptr();
+  p.weights = w.defined() ? w.data_ptr<float>() : nullptr;
+  p.handle = handle.data_ptr<int>();
+  p.out = out.data_ptr();
+  p.stage_raw = w.defined() ? 0 : 1;  // the kernels also require the compact layout
+  p.Wd = static_cast<int>(Wd);
+  p.C = static_cast<int>(C);
+  p.T = static_cast<int>(T);
+  p.K = st.cfg.topk;
+  p.W = st.handle_width;
+  p.comm = st.comm;
+  // one rank: the local reduce alone (reads x), one warp per token
+  const int reduce_ctas = st.cfg.num_ranks == 1 ? local_ctas(st, num_sms, T) : epilogue_ctas(st, T);
+  check_launch(launch_combine(p,
+                             barrier_ctas_for(st, num_sms,
+                                              static_cast<int64_t>(st.cfg.num_ranks) * st.cfg.max_tokens),
+                             reduce_ctas, stream),
+               "combine kernels");
+  return out;
+}
+
+}  // namespace deep_ep_ops

@@ -1,0 +1,116 @@
+// Host-side setup and teardown of a Buffer's CUDA state (window layout, scratch, error record).
+#include "ep_state.hpp"
+
+#include "../host/cuda_check.hpp"
+#include "../host/error_record.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace deep_ep_ops {
+
+EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transport)
+    : cfg(c), transport_(std::move(transport)) {
+  if (transport_->num_ranks() != cfg.num_ranks || transport_->rank() != cfg.rank)
+    throw std::invalid_argument("deep_ep_ops: the transport's group differs from the Buffer's");
+  if (cfg.topk > kMaxTopk)
+    throw std::invalid_argument("deep_ep_ops: num_topk must be <= " + std::to_string(kMaxTopk));
+  DeviceGuard guard(cfg.device);
+  const int R = cfg.num_ranks, M = cfg.max_tokens, H = cfg.hidden, K = cfg.topk,
+            E = cfg.num_experts;
+
+  DEO_CUDA(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, cfg.device));
+  int optin = 0;
+  DEO_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cfg.device));
+  smem_optin = static_cast<size_t>(optin);
+  handle_width = handle::handle_width(K);
+
+  // ---- window layout ----
+  const int64_t P = cfg.fp8 ? (H + 31) / 32 : 0;
+  const int64_t meta_ints = align_up(4 + 3 * K, 4);
+  // Dispatch rows up to fp32 wide (x may be fp32; bf16 and fp8 + scales are narrower): R*M
+  // rows of 4H bytes, their scales and metadata. That also holds the combine staging, at most
+  // min(R, K) fp32 partials per token.
+  const int64_t dispatch_bytes = static_cast<int64_t>(R) * M *
+                                     (align_up(4LL * H, 16) + align_up(4 * P, 16) + 4 * meta_ints) +
+                                 3 * 256;
+  const int64_t combine_bytes =
+      static_cast<int64_t>(M) * std::min(R, K) * align_up(4LL * H, 16);
+  const int64_t cached_bytes =
+      static_cast<int64_t>(M) * (align_up(4LL * H, 16) + align_up(4 * ((H + 31) / 32), 16)) + 256;
+  data_bytes = align_up(std::max({dispatch_bytes, combine_bytes, cached_bytes}), 4096);
+  comm.flags_off = 0;
+  comm.counts_off = align_up(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
+  comm.data_off = comm.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
+  window_bytes = align_up(comm.data_off + data_bytes, 1 << 21);
+
+  window_ = transport_->allocate(window_bytes);
+  std::copy(window_.peer_base, window_.peer_base + kMaxRanks, comm.peer_base);
+
+  // ---- scratch ----
+  const int64_t e_loc = E / R;
+  const int64_t sizes[] = {
+      static_cast<int64_t>(kNumSlots),      // epochs
+      M,                                    // tok_dmask
+      static_cast<int64_t>(M) * K,          // tok_rank
+      static_cast<int64_t>(layout_max_ctas(M)) * (E + R),  // cta_prefix
+      E,                                    // ebase
+      R,                                    // cbase
+      1,                                    // done
+      handle_width,                         // send_handle (header row)
+      recv_info_ints(static_cast<int>(e_loc)),  // recv_info
+      2 * static_cast<int64_t>(kMaxLocalTiles),  // tile_status (uint64)
+      E,                                    // tpe_acc
+      3,                                    // tile_ctr
+  };
+  constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
+  int64_t total = 0, offs[kParts];
+  for (int i = 0; i < kParts; ++i) {
+    offs[i] = total;
+    total += align_up(sizes[i] * 4, 256);
+  }
+  DEO_CUDA(cudaMalloc(&scratch_block_, static_cast<size_t>(total)));
+  DEO_CUDA(cudaMemset(scratch_block_, 0, static_cast<size_t>(total)));
+  auto at = [&](int i) { return static_cast<char*>(scratch_block_) + offs[i]; };
+  comm.epochs = reinterpret_cast<unsigned*>(at(0));
+  scratch.tok_dmask = reinterpret_cast<unsigned*>(at(1));
+  scratch.tok_rank = reinterpret_cast<int*>(at(2));
+  scratch.cta_prefix = reinterpret_cast<int*>(at(3));
+  scratch.ebase = reinterpret_cast<int*>(at(4));
+  scratch.cbase = reinterpret_cast<int*>(at(5));
+  scratch.done = reinterpret_cast<unsigned*>(at(6));
+  scratch.send_handle = reinterpret_cast<int*>(at(7));
+  scratch.recv_info = reinterpret_cast<int*>(at(8));
+  scratch.tile_status = reinterpret_cast<unsigned long long*>(at(9));
+  scratch.tpe_acc = reinterpret_cast<int*>(at(10));
+  scratch.tile_ctr = reinterpret_cast<unsigned*>(at(11));
+
+  error_host = alloc_error_record(&comm.wait.error);
+
+  comm.rank = cfg.rank;
+  comm.num_ranks = R;
+  comm.wait.rank = cfg.rank;
+  comm.wait.timeout_ns = static_cast<unsigned long long>(cfg.timeout_s * 1e9);
+  comm.wait.trap_on_timeout = trap_on_timeout_requested();
+  DEO_CUDA(cudaDeviceSynchronize());
+}
+
+void EpState::destroy() {
+  if (!alive()) return;
+  DeviceGuard guard(cfg.device);
+  cudaDeviceSynchronize();  // no kernel may still use the window
+  transport_->release(window_);
+  std::fill(comm.peer_base, comm.peer_base + kMaxRanks, nullptr);
+  cudaFree(scratch_block_);
+  scratch_block_ = nullptr;
+  cudaFreeHost(error_host);
+  error_host = nullptr;
+  comm.wait.error = nullptr;
+}
+
+EpState::~EpState() {
+  // Teardown is collective; a State dropped without destroy() (interpreter exit) leaks its
+  // window rather than releasing it from one rank alone.
+}
+
+}  // namespace deep_ep_ops

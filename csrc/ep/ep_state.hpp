@@ -1,0 +1,52 @@
+// Per-Buffer CUDA state of dispatch / cached_dispatch / combine: a peer-memory window (from the
+// Buffer's transport), the peers' window addresses, device scratch and the host-mapped error
+// record. No torch types here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "ep_launch.hpp"
+#include "../transport/peer_memory.hpp"
+
+namespace deep_ep_ops {
+
+struct EpConfig {
+  int rank, num_ranks;
+  int max_tokens, hidden, topk, num_experts;
+  bool fp8;
+  double timeout_s;
+  int device;
+};
+
+class EpState {
+ public:
+  EpState(const EpConfig& cfg, std::shared_ptr<PeerMemoryTransport> transport);
+  ~EpState();
+  EpState(const EpState&) = delete;
+  EpState& operator=(const EpState&) = delete;
+
+  // Collective: every rank of the group must call it (the transport releases the window).
+  void destroy();
+  bool alive() const { return window_.local != nullptr; }
+  const char* transport_name() const { return transport_->name(); }
+
+  const EpConfig cfg;
+  Comm comm{};
+  DispatchScratch scratch{};
+  int64_t data_bytes = 0;  // size of the data region
+  int64_t window_bytes = 0;
+  int sm_count = 0;
+  size_t smem_optin = 0;
+  int handle_width = 0;
+  ErrorRecord* error_host = nullptr;  // same memory as comm.wait.error
+
+ private:
+  std::shared_ptr<PeerMemoryTransport> transport_;
+  PeerRegion window_;
+  void* scratch_block_ = nullptr;
+};
+
+}  // namespace deep_ep_ops

@@ -1,0 +1,51 @@
+// Host-side helpers of every per-Buffer state, the transports and the launch code: CUDA / NCCL
+// status checks that throw (Python sees a RuntimeError naming the failing call), a device
+// guard that restores the caller's device, and alignment.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace deep_ep_ops {
+
+// The one CUDA status check: throws naming `what` and the CUDA error.
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("deep_ep_ops: ") + what + " failed: " +
+                             cudaGetErrorString(err));
+}
+
+inline int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+// Setup must not change the current device behind torch's back.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&prev_);
+    cudaSetDevice(device);
+  }
+  ~DeviceGuard() { cudaSetDevice(prev_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+};
+
+}  // namespace deep_ep_ops
+
+// The expression itself is the text of the error.
+#define DEO_CUDA(expr) ::deep_ep_ops::check_cuda((expr), #expr)
+
+#define DEO_NCCL(expr)                                                                     \
+  do {                                                                                     \
+    ncclResult_t res_ = (expr);                                                            \
+    if (res_ != ncclSuccess)                                                               \
+      throw std::runtime_error(std::string("deep_ep_ops: ") + #expr + " failed: " +       \
+                               ncclGetErrorString(res_) + " (" + ncclGetLastError(nullptr) + \
+                               ")");                                                       \
+  } while (0)

@@ -1,0 +1,61 @@
+// Python bindings of the EP family's CUDA state and entry points (deep_ep_ops/cuda/ep.py calls
+// them; the eager path of the ops goes through the C++ kernels of ep_kernels.cpp instead).
+#include <torch/extension.h>
+#include <pybind11/stl.h>
+
+#include <ATen/cuda/CUDAContext.h>
+
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#include "../ep/ep_ops.hpp"
+#include "../ep/ep_state.hpp"
+#include "error_dict.hpp"
+
+namespace deep_ep_ops {
+namespace {
+
+std::shared_ptr<EpState> create_state(std::shared_ptr<PeerMemoryTransport> transport, int rank,
+                                      int num_ranks, int max_tokens, int hidden, int topk,
+                                      int num_experts, bool fp8, double timeout_s, int device) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device).stream(), &status);
+  if (status != cudaStreamCaptureStatusNone)
+    throw std::runtime_error(
+        "deep_ep_ops: a Buffer cannot be created during CUDA graph capture (it allocates "
+        "peer memory collectively); create it before capturing");
+  EpConfig cfg{rank, num_ranks, max_tokens, hidden, topk, num_experts, fp8, timeout_s, device};
+  return std::make_shared<EpState>(cfg, std::move(transport));
+}
+
+// Phase timestamps (ns from its start) of the last dispatch's layout kernel, or with one rank
+// and compact rows of its one kernel's last tile to add its histogram (local_dispatch.cu),
+// for profiling.
+std::vector<int64_t> layout_times(const EpState& st) {
+  int v[8] = {};
+  cudaMemcpy(v, st.scratch.recv_info, sizeof(v), cudaMemcpyDeviceToHost);
+  return {v[3], v[4], v[5], v[6], v[7]};
+}
+
+}  // namespace
+}  // namespace deep_ep_ops
+
+void deep_ep_ops_bind_ep(pybind11::module_& m) {
+  namespace deo = deep_ep_ops;
+  namespace py = pybind11;
+  py::class_<deo::EpState, std::shared_ptr<deo::EpState>>(m, "EpState")
+      .def_property_readonly("window_bytes", [](const deo::EpState& s) { return s.window_bytes; })
+      .def_property_readonly("data_bytes", [](const deo::EpState& s) { return s.data_bytes; })
+      .def_property_readonly("sm_count", [](const deo::EpState& s) { return s.sm_count; })
+      .def_property_readonly("alive", &deo::EpState::alive)
+      .def_property_readonly("transport", &deo::EpState::transport_name);
+  m.def("create_state", &deo::create_state);
+  m.def("destroy_state", [](deo::EpState& s) { s.destroy(); });
+  m.def("ep_last_error", [](const deo::EpState& s) { return deo::error_dict(s.error_host); });
+  m.def("layout_times", &deo::layout_times);
+  m.def("default_ctas", [](const deo::EpState& s, int64_t num_sms) { return deo::barrier_ctas(s, num_sms); });
+  m.def("dispatch", &deo::dispatch, py::call_guard<py::gil_scoped_release>());
+  m.def("cached_dispatch", &deo::cached_dispatch, py::call_guard<py::gil_scoped_release>());
+  m.def("combine", &deo::combine, py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,424 @@
+// CUDA kernels of torch.ops.deep_ep.{_dispatch_static, cached_dispatch, combine} and the
+// composite dispatch, registered in C++ so the dispatcher calls them unboxed: no Python on the
+// eager path (autograd aside, see ep_autograd.cpp).
+//
+// * The group table: group_name -> (process-group backend, EP state), a copy of Python's
+//   registry (deep_ep_ops/registry.py writes it; this file never calls back into Python). A
+//   name that is missing, or a gloo Buffer given CUDA tensors, raises the ValueError Python
+//   would raise.
+// * The shape / dtype / device / contiguity checks of deep_ep_ops/validation.py, with the same
+//   messages, raised as c10::ValueError (Python ValueError) before any launch; with
+//   DEEP_EP_OPS_VALIDATE=1 also the expert-id value checks (a device-to-host copy; skipped
+//   during graph capture, like Python's).
+// * register_kernels() (called by deep_ep_ops.ops._use_cpp_kernels after it removed the Python
+//   CUDA impls) makes the registrations; nothing is registered when the .so is merely loaded.
+#include <torch/extension.h>
+#include <pybind11/stl.h>
+
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/cuda/CUDAContext.h>
+
+#include "../ep/ep_ops.hpp"
+#include "../ep/ep_state.hpp"
+#include "op_handles.hpp"
+
+namespace deep_ep_ops {
+namespace {
+
+
+struct GroupEntry {
+  std::string backend;              // "nccl", "gloo", ...
+  std::shared_ptr<EpState> state;   // null: the Buffer has no CUDA state
+};
+
+std::mutex g_mutex;
+std::unordered_map<std::string, GroupEntry>& groups() {
+  static auto* r = new std::unordered_map<std::string, GroupEntry>();  // never destroyed (exit order)
+  return *r;
+}
+
+// ---- messages (deep_ep_ops/validation.py _fail / _desc, Python reprs) ---------------------
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat8_e4m3fn: return "torch.float8_e4m3fn";
+    case at::kFloat8_e5m2: return "torch.float8_e5m2";
+    case at::kFloat8_e4m3fnuz: return "torch.float8_e4m3fnuz";
+    case at::kFloat8_e5m2fnuz: return "torch.float8_e5m2fnuz";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: {
+      std::string s = c10::toString(t);
+      for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return "torch." + s;
+    }
+  }
+}
+
+// Python's repr of a tuple of ints: (3,) and (1, 3, 8). Built with std::to_string: an
+// std::ostringstream here segfaulted inside the extension on the GPU image (torch 2.11+cu130,
+// g++ 13.3), so this file uses no iostreams.
+std::string py_tuple(at::IntArrayRef v) {
+  std::string s = "(";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  if (v.size() == 1) s += ",";
+  return s + ")";
+}
+
+// str(tensor.device) for the devices these ops see.
+std::string device_str(const at::Tensor& t) {
+  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device());
+  if (t.is_cpu()) return "cpu";
+  if (t.is_meta()) return "meta";
+  return "a non-CUDA device";
+}
+
+std::string desc(const at::Tensor& t) {
+  return "shape " + py_tuple(t.sizes()) + " " + dtype_name(t.scalar_type()) + " on " +
+         device_str(t);
+}
+
+std::string py_repr(c10::string_view s) {
+  const bool dq = s.find('\'') != c10::string_view::npos && s.find('"') == c10::string_view::npos;
+  const char q = dq ? '"' : '\'';
+  std::string out(1, q);
+  for (char c : s) {
+    if (c == '\\' || c == q) out += '\\';
+    out += c;
+  }
+  return out + q;
+}
+
+[[noreturn]] void fail(const char* op, const char* arg, const std::string& expected,
+                       const std::string& got) {
+  TORCH_CHECK_VALUE(false, "deep_ep.", op, ": ", arg, " must be ", expected, "; got ", got);
+  __builtin_unreachable();
+}
+
+bool is_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn; }
+bool is_index(at::ScalarType t) { return t == at::kInt || t == at::kLong; }
+bool is_scale(at::ScalarType t) { return t == at::kFloat || t == at::kInt; }
+
+struct Named {
+  const char* name;
+  const at::Tensor* t;  // nullptr: None
+};
+
+// validation.check_device + check_contiguous (the group of a registered State is NCCL: CUDA)
+void check_device_contiguous(const char* op, c10::string_view group,
+                             std::initializer_list<Named> tensors) {
+  for (const auto& n : tensors) {
+    if (n.t == nullptr || n.t->is_meta()) continue;
+    if (!n.t->is_cuda())
+      fail(op, n.name, "on cuda (group " + py_repr(group) + " is nccl)", desc(*n.t));
+  }
+  for (const auto& n : tensors) {
+    if (n.t != nullptr && !n.t->is_contiguous())
+      fail(op, n.name, "contiguous", "strides " + py_tuple(n.t->strides()));
+  }
+}
+
+// ---- the group of a call ------------------------------------------------------------------
+
+[[noreturn]] void fail_missing_group(c10::string_view name) {
+  std::vector<std::string> known;
+  for (const auto& kv : groups()) known.push_back(kv.first);
+  std::sort(known.begin(), known.end());
+  std::string list = "none";
+  if (!known.empty()) {
+    list = "[";
+    for (size_t i = 0; i < known.size(); ++i) list += (i ? ", " : "") + py_repr(known[i]);
+    list += "]";
+  }
+  // deep_ep_ops/registry.py missing_message()
+  TORCH_CHECK_VALUE(false, "group_name=", py_repr(name), ": no deep_ep_ops.Buffer is registered "
+                    "for this group (registered: ", list, "); create one with "
+                    "deep_ep_ops.Buffer(group, ...) on every rank");
+  __builtin_unreachable();
+}
+
+// The EP state of the call's group. A Buffer without CUDA state (gloo) given CUDA tensors gets
+// validation.check_device's message about its first CUDA tensor.
+std::shared_ptr<EpState> state_of(const char* op, c10::string_view name,
+                                  std::initializer_list<Named> tensors) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = groups().find(std::string(name.data(), name.size()));
+  if (it == groups().end()) fail_missing_group(name);
+  if (it->second.state) return it->second.state;
+  for (const auto& n : tensors)
+    if (n.t != nullptr && n.t->is_cuda())
+      fail(op, n.name, "on cpu (group " + py_repr(name) + " is " + it->second.backend + ")",
+           desc(*n.t));
+  TORCH_CHECK_VALUE(false, "deep_ep.", op, ": group ", py_repr(name), " has no CUDA state");
+  __builtin_unreachable();
+}
+
+bool value_checks_requested(const at::Tensor& t) {
+  const char* v = std::getenv("DEEP_EP_OPS_VALIDATE");
+  if (v == nullptr || v[0] != '1' || v[1] != '\0') return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(t.get_device()).stream(), &status);
+  return status == cudaStreamCaptureStatusNone;  // the checks copy to the host
+}
+
+// validation.check_expert_ids: ids in [-1, E), no duplicate id within a row.
+void check_expert_ids(const at::Tensor& topk_idx, int64_t num_experts) {
+  const at::Tensor ids = topk_idx.to(at::kCPU).to(at::kLong).contiguous();
+  const int64_t T = ids.size(0), K = ids.size(1);
+  const int64_t* v = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * K; ++i)
+    if (v[i] < -1 || v[i] >= num_experts)
+      fail("dispatch", "topk_idx", "expert ids in [-1, " + std::to_string(num_experts) + ")",
+           "topk_idx[" + std::to_string(i / K) + ", " + std::to_string(i % K) + "] = " +
+           std::to_string(v[i]));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t b = a + 1; b < K; ++b)
+        if (v[t * K + a] >= 0 && v[t * K + a] == v[t * K + b]) {
+          std::string row = "[";
+          for (int64_t k = 0; k < K; ++k) row += (k ? ", " : "") + std::to_string(v[t * K + k]);
+          fail("dispatch", "topk_idx", "free of duplicate expert ids within a row",
+               "row " + std::to_string(t) + " = " + row + "]");
+        }
+}
+
+// ---- checks (validation.py check_dispatch / check_handle / check_cached_dispatch /
+// check_combine) ------------------------------------------------------------------------
+
+void check_dispatch(const EpState& st, c10::string_view group, const at::Tensor& x,
+                    const std::optional<at::Tensor>& x_scales, const at::Tensor& topk_idx,
+                    const at::Tensor& topk_weights, int64_t num_experts,
+                    int64_t expert_alignment, int64_t num_sms) {
+  const char* op = "dispatch";
+  if (x.dim() != 2) fail(op, "x", "2-D [T, H]", desc(x));
+  const int64_t T = x.size(0), H = x.size(1);
+  const bool fp8 = is_fp8(x.scalar_type());
+  if (!is_float(x.scalar_type()) && !fp8)
+    fail(op, "x", "a float dtype (bf16/fp16/fp32/fp64) or float8_e4m3fn", desc(x));
+  const auto& cfg = st.cfg;
+  if (H != cfg.hidden)
+    fail(op, "x", "[T, " + std::to_string(cfg.hidden) + "] (hidden of the Buffer for " +
+         py_repr(group) + ")", desc(x));
+  if (T > cfg.max_tokens)
+    fail(op, "x", "at most num_max_tokens_per_rank=" + std::to_string(cfg.max_tokens) + " rows",
+         desc(x));
+  const at::Tensor* s = opt(x_scales);
+  if (fp8 && s == nullptr)
+    fail(op, "x_scales", "a [T, P] float32/int32 tensor when x is float8_e4m3fn", "None");
+  if (s != nullptr) {
+    if (!fp8) fail(op, "x_scales", "None unless x is float8_e4m3fn", desc(*s));
+    if (s->dim() != 2 || s->size(0) != T || !is_scale(s->scalar_type()))
+      fail(op, "x_scales", "[" + std::to_string(T) + ", P] float32 or int32 (4-byte scale packs)",
+           desc(*s));
+    if (s->size(1) > (H + 31) / 32)
+      fail(op, "x_scales", "at most ceil(H/32)=" + std::to_string((H + 31) / 32) +
+           " packs per row", desc(*s));
+  }
+  const int64_t K = cfg.topk;
+  // built only on failure: this runs on every eager call
+  const auto tk = [&] { return "[" + std::to_string(T) + ", " + std::to_string(K) + "]"; };
+  if (topk_idx.dim() != 2 || topk_idx.size(0) != T || topk_idx.size(1) != K ||
+      !is_index(topk_idx.scalar_type()))
+    fail(op, "topk_idx", tk() + " int64 or int32 (K = num_topk of the Buffer)", desc(topk_idx));
+  if (topk_weights.dim() != 2 || topk_weights.size(0) != T || topk_weights.size(1) != K ||
+      !is_float(topk_weights.scalar_type()))
+    fail(op, "topk_weights", tk() + " float32", desc(topk_weights));
+  if (num_experts != cfg.num_experts)
+    fail(op, "num_experts", std::to_string(cfg.num_experts) + " (num_experts of the Buffer)",
+         std::to_string(num_experts));
+  if (expert_alignment < 1)
+    fail(op, "expert_alignment", "an int >= 1", std::to_string(expert_alignment));
+  if (num_sms < 0) fail(op, "num_sms", ">= 0 (0 = automatic)", std::to_string(num_sms));
+  check_device_contiguous(op, group, {{"x", &x}, {"x_scales", s}, {"topk_idx", &topk_idx},
+                                      {"topk_weights", &topk_weights}});
+}
+
+void check_handle(const char* op, const EpState& st, c10::string_view group,
+                  const at::Tensor& handle) {
+  const int64_t W = st.handle_width;
+  if (handle.dim() != 2 || handle.size(1) != W || handle.scalar_type() != at::kInt ||
+      handle.size(0) < handle::kHeaderRows)
+    fail(op, "handle", "the int32 [1 + T + C, " + std::to_string(W) +
+         "] handle returned by dispatch on group " + py_repr(group), desc(handle));
+}
+
+void check_cached_dispatch(const EpState& st, c10::string_view group, const at::Tensor& x,
+                           const std::optional<at::Tensor>& x_scales, const at::Tensor& handle,
+                           int64_t num_sms) {
+  const char* op = "cached_dispatch";
+  check_handle(op, st, group, handle);
+  const bool fp8 = is_fp8(x.scalar_type());
+  if (x.dim() != 2 || !(is_float(x.scalar_type()) || fp8))
+    fail(op, "x", "a 2-D [T, H] float or float8_e4m3fn tensor", desc(x));
+  if (x.size(1) > st.cfg.hidden)
+    fail(op, "x", "[T, <= " + std::to_string(st.cfg.hidden) + "] (hidden of the Buffer)", desc(x));
+  if (x.size(0) > handle.size(0) - handle::kHeaderRows)
+    fail(op, "x", "[T, H] with T of the dispatch that made handle (" +
+         std::to_string(handle.size(0)) + " rows)", desc(x));
+  const at::Tensor* s = opt(x_scales);
+  if (fp8 != (s != nullptr))
+    fail(op, "x_scales", "given exactly when x is float8_e4m3fn", s == nullptr ? "None" : desc(*s));
+  if (s != nullptr && (s->dim() != 2 || s->size(0) != x.size(0) || !is_scale(s->scalar_type())))
+    fail(op, "x_scales", "[" + std::to_string(x.size(0)) + ", P] float32 or int32", desc(*s));
+  if (num_sms < 0) fail(op, "num_sms", ">= 0 (0 = automatic)", std::to_string(num_sms));
+  check_device_contiguous(op, group, {{"x", &x}, {"x_scales", s}, {"handle", &handle}});
+}
+
+void check_combine(const EpState& st, c10::string_view group, const at::Tensor& x,
+                   const at::Tensor& handle, const std::optional<at::Tensor>& weights,
+                   int64_t num_sms) {
+  const char* op = "combine";
+  check_handle(op, st, group, handle);
+  if (x.dim() != 2 || !is_float(x.scalar_type()))
+    fail(op, "x", "a 2-D [C, H] float tensor (the rows of dispatch's output)", desc(x));
+  if (x.size(1) > st.cfg.hidden)
+    fail(op, "x", "[C, <= " + std::to_string(st.cfg.hidden) + "] (hidden of the Buffer)", desc(x));
+  if (x.size(0) > handle.size(0) - handle::kHeaderRows)
+    fail(op, "x", "[C, H] with C rows of the dispatch that made handle (" +
+         std::to_string(handle.size(0)) + " handle rows)", desc(x));
+  const at::Tensor* w = opt(weights);
+  if (w != nullptr && (w->dim() != 1 || w->size(0) != x.size(0) || !is_float(w->scalar_type())))
+    fail(op, "weights", "None or [" + std::to_string(x.size(0)) + "] float32 (one weight per row)",
+         desc(*w));
+  if (num_sms < 0) fail(op, "num_sms", ">= 0 (0 = automatic)", std::to_string(num_sms));
+  check_device_contiguous(op, group, {{"x", &x}, {"handle", &handle}, {"weights", w}});
+}
+
+// ---- kernels ----------------------------------------------------------------------------
+
+using Out6 = DispatchOut;
+
+Out6 dispatch_static_cuda(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                          const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                          c10::string_view group_name, int64_t num_experts,
+                          int64_t expert_alignment, bool expand, int64_t num_sms) {
+  std::shared_ptr<EpState> st = state_of("dispatch", group_name,
+                                        {{"x", &x}, {"x_scales", opt(x_scales)},
+                                         {"topk_idx", &topk_idx}, {"topk_weights", &topk_weights}});
+  check_dispatch(*st, group_name, x, x_scales, topk_idx, topk_weights, num_experts,
+                 expert_alignment, num_sms);
+  if (topk_idx.numel() > 0 && value_checks_requested(topk_idx))
+    check_expert_ids(topk_idx, num_experts);
+  return dispatch(*st, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment, expand,
+                  num_sms);
+}
+
+std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
+                                                        const std::optional<at::Tensor>& x_scales,
+                                                        const at::Tensor& handle,
+                                                        c10::string_view group_name,
+                                                        int64_t num_sms) {
+  std::shared_ptr<EpState> st = state_of("cached_dispatch", group_name,
+                                        {{"x", &x}, {"x_scales", opt(x_scales)}, {"handle", &handle}});
+  check_cached_dispatch(*st, group_name, x, x_scales, handle, num_sms);
+  return cached_dispatch(*st, x, x_scales, handle, num_sms);
+}
+
+at::Tensor combine_cuda(const at::Tensor& x, const at::Tensor& handle,
+                        const std::optional<at::Tensor>& weights, c10::string_view group_name,
+                        int64_t num_sms) {
+  std::shared_ptr<EpState> st = state_of("combine", group_name,
+                                        {{"x", &x}, {"handle", &handle}, {"weights", opt(weights)}});
+  check_combine(*st, group_name, x, handle, weights, num_sms);
+  return combine(*st, x, handle, weights, num_sms);
+}
+
+// dispatch = _dispatch_static, then _trim_dispatch when exact (ops.py _dispatch): only the
+// collective is effectful, so compile never sees an effectful op with unbacked sizes.
+Out6 dispatch_composite(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                        const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                        c10::string_view group_name, int64_t num_experts,
+                        int64_t expert_alignment, bool expand, bool exact, int64_t num_sms) {
+  Out6 out = dispatch_static_op().call(x, x_scales, topk_idx, topk_weights, group_name,
+                                       num_experts, expert_alignment, expand, num_sms);
+  if (!exact) return out;
+  return trim_dispatch_op().call(std::get<0>(out), std::get<1>(out), std::get<2>(out),
+                                 std::get<3>(out), std::get<4>(out), std::get<5>(out));
+}
+
+std::unique_ptr<torch::Library> g_cuda_lib, g_composite_lib;
+
+}  // namespace
+
+// Register the kernels (once). The Python CUDA impls of these ops must be gone already
+// (deep_ep_ops.ops._use_cpp_kernels destroys their Library first).
+void register_kernels(bool composite) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_cuda_lib) {
+    auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "deep_ep",
+                                                c10::DispatchKey::CUDA, __FILE__, __LINE__);
+    lib->impl("_dispatch_static", TORCH_FN(dispatch_static_cuda));
+    lib->impl("cached_dispatch", TORCH_FN(cached_dispatch_cuda));
+    lib->impl("combine", TORCH_FN(combine_cuda));
+    g_cuda_lib = std::move(lib);
+  }
+  if (composite && !g_composite_lib) {
+    auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "deep_ep",
+                                                c10::DispatchKey::CompositeImplicitAutograd,
+                                                __FILE__, __LINE__);
+    lib->impl("dispatch", TORCH_FN(dispatch_composite));
+    g_composite_lib = std::move(lib);
+  }
+}
+
+// Ops whose CUDA kernel register_kernels() provides (ops.py moves exactly these).
+std::vector<std::string> cpp_cuda_ops() { return {"_dispatch_static", "cached_dispatch", "combine"}; }
+
+// deep_ep_ops/registry.py keeps this table equal to its own (it alone writes it).
+void register_group(const std::string& name, const std::string& backend,
+                    std::shared_ptr<EpState> state) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  groups()[name] = GroupEntry{backend, std::move(state)};
+}
+
+void unregister_group(const std::string& name) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  groups().erase(name);
+}
+
+std::vector<std::string> registered_groups() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  std::vector<std::string> out;
+  for (const auto& kv : groups()) out.push_back(kv.first);
+  return out;
+}
+
+}  // namespace deep_ep_ops
+
+void deep_ep_ops_bind_kernel_registry(pybind11::module_& m) {
+  namespace deo = deep_ep_ops;
+  m.def("register_kernels", &deo::register_kernels, pybind11::arg("composite") = true);
+  m.def("cpp_cuda_ops", &deo::cpp_cuda_ops);
+  m.def("register_group", &deo::register_group);
+  m.def("unregister_group", &deo::unregister_group);
+  m.def("registered_groups", &deo::registered_groups);
+}
