@@ -370,6 +370,10 @@ def markdown(w: Workload, p: Params, results: list[OpResult],
         "the rail peer, one partial per (token, host) crosses back, the source adds the host "
         "partials in ascending host order.",
         "",
+        "## Summary (exact variant; µs with / without NIC–NVLink overlap)",
+        "",
+        *summary_table(results),
+        "",
         "## Assumptions",
         "",
         f"- Workload: T = {w.tokens} tokens per rank, H = {w.hidden}, K = {w.topk}, "
@@ -499,6 +503,41 @@ def markdown(w: Workload, p: Params, results: list[OpResult],
         "",
     ]
     return "\n".join(md)
+
+
+def summary_table(results: list[OpResult]) -> list[str]:
+    """The headline table (exact variant, T of ``results``, overlap unless said): the one the
+    README's multi-host section carries."""
+    v2 = {d["ranks"]: d for d in DEEPEP_V2}
+    v1 = {d["ranks"]: d for d in DEEPEP_V1}
+    lines = ["| shape | remote hosts / token | NIC B / token (d / c bf16) | NIC MB / GPU "
+             "(d / c bf16) | sends / rank (d / c bf16) | dispatch µs (overlap / serial) | "
+             "combine bf16 µs | combine fp32 µs | eq. GB/s (d / c bf16 / c fp32) | "
+             "DeepEP published GB/s (d / c) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    by = {(r.ranks, r.op, r.partial): r for r in results if r.variant == "exact"}
+    for ranks in sorted({r.ranks for r in results}):
+        d, cb, cf = (by[(ranks, "dispatch", "fp8")], by[(ranks, "combine", "bf16")],
+                     by[(ranks, "combine", "fp32")])
+        if ranks in v2:
+            pub = (f"V2 EP8x{ranks // 8}: {v2[ranks]['dispatch_GBps']:.0f} / "
+                   f"{v2[ranks]['combine_GBps']:.0f} ({v2[ranks]['sms']} SMs, T = 8192)")
+        elif ranks in v1:
+            pub = (f"V1 only: {v1[ranks]['dispatch_GBps']:.0f} / "
+                   f"{v1[ranks]['combine_GBps']:.0f} (H800, ≤ 4 hosts per token)")
+        else:
+            pub = "—"
+        lines.append(
+            f"| {d.shape} ({d.hosts}×8) | {d.remote_hosts_per_token:.3f} | "
+            f"{_f(d.nic_bytes_per_token)} / {_f(cb.nic_bytes_per_token)} | "
+            f"{d.nic_MB_per_gpu:.1f} / {cb.nic_MB_per_gpu:.1f} | "
+            f"{d.messages_per_rank} / {cb.messages_per_rank} | "
+            f"{d.t_overlap_us:.0f} / {d.t_serial_us:.0f} | "
+            f"{cb.t_overlap_us:.0f} / {cb.t_serial_us:.0f} | "
+            f"{cf.t_overlap_us:.0f} / {cf.t_serial_us:.0f} | "
+            f"{d.eq_GBps_overlap:.0f} / {cb.eq_GBps_overlap:.0f} / {cf.eq_GBps_overlap:.0f} | "
+            f"{pub} |")
+    return lines
 
 
 def _traffic_table(w: Workload, results: list[OpResult]) -> list[str]:
