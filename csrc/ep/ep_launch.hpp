@@ -17,12 +17,8 @@ constexpr int kNumSlots = 256;             // barrier slots; CTA b of a barrier 
 constexpr int kLayoutSlot = kNumSlots - 1; // the one-CTA count exchange of dispatch
 constexpr int kMaxBarrierCtas = kNumSlots - 1;
 
-// Window layout (the same byte offsets on every rank):
-//   [flags_off]  uint32 flags[kNumSlots][kMaxRanks]: flags[b][s] = last barrier epoch that rank s
-//                announced to this rank on slot b
-//   [counts_off] int32 counts[R][E + R]: row s = rank s's per-expert and per-rank send counts
-//   [data_off]   dispatch rows / cached-dispatch staging / combine staging (reused by every op;
-//                each op starts behind a barrier so peers are done with the previous one)
+// What every EP kernel receives by value: the peers' window bases and the region offsets of
+// ep_window.hpp's EpWindow (the same on every rank), the barrier epochs and the wait context.
 struct Comm {
   char* peer_base[kMaxRanks];  // window base address of every rank as mapped here
   unsigned* epochs;            // device-local epoch per barrier slot (graph-replay safe)
@@ -66,9 +62,8 @@ constexpr int recv_local_lo(int e_loc) { return kRecvTpe + 2 * e_loc + 1; }
 constexpr int recv_local_n(int e_loc) { return kRecvTpe + 2 * e_loc + 2; }
 constexpr int recv_info_ints(int e_loc) { return kRecvTpe + 2 * e_loc + 8; }
 
-// Row layout of dispatch in the data region: x rows, scale rows and metadata rows, each for
-// R*M compact rows. Metadata ints: [src rank, src token, combine slot, 0,
-// local expert of slot k (K), expert-major row of slot k (K), weight bits of slot k (K)].
+// Row layout of dispatch in the data region (EpWindow::dispatch_rows): x rows, scale rows and
+// metadata rows, each for R*M compact rows.
 struct DispatchRows {
   int64_t x_off, s_off, m_off;  // offsets from the window base
   int64_t x_stride, s_stride;   // bytes

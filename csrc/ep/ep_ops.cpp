@@ -32,11 +32,12 @@ void check_alive(const EpState& st, const char* op) {
   raise_if_broken(st.error_host, op);
 }
 
-void check_fits(const EpState& st, const char* op, int64_t need) {
-  if (need > st.data_bytes)
-    throw std::runtime_error(std::string("deep_ep.") + op + ": needs " + std::to_string(need) +
-                             " bytes of symmetric memory but the Buffer reserved " +
-                             std::to_string(st.data_bytes) +
+void check_fits(const EpState& st, const char* op, int64_t end) {
+  if (!st.win.fits(end))
+    throw std::runtime_error(std::string("deep_ep.") + op + ": needs " +
+                             std::to_string(end - st.win.data_off) + " bytes of the window's "
+                             "data region but the Buffer reserved " +
+                             std::to_string(st.win.data_bytes) +
                              " (the rows are wider than the Buffer's hidden allows)");
 }
 
@@ -137,15 +138,9 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   const int64_t P = x_scales.has_value() ? x_scales->size(1) : 0;
   const int64_t s_bytes = P * 4;
 
-  DispatchRows rows{};
-  rows.x_stride = align_up(x_bytes, 16);
-  rows.s_stride = align_up(s_bytes, 16);
-  rows.meta_ints = static_cast<int>(align_up(4 + 3 * K, 4));
   const int64_t cap = static_cast<int64_t>(R) * M;
-  rows.x_off = st.comm.data_off;
-  rows.s_off = rows.x_off + align_up(cap * rows.x_stride, 256);
-  rows.m_off = rows.s_off + align_up(cap * rows.s_stride, 256);
-  check_fits(st, "dispatch", rows.m_off + cap * rows.meta_ints * 4 - st.comm.data_off);
+  const DispatchRows rows = st.win.dispatch_rows(R, M, K, x_bytes, s_bytes);
+  check_fits(st, "dispatch", EpWindow::dispatch_end(rows, R, M));
 
   if (R == 1 && !expand) {
     // one rank, compact rows, static capacity: a local permute in one kernel
@@ -236,12 +231,12 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch(EpState& st, const at::Tensor
   p.handle = handle.data_ptr<int>();
   p.x_bytes = Hx * static_cast<int64_t>(x.element_size());
   p.s_bytes = P * 4;
-  p.x_stride = align_up(p.x_bytes, 16);
-  p.s_stride = align_up(p.s_bytes, 16);
-  const int64_t M = st.cfg.max_tokens;
-  p.x_off = st.comm.data_off;
-  p.s_off = p.x_off + align_up(M * p.x_stride, 256);
-  check_fits(st, "cached_dispatch", p.s_off + M * p.s_stride - st.comm.data_off);
+  const EpWindow::Staging staging = st.win.cached_staging(st.cfg.max_tokens, p.x_bytes, p.s_bytes);
+  p.x_stride = staging.x_stride;
+  p.s_stride = staging.s_stride;
+  p.x_off = staging.x_off;
+  p.s_off = staging.s_off;
+  check_fits(st, "cached_dispatch", staging.end);
 
   at::Tensor out_x = empty({C, Hx}, x.scalar_type(), x.device());
   at::Tensor out_s = x_scales.has_value() ? empty({C, P}, x_scales->scalar_type(), x.device())
@@ -281,8 +276,9 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
   at::Tensor w;
   if (weights.has_value()) w = weights->scalar_type() == at::kFloat ? *weights : weights->to(at::kFloat);
   p.num_slots = std::min(st.cfg.num_ranks, st.cfg.topk);
-  p.stage_off = st.comm.data_off;
-  check_fits(st, "combine", static_cast<int64_t>(st.cfg.max_tokens) * p.num_slots * Wd * 4);
+  p.stage_off = st.win.combine_stage_off();
+  check_fits(st, "combine", p.stage_off + EpWindow::combine_stage_bytes(st.cfg.max_tokens,
+                                                                         p.num_slots, Wd));
   at::Tensor out = empty({T, Wd}, x.scalar_type(), x.device());
   p.x = x.data_ptr();
   p.weights = w.defined() ? w.data_ptr<float>() : nullptr;

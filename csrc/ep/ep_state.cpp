@@ -25,26 +25,12 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   smem_optin = static_cast<size_t>(optin);
   handle_width = handle::handle_width(K);
 
-  // ---- window layout ----
-  const int64_t P = cfg.fp8 ? (H + 31) / 32 : 0;
-  const int64_t meta_ints = align_up(4 + 3 * K, 4);
-  // Dispatch rows up to fp32 wide (x may be fp32; bf16 and fp8 + scales are narrower): R*M
-  // rows of 4H bytes, their scales and metadata. That also holds the combine staging, at most
-  // min(R, K) fp32 partials per token.
-  const int64_t dispatch_bytes = static_cast<int64_t>(R) * M *
-                                     (align_up(4LL * H, 16) + align_up(4 * P, 16) + 4 * meta_ints) +
-                                 3 * 256;
-  const int64_t combine_bytes =
-      static_cast<int64_t>(M) * std::min(R, K) * align_up(4LL * H, 16);
-  const int64_t cached_bytes =
-      static_cast<int64_t>(M) * (align_up(4LL * H, 16) + align_up(4 * ((H + 31) / 32), 16)) + 256;
-  data_bytes = align_up(std::max({dispatch_bytes, combine_bytes, cached_bytes}), 4096);
-  comm.flags_off = 0;
-  comm.counts_off = align_up(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
-  comm.data_off = comm.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
-  window_bytes = align_up(comm.data_off + data_bytes, 1 << 21);
+  win = EpWindow::plan(R, M, H, K, E, cfg.fp8);
+  comm.flags_off = win.flags_off;
+  comm.counts_off = win.counts_off;
+  comm.data_off = win.data_off;
 
-  window_ = transport_->allocate(window_bytes);
+  window_ = transport_->allocate(win.window_bytes);
   std::copy(window_.peer_base, window_.peer_base + kMaxRanks, comm.peer_base);
 
   // ---- scratch ----

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "ep_launch.hpp"
+#include "ep_window.hpp"
 #include "../transport/peer_memory.hpp"
 
 namespace deep_ep_ops {
@@ -36,8 +37,7 @@ class EpState {
   const EpConfig cfg;
   Comm comm{};
   DispatchScratch scratch{};
-  int64_t data_bytes = 0;  // size of the data region
-  int64_t window_bytes = 0;
+  EpWindow win;  // where everything lives in the window
   int sm_count = 0;
   size_t smem_optin = 0;
   int handle_width = 0;

@@ -45,8 +45,8 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
   namespace deo = deep_ep_ops;
   namespace py = pybind11;
   py::class_<deo::EpState, std::shared_ptr<deo::EpState>>(m, "EpState")
-      .def_property_readonly("window_bytes", [](const deo::EpState& s) { return s.window_bytes; })
-      .def_property_readonly("data_bytes", [](const deo::EpState& s) { return s.data_bytes; })
+      .def_property_readonly("window_bytes", [](const deo::EpState& s) { return s.win.window_bytes; })
+      .def_property_readonly("data_bytes", [](const deo::EpState& s) { return s.win.data_bytes; })
       .def_property_readonly("sm_count", [](const deo::EpState& s) { return s.sm_count; })
       .def_property_readonly("alive", &deo::EpState::alive)
       .def_property_readonly("transport", &deo::EpState::transport_name);

@@ -1,0 +1,84 @@
+// Where everything lives in the EP window (the same byte offsets on every rank), in one place:
+// the state sizes the window from these functions and every launch takes its offsets from them,
+// so the sizing and the use cannot disagree. Kernels receive the offsets in their parameters
+// (Comm, DispatchRows, CachedParams, CombineParams).
+//
+//   [flags]  uint32 flags[kNumSlots][kMaxRanks]: barrier epochs announced by each rank
+//   [counts] int32 counts[R][E + R]: row s = rank s's per-expert and per-rank send counts
+//   [data]   dispatch rows / cached-dispatch staging / combine staging (reused by every op;
+//            each op starts behind a barrier so peers are done with the previous one)
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../host/cuda_check.hpp"  // align_up
+#include "ep_launch.hpp"
+
+namespace deep_ep_ops {
+
+struct EpWindow {
+  int64_t flags_off = 0, counts_off = 0, data_off = 0;
+  int64_t data_bytes = 0;    // size of the data region
+  int64_t window_bytes = 0;  // whole window (2 MiB granules)
+
+  // Dispatch rows in the data region: R*M rows of x (x_bytes each), of scales (s_bytes) and of
+  // metadata. Metadata ints: [src rank, src token, combine slot, 0, local expert of slot k (K),
+  // expert-major row of slot k (K), weight bits of slot k (K)].
+  DispatchRows dispatch_rows(int R, int M, int K, int64_t x_bytes, int64_t s_bytes) const {
+    const int64_t cap = static_cast<int64_t>(R) * M;
+    DispatchRows r{};
+    r.x_stride = align_up(x_bytes, 16);
+    r.s_stride = align_up(s_bytes, 16);
+    r.meta_ints = static_cast<int>(align_up(4 + 3 * K, 4));
+    r.x_off = data_off;
+    r.s_off = r.x_off + align_up(cap * r.x_stride, 256);
+    r.m_off = r.s_off + align_up(cap * r.s_stride, 256);
+    return r;
+  }
+  static int64_t dispatch_end(const DispatchRows& r, int R, int M) {
+    return r.m_off + static_cast<int64_t>(R) * M * r.meta_ints * 4;
+  }
+
+  // cached_dispatch's staging: M rows of x and of scales.
+  struct Staging {
+    int64_t x_stride, s_stride, x_off, s_off, end;
+  };
+  Staging cached_staging(int M, int64_t x_bytes, int64_t s_bytes) const {
+    Staging s{};
+    s.x_stride = align_up(x_bytes, 16);
+    s.s_stride = align_up(s_bytes, 16);
+    s.x_off = data_off;
+    s.s_off = s.x_off + align_up(M * s.x_stride, 256);
+    s.end = s.s_off + M * s.s_stride;
+    return s;
+  }
+
+  // combine's staging: min(R, K) fp32 partials of rows of `width` elements per token.
+  int64_t combine_stage_off() const { return data_off; }
+  static int64_t combine_stage_bytes(int M, int slots, int64_t width) {
+    return static_cast<int64_t>(M) * slots * width * 4;
+  }
+
+  bool fits(int64_t end) const { return end - data_off <= data_bytes; }
+
+  // The window of a Buffer: the data region holds the widest use of every op (dispatch rows up
+  // to fp32 wide, x may be fp32; bf16 and fp8 + scales are narrower).
+  static EpWindow plan(int R, int M, int H, int K, int E, bool fp8) {
+    EpWindow w;
+    w.flags_off = 0;
+    w.counts_off = align_up(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
+    w.data_off = w.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
+    const int64_t packs = (H + 31) / 32;  // most 4-byte scale packs a row may carry
+    const DispatchRows rows = w.dispatch_rows(R, M, K, 4LL * H, fp8 ? 4 * packs : 0);
+    const int64_t need = std::max({dispatch_end(rows, R, M),
+                                   w.cached_staging(M, 4LL * H, 4 * packs).end,
+                                   w.combine_stage_off() +
+                                       combine_stage_bytes(M, std::min(R, K), H)}) - w.data_off;
+    w.data_bytes = align_up(need, 4096);
+    w.window_bytes = align_up(w.data_off + w.data_bytes, 1 << 21);
+    return w;
+  }
+};
+
+}  // namespace deep_ep_ops
