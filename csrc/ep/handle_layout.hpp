@@ -3,11 +3,7 @@
 #pragma once
 
 // Usable from device code and from host-only C++ (no CUDA headers needed there).
-#if defined(__CUDACC__)
-#define DEO_HOST_DEVICE __host__ __device__
-#else
-#define DEO_HOST_DEVICE
-#endif
+#include "../device/shared_types.hpp"  // DEO_HOST_DEVICE
 
 namespace deep_ep_ops {
 namespace handle {

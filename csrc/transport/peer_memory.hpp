@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "../ep/ep_launch.hpp"  // kMaxRanks
+#include "../device/shared_types.hpp"  // kMaxRanks
 
 namespace deep_ep_ops {
 
