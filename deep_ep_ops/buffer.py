@@ -210,6 +210,10 @@ class Buffer:
             backend.destroy_state(self._cuda_state, name)
             self._cuda_state = None
         self._engram = None
+        # Let go of the process group: a gloo group still referenced when the interpreter
+        # exits is destructed after its worker threads' owners are gone, and the process
+        # aborts ("terminate called without an active exception") after destroy_process_group.
+        self.group = None
 
     def __enter__(self) -> "Buffer":
         return self
