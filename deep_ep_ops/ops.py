@@ -14,8 +14,9 @@ import torch
 from deep_ep_ops import autograd as _autograd
 from deep_ep_ops import validation as V
 from deep_ep_ops.buffer import get_buffer
-from deep_ep_ops.cpu import collectives as cpu_coll
+from deep_ep_ops.cpu import engram as cpu_engram
 from deep_ep_ops.cpu import moe as cpu_moe
+from deep_ep_ops.cpu import pp_cp as cpu_pp_cp
 from deep_ep_ops.meta import fake as _fake
 from deep_ep_ops.schemas import COMM_OPS, NAMESPACE, SCHEMAS
 from deep_ep_ops.trim import trim_dispatch
@@ -96,7 +97,7 @@ def _engram_fetch(table, indices, group_name):
     V.check_engram_fetch(buf, table, indices)
     if table.is_cuda:
         return _cuda_backend_fn("engram_fetch")(buf, buf.cuda_state, table, indices)
-    return cpu_coll.engram_fetch(buf, table, indices)
+    return cpu_engram.engram_fetch(buf, table, indices)
 
 
 def _engram_scatter_add(grad, indices, group_name, num_entries, hidden):
@@ -104,7 +105,7 @@ def _engram_scatter_add(grad, indices, group_name, num_entries, hidden):
     if grad.is_cuda:
         return _cuda_backend_fn("engram_scatter_add")(buf, buf.cuda_state, grad, indices,
                                                       num_entries, hidden)
-    return cpu_coll.engram_scatter_add(buf, grad, indices, num_entries, hidden)
+    return cpu_engram.engram_scatter_add(buf, grad, indices, num_entries, hidden)
 
 
 def _pp_send_recv(send, dst, src, recv_shape, recv_dtype, group_name):
@@ -113,7 +114,7 @@ def _pp_send_recv(send, dst, src, recv_shape, recv_dtype, group_name):
     if send.is_cuda:
         return _cuda_backend_fn("pp_send_recv")(buf, buf.cuda_state, send, dst, src,
                                                 recv_shape, recv_dtype)
-    return cpu_coll.pp_send_recv(buf, send, dst, src, recv_shape, recv_dtype)
+    return cpu_pp_cp.pp_send_recv(buf, send, dst, src, recv_shape, recv_dtype)
 
 
 def _cp_all_gather(x, group_name):
@@ -121,7 +122,7 @@ def _cp_all_gather(x, group_name):
     V.check_cp("cp_all_gather", buf, x)
     if x.is_cuda:
         return _cuda_backend_fn("cp_all_gather")(buf, buf.cuda_state, x)
-    return cpu_coll.cp_all_gather(buf, x)
+    return cpu_pp_cp.cp_all_gather(buf, x)
 
 
 def _cp_reduce_scatter(x, group_name):
@@ -129,7 +130,7 @@ def _cp_reduce_scatter(x, group_name):
     V.check_reduce_scatter(buf, x)
     if x.is_cuda:
         return _cuda_backend_fn("cp_reduce_scatter")(buf, buf.cuda_state, x)
-    return cpu_coll.cp_reduce_scatter(buf, x)
+    return cpu_pp_cp.cp_reduce_scatter(buf, x)
 
 
 _IMPLS = {

@@ -73,12 +73,12 @@ def _dce_body(rank: int, R: int) -> None:
     must still run the op on every rank (else a peer would wait forever)."""
     buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=M, hidden=HID, num_topk=K, num_experts=E)
     calls = []
-    original = deep_ep_ops.ops.cpu_coll.pp_send_recv
+    original = deep_ep_ops.ops.cpu_pp_cp.pp_send_recv
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
-    deep_ep_ops.ops.cpu_coll.pp_send_recv = counting
+    deep_ep_ops.ops.cpu_pp_cp.pp_send_recv = counting
 
     def step(t):
         torch.ops.deep_ep.pp_send_recv(t, (rank + 1) % R, (rank - 1) % R, [3], torch.float32,
@@ -88,7 +88,7 @@ def _dce_body(rank: int, R: int) -> None:
     out = torch.compile(step, fullgraph=True, backend="inductor")(torch.ones(3))
     assert torch.equal(out, torch.full((3,), 2.0))
     assert len(calls) == 1, f"pp_send_recv ran {len(calls)} times in the compiled step"
-    deep_ep_ops.ops.cpu_coll.pp_send_recv = original
+    deep_ep_ops.ops.cpu_pp_cp.pp_send_recv = original
     buf.destroy()
 
 
