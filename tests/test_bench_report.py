@@ -40,6 +40,7 @@ def _ratio_row(md: str, name: str) -> list[str]:
 def test_markdown_ratios_use_the_limit_of_the_rank_count(ranks: int) -> None:
     limits = {"d2d_copy_GBps": 2000.0, "peer_both_ways_GBps": 400.0}
     report = {"kind": "test-kind", "date": "2026-11-23", "ranks": ranks, "limits": limits,
+              "ranks_per_gpu": 1, "sms_per_rank": 132, "timing": "CUDA events",
               "workloads": [_workload("prefill", 50.0, 80.0, 900.0, 200.0)],
               "sm_sweep": [], "token_sweep": [], "peers": {}}
     md = _markdown(report)
@@ -57,5 +58,6 @@ def test_markdown_says_when_the_sm_count_is_unknown() -> None:
     w["dispatch_sms"] = None  # the profiler saw no kernel
     del w["combine_sms"]  # a report written before the column existed
     report = {"kind": "k", "date": "d", "ranks": 1, "limits": {"d2d_copy_GBps": 2000.0},
+              "ranks_per_gpu": 1, "sms_per_rank": 132, "timing": "CUDA events",
               "workloads": [w], "sm_sweep": [], "token_sweep": [], "peers": {}}
     assert "| n/a / n/a |" in _markdown(report)
