@@ -1,18 +1,16 @@
-"""Installs the pure-Python package; CUDA sources ship as package data and are JIT-built on
-first GPU use (see deep_ep_ops/cuda/loader.py), so installing needs no compiler."""
+"""Package layout only; the metadata lives in pyproject.toml.
+
+CUDA sources ship as package data and are JIT-built on first GPU use (see
+deep_ep_ops/cuda/loader.py), so installing needs no compiler.
+"""
 from setuptools import find_packages, setup
 
 setup(
-    name="deep_ep_ops",
-    version="0.1.0",
-    description="Expert-parallel MoE dispatch/combine and friends as torch.library ops",
     packages=find_packages(include=["deep_ep_ops", "deep_ep_ops.*"]) + [
         "deep_ep_ops.meta", "deep_ep_ops.cuda.csrc"],
     # meta/ and csrc/ stay top-level folders of the repository; installed, they become
     # deep_ep_ops.meta and deep_ep_ops/cuda/csrc (where the JIT loader looks for sources).
     package_dir={"deep_ep_ops.meta": "meta", "deep_ep_ops.cuda.csrc": "csrc"},
-    package_data={"deep_ep_ops.cuda.csrc": ["channels/*", "device/*", "ep/*", "host/*", "torch/*", "transport/*"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.10"],
-    extras_require={"test": ["pytest", "expecttest", "transformers>=4.46", "ninja"]},
+    package_data={"deep_ep_ops.cuda.csrc": ["channels/*", "device/*", "ep/*", "host/*", "torch/*",
+                                           "transport/*"]},
 )

@@ -43,7 +43,9 @@ class Buffer:
         num_topk: K, columns of ``topk_idx``.
         num_experts: E, divisible by the group size; ``dispatch`` checks its argument against it.
         fp8_dispatch: reserve room for FP8 rows plus up to ceil(H/32) 4-byte scale packs.
-        timeout_s: GPU-side waits abort with a message after this many seconds.
+        timeout_s: how long any rank waits for a peer inside an op. CUDA: the kernel gives up
+            and the next call raises naming the peer. CPU: the op raises ``PeerTimeoutError``
+            naming the op and the peers that did not enter it.
         pp_max_bytes: largest ``pp_send_recv`` message on CUDA (one copy-engine slot per
             source rank: costs R * pp_max_bytes of symmetric memory; 0 = small messages only).
         pp_slots: small ``pp_send_recv`` messages in flight per direction before the sender
@@ -209,6 +211,10 @@ class Buffer:
             ep.destroy_state(self._ep_state)
             self._ep_state = None
         self._engram = None
+        # Let go of the process group: a gloo group still referenced when the interpreter
+        # exits is destructed after its worker threads' owners are gone, and the process
+        # aborts ("terminate called without an active exception") after destroy_process_group.
+        self.group = None
 
     def __enter__(self) -> "Buffer":
         return self

@@ -1,26 +1,26 @@
-"""Demo: spawn local ranks and run an expert-parallel MoE step, dispatch -> experts -> combine.
+"""Demo: an expert-parallel MoE step on local ranks, dispatch -> experts -> combine.
 
-    python -m deep_ep_ops.demo [--ranks 2] [--tokens 64] [--hidden 128] [--experts 8] [--topk 2]
+    python -m deep_ep_ops.demo [--ranks R] [--tokens T] [--hidden H] [--experts E] [--topk K]
 
-Uses gloo and CPU tensors by default, NCCL and one GPU per rank when GPUs are present (or with
-``--backend nccl``). Prints what moved where, how long each op took, and checks the result
-against the same MoE computed densely on one rank.
+CPU ranks over gloo by default, one GPU per rank over NCCL when GPUs are present (or with
+``--backend nccl``). Prints what moved where and how long each op took, and checks each rank's
+result against the same MoE computed densely with every expert at hand.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
+import sys
 import time
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from deep_ep_ops.local_ranks import free_port
+from deep_ep_ops.cli import OneLineErrorParser, int_at_least
+from deep_ep_ops.local_ranks import RanksFailed, gpu_count, spawn
 
 
-def _timed(fn, device: torch.device, repeats: int):
+def _timed(fn: Callable, device: torch.device, repeats: int):
     """Run ``fn`` ``repeats`` times; median wall time in microseconds and the last result."""
     times, out = [], None
     for _ in range(repeats):
@@ -34,21 +34,13 @@ def _timed(fn, device: torch.device, repeats: int):
     return statistics.median(times), out
 
 
-def _rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
+def _rank_main(rank: int, R: int, args: argparse.Namespace) -> dict:
+    """One rank's MoE step; returns its statistics (the parent prints them)."""
     import deep_ep_ops
     from deep_ep_ops.nn import LocalExperts
 
-    R = args.ranks
-    if args.backend == "nccl":
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=R, device_id=device)
-    else:
-        torch.set_num_threads(1)
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=R)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.backend == "nccl" \
+        else torch.device("cpu")
     E, K, H, T = args.experts, args.topk, args.hidden, args.tokens
     E_loc = E // R
     buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=T, hidden=H, num_topk=K, num_experts=E)
@@ -65,14 +57,13 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
     scores = torch.randn(T, E, generator=gen).softmax(-1).to(device)
     topk_w, topk_idx = scores.topk(K, dim=-1)
 
-    ops = torch.ops.deep_ep
-    name = buf.group_name
+    ops, name = torch.ops.deep_ep, buf.group_name
 
     def run_dispatch():
         return ops.dispatch(x, None, topk_idx, topk_w, name, E, 1, True)
 
     for _ in range(2):  # warm-up (and the CUDA JIT build on first use)
-        recv_x, _, recv_idx, recv_w, tpe, handle = run_dispatch()
+        run_dispatch()
     t_dispatch, (recv_x, _, recv_idx, recv_w, tpe, handle) = _timed(run_dispatch, device,
                                                                     args.repeats)
     with torch.no_grad():
@@ -88,56 +79,95 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
                 if m.any():
                     dense[m] += topk_w[m, k, None] * all_experts.expert(e, x[m])
     err = (out - dense).abs().max().item()
-
-    sends = torch.zeros(R, dtype=torch.long)
-    for r in range(R):
-        sends[r] = int(((topk_idx // E_loc) == r).any(-1).sum())
-    rows = int(tpe.sum())
-    row_bytes = H * x.element_size()
-    stats = torch.tensor([T, rows, t_dispatch, t_combine, err, *sends.tolist()],
-                         dtype=torch.float64)
-    gathered = [torch.zeros_like(stats) for _ in range(R)]
-    dist.all_gather(gathered, stats.to(device) if args.backend == "nccl" else stats)
-    if rank == 0:
-        print(f"deep_ep_ops demo: {R} ranks ({args.backend}), T={T} tokens/rank, H={H}, "
-              f"E={E} experts ({E_loc}/rank), top-{K}, expert-major layout")
-        print("rank | tokens | tokens sent to ranks | (token,expert) rows received | "
-              "dispatch us | combine us | max |out - dense|")
-        for r, st in enumerate(gathered):
-            st = st.cpu()
-            sent = " ".join(str(int(v)) for v in st[5:])
-            print(f"{r:4d} | {int(st[0]):6d} | {sent:>20s} | {int(st[1]):28d} | "
-                  f"{st[2]:11.1f} | {st[3]:10.1f} | {st[4]:.2e}")
-        total_sent = sum(int(st[5:].sum()) for st in gathered)
-        print(f"moved {total_sent} token rows ({total_sent * row_bytes / 1e6:.2f} MB) in "
-              f"dispatch and the same back in combine; times are medians of {args.repeats}")
-    ok = err < 1e-4 if x.dtype == torch.float32 else err < 1e-2
     buf.destroy()
-    dist.barrier()
-    dist.destroy_process_group()
-    if not ok:
-        raise SystemExit(f"rank {rank}: combine differs from the dense MoE by {err}")
+    owner = topk_idx // E_loc
+    return dict(tokens=T, rows=int(tpe.sum()), dispatch_us=t_dispatch, combine_us=t_combine,
+                err=err, sent=[int((owner == r).any(-1).sum()) for r in range(R)],
+                row_bytes=H * x.element_size(), transport=buf.transport)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    has_gpus = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    parser.add_argument("--backend", choices=("gloo", "nccl"),
-                        default="nccl" if has_gpus else "gloo")
-    parser.add_argument("--ranks", type=int, default=None)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--topk", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+TOLERANCE = 1e-4  # fp32 rows; the dense MoE adds the experts in another order
+
+
+def _report(args: argparse.Namespace, stats: list[dict]) -> bool:
+    R, E = args.ranks, args.experts
+    transport = f", transport {stats[0]['transport']}" if stats[0]["transport"] else ""
+    print(f"deep_ep_ops demo: {R} ranks ({args.backend}{transport}), T={args.tokens} "
+          f"tokens/rank, H={args.hidden}, E={E} experts ({E // R}/rank), top-{args.topk}, "
+          "expert-major layout")
+    print("rank | tokens | tokens sent to ranks | (token,expert) rows received | "
+          "dispatch us | combine us | max |out - dense|")
+    for r, st in enumerate(stats):
+        sent = " ".join(str(v) for v in st["sent"])
+        print(f"{r:4d} | {st['tokens']:6d} | {sent:>20s} | {st['rows']:28d} | "
+              f"{st['dispatch_us']:11.1f} | {st['combine_us']:10.1f} | {st['err']:.2e}")
+    total = sum(sum(st["sent"]) for st in stats)
+    print(f"moved {total} token rows ({total * stats[0]['row_bytes'] / 1e6:.2f} MB) in "
+          f"dispatch and the same back in combine; times are medians of {args.repeats}")
+    worst = max(st["err"] for st in stats)
+    ok = worst <= TOLERANCE
+    print(f"checked: combine(experts(dispatch(x))) {'equals' if ok else 'DIFFERS FROM'} the "
+          f"dense MoE on all {R} ranks (max |difference| {worst:.1e}, tolerance {TOLERANCE:.0e})")
+    return ok
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="python -m deep_ep_ops.demo",
+                                description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("gloo", "nccl"), default=None,
+                        help="gloo: CPU ranks; nccl: one CUDA GPU per rank (default: nccl "
+                             "when GPUs are present, else gloo)")
+    parser.add_argument("--ranks", type=int_at_least(1), default=None,
+                        help="local ranks to spawn (default: the GPU count with nccl, else 2)")
+    parser.add_argument("--tokens", type=int_at_least(1), default=64,
+                        help="tokens per rank, T, also the Buffer's num_max_tokens_per_rank "
+                             "(default: 64)")
+    parser.add_argument("--hidden", type=int_at_least(1), default=128,
+                        help="row width H of the fp32 rows (default: 128)")
+    parser.add_argument("--experts", type=int_at_least(1), default=None,
+                        help="experts E in all, a multiple of --ranks (default: 4 per rank)")
+    parser.add_argument("--topk", type=int_at_least(1), default=2,
+                        help="experts per token K, at most --experts (default: 2)")
+    parser.add_argument("--repeats", type=int_at_least(1), default=5,
+                        help="timed calls per op; the median is printed (default: 5)")
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The demo's arguments, completed and checked (argparse's one-line errors)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    gpus = gpu_count()
+    if args.backend is None:
+        args.backend = "nccl" if gpus else "gloo"
+    if args.backend == "nccl":
+        if gpus == 0:
+            parser.error("--backend nccl needs CUDA GPUs and this machine has none; "
+                         "use --backend gloo")
+        if args.ranks is None:
+            args.ranks = gpus
+        if args.ranks > gpus:
+            parser.error(f"--ranks {args.ranks} with --backend nccl needs {args.ranks} GPUs; "
+                         f"this machine has {gpus}")
     if args.ranks is None:
-        args.ranks = torch.cuda.device_count() if args.backend == "nccl" else 2
+        args.ranks = 2
+    if args.experts is None:
+        args.experts = 4 * args.ranks
     if args.experts % args.ranks:
-        parser.error(f"--experts {args.experts} must be divisible by --ranks {args.ranks}")
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    mp.start_processes(_rank_main, args=(args, free_port()), nprocs=args.ranks,
-                       start_method="spawn")
+        parser.error(f"--experts {args.experts} must be a multiple of --ranks {args.ranks}")
+    if args.topk > args.experts:
+        parser.error(f"--topk {args.topk} must be at most --experts {args.experts}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    try:
+        stats = spawn(_rank_main, args.ranks, args, backend=args.backend, what="demo")
+    except RanksFailed as exc:
+        sys.exit(f"deep_ep_ops demo failed:\n{exc}")
+    if not _report(args, stats):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import torch
 from deep_ep_ops import autograd as _autograd
 from deep_ep_ops import registry
 from deep_ep_ops import validation as V
-from deep_ep_ops.cpu import collectives as cpu_coll
+from deep_ep_ops.cpu import engram as cpu_engram
 from deep_ep_ops.cpu import moe as cpu_moe
+from deep_ep_ops.cpu import pp_cp as cpu_pp_cp
 from deep_ep_ops.cuda import channels as cuda_channels
 from deep_ep_ops.cuda import ep as cuda_ep
 from deep_ep_ops.cuda import extension
@@ -60,14 +61,14 @@ _OPS: dict[str, OpImpl] = {
         V.check_combine,
         lambda buf, x, handle, w, num_sms: cpu_moe.combine(buf, x, handle, w),
         cuda_ep.combine),
-    "engram_fetch": OpImpl(V.check_engram_fetch, cpu_coll.engram_fetch,
+    "engram_fetch": OpImpl(V.check_engram_fetch, cpu_engram.engram_fetch,
                            cuda_channels.engram_fetch),
-    "_engram_scatter_add": OpImpl(None, cpu_coll.engram_scatter_add,
+    "_engram_scatter_add": OpImpl(None, cpu_engram.engram_scatter_add,
                                   cuda_channels.engram_scatter_add),
-    "pp_send_recv": OpImpl(V.check_pp, cpu_coll.pp_send_recv, cuda_channels.pp_send_recv),
+    "pp_send_recv": OpImpl(V.check_pp, cpu_pp_cp.pp_send_recv, cuda_channels.pp_send_recv),
     "cp_all_gather": OpImpl(lambda buf, x: V.check_cp("cp_all_gather", buf, x),
-                            cpu_coll.cp_all_gather, cuda_channels.cp_all_gather),
-    "cp_reduce_scatter": OpImpl(V.check_reduce_scatter, cpu_coll.cp_reduce_scatter,
+                            cpu_pp_cp.cp_all_gather, cuda_channels.cp_all_gather),
+    "cp_reduce_scatter": OpImpl(V.check_reduce_scatter, cpu_pp_cp.cp_reduce_scatter,
                                 cuda_channels.cp_reduce_scatter),
 }
 

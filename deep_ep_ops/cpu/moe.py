@@ -7,7 +7,7 @@ import torch
 
 from deep_ep_ops import handle as H
 from deep_ep_ops.buffer import Buffer
-from deep_ep_ops.cpu.comm import all_gather_padded, all_gather_varlen
+from deep_ep_ops.cpu.exchange import all_gather_parts, require_same, stack_rows
 from deep_ep_ops.cpu.routing import build_handle, receive_layout
 from deep_ep_ops.meta.shapes import (cached_dispatch_specs, combine_spec, dispatch_specs,
                                      static_capacity, tokens_from_handle)
@@ -22,17 +22,37 @@ def _zeros(spec) -> torch.Tensor:
     return torch.zeros(spec.shape, dtype=spec.dtype)
 
 
+def _gather_rows(op: str, buf: Buffer, names: tuple[str, ...],
+                 parts: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Every rank's ``parts`` as ``[part][rank]``. Row counts may differ between ranks; the
+    number of parts (``x_scales`` given or not), dtypes and row shapes may not."""
+    by_rank = all_gather_parts(buf, op, parts)
+    counts = [len(p) for p in by_rank]
+    if len(set(counts)) > 1:
+        name = names[max(counts) - 1]
+        given = [r for r, c in enumerate(counts) if c == max(counts)]
+        raise ValueError(f"deep_ep.{op}: {name} must be given on every rank of "
+                         f"{buf.group_name!r} or on none; got it on rank(s) {given} only")
+    by_part = [list(ranks) for ranks in zip(*by_rank)] if by_rank[0] else []
+    for name, per_rank in zip(names, by_part):
+        require_same(op, buf, name, per_rank, rows_may_differ=True)
+    return by_part
+
+
 def dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
              topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
              expert_alignment: int, expand: bool):
     """Static-capacity dispatch (trimming for exact mode is ``deep_ep_ops.trim``)."""
-    group, R, rank = buf.group, buf.world_size, buf.rank
+    R, rank = buf.world_size, buf.rank
     M, K, E_loc = buf.num_max_tokens_per_rank, buf.num_topk, num_experts // R
     T = x.shape[0]
-    all_idx = all_gather_padded(topk_idx.to(torch.int64), M, group, fill=-1)  # [R, M, K]
-    all_x = all_gather_padded(x, M, group)
-    all_w = all_gather_padded(topk_weights, M, group)
-    all_s = all_gather_padded(x_scales, M, group) if x_scales is not None else None
+    parts = [topk_idx.to(torch.int64), x, topk_weights]
+    gathered = _gather_rows("dispatch", buf, ("topk_idx", "x", "topk_weights", "x_scales"),
+                            parts + ([x_scales] if x_scales is not None else []))
+    all_idx = stack_rows(gathered[0], M, fill=-1)  # [R, M, K]; rows past a rank's T: -1
+    all_x = stack_rows(gathered[1], M)
+    all_w = stack_rows(gathered[2], M)
+    all_s = stack_rows(gathered[3], M) if x_scales is not None else None
     layouts = [receive_layout(all_idx, d, R, E_loc, expert_alignment, expand)
                for d in range(R)]
     mine = layouts[rank]
@@ -87,13 +107,15 @@ def cached_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tenso
     _check_header("cached_dispatch", header, buf, T)
     M = buf.num_max_tokens_per_rank
     recv_x, recv_s = _zeros(spec_x), _zeros(spec_s)
-    all_x = all_gather_padded(x, M, buf.group)
+    gathered = _gather_rows("cached_dispatch", buf, ("x", "x_scales"),
+                            [x] + ([x_scales] if x_scales is not None else []))
+    all_x = stack_rows(gathered[0], M)
     src = recv[:, H.RECV_SRC_RANK].long()
     rows = (src >= 0).nonzero().flatten()
     tok = recv[rows, H.RECV_SRC_TOKEN].long()
     recv_x[rows] = all_x[src[rows], tok]
     if x_scales is not None:
-        all_s = all_gather_padded(x_scales, M, buf.group)
+        all_s = stack_rows(gathered[1], M)
         recv_s[rows] = all_s[src[rows], tok]
     return recv_x, recv_s
 
@@ -117,8 +139,7 @@ def combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
         partial = torch.where((m >= 0)[:, None], partial + terms[m.clamp(min=0)], partial)
     meta = recv[:G, [H.GROUP_SRC_RANK, H.GROUP_SRC_TOKEN]].long()
     # 2. every owner adds the partials of its tokens in ascending rank order
-    all_partials = all_gather_varlen(partial, buf.group)
-    all_meta = all_gather_varlen(meta, buf.group)
+    all_partials, all_meta = _gather_rows("combine", buf, ("x", "handle"), [partial, meta])
     out = torch.zeros(combine_spec(x.shape, x.dtype, handle.shape[0]).shape, dtype=acc)
     started = torch.zeros(T, dtype=torch.bool)
     for part, m in zip(all_partials, all_meta):

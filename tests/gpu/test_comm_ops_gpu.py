@@ -1,5 +1,5 @@
 """CUDA pp_send_recv, cp_all_gather, cp_reduce_scatter and engram_fetch (+ backward) against the
-CPU reference (deep_ep_ops.cpu.collectives over a gloo group on CPU copies of the same inputs),
+CPU reference (deep_ep_ops.cpu.pp_cp / .engram over a gloo group on CPU copies of the same inputs),
 on 1 and 2 GPUs: byte equality for moves, bitwise equality for the sums (the CUDA kernels add in
 the reference's order, in fp32), both paths (one small kernel / copy engine), several in-flight
 messages, CUDA-graph capture + replay with new data, torch.compile(fullgraph=True), autograd
@@ -75,7 +75,7 @@ PP_CASES = [  # (shape, dtype): 12 B, 4 KiB, odd bf16, exactly the inline limit,
 
 
 def _pp_body(rank, world, gloo):
-    from deep_ep_ops.cpu import collectives as ref
+    from deep_ep_ops.cpu import pp_cp as ref
     ops = torch.ops.deep_ep
     dev = rank_device()
     buf = _buffer()
@@ -152,7 +152,7 @@ CP_CASES = [  # rows per rank, trailing shape, dtype (rows divisible by R for re
 
 
 def _cp_body(rank, world, gloo):
-    from deep_ep_ops.cpu import collectives as ref
+    from deep_ep_ops.cpu import pp_cp as ref
     ops = torch.ops.deep_ep
     dev = rank_device()
     buf = _buffer()
@@ -222,7 +222,7 @@ def _engram_indices(N, L, limit, dtype, seed):
 
 
 def _engram_body(rank, world, gloo):
-    from deep_ep_ops.cpu import collectives as ref
+    from deep_ep_ops.cpu import engram as ref
     ops = torch.ops.deep_ep
     dev = rank_device()
     rb = _ref(rank, world, gloo)
