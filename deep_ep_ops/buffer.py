@@ -200,6 +200,10 @@ class Buffer:
         destroy_process_group."""
         registry.remove(self)
         self._release_states()
+        # Let go of the process group: a gloo group still referenced when the interpreter
+        # exits is destructed after its worker threads' owners are gone, and the process
+        # aborts ("terminate called without an active exception") after destroy_process_group.
+        self.group = None
 
     def _release_states(self) -> None:
         if self._channel_state is not None:
@@ -211,10 +215,6 @@ class Buffer:
             ep.destroy_state(self._ep_state)
             self._ep_state = None
         self._engram = None
-        # Let go of the process group: a gloo group still referenced when the interpreter
-        # exits is destructed after its worker threads' owners are gone, and the process
-        # aborts ("terminate called without an active exception") after destroy_process_group.
-        self.group = None
 
     def __enter__(self) -> "Buffer":
         return self
