@@ -100,6 +100,7 @@ class Buffer:
         if transport not in TRANSPORTS:
             raise ValueError(f"Buffer: transport must be one of {TRANSPORTS}, got {transport!r}")
         self.requested_transport = transport
+        self.id: int = registry.next_buffer_id()
         self.transport: Optional[str] = None
         self._engram: Optional[torch.Tensor] = None
         self._ep_state = None

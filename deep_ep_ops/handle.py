@@ -5,7 +5,10 @@ fact ``combine`` and ``cached_dispatch`` need, so routing state travels as a ten
 export and CUDA graphs see only tensors). ``T`` is recovered by shape arithmetic:
 ``T = handle.size(0) - 1 - C`` where ``C`` is the row count of the dispatch output.
 
-Row 0, the header: ``[num_valid_rows, num_valid_groups, T, R, E, M, expand, A, K, 0...]``.
+Row 0, the header: ``[num_valid_rows, num_valid_groups, T, R, E, M, expand, A, K, buffer_id,
+C, 0...]``: ``buffer_id`` names the Buffer whose dispatch made the handle (``Buffer.id``, unique
+in the process) and ``C`` the rows that dispatch returned, so combine and cached_dispatch can
+tell a handle of another Buffer, group or dispatch from the right one.
 
 Rows ``1 .. T`` (send part, one per local token ``t``):
   * ``SEND_NUM_DST``: number of distinct destination ranks of ``t``.
@@ -46,7 +49,9 @@ HDR_MAX_TOKENS = 5
 HDR_EXPAND = 6
 HDR_ALIGNMENT = 7
 HDR_TOPK = 8
-NUM_HEADER_FIELDS = 9
+HDR_BUFFER_ID = 9
+HDR_NUM_ROWS = 10
+NUM_HEADER_FIELDS = 11
 
 # send part
 SEND_NUM_DST = 0

@@ -8,6 +8,7 @@ disagree.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any, Optional
 
@@ -16,7 +17,15 @@ BufferT = Any
 
 _BUFFERS: dict[str, BufferT] = {}
 _LOCK = threading.Lock()
+_IDS = itertools.count(1)
 _kernel_table: Optional[Any] = None  # the loaded CUDA extension, once loaded
+
+
+def next_buffer_id() -> int:
+    """A number no other Buffer of this process has (handles carry it: a handle names the
+    Buffer whose dispatch made it)."""
+    with _LOCK:
+        return next(_IDS)
 
 
 def get(group_name: str) -> BufferT:

@@ -22,11 +22,13 @@ def rows_in_use(tokens_per_expert: torch.Tensor, handle: torch.Tensor, expand: b
 def trim_dispatch(recv_x: torch.Tensor, recv_x_scales: torch.Tensor,
                   recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor,
                   tokens_per_expert: torch.Tensor, handle: torch.Tensor):
-    """The first ``rows_in_use`` rows of each per-row output; the handle keeps its header and
-    send part and loses the unused receive rows (groups never outnumber rows in use)."""
+    """The first ``rows_in_use`` rows of each per-row output; the handle keeps its header (with
+    the new row count) and send part and loses the unused receive rows (groups never outnumber
+    rows in use)."""
     T = tokens_from_handle(handle.shape[0], recv_x.shape[0])
     n = rows_in_use(tokens_per_expert, handle, recv_topk_idx.dim() == 1)
     head = H.HEADER_ROWS + T
+    trimmed = torch.cat([handle[:head], handle[head: head + n]])
+    trimmed[0, H.HDR_NUM_ROWS] = n  # the rows this (exact) dispatch now returns
     return (recv_x[:n].clone(), recv_x_scales[:n].clone(), recv_topk_idx[:n].clone(),
-            recv_topk_weights[:n].clone(), tokens_per_expert.clone(),
-            torch.cat([handle[:head], handle[head: head + n]]))
+            recv_topk_weights[:n].clone(), tokens_per_expert.clone(), trimmed)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from deep_ep_ops import handle as H
 from deep_ep_ops.handle import HEADER_ROWS, handle_width
 
 if TYPE_CHECKING:
@@ -160,6 +161,8 @@ def check_cached_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch
         _fail(op, "num_sms", ">= 0 (0 = automatic)", str(num_sms))
     check_device(op, buf, x=x, x_scales=x_scales, handle=handle)
     check_contiguous(op, x=x, x_scales=x_scales, handle=handle)
+    if wants_value_checks(handle):
+        check_handle_header(op, buf, handle, x.shape[0])
 
 
 def check_combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
@@ -181,6 +184,35 @@ def check_combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
         _fail(op, "num_sms", ">= 0 (0 = automatic)", str(num_sms))
     check_device(op, buf, x=x, handle=handle, weights=weights)
     check_contiguous(op, x=x, handle=handle, weights=weights)
+    if wants_value_checks(handle):
+        check_handle_header(op, buf, handle, x.shape[0])
+
+
+def check_handle_header(op: str, buf: Buffer, handle: torch.Tensor, x_rows: int) -> None:
+    """Value checks of a handle's header row (they read it: free on CPU; on CUDA a host sync,
+    so only with DEEP_EP_OPS_VALIDATE=1): the handle was made on this Buffer, and x has the rows
+    its dispatch implies (cached_dispatch: that dispatch's T tokens; combine: its C rows).
+
+    A handle of the same Buffer and shape (two static-capacity dispatches of one Buffer return
+    the same C whatever T) cannot be told apart from the right one."""
+    header = handle[0].tolist()
+    made_on = header[H.HDR_BUFFER_ID]
+    if made_on != buf.id:
+        raise ValueError(
+            f"deep_ep.{op}: handle belongs to another Buffer: it was made by a dispatch on "
+            f"Buffer #{made_on}, and group {buf.group_name!r} has Buffer #{buf.id} (a handle of "
+            "another group, or of a Buffer destroyed since)")
+    if header[H.HDR_NUM_RANKS] != buf.world_size or header[H.HDR_TOPK] != buf.num_topk:
+        raise ValueError(
+            f"deep_ep.{op}: handle does not match the Buffer: it was made for R="
+            f"{header[H.HDR_NUM_RANKS]} ranks and K={header[H.HDR_TOPK]}, the Buffer has "
+            f"R={buf.world_size}, K={buf.num_topk}")
+    if op == "combine":
+        want, made = header[H.HDR_NUM_ROWS], f"produced {header[H.HDR_NUM_ROWS]}"
+    else:
+        want, made = header[H.HDR_NUM_TOKENS], f"had {header[H.HDR_NUM_TOKENS]} tokens"
+    if x_rows != want:
+        raise ValueError(f"deep_ep.{op}: x has {x_rows} rows, the handle's dispatch {made}")
 
 
 def check_engram_fetch(buf: Buffer, table: torch.Tensor, indices: torch.Tensor) -> None:

@@ -322,7 +322,7 @@ def test_handle_columns_in_the_contract_match_handle_py() -> None:
                  if re.fullmatch(r"(HDR|SEND|RECV|GROUP)_[A-Z_]+", name)}
     assert documented == constants, f"contract.md lists {documented}, handle.py has {constants}"
     assert f"W = max(1 + 2K, 7 + K, {H.NUM_HEADER_FIELDS})" in contract
-    assert H.handle_width(5) == max(1 + 2 * 5, 7 + 5, 9) and H.HEADER_ROWS == 1
+    assert H.handle_width(5) == max(1 + 2 * 5, 7 + 5, H.NUM_HEADER_FIELDS) and H.HEADER_ROWS == 1
 
 
 # -- runnable snippets ----------------------------------------------------------------------

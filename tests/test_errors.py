@@ -160,8 +160,55 @@ def test_unknown_group_name(buf):
 def test_combine_rows_mismatch(buf):
     x, idx, w = _inputs()
     out = ops.dispatch(x, None, idx, w, buf.group_name, E)
-    with pytest.raises(ValueError, match=r"handle does not match the inputs"):
+    C = out[0].shape[0]
+    with pytest.raises(ValueError, match=rf"combine: x has {C - 1} rows, the handle's dispatch "
+                                         rf"produced {C}$"):
         ops.combine(out[0][:-1], out[5], None, buf.group_name)
+
+
+def test_exact_handle_with_rows_of_another_dispatch(buf):
+    """exact=True: each dispatch returns the rows it uses; rows of another dispatch are told
+    apart from the handle's own by their count."""
+    x, idx, w = _inputs()
+    one = ops.dispatch(x, None, idx, w, buf.group_name, E, 1, False, True)  # 3 tokens
+    two = ops.dispatch(x[:1], None, idx[:1], w[:1], buf.group_name, E, 1, False, True)
+    with pytest.raises(ValueError, match=r"combine: x has 1 rows, the handle's dispatch "
+                                         r"produced 3$"):
+        ops.combine(two[0], one[5], None, buf.group_name)
+
+
+def test_cached_dispatch_tokens_mismatch(buf):
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    with pytest.raises(ValueError, match=r"cached_dispatch: x has 2 rows, the handle's "
+                                         r"dispatch had 3 tokens"):
+        ops.cached_dispatch(x[:2], None, out[5], buf.group_name)
+
+
+def test_handle_of_another_group(buf):
+    import torch.distributed as dist
+    other_group = dist.new_group([0], backend="gloo")
+    other = deep_ep_ops.Buffer(other_group, num_max_tokens_per_rank=M, hidden=HID, num_topk=K,
+                               num_experts=E)
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, other.group_name, E)
+    with pytest.raises(ValueError, match=rf"combine: handle belongs to another Buffer: it was "
+                                         rf"made by a dispatch on Buffer #{other.id}, and group "
+                                         rf"'{buf.group_name}' has Buffer #{buf.id}"):
+        ops.combine(out[0], out[5], None, buf.group_name)
+    other.destroy()
+
+
+def test_handle_of_a_destroyed_buffer(single_rank_group):
+    kw = dict(num_max_tokens_per_rank=M, hidden=HID, num_topk=K, num_experts=E)
+    first = deep_ep_ops.Buffer(single_rank_group, **kw)
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, first.group_name, E)
+    first.destroy()
+    second = deep_ep_ops.Buffer(single_rank_group, **kw)
+    with pytest.raises(ValueError, match=r"cached_dispatch: handle belongs to another Buffer"):
+        ops.cached_dispatch(x, None, out[5], second.group_name)
+    second.destroy()
 
 
 def test_engram_without_table(buf):

@@ -74,6 +74,8 @@ struct LayoutParams {
   const void* topk_idx;
   int idx64;
   int T, K, E, E_loc, A, M, expand, W;
+  int C;           // rows of the dispatch's outputs (handle header)
+  int buffer_id;   // handle header
   int warps;       // warps per count CTA (each warp counts 32 tokens)
   int cta_tokens;  // tokens per count CTA: 32 * warps
   DispatchScratch s;
@@ -112,6 +114,7 @@ struct PushParams {
 struct LocalDispatchParams {
   DispatchIO io;  // recv_idx: int64 [C, K]
   int A, M;
+  int buffer_id;  // handle header
   DispatchScratch s;
   Comm comm;  // timeouts and the error record only (no window traffic)
   int head_loads;  // set by the launcher: rows are 16-byte aligned (warps load a head early)

@@ -150,12 +150,16 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
     lp.io = dispatch_io(x, x_scales, topk_idx, topk_weights, out, K, E, W);
     lp.A = A;
     lp.M = M;
+    lp.buffer_id = st.cfg.buffer_id;
     lp.s = st.scratch;
     lp.comm = st.comm;
     check_launch(launch_local_dispatch(lp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
                  "dispatch (one rank) kernel");
     return out;
   }
+
+  const int64_t C = expand ? align_up(cap * std::min(K, E_loc) + static_cast<int64_t>(A - 1) * E_loc, A)
+                           : cap;
 
   // phase 1: counts, count exchange, per-destination bases, handle header (into scratch)
   LayoutParams lp{};
@@ -169,14 +173,13 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   lp.M = M;
   lp.expand = expand;
   lp.W = W;
+  lp.C = static_cast<int>(C);
+  lp.buffer_id = st.cfg.buffer_id;
   lp.warps = layout_warps(E, R, std::min<size_t>(st.smem_optin, 200 * 1024));
   lp.cta_tokens = lp.warps * 32;
   lp.s = st.scratch;
   lp.comm = st.comm;
   check_launch(launch_layout(lp, stream), "dispatch layout kernel");
-
-  const int64_t C = expand ? align_up(cap * std::min(K, E_loc) + static_cast<int64_t>(A - 1) * E_loc, A)
-                           : cap;
 
   DispatchOut out = dispatch_outputs(x, x_scales, C, K, E_loc, W, expand);
 

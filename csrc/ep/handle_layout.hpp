@@ -20,7 +20,9 @@ constexpr int kHdrMaxTokens = 5;
 constexpr int kHdrExpand = 6;
 constexpr int kHdrAlignment = 7;
 constexpr int kHdrTopk = 8;
-constexpr int kNumHeaderFields = 9;
+constexpr int kHdrBufferId = 9;
+constexpr int kHdrNumRows = 10;
+constexpr int kNumHeaderFields = 11;
 
 // send part (rows 1 .. T)
 constexpr int kSendNumDst = 0;

@@ -9,7 +9,7 @@ namespace dev {
 
 struct HandleHeader {
   int valid_rows, valid_groups, num_tokens, num_ranks, num_experts, max_tokens, expand,
-      alignment, topk;
+      alignment, topk, buffer_id, num_rows;
 };
 
 // Header row (row 0); one thread.
@@ -24,6 +24,8 @@ __device__ __forceinline__ void write_header_row(int* h, int W, const HandleHead
   h[handle::kHdrExpand] = v.expand;
   h[handle::kHdrAlignment] = v.alignment;
   h[handle::kHdrTopk] = v.topk;
+  h[handle::kHdrBufferId] = v.buffer_id;
+  h[handle::kHdrNumRows] = v.num_rows;
 }
 
 // Send row of one token: [#destinations, rank of slot k (K), row of slot k (K), -1...].

@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
     // handle header row
     write_header_row(p.s.send_handle, p.W,
                      HandleHeader{p.expand ? pairs : misc[0], misc[0], p.T, R, E, p.M, p.expand,
-                                  p.A, K});
+                                  p.A, K, p.buffer_id, p.C});
     info[6] = static_cast<int>(global_ns() - t_start);
     info[7] = info[6];
   }

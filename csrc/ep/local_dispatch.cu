@@ -192,7 +192,8 @@ __global__ void __launch_bounds__(kThreads, 1) local_dispatch_kernel(LocalDispat
     // invalid tokens [G, T) (nobody else writes them).
     const int G = below + valid_in_tile;
     if (threadIdx.x == 0) {
-      write_header_row(p.io.handle, W, HandleHeader{G, G, T, 1, E, p.M, 0, p.A, K});
+      write_header_row(p.io.handle, W,
+                       HandleHeader{G, G, T, 1, E, p.M, 0, p.A, K, p.buffer_id, p.io.C});
       p.s.recv_info[kRecvG] = G;
     }
     zero_compact_rows(fa, G, T, threadIdx.x, kThreads, warp, kWarps);

@@ -16,16 +16,18 @@
 namespace deep_ep_ops {
 namespace {
 
-std::shared_ptr<EpState> create_state(std::shared_ptr<PeerMemoryTransport> transport, int rank,
-                                      int num_ranks, int max_tokens, int hidden, int topk,
-                                      int num_experts, bool fp8, double timeout_s, int device) {
+std::shared_ptr<EpState> create_state(std::shared_ptr<PeerMemoryTransport> transport,
+                                      int buffer_id, int rank, int num_ranks, int max_tokens,
+                                      int hidden, int topk, int num_experts, bool fp8,
+                                      double timeout_s, int device) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device).stream(), &status);
   if (status != cudaStreamCaptureStatusNone)
     throw std::runtime_error(
         "deep_ep_ops: a Buffer cannot be created during CUDA graph capture (it allocates "
         "peer memory collectively); create it before capturing");
-  EpConfig cfg{rank, num_ranks, max_tokens, hidden, topk, num_experts, fp8, timeout_s, device};
+  EpConfig cfg{buffer_id, rank,        num_ranks, max_tokens, hidden,
+               topk,      num_experts, fp8,       timeout_s,  device};
   return std::make_shared<EpState>(cfg, std::move(transport));
 }
 

@@ -8,8 +8,8 @@
 //   would raise.
 // * The shape / dtype / device / contiguity checks of deep_ep_ops/validation.py, with the same
 //   messages, raised as c10::ValueError (Python ValueError) before any launch; with
-//   DEEP_EP_OPS_VALIDATE=1 also the expert-id value checks (a device-to-host copy; skipped
-//   during graph capture, like Python's).
+//   DEEP_EP_OPS_VALIDATE=1 also the value checks (expert ids; the handle's header: its Buffer
+//   and row count) which copy to the host (skipped during graph capture, like Python's).
 // * register_kernels() (called by deep_ep_ops.ops._use_cpp_kernels after it removed the Python
 //   CUDA impls) makes the registrations; nothing is registered when the .so is merely loaded.
 #include <torch/extension.h>
@@ -211,6 +211,29 @@ void check_expert_ids(const at::Tensor& topk_idx, int64_t num_experts) {
         }
 }
 
+// validation.check_handle_header: the handle was made on this Buffer, x has the rows its
+// dispatch implies (cached_dispatch: its T tokens; combine: its C rows). Reads the header.
+void check_handle_header(const char* op, const EpState& st, c10::string_view group,
+                         const at::Tensor& handle, int64_t x_rows) {
+  const at::Tensor h = handle[0].to(at::kCPU).contiguous();
+  const int* v = h.data_ptr<int>();
+  const int made_on = v[handle::kHdrBufferId];
+  if (made_on != st.cfg.buffer_id)
+    TORCH_CHECK_VALUE(false, "deep_ep.", op, ": handle belongs to another Buffer: it was made by a "
+                      "dispatch on Buffer #", made_on, ", and group ", py_repr(group),
+                      " has Buffer #", st.cfg.buffer_id, " (a handle of another group, or of a "
+                      "Buffer destroyed since)");
+  if (v[handle::kHdrNumRanks] != st.cfg.num_ranks || v[handle::kHdrTopk] != st.cfg.topk)
+    TORCH_CHECK_VALUE(false, "deep_ep.", op, ": handle does not match the Buffer: it was made for R=",
+                      v[handle::kHdrNumRanks], " ranks and K=", v[handle::kHdrTopk],
+                      ", the Buffer has R=", st.cfg.num_ranks, ", K=", st.cfg.topk);
+  const bool rows = std::string(op) == "combine";
+  const int want = rows ? v[handle::kHdrNumRows] : v[handle::kHdrNumTokens];
+  if (x_rows != want)
+    TORCH_CHECK_VALUE(false, "deep_ep.", op, ": x has ", x_rows, " rows, the handle's dispatch ",
+                      rows ? "produced " : "had ", want, rows ? "" : " tokens");
+}
+
 // ---- checks (validation.py check_dispatch / check_handle / check_cached_dispatch /
 // check_combine) ------------------------------------------------------------------------
 
@@ -340,6 +363,8 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
   std::shared_ptr<EpState> st = state_of("cached_dispatch", group_name,
                                         {{"x", &x}, {"x_scales", opt(x_scales)}, {"handle", &handle}});
   check_cached_dispatch(*st, group_name, x, x_scales, handle, num_sms);
+  if (value_checks_requested(handle))
+    check_handle_header("cached_dispatch", *st, group_name, handle, x.size(0));
   return cached_dispatch(*st, x, x_scales, handle, num_sms);
 }
 
@@ -349,6 +374,7 @@ at::Tensor combine_cuda(const at::Tensor& x, const at::Tensor& handle,
   std::shared_ptr<EpState> st = state_of("combine", group_name,
                                         {{"x", &x}, {"handle", &handle}, {"weights", opt(weights)}});
   check_combine(*st, group_name, x, handle, weights, num_sms);
+  if (value_checks_requested(handle)) check_handle_header("combine", *st, group_name, handle, x.size(0));
   return combine(*st, x, handle, weights, num_sms);
 }
 

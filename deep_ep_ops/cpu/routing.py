@@ -102,7 +102,7 @@ def receive_layout(all_idx: torch.Tensor, dst: int, num_ranks: int, num_local_ex
 
 def build_handle(layouts: list[ReceiveLayout], all_idx: torch.Tensor, rank: int,
                  num_tokens: int, capacity: int, num_experts: int, alignment: int,
-                 expand: bool) -> torch.Tensor:
+                 expand: bool, buffer_id: int) -> torch.Tensor:
     """The int32 handle of ``rank`` (layout in ``deep_ep_ops.handle``)."""
     R, M, K = all_idx.shape
     E_loc = num_experts // R
@@ -120,6 +120,8 @@ def build_handle(layouts: list[ReceiveLayout], all_idx: torch.Tensor, rank: int,
     header[H.HDR_EXPAND] = int(expand)
     header[H.HDR_ALIGNMENT] = alignment
     header[H.HDR_TOPK] = K
+    header[H.HDR_BUFFER_ID] = buffer_id
+    header[H.HDR_NUM_ROWS] = capacity
 
     # send part: where each of my (token, slot) pairs lands
     send = out[H.HEADER_ROWS: H.HEADER_ROWS + num_tokens]

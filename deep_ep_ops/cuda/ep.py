@@ -24,7 +24,7 @@ def create_state(buf: BufferT) -> tuple[Any, Any]:
                            "create it before capturing")
     ext = extension.module()
     peer_memory = transport.create(ext, buf, buf.requested_transport)
-    state = ext.create_state(peer_memory, buf.rank, buf.world_size,
+    state = ext.create_state(peer_memory, buf.id, buf.rank, buf.world_size,
                              buf.num_max_tokens_per_rank, buf.hidden, buf.num_topk,
                              buf.num_experts, bool(buf.fp8_dispatch), float(buf.timeout_s),
                              buf.device_index)

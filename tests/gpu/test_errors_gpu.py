@@ -150,3 +150,23 @@ def test_cached_dispatch_too_wide(buf):
     with pytest.raises(ValueError, match=r"cached_dispatch: x must be \[T, <= 8\]"):
         ops.cached_dispatch(torch.randn(3, HID + 1, device="cuda"), None, out[5],
                             buf.group_name)
+
+
+def test_handle_header_checks_with_validate(buf, monkeypatch):
+    """DEEP_EP_OPS_VALIDATE=1: the C++ kernels read the handle's header (Buffer id, rows) and
+    raise validation.py's messages."""
+    monkeypatch.setenv("DEEP_EP_OPS_VALIDATE", "1")
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    C = out[0].shape[0]
+    with pytest.raises(ValueError, match=rf"combine: x has {C - 1} rows, the handle's dispatch "
+                                         rf"produced {C}$"):
+        ops.combine(out[0][:-1], out[5], None, buf.group_name)
+    with pytest.raises(ValueError, match=r"cached_dispatch: x has 2 rows, the handle's dispatch "
+                                         r"had 3 tokens"):
+        ops.cached_dispatch(x[:2], None, out[5], buf.group_name)
+    forged = out[5].clone()
+    forged[0, 9] = buf.id + 1000  # HDR_BUFFER_ID
+    with pytest.raises(ValueError, match=rf"combine: handle belongs to another Buffer: it was "
+                                         rf"made by a dispatch on Buffer #{buf.id + 1000}"):
+        ops.combine(out[0], forged, None, buf.group_name)

@@ -83,10 +83,13 @@ def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
                              f"{b[diff[0]].flatten()[:12].tolist()}")
 
 
-def _ref_buf(rank, world, gloo, M, H, K, E):
-    return types.SimpleNamespace(group=gloo, world_size=world, rank=rank,
-                                 num_max_tokens_per_rank=M, hidden=H, num_topk=K, num_experts=E,
-                                 group_name="ref")
+def _ref_buf(buf, gloo):
+    """The CPU reference's view of ``buf`` over the gloo group (the handles it builds carry
+    ``buf``'s id, so they equal the CUDA ones byte for byte)."""
+    return types.SimpleNamespace(group=gloo, world_size=buf.world_size, rank=buf.rank,
+                                 num_max_tokens_per_rank=buf.num_max_tokens_per_rank,
+                                 hidden=buf.hidden, num_topk=buf.num_topk,
+                                 num_experts=buf.num_experts, group_name="ref", id=buf.id)
 
 
 def _check_all(rank, world, gloo, seed):
@@ -103,7 +106,7 @@ def _check_all(rank, world, gloo, seed):
             M, aligns = min(M, 256), aligns[-1:]
         buf = deep_ep_ops.Buffer(group, num_max_tokens_per_rank=M, hidden=H, num_topk=K,
                                  num_experts=E, fp8_dispatch=dtype == "fp8", timeout_s=60.0)
-        rbuf = _ref_buf(rank, world, gloo, M, H, K, E)
+        rbuf = _ref_buf(buf, gloo)
         x, s, idx, w = _inputs(rank, world, H, K, E, M, dtype, tokens, skew, drop, seed)
         gx, gs, gidx, gw = (t.to(dev) if t is not None else None for t in (x, s, idx, w))
         if name.endswith("-misaligned"):
