@@ -47,12 +47,9 @@ ChannelState::ChannelState(const ChannelConfig& c, std::shared_ptr<PeerMemoryTra
   DEO_CUDA(cudaMalloc(&ctr, sizeof(ChannelCounters)));
   DEO_CUDA(cudaMemset(ctr, 0, sizeof(ChannelCounters)));
   comm.ctr = ctr;
-  error_host = alloc_error_record(&comm.wait.error);
   comm.rank = cfg.rank;
   comm.num_ranks = R;
-  comm.wait.rank = cfg.rank;
-  comm.wait.timeout_ns = static_cast<unsigned long long>(cfg.timeout_s * 1e9);
-  comm.wait.trap_on_timeout = trap_on_timeout_requested();
+  comm.wait = make_wait_context(cfg.rank, cfg.timeout_s, &error_host);
   for (auto& e : events_) DEO_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   DEO_CUDA(cudaDeviceSynchronize());
 }
@@ -87,9 +84,7 @@ void ChannelState::destroy() {
     if (e != nullptr) cudaEventDestroy(e);
     e = nullptr;
   }
-  cudaFreeHost(error_host);
-  error_host = nullptr;
-  comm.wait.error = nullptr;
+  release_wait_context(comm.wait, error_host);
 }
 
 ChannelState::~ChannelState() {

@@ -71,13 +71,10 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   scratch.tpe_acc = reinterpret_cast<int*>(at(10));
   scratch.tile_ctr = reinterpret_cast<unsigned*>(at(11));
 
-  error_host = alloc_error_record(&comm.wait.error);
 
   comm.rank = cfg.rank;
   comm.num_ranks = R;
-  comm.wait.rank = cfg.rank;
-  comm.wait.timeout_ns = static_cast<unsigned long long>(cfg.timeout_s * 1e9);
-  comm.wait.trap_on_timeout = trap_on_timeout_requested();
+  comm.wait = make_wait_context(cfg.rank, cfg.timeout_s, &error_host);
   DEO_CUDA(cudaDeviceSynchronize());
 }
 
@@ -89,9 +86,7 @@ void EpState::destroy() {
   std::fill(comm.peer_base, comm.peer_base + kMaxRanks, nullptr);
   cudaFree(scratch_block_);
   scratch_block_ = nullptr;
-  cudaFreeHost(error_host);
-  error_host = nullptr;
-  comm.wait.error = nullptr;
+  release_wait_context(comm.wait, error_host);
 }
 
 EpState::~EpState() {

@@ -29,6 +29,23 @@ inline int trap_on_timeout_requested() {
   return (trap != nullptr && trap[0] == '1') ? 1 : 0;
 }
 
+// The wait context of a Buffer's state: a fresh error record (its host address in *host), the
+// rank, the timeout and the trap switch. Free with release_wait_context.
+inline WaitContext make_wait_context(int rank, double timeout_s, ErrorRecord** host) {
+  WaitContext w{};
+  *host = alloc_error_record(&w.error);
+  w.rank = rank;
+  w.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
+  w.trap_on_timeout = trap_on_timeout_requested();
+  return w;
+}
+
+inline void release_wait_context(WaitContext& w, ErrorRecord*& host) {
+  cudaFreeHost(host);
+  host = nullptr;
+  w.error = nullptr;
+}
+
 // A consistent copy of the record (the device writes the code last).
 inline ErrorRecord read_error_record(const ErrorRecord* record) {
   ErrorRecord out{};
