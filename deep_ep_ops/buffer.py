@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from deep_ep_ops import registry
+from deep_ep_ops import hosts, registry
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -58,13 +58,19 @@ class Buffer:
             ``"auto"`` (NCCL when its LSA team covers the group, else IPC when all ranks are on
             this host, else a ValueError: the group spans hosts). The same on every rank;
             ``buf.transport`` says which was taken (None on CPU).
+        ranks_per_host: L, the ranks of each host (host h = ranks [h*L, (h+1)*L)); default:
+            found from every rank's machine. Combine adds a token's partials inside each host,
+            then the host sums in ascending host order, so L is part of the result's rounding;
+            setting it simulates several hosts on one machine. The CUDA backend runs on one
+            host only (more hosts: NotImplementedError).
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, *,
                  num_max_tokens_per_rank: int, hidden: int, num_topk: int, num_experts: int,
                  fp8_dispatch: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
                  pp_max_bytes: Optional[int] = None, pp_slots: Optional[int] = None,
-                 cp_max_bytes: Optional[int] = None, transport: str = "auto") -> None:
+                 cp_max_bytes: Optional[int] = None, transport: str = "auto",
+                 ranks_per_host: Optional[int] = None) -> None:
         if _is_capturing():
             raise RuntimeError("deep_ep_ops.Buffer cannot be created during CUDA graph capture; "
                                "create it before capturing")
@@ -100,6 +106,13 @@ class Buffer:
         if transport not in TRANSPORTS:
             raise ValueError(f"Buffer: transport must be one of {TRANSPORTS}, got {transport!r}")
         self.requested_transport = transport
+        self.hosts: hosts.HostLayout = hosts.group_layout(self.group, ranks_per_host)
+        if self.device.type == "cuda" and self.hosts.num_hosts > 1:
+            raise NotImplementedError(
+                f"Buffer: the group spans {self.hosts.num_hosts} hosts of "
+                f"{self.hosts.ranks_per_host} ranks; the CUDA backend runs EP on one host "
+                "(multi-host dispatch / combine is not implemented yet; the CPU reference on a "
+                "gloo group computes its results)")
         self.id: int = registry.next_buffer_id()
         self.transport: Optional[str] = None
         self._engram: Optional[torch.Tensor] = None
@@ -123,6 +136,14 @@ class Buffer:
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.world_size
+
+    @property
+    def ranks_per_host(self) -> int:
+        return self.hosts.ranks_per_host
+
+    @property
+    def num_hosts(self) -> int:
+        return self.hosts.num_hosts
 
     @property
     def device_index(self) -> int:

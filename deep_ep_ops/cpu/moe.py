@@ -125,13 +125,27 @@ def combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
         m = members[:, i]
         partial = torch.where((m >= 0)[:, None], partial + terms[m.clamp(min=0)], partial)
     meta = recv[:G, [H.GROUP_SRC_RANK, H.GROUP_SRC_TOKEN]].long()
-    # 2. every owner adds the partials of its tokens in ascending rank order
+    # 2. every owner adds the partials of its tokens: inside each host in ascending rank order,
+    # then the host sums in ascending host order (one host: simply ascending rank order)
     all_partials, all_meta = _gather_rows("combine", buf, ("x", "handle"), [partial, meta])
-    out = torch.zeros(combine_spec(x.shape, x.dtype, handle.shape[0]).shape, dtype=acc)
-    started = torch.zeros(T, dtype=torch.bool)
-    for part, m in zip(all_partials, all_meta):
-        mine = m[:, 0] == buf.rank
-        tok, val = m[mine, 1], part[mine]
-        out[tok] = torch.where(started[tok, None], out[tok] + val, val)
-        started[tok] = True
+    shape = combine_spec(x.shape, x.dtype, handle.shape[0]).shape
+    L = getattr(buf, "ranks_per_host", buf.world_size)
+    out, started = torch.zeros(shape, dtype=acc), torch.zeros(T, dtype=torch.bool)
+    for first in range(0, buf.world_size, L):
+        host, host_started = torch.zeros(shape, dtype=acc), torch.zeros(T, dtype=torch.bool)
+        for part, m in zip(all_partials[first:first + L], all_meta[first:first + L]):
+            _add_in_order(host, host_started, m, part, buf.rank)
+        tok = host_started.nonzero().flatten()
+        out[tok] = torch.where(started[tok, None], out[tok] + host[tok], host[tok])
+        started |= host_started
     return out.to(x.dtype)
+
+
+def _add_in_order(out: torch.Tensor, started: torch.Tensor, meta: torch.Tensor,
+                  part: torch.Tensor, rank: int) -> None:
+    """``out[t] += part`` for the rows of ``part`` that belong to ``rank``'s tokens, each sum
+    starting from its first term (so -0.0 survives)."""
+    mine = meta[:, 0] == rank
+    tok, val = meta[mine, 1], part[mine]
+    out[tok] = torch.where(started[tok, None], out[tok] + val, val)
+    started[tok] = True

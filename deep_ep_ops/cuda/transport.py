@@ -15,25 +15,15 @@ which is how ranks that share a GPU (or simulate hosts) tell NCCL they are apart
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from deep_ep_ops.hosts import describe, machine_id
+
 TRANSPORTS = ("auto", "nccl", "ipc")
-
-
-def machine_id() -> str:
-    """This machine: hostname plus the kernel's boot id (a container shares both with its host
-    only when it shares the host's kernel and UTS namespace, as NCCL assumes too)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
 
 
 def nccl_host_id() -> str:
@@ -48,16 +38,9 @@ class RankPlace:
     nccl_host: str
 
 
-def _hosts_text(ids: list[str]) -> str:
-    by_host: dict[str, list[int]] = {}
-    for rank, host in enumerate(ids):
-        by_host.setdefault(host, []).append(rank)
-    return "; ".join(f"ranks {ranks} on host {host!r}" for host, ranks in by_host.items())
-
-
 def spans_hosts_error(ids: list[str], what: str) -> ValueError:
     return ValueError(
-        f"Buffer(transport={what!r}): the group spans {len(set(ids))} hosts ({_hosts_text(ids)}); "
+        f"Buffer(transport={what!r}): the group spans {len(set(ids))} hosts ({describe(ids)}); "
         "the CUDA backend needs every rank of the group on one host (load/store peers)")
 
 
