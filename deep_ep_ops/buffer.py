@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from deep_ep_ops import hosts, registry
+from deep_ep_ops.cuda.transport import TRANSPORTS  # names only: builds and loads nothing
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -19,7 +20,6 @@ DEFAULT_TIMEOUT_S = 30.0
 _DEFAULT_PP_MAX_BYTES = 16 << 20
 _DEFAULT_PP_SLOTS = 4
 _DEFAULT_CP_MAX_BYTES = 32 << 20
-TRANSPORTS = ("auto", "nccl", "ipc")
 
 
 def get_buffer(group_name: str) -> "Buffer":
