@@ -19,10 +19,6 @@ namespace {
 
 constexpr int kDefaultCtas = 64;  // push/pull kernels: enough CTAs to keep NVLink busy
 
-void check_launch(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) check_cuda(err, (std::string("launching ") + what).c_str());
-}
-
 void check_alive(const EpState& st, const char* op) {
   if (!st.alive())
     throw std::runtime_error(std::string("deep_ep.") + op +
@@ -153,8 +149,8 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
     lp.buffer_id = st.cfg.buffer_id;
     lp.s = st.scratch;
     lp.comm = st.comm;
-    check_launch(launch_local_dispatch(lp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
-                 "dispatch (one rank) kernel");
+    check_cuda(launch_local_dispatch(lp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
+                 "launching dispatch (one rank) kernel");
     return out;
   }
 
@@ -179,7 +175,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   lp.cta_tokens = lp.warps * 32;
   lp.s = st.scratch;
   lp.comm = st.comm;
-  check_launch(launch_layout(lp, stream), "dispatch layout kernel");
+  check_cuda(launch_layout(lp, stream), "launching dispatch layout kernel");
 
   DispatchOut out = dispatch_outputs(x, x_scales, C, K, E_loc, W, expand);
 
@@ -196,12 +192,12 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.comm = st.comm;
   if (R == 1) {
     // one rank: the push writes every output (no window, no barrier, no epilogue)
-    check_launch(launch_dispatch_push(pp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
-                 "dispatch push kernel");
+    check_cuda(launch_dispatch_push(pp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
+                 "launching dispatch push kernel");
     return out;
   }
-  check_launch(launch_dispatch_push(pp, barrier_ctas_for(st, num_sms, M), stream),
-               "dispatch push kernel");
+  check_cuda(launch_dispatch_push(pp, barrier_ctas_for(st, num_sms, M), stream),
+               "launching dispatch push kernel");
 
   // phase 3: window -> fresh outputs, handle receive part, zero padding
   EpilogueParams ep{};
@@ -211,7 +207,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   ep.recv_info = st.scratch.recv_info;
   ep.E_loc = E_loc;
   ep.expand = expand;
-  check_launch(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "dispatch epilogue");
+  check_cuda(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "launching dispatch epilogue");
   return out;
 }
 
@@ -253,8 +249,8 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch(EpState& st, const at::Tensor
   p.comm = st.comm;
   // one rank: the pull kernel alone, on any grid
   const int pull_ctas = st.cfg.num_ranks == 1 ? local_ctas(st, num_sms, C) : barrier_ctas(st, num_sms);
-  check_launch(launch_cached_dispatch(p, barrier_ctas(st, num_sms), pull_ctas, stream),
-               "cached_dispatch kernels");
+  check_cuda(launch_cached_dispatch(p, barrier_ctas(st, num_sms), pull_ctas, stream),
+               "launching cached_dispatch kernels");
   return {out_x, out_s};
 }
 
@@ -296,11 +292,11 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
   p.comm = st.comm;
   // one rank: the local reduce alone (reads x), one warp per token
   const int reduce_ctas = st.cfg.num_ranks == 1 ? local_ctas(st, num_sms, T) : epilogue_ctas(st, T);
-  check_launch(launch_combine(p,
+  check_cuda(launch_combine(p,
                              barrier_ctas_for(st, num_sms,
                                               static_cast<int64_t>(st.cfg.num_ranks) * st.cfg.max_tokens),
                              reduce_ctas, stream),
-               "combine kernels");
+               "launching combine kernels");
   return out;
 }
 
