@@ -23,33 +23,42 @@ B, S, H, E, K, V = 4, 16, 128, 8, 2, 512
 WORLDS = [1, 2, 4]
 
 
-def _model(device):
+def _model(device, dtype=torch.bfloat16):
     config = transformers.MixtralConfig(
         vocab_size=V, hidden_size=H, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, num_local_experts=E,
         num_experts_per_tok=K, max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(0)  # identical on every rank before sharding
-    return transformers.MixtralForCausalLM(config).to(device, torch.bfloat16).eval()
+    return transformers.MixtralForCausalLM(config).to(device, dtype).eval()
 
 
 def _logits_body(rank: int, world: int, gloo) -> None:
     device = rank_device()
     import deep_ep_ops
     from deep_ep_ops.nn import shard_moe_blocks
-    ref = _model(device)
     ids = torch.randint(0, V, (B, S), device=device,
                         generator=torch.Generator(device).manual_seed(rank))
-    with torch.no_grad():
-        want = ref(input_ids=ids, use_cache=False).logits.float()
-    for kwargs, tol in ((dict(expert_impl="auto"), 3e-2), (dict(expert_impl="loop"), 3e-2),
-                        (dict(layout="compact"), 3e-2), (dict(fp8=True), 1.5e-1)):
+    # The compact case runs in float32: in bf16 its partial sums round once more than the
+    # single-GPU model's, and a last-ulp change can flip a near-tied top-k choice of the second
+    # layer, moving one token's logits well past any bf16 tolerance (seen at R = 2 and 4).
+    cases = ((dict(expert_impl="auto"), torch.bfloat16, 3e-2),
+             (dict(expert_impl="loop"), torch.bfloat16, 3e-2),
+             (dict(layout="compact"), torch.float32, 1e-3),
+             (dict(fp8=True), torch.bfloat16, 1.5e-1))
+    refs = {}
+    for kwargs, dtype, tol in cases:
+        if dtype not in refs:
+            ref = _model(device, dtype)
+            with torch.no_grad():
+                refs[dtype] = ref, ref(input_ids=ids, use_cache=False).logits.float()
+        ref, want = refs[dtype]
         buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=B * S, hidden=H, num_topk=K,
                                  num_experts=E, fp8_dispatch=kwargs.get("fp8", False))
         model = shard_moe_blocks(copy.deepcopy(ref), buf, **kwargs)
         with torch.no_grad():
             got = model(input_ids=ids, use_cache=False).logits.float()
         torch.testing.assert_close(got, want, atol=tol, rtol=tol,
-                                   msg=lambda m: f"rank {rank} {kwargs}: {m}")
+                                   msg=lambda m: f"rank {rank} {kwargs} {dtype}: {m}")
         buf.destroy()
 
 
