@@ -17,8 +17,8 @@ SUBDIR = "generated"
 
 def render_all() -> dict[str, str]:
     """Every generated header: file name -> text."""
-    from deep_ep_ops.codegen import handle_layout
-    return {"handle_layout.hpp": handle_layout.render()}
+    from deep_ep_ops.codegen import ep_checks, handle_layout
+    return {"handle_layout.hpp": handle_layout.render(), "ep_checks.hpp": ep_checks.render()}
 
 
 def write_include_root(root: Path, texts: dict[str, str] | None = None) -> Path:
