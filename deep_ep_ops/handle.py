@@ -1,5 +1,9 @@
 """Layout of the routing ``handle`` that ``dispatch`` returns (one source of truth).
 
+The C++ kernels read the same layout from ``generated/handle_layout.hpp``, which
+``deep_ep_ops/codegen/handle_layout.py`` renders from this module at build time (every
+upper-case int constant below, and ``send_dst_row`` / ``handle_width`` from their column terms).
+
 The handle is an int32 tensor ``[1 + T + C, W]`` with ``W = handle_width(K)``. It carries every
 fact ``combine`` and ``cached_dispatch`` need, so routing state travels as a tensor (compile,
 export and CUDA graphs see only tensors). ``T`` is recovered by shape arithmetic:
@@ -58,9 +62,15 @@ SEND_NUM_DST = 0
 SEND_DST_RANK = 1  # + k
 
 
+# Columns that depend on K are written as terms (columns, columns per topk slot), so the Python
+# functions and the rendered C++ ones evaluate one formula.
+SEND_DST_ROW_TERM = (SEND_DST_RANK, 1)  # after the K destination ranks
+
+
 def send_dst_row(num_topk: int) -> int:
     """First column of the per-slot destination rows in the send part."""
-    return SEND_DST_RANK + num_topk
+    base, per_slot = SEND_DST_ROW_TERM
+    return base + per_slot * num_topk
 
 
 # receive part, per row
@@ -75,7 +85,15 @@ GROUP_COMBINE_SLOT = 6
 GROUP_MEMBER = 7  # + i, i < K
 
 
+# The handle is as wide as the widest of its parts.
+WIDTH_TERMS = (
+    (1, 2),                  # send part: SEND_NUM_DST, K destination ranks, K destination rows
+    (GROUP_MEMBER, 1),       # receive part: 7 columns, then K group members
+    (NUM_HEADER_FIELDS, 0),  # header
+)
+
+
 def handle_width(num_topk: int) -> int:
     """Columns of the handle: wide enough for the send part (1 + 2K), the receive part
     (7 + K) and the header."""
-    return max(1 + 2 * num_topk, GROUP_MEMBER + num_topk, NUM_HEADER_FIELDS)
+    return max(base + per_slot * num_topk for base, per_slot in WIDTH_TERMS)

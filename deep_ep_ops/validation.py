@@ -1,9 +1,12 @@
 """Input checks shared by the fake impls and every backend.
 
-Shape and dtype checks run everywhere (fake tensors included, so a bad call fails at trace
-time). Value checks (expert ids in range, no duplicate in a row, indices in range) read data:
-they always run on CPU tensors, and on CUDA tensors only when ``DEEP_EP_OPS_VALIDATE=1`` and no
-graph is being captured, because they cost a device-to-host sync.
+The shape / dtype / range checks of dispatch, cached_dispatch and combine are the rules of
+deep_ep_ops/check_rules.py (which the C++ kernels run too, rendered); this module evaluates
+them, and holds the other checks. Shape and dtype checks run everywhere (fake tensors included,
+so a bad call fails at trace time). Value checks (expert ids in range, no duplicate in a row,
+indices in range) read data: they always run on CPU tensors, and on CUDA tensors only when
+``DEEP_EP_OPS_VALIDATE=1`` and no graph is being captured, because they cost a device-to-host
+sync.
 """
 from __future__ import annotations
 
@@ -12,16 +15,14 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from deep_ep_ops import check_rules as R
 from deep_ep_ops import handle as H
-from deep_ep_ops.handle import HEADER_ROWS, handle_width
+from deep_ep_ops.check_expr import Int
 
 if TYPE_CHECKING:
     from deep_ep_ops.buffer import Buffer
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FP8_DTYPES = (torch.float8_e4m3fn,)
-INDEX_DTYPES = (torch.int32, torch.int64)
-SCALE_DTYPES = (torch.float32, torch.int32)
+INDEX_DTYPES = R.INDEX.dtypes
 
 
 def _fail(op: str, arg: str, expected: str, got: str) -> None:
@@ -67,50 +68,25 @@ def check_contiguous(op: str, **tensors: Optional[torch.Tensor]) -> None:
             _fail(op, name, "contiguous", f"strides {t.stride()}")
 
 
+def _check_rules(checks: R.OpChecks, env: dict) -> None:
+    """The first rule of ``checks`` (deep_ep_ops/check_rules.py) that the call ``env`` fails
+    raises; the C++ kernels run the same rules, rendered (generated/ep_checks.hpp)."""
+    for rule in checks.rules:
+        if rule.fails.value(env):
+            name = rule.arg.name
+            value = env[name]
+            got = "None" if value is None else \
+                repr(value) if isinstance(rule.arg, Int) else _desc(value)
+            _fail(checks.op, name, rule.expected_text(env), got)
+
+
 def check_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
                    topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                    expert_alignment: int, num_sms: int) -> None:
     op = "dispatch"
-    if x.dim() != 2:
-        _fail(op, "x", "2-D [T, H]", _desc(x))
-    T, H = x.shape
-    fp8 = x.dtype in FP8_DTYPES
-    if x.dtype not in FLOAT_DTYPES + FP8_DTYPES:
-        _fail(op, "x", "a float dtype (bf16/fp16/fp32/fp64) or float8_e4m3fn", _desc(x))
-    if H != buf.hidden:
-        _fail(op, "x", f"[T, {buf.hidden}] (hidden of the Buffer for {buf.group_name!r})",
-              _desc(x))
-    if T > buf.num_max_tokens_per_rank:
-        _fail(op, "x", f"at most num_max_tokens_per_rank={buf.num_max_tokens_per_rank} rows",
-              _desc(x))
-    if fp8:
-        if x_scales is None:
-            _fail(op, "x_scales", "a [T, P] float32/int32 tensor when x is float8_e4m3fn",
-                  "None")
-    if x_scales is not None:
-        if not fp8:
-            _fail(op, "x_scales", "None unless x is float8_e4m3fn", _desc(x_scales))
-        if x_scales.dim() != 2 or x_scales.shape[0] != T or x_scales.dtype not in SCALE_DTYPES:
-            _fail(op, "x_scales", f"[{T}, P] float32 or int32 (4-byte scale packs)",
-                  _desc(x_scales))
-        if x_scales.shape[1] > (H + 31) // 32:
-            _fail(op, "x_scales", f"at most ceil(H/32)={(H + 31) // 32} packs per row",
-                  _desc(x_scales))
-    K = buf.num_topk
-    if topk_idx.dim() != 2 or topk_idx.shape[0] != T or topk_idx.shape[1] != K or \
-            topk_idx.dtype not in INDEX_DTYPES:
-        _fail(op, "topk_idx", f"[{T}, {K}] int64 or int32 (K = num_topk of the Buffer)",
-              _desc(topk_idx))
-    if topk_weights.dim() != 2 or tuple(topk_weights.shape) != (T, K) or \
-            topk_weights.dtype not in FLOAT_DTYPES:
-        _fail(op, "topk_weights", f"[{T}, {K}] float32", _desc(topk_weights))
-    if num_experts != buf.num_experts:
-        _fail(op, "num_experts", f"{buf.num_experts} (num_experts of the Buffer)",
-              str(num_experts))
-    if not isinstance(expert_alignment, int) or expert_alignment < 1:
-        _fail(op, "expert_alignment", "an int >= 1", repr(expert_alignment))
-    if num_sms < 0:
-        _fail(op, "num_sms", ">= 0 (0 = automatic)", str(num_sms))
+    _check_rules(R.DISPATCH, dict(buf=buf, x=x, x_scales=x_scales, topk_idx=topk_idx,
+                                  topk_weights=topk_weights, num_experts=num_experts,
+                                  expert_alignment=expert_alignment, num_sms=num_sms))
     check_device(op, buf, x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights)
     check_contiguous(op, x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights)
     if wants_value_checks(topk_idx) and topk_idx.numel() > 0:
@@ -132,33 +108,11 @@ def check_expert_ids(topk_idx: torch.Tensor, num_experts: int) -> None:
               f"row {t} = {topk_idx[t].tolist()}")
 
 
-def check_handle(op: str, buf: Buffer, handle: torch.Tensor) -> None:
-    width = handle_width(buf.num_topk)
-    if handle.dim() != 2 or handle.shape[1] != width or handle.dtype != torch.int32 or \
-            handle.shape[0] < HEADER_ROWS:
-        _fail(op, "handle", f"the int32 [1 + T + C, {width}] handle returned by dispatch on "
-              f"group {buf.group_name!r}", _desc(handle))
-
-
 def check_cached_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
                           handle: torch.Tensor, num_sms: int) -> None:
     op = "cached_dispatch"
-    check_handle(op, buf, handle)
-    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES + FP8_DTYPES:
-        _fail(op, "x", "a 2-D [T, H] float or float8_e4m3fn tensor", _desc(x))
-    if x.shape[1] > buf.hidden:
-        _fail(op, "x", f"[T, <= {buf.hidden}] (hidden of the Buffer)", _desc(x))
-    if x.shape[0] > handle.shape[0] - HEADER_ROWS:
-        _fail(op, "x", f"[T, H] with T of the dispatch that made handle ({handle.shape[0]} "
-              "rows)", _desc(x))
-    if (x.dtype in FP8_DTYPES) != (x_scales is not None):
-        _fail(op, "x_scales", "given exactly when x is float8_e4m3fn",
-              "None" if x_scales is None else _desc(x_scales))
-    if x_scales is not None and (x_scales.dim() != 2 or x_scales.shape[0] != x.shape[0] or
-                                 x_scales.dtype not in SCALE_DTYPES):
-        _fail(op, "x_scales", f"[{x.shape[0]}, P] float32 or int32", _desc(x_scales))
-    if num_sms < 0:
-        _fail(op, "num_sms", ">= 0 (0 = automatic)", str(num_sms))
+    _check_rules(R.CACHED_DISPATCH, dict(buf=buf, x=x, x_scales=x_scales, handle=handle,
+                                         num_sms=num_sms))
     check_device(op, buf, x=x, x_scales=x_scales, handle=handle)
     check_contiguous(op, x=x, x_scales=x_scales, handle=handle)
     if wants_value_checks(handle):
@@ -168,20 +122,7 @@ def check_cached_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch
 def check_combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
                   weights: Optional[torch.Tensor], num_sms: int) -> None:
     op = "combine"
-    check_handle(op, buf, handle)
-    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
-        _fail(op, "x", "a 2-D [C, H] float tensor (the rows of dispatch's output)", _desc(x))
-    if x.shape[1] > buf.hidden:
-        _fail(op, "x", f"[C, <= {buf.hidden}] (hidden of the Buffer)", _desc(x))
-    if x.shape[0] > handle.shape[0] - HEADER_ROWS:
-        _fail(op, "x", f"[C, H] with C rows of the dispatch that made handle "
-              f"({handle.shape[0]} handle rows)", _desc(x))
-    if weights is not None and (weights.dim() != 1 or weights.shape[0] != x.shape[0] or
-                                weights.dtype not in FLOAT_DTYPES):
-        _fail(op, "weights", f"None or [{x.shape[0]}] float32 (one weight per row)",
-              _desc(weights))
-    if num_sms < 0:
-        _fail(op, "num_sms", ">= 0 (0 = automatic)", str(num_sms))
+    _check_rules(R.COMBINE, dict(buf=buf, x=x, handle=handle, weights=weights, num_sms=num_sms))
     check_device(op, buf, x=x, handle=handle, weights=weights)
     check_contiguous(op, x=x, handle=handle, weights=weights)
     if wants_value_checks(handle):

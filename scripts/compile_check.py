@@ -1,9 +1,10 @@
 """Compile every CUDA-backend translation unit on a machine without a GPU (no link, no load):
 ``python scripts/compile_check.py [file ...]`` with nvcc and the NCCL headers
 (``DEEP_EP_OPS_NCCL_HOME`` or the nvidia-nccl wheel). Objects go to a temporary folder; the
-flags are the JIT build's (deep_ep_ops/cuda/loader.py). Headers the toolkit lacks here (cusparse.h,
-cublas_v2.h, which ATen/cuda includes) come from the nvidia-cusparse / nvidia-cublas wheels
-through ``CPATH``."""
+flags and include paths are the JIT build's (deep_ep_ops/cuda/loader.py), with the headers
+rendered from Python (deep_ep_ops/codegen) written into that folder as the build does. Headers
+the toolkit lacks here (cusparse.h, cublas_v2.h, which ATen/cuda includes) come from the
+nvidia-cusparse / nvidia-cublas wheels through ``CPATH``."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from torch.utils import cpp_extension
 
+from deep_ep_ops import codegen
 from deep_ep_ops.cuda import loader
 
 # A CPU-only torch finds no CUDA home of its own; nvcc's toolkit has the headers.
@@ -26,13 +28,14 @@ def main() -> int:
     src = loader.csrc_dir()
     root = loader.nccl_home()
     cflags, cuda_flags, _ = loader._flags(root)
+    out = Path(tempfile.mkdtemp(prefix="deo_cc_"))
+    generated = codegen.write_include_root(out / "generated_include")
     includes = cpp_extension.include_paths(device_type="cuda") + [
-        sysconfig.get_paths()["include"], str(root / "include"), str(src)]
+        sysconfig.get_paths()["include"], str(root / "include"), str(src), str(generated)]
     inc = [f"-I{p}" for p in includes]
     abi = [f"-D_GLIBCXX_USE_CXX11_ABI={int(cpp_extension.torch._C._GLIBCXX_USE_CXX11_ABI)}",
            "-DTORCH_EXTENSION_NAME=compile_check", "-DTORCH_API_INCLUDE_EXTENSION_H"]
     wanted = sys.argv[1:] or loader.sources(src)
-    out = Path(tempfile.mkdtemp(prefix="deo_cc_"))
 
     def one(rel: str) -> tuple[str, int, str]:
         path = src / rel

@@ -27,10 +27,15 @@ MODULE_CPP = Path(__file__).resolve().parent / "csrc" / "autograd_cpu_module.cpp
 
 
 def _load() -> ModuleType:
-    from deep_ep_ops.cuda.loader import csrc_dir
+    from deep_ep_ops import codegen
+    from deep_ep_ops.cuda.loader import cache_dir, csrc_dir
+    # A fixed folder: torch's extension cache keys on the include paths, ninja on the header
+    # texts (write_include_root leaves unchanged ones untouched), so reruns reuse the build.
+    generated = codegen.write_include_root(cache_dir() / "autograd_cpu_generated_include")
     return load(name="deep_ep_ops_autograd_cpu",
                 sources=[str(csrc_dir() / "torch" / "ep_autograd.cpp"), str(MODULE_CPP)],
-                extra_cflags=["-O1", "-std=c++20"], verbose=False)
+                extra_cflags=["-O1", "-std=c++20"],
+                extra_include_paths=[str(csrc_dir()), str(generated)], verbose=False)
 
 
 def _body(rank: int, world: int) -> None:

@@ -9,7 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "../device/shared_types.hpp"
-#include "handle_layout.hpp"
+#include "generated/handle_layout.hpp"  // rendered from deep_ep_ops/handle.py (codegen)
 
 namespace deep_ep_ops {
 

@@ -15,7 +15,7 @@
 namespace deep_ep_ops {
 
 struct EpConfig {
-  int buffer_id;  // Buffer.id, stamped into every handle (handle_layout.hpp kHdrBufferId)
+  int buffer_id;  // Buffer.id, stamped into every handle (handle.py HDR_BUFFER_ID)
   int rank, num_ranks;
   int max_tokens, hidden, topk, num_experts;
   bool fp8;

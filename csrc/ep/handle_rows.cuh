@@ -1,5 +1,5 @@
-// Writers of the routing handle's rows (columns: handle_layout.hpp), shared by every dispatch
-// kernel, so that each field is written by one piece of code.
+// Writers of the routing handle's rows (columns: generated/handle_layout.hpp), shared by every
+// dispatch kernel, so that each field is written by one piece of code.
 #pragma once
 
 #include "../device/common.cuh"

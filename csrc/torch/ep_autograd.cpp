@@ -18,7 +18,7 @@
 #include <string>
 #include <tuple>
 
-#include "../ep/handle_layout.hpp"
+#include "generated/handle_layout.hpp"  // rendered from deep_ep_ops/handle.py (codegen)
 #include "op_handles.hpp"
 
 namespace deep_ep_ops {

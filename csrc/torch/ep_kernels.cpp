@@ -6,10 +6,12 @@
 //   registry (deep_ep_ops/registry.py writes it; this file never calls back into Python). A
 //   name that is missing, or a gloo Buffer given CUDA tensors, raises the ValueError Python
 //   would raise.
-// * The shape / dtype / device / contiguity checks of deep_ep_ops/validation.py, with the same
-//   messages, raised as c10::ValueError (Python ValueError) before any launch; with
-//   DEEP_EP_OPS_VALIDATE=1 also the value checks (expert ids; the handle's header: its Buffer
-//   and row count) which copy to the host (skipped during graph capture, like Python's).
+// * The checks of deep_ep_ops/validation.py, with the same messages, raised as c10::ValueError
+//   (Python ValueError) before any launch: the shape / dtype / range rules rendered from
+//   deep_ep_ops/check_rules.py (generated/ep_checks.hpp), then the device and contiguity checks
+//   written here; with DEEP_EP_OPS_VALIDATE=1 also the value checks (expert ids; the handle's
+//   header: its Buffer and row count) which copy to the host (skipped during graph capture,
+//   like Python's).
 // * register_kernels() (called by deep_ep_ops.ops._use_cpp_kernels after it removed the Python
 //   CUDA impls) makes the registrations; nothing is registered when the .so is merely loaded.
 #include <torch/extension.h>
@@ -19,7 +21,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -33,6 +34,8 @@
 
 #include "../ep/ep_ops.hpp"
 #include "../ep/ep_state.hpp"
+#include "check_text.hpp"
+#include "generated/ep_checks.hpp"  // rendered from deep_ep_ops/check_rules.py (codegen)
 #include "op_handles.hpp"
 
 namespace deep_ep_ops {
@@ -50,83 +53,11 @@ std::unordered_map<std::string, GroupEntry>& groups() {
   return *r;
 }
 
-// ---- messages (deep_ep_ops/validation.py _fail / _desc, Python reprs) ---------------------
-
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kFloat8_e4m3fn: return "torch.float8_e4m3fn";
-    case at::kFloat8_e5m2: return "torch.float8_e5m2";
-    case at::kFloat8_e4m3fnuz: return "torch.float8_e4m3fnuz";
-    case at::kFloat8_e5m2fnuz: return "torch.float8_e5m2fnuz";
-    case at::kInt: return "torch.int32";
-    case at::kLong: return "torch.int64";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    case at::kComplexFloat: return "torch.complex64";
-    case at::kComplexDouble: return "torch.complex128";
-    default: {
-      std::string s = c10::toString(t);
-      for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-      return "torch." + s;
-    }
-  }
-}
-
-// Python's repr of a tuple of ints: (3,) and (1, 3, 8). Built with std::to_string: an
-// std::ostringstream here segfaulted inside the extension on the GPU image (torch 2.11+cu130,
-// g++ 13.3), so this file uses no iostreams.
-std::string py_tuple(at::IntArrayRef v) {
-  std::string s = "(";
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(v[i]);
-  }
-  if (v.size() == 1) s += ",";
-  return s + ")";
-}
-
-// str(tensor.device) for the devices these ops see.
-std::string device_str(const at::Tensor& t) {
-  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device());
-  if (t.is_cpu()) return "cpu";
-  if (t.is_meta()) return "meta";
-  return "a non-CUDA device";
-}
-
-std::string desc(const at::Tensor& t) {
-  return "shape " + py_tuple(t.sizes()) + " " + dtype_name(t.scalar_type()) + " on " +
-         device_str(t);
-}
-
-std::string py_repr(c10::string_view s) {
-  const bool dq = s.find('\'') != c10::string_view::npos && s.find('"') == c10::string_view::npos;
-  const char q = dq ? '"' : '\'';
-  std::string out(1, q);
-  for (char c : s) {
-    if (c == '\\' || c == q) out += '\\';
-    out += c;
-  }
-  return out + q;
-}
-
-[[noreturn]] void fail(const char* op, const char* arg, const std::string& expected,
-                       const std::string& got) {
-  TORCH_CHECK_VALUE(false, "deep_ep.", op, ": ", arg, " must be ", expected, "; got ", got);
-  __builtin_unreachable();
-}
-
-bool is_float(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn; }
-bool is_index(at::ScalarType t) { return t == at::kInt || t == at::kLong; }
-bool is_scale(at::ScalarType t) { return t == at::kFloat || t == at::kInt; }
+// the words of a failed check (check_text.hpp)
+using checks::desc;
+using checks::fail;
+using checks::py_repr;
+using checks::py_tuple;
 
 struct Named {
   const char* name;
@@ -234,106 +165,36 @@ void check_handle_header(const char* op, const EpState& st, c10::string_view gro
                       rows ? "produced " : "had ", want, rows ? "" : " tokens");
 }
 
-// ---- checks (validation.py check_dispatch / check_handle / check_cached_dispatch /
-// check_combine) ------------------------------------------------------------------------
+// ---- checks (validation.py check_dispatch / check_cached_dispatch / check_combine): the
+// rendered rules of check_rules.py, then device and contiguity ---------------------------------
 
 void check_dispatch(const EpState& st, c10::string_view group, const at::Tensor& x,
                     const std::optional<at::Tensor>& x_scales, const at::Tensor& topk_idx,
                     const at::Tensor& topk_weights, int64_t num_experts,
                     int64_t expert_alignment, int64_t num_sms) {
-  const char* op = "dispatch";
-  if (x.dim() != 2) fail(op, "x", "2-D [T, H]", desc(x));
-  const int64_t T = x.size(0), H = x.size(1);
-  const bool fp8 = is_fp8(x.scalar_type());
-  if (!is_float(x.scalar_type()) && !fp8)
-    fail(op, "x", "a float dtype (bf16/fp16/fp32/fp64) or float8_e4m3fn", desc(x));
-  const auto& cfg = st.cfg;
-  if (H != cfg.hidden)
-    fail(op, "x", "[T, " + std::to_string(cfg.hidden) + "] (hidden of the Buffer for " +
-         py_repr(group) + ")", desc(x));
-  if (T > cfg.max_tokens)
-    fail(op, "x", "at most num_max_tokens_per_rank=" + std::to_string(cfg.max_tokens) + " rows",
-         desc(x));
   const at::Tensor* s = opt(x_scales);
-  if (fp8 && s == nullptr)
-    fail(op, "x_scales", "a [T, P] float32/int32 tensor when x is float8_e4m3fn", "None");
-  if (s != nullptr) {
-    if (!fp8) fail(op, "x_scales", "None unless x is float8_e4m3fn", desc(*s));
-    if (s->dim() != 2 || s->size(0) != T || !is_scale(s->scalar_type()))
-      fail(op, "x_scales", "[" + std::to_string(T) + ", P] float32 or int32 (4-byte scale packs)",
-           desc(*s));
-    if (s->size(1) > (H + 31) / 32)
-      fail(op, "x_scales", "at most ceil(H/32)=" + std::to_string((H + 31) / 32) +
-           " packs per row", desc(*s));
-  }
-  const int64_t K = cfg.topk;
-  // built only on failure: this runs on every eager call
-  const auto tk = [&] { return "[" + std::to_string(T) + ", " + std::to_string(K) + "]"; };
-  if (topk_idx.dim() != 2 || topk_idx.size(0) != T || topk_idx.size(1) != K ||
-      !is_index(topk_idx.scalar_type()))
-    fail(op, "topk_idx", tk() + " int64 or int32 (K = num_topk of the Buffer)", desc(topk_idx));
-  if (topk_weights.dim() != 2 || topk_weights.size(0) != T || topk_weights.size(1) != K ||
-      !is_float(topk_weights.scalar_type()))
-    fail(op, "topk_weights", tk() + " float32", desc(topk_weights));
-  if (num_experts != cfg.num_experts)
-    fail(op, "num_experts", std::to_string(cfg.num_experts) + " (num_experts of the Buffer)",
-         std::to_string(num_experts));
-  if (expert_alignment < 1)
-    fail(op, "expert_alignment", "an int >= 1", std::to_string(expert_alignment));
-  if (num_sms < 0) fail(op, "num_sms", ">= 0 (0 = automatic)", std::to_string(num_sms));
-  check_device_contiguous(op, group, {{"x", &x}, {"x_scales", s}, {"topk_idx", &topk_idx},
-                                      {"topk_weights", &topk_weights}});
-}
-
-void check_handle(const char* op, const EpState& st, c10::string_view group,
-                  const at::Tensor& handle) {
-  const int64_t W = st.handle_width;
-  if (handle.dim() != 2 || handle.size(1) != W || handle.scalar_type() != at::kInt ||
-      handle.size(0) < handle::kHeaderRows)
-    fail(op, "handle", "the int32 [1 + T + C, " + std::to_string(W) +
-         "] handle returned by dispatch on group " + py_repr(group), desc(handle));
+  checks::dispatch_shapes(checks::buffer_facts(st), group, x, s, topk_idx, topk_weights,
+                          num_experts, expert_alignment, num_sms);
+  check_device_contiguous("dispatch", group, {{"x", &x}, {"x_scales", s},
+                                              {"topk_idx", &topk_idx},
+                                              {"topk_weights", &topk_weights}});
 }
 
 void check_cached_dispatch(const EpState& st, c10::string_view group, const at::Tensor& x,
                            const std::optional<at::Tensor>& x_scales, const at::Tensor& handle,
                            int64_t num_sms) {
-  const char* op = "cached_dispatch";
-  check_handle(op, st, group, handle);
-  const bool fp8 = is_fp8(x.scalar_type());
-  if (x.dim() != 2 || !(is_float(x.scalar_type()) || fp8))
-    fail(op, "x", "a 2-D [T, H] float or float8_e4m3fn tensor", desc(x));
-  if (x.size(1) > st.cfg.hidden)
-    fail(op, "x", "[T, <= " + std::to_string(st.cfg.hidden) + "] (hidden of the Buffer)", desc(x));
-  if (x.size(0) > handle.size(0) - handle::kHeaderRows)
-    fail(op, "x", "[T, H] with T of the dispatch that made handle (" +
-         std::to_string(handle.size(0)) + " rows)", desc(x));
   const at::Tensor* s = opt(x_scales);
-  if (fp8 != (s != nullptr))
-    fail(op, "x_scales", "given exactly when x is float8_e4m3fn", s == nullptr ? "None" : desc(*s));
-  if (s != nullptr && (s->dim() != 2 || s->size(0) != x.size(0) || !is_scale(s->scalar_type())))
-    fail(op, "x_scales", "[" + std::to_string(x.size(0)) + ", P] float32 or int32", desc(*s));
-  if (num_sms < 0) fail(op, "num_sms", ">= 0 (0 = automatic)", std::to_string(num_sms));
-  check_device_contiguous(op, group, {{"x", &x}, {"x_scales", s}, {"handle", &handle}});
+  checks::cached_dispatch_shapes(checks::buffer_facts(st), group, x, s, handle, num_sms);
+  check_device_contiguous("cached_dispatch", group,
+                          {{"x", &x}, {"x_scales", s}, {"handle", &handle}});
 }
 
 void check_combine(const EpState& st, c10::string_view group, const at::Tensor& x,
                    const at::Tensor& handle, const std::optional<at::Tensor>& weights,
                    int64_t num_sms) {
-  const char* op = "combine";
-  check_handle(op, st, group, handle);
-  if (x.dim() != 2 || !is_float(x.scalar_type()))
-    fail(op, "x", "a 2-D [C, H] float tensor (the rows of dispatch's output)", desc(x));
-  if (x.size(1) > st.cfg.hidden)
-    fail(op, "x", "[C, <= " + std::to_string(st.cfg.hidden) + "] (hidden of the Buffer)", desc(x));
-  if (x.size(0) > handle.size(0) - handle::kHeaderRows)
-    fail(op, "x", "[C, H] with C rows of the dispatch that made handle (" +
-         std::to_string(handle.size(0)) + " handle rows)", desc(x));
   const at::Tensor* w = opt(weights);
-  if (w != nullptr && (w->dim() != 1 || w->size(0) != x.size(0) || !is_float(w->scalar_type())))
-    fail(op, "weights", "None or [" + std::to_string(x.size(0)) + "] float32 (one weight per row)",
-         desc(*w));
-  if (num_sms < 0) fail(op, "num_sms", ">= 0 (0 = automatic)", std::to_string(num_sms));
-  check_device_contiguous(op, group, {{"x", &x}, {"handle", &handle}, {"weights", w}});
+  checks::combine_shapes(checks::buffer_facts(st), group, x, handle, w, num_sms);
+  check_device_contiguous("combine", group, {{"x", &x}, {"handle", &handle}, {"weights", w}});
 }
 
 // ---- kernels ----------------------------------------------------------------------------

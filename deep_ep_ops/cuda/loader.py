@@ -1,9 +1,11 @@
 """JIT build of the CUDA backend (``csrc/``) with ``torch.utils.cpp_extension.load`` (ninja).
 
 * Sources: ``$DEEP_EP_OPS_CSRC``, else ``deep_ep_ops/cuda/csrc`` (package data of an installed
-  wheel), else ``csrc/`` of the source tree.
+  wheel), else ``csrc/`` of the source tree; plus the headers rendered from Python
+  (deep_ep_ops/codegen), written to ``<build folder>/generated_include/generated/``.
 * Cache: ``$DEEP_EP_OPS_CACHE`` (default ``~/.cache/deep_ep_ops``), one folder per hash of the
-  sources, torch version, CUDA version, NCCL version, target arches and flags.
+  sources (generated headers included), torch version, CUDA version, NCCL version, target
+  arches and flags.
 * One build per node at a time: an ``fcntl.flock`` on ``<cache>/<name>.lock``. The kernel drops
   the lock when its holder dies, so a killed build never blocks later ones (torch's own
   ``lock`` file inside the build folder, which can go stale, is removed while we hold ours).
@@ -24,6 +26,8 @@ import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
+
+from deep_ep_ops import codegen
 
 _MODULE: Optional[ModuleType] = None
 _LOCK = threading.Lock()
@@ -98,6 +102,9 @@ def build_key() -> tuple[str, Path, Path]:
                        (".cu", ".cuh", ".cpp", ".hpp", ".h")):
         h.update(str(path.relative_to(src)).encode())
         h.update(path.read_bytes())
+    for name, text in sorted(codegen.render_all().items()):
+        h.update(f"{codegen.SUBDIR}/{name}".encode())
+        h.update(text.encode())
     cflags, cuda_flags, ldflags = _flags(root)
     for part in (torch.__version__, str(torch.version.cuda), str(nccl_version_code(root)),
                  sys.version.split()[0], " ".join(cflags + cuda_flags + ldflags)):
@@ -158,13 +165,14 @@ def _build(name: str, build_dir: Path, src: Path, root: Path,
     if verbose is None:
         verbose = os.environ.get("DEEP_EP_OPS_VERBOSE_BUILD", "0") == "1"
     cflags, cuda_flags, ldflags = _flags(root)
+    generated = codegen.write_include_root(build_dir / "generated_include")
     module = cpp_extension.load(
         name=name,
         sources=[str(src / s) for s in sources(src)],
         extra_cflags=cflags,
         extra_cuda_cflags=cuda_flags,
         extra_ldflags=ldflags,
-        extra_include_paths=[str(root / "include"), str(src)],
+        extra_include_paths=[str(root / "include"), str(src), str(generated)],
         build_directory=str(build_dir),
         verbose=verbose,
         with_cuda=True,

@@ -1,6 +1,8 @@
 """Bad inputs of the CUDA kernels (registered in C++, csrc/torch/ep_kernels.cpp) raise the
 ValueError of tests/test_errors.py: its shape/dtype table (SHAPE_CASES) runs here on CUDA
-tensors, plus the CUDA-only paths (device, contiguity, the Python fallbacks).
+tensors, every rule of deep_ep_ops/check_rules.py gives its example's exact message
+(tests/ep_check_examples.py), plus the CUDA-only paths (device, contiguity, the Python
+fallbacks).
 
 One rank, an NCCL group in this process (module fixture). Skips without CUDA.
 """
@@ -11,6 +13,7 @@ import os
 import pytest
 import torch
 
+from tests.ep_check_examples import EXAMPLES, expected
 from tests.test_errors import HID, SHAPE_CASES, E, K, M
 from tests.test_errors import _inputs as _inputs_on
 
@@ -58,6 +61,16 @@ def test_shape_checks(buf, case):
     call, pattern = SHAPE_CASES[case](buf, "cuda")
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+@pytest.mark.parametrize("rule_id", sorted(EXAMPLES))
+def test_rule_examples(buf, rule_id):
+    """Each shape rule, rendered into the C++ kernels (generated/ep_checks.hpp), raises the
+    message Python raises for the same call, to the last character."""
+    op, args, _ = EXAMPLES[rule_id]
+    with pytest.raises(ValueError) as err:
+        getattr(ops, op)(**args("cuda"), group_name=buf.group_name)
+    assert str(err.value) == expected(rule_id, buf.group_name, "cuda:0")
 
 
 def test_full_message(buf):

@@ -1,0 +1,92 @@
+// The words of a failed input check, as Python writes them (deep_ep_ops/validation.py _fail and
+// _desc, Python's reprs), raised as c10::ValueError (Python ValueError). Used by the rendered
+// shape checks (generated/ep_checks.hpp) and by ep_kernels.cpp's own checks. Torch-only: also
+// built without CUDA (tests/test_check_rules.py).
+//
+// Strings are built with std::to_string and only on failure: an std::ostringstream here once
+// segfaulted inside the extension on the GPU image (torch 2.11+cu130, g++ 13.3), so no iostreams.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cctype>
+#include <string>
+
+namespace deep_ep_ops {
+namespace checks {
+
+// str(dtype)
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat8_e4m3fn: return "torch.float8_e4m3fn";
+    case at::kFloat8_e5m2: return "torch.float8_e5m2";
+    case at::kFloat8_e4m3fnuz: return "torch.float8_e4m3fnuz";
+    case at::kFloat8_e5m2fnuz: return "torch.float8_e5m2fnuz";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: {
+      std::string s = c10::toString(t);
+      for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return "torch." + s;
+    }
+  }
+}
+
+// Python's repr of a tuple of ints: (3,) and (1, 3, 8).
+inline std::string py_tuple(at::IntArrayRef v) {
+  std::string s = "(";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  if (v.size() == 1) s += ",";
+  return s + ")";
+}
+
+// str(tensor.device) for the devices these ops see.
+inline std::string device_str(const at::Tensor& t) {
+  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device());
+  if (t.is_cpu()) return "cpu";
+  if (t.is_meta()) return "meta";
+  return "a non-CUDA device";
+}
+
+// validation._desc
+inline std::string desc(const at::Tensor& t) {
+  return "shape " + py_tuple(t.sizes()) + " " + dtype_name(t.scalar_type()) + " on " +
+         device_str(t);
+}
+
+// Python's repr of a str.
+inline std::string py_repr(c10::string_view s) {
+  const bool dq = s.find('\'') != c10::string_view::npos && s.find('"') == c10::string_view::npos;
+  const char q = dq ? '"' : '\'';
+  std::string out(1, q);
+  for (char c : s) {
+    if (c == '\\' || c == q) out += '\\';
+    out += c;
+  }
+  return out + q;
+}
+
+// validation._fail
+[[noreturn]] inline void fail(const char* op, const char* arg, const std::string& expected,
+                              const std::string& got) {
+  TORCH_CHECK_VALUE(false, "deep_ep.", op, ": ", arg, " must be ", expected, "; got ", got);
+  __builtin_unreachable();
+}
+
+}  // namespace checks
+}  // namespace deep_ep_ops

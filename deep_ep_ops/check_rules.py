@@ -1,0 +1,181 @@
+"""The shape / dtype / range checks of dispatch, cached_dispatch and combine: one table for
+Python and C++.
+
+deep_ep_ops/validation.py evaluates these rules (CPU backend, fake impls);
+deep_ep_ops/codegen/ep_checks.py renders them as ``generated/ep_checks.hpp``, which the C++ CUDA
+kernels (csrc/torch/ep_kernels.cpp) call on the eager path. Rules run in order and the first
+that fails raises ``ValueError("deep_ep.<op>: <arg> must be <expected>; got <got>")``, where
+``got`` describes the argument (a tensor's shape, dtype and device; ``None``; an int).
+
+Not here, written by each side: the device and contiguity checks (Python compares the device
+with the Buffer's backend; the C++ kernels serve only NCCL Buffers and refuse a gloo one at the
+group lookup) and the value checks that read data (expert ids, the handle's header; they copy
+to the host, optional on CUDA).
+tests/ep_check_examples.py holds one failing call per rule with its exact message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from string import Formatter
+from typing import Union
+
+import torch
+
+from deep_ep_ops import handle as H
+from deep_ep_ops.check_expr import Const, DtypeClass, Env, Expr, Fact, GroupRepr, Int, Tensor
+
+FLOAT = DtypeClass("is_float", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+FP8 = DtypeClass("is_fp8", (torch.float8_e4m3fn,))
+INDEX = DtypeClass("is_index", (torch.int32, torch.int64))
+SCALE = DtypeClass("is_scale", (torch.float32, torch.int32))  # 4-byte scale packs
+INT32 = DtypeClass("is_int32", (torch.int32,))
+DTYPE_CLASSES = (FLOAT, FP8, INDEX, SCALE, INT32)
+
+# What the checks read of the Buffer (C++: of the EP state ``st``).
+HIDDEN = Fact("hidden", lambda buf: buf.hidden, "st.cfg.hidden")
+MAX_TOKENS = Fact("max_tokens", lambda buf: buf.num_max_tokens_per_rank, "st.cfg.max_tokens")
+NUM_TOPK = Fact("num_topk", lambda buf: buf.num_topk, "st.cfg.topk")
+NUM_EXPERTS_OF_BUFFER = Fact("num_experts", lambda buf: buf.num_experts, "st.cfg.num_experts")
+HANDLE_WIDTH = Fact("handle_width", lambda buf: H.handle_width(buf.num_topk), "st.handle_width")
+FACTS = (HIDDEN, MAX_TOKENS, NUM_TOPK, NUM_EXPERTS_OF_BUFFER, HANDLE_WIDTH)
+GROUP = GroupRepr()
+HEADER_ROWS = Const(H.HEADER_ROWS, "handle::kHeaderRows")
+
+# The arguments of the ops (schemas.py), shared by the ops that take them.
+X = Tensor("x")
+X_SCALES = Tensor("x_scales", optional=True)
+TOPK_IDX = Tensor("topk_idx")
+TOPK_WEIGHTS = Tensor("topk_weights")
+HANDLE = Tensor("handle")
+WEIGHTS = Tensor("weights", optional=True)
+NUM_EXPERTS = Int("num_experts")
+EXPERT_ALIGNMENT = Int("expert_alignment")
+NUM_SMS = Int("num_sms")
+
+Arg = Union[Tensor, Int]
+
+
+@dataclass(eq=False)
+class Rule:
+    """``arg`` must not meet ``fails``; else the message says it must be ``expected``, a format
+    string whose ``{name}`` fields are the nodes given in ``values`` (ints print as str,
+    GROUP as repr)."""
+    name: str
+    arg: Arg
+    fails: Expr
+    expected: str
+    values: dict[str, Expr] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        fields = {f for _, f, _, _ in Formatter().parse(self.expected) if f is not None}
+        assert fields == set(self.values), f"rule {self.name}: {fields} vs {set(self.values)}"
+
+    def expected_text(self, env: Env) -> str:
+        """``expected`` filled in for the call ``env`` (Python)."""
+        return self.expected.format(**{k: v.value(env) if v.kind == "str" else str(v.value(env))
+                                       for k, v in self.values.items()})
+
+
+@dataclass(eq=False)
+class OpChecks:
+    """The rules of one op, in order, over ``args`` (the checked arguments in signature
+    order: the C++ check function takes them so)."""
+    op: str
+    args: tuple[Arg, ...]
+    rules: tuple[Rule, ...]
+
+    def __post_init__(self) -> None:
+        names = {a.name for a in self.args}
+        for rule in self.rules:
+            used = rule.fails.args() | {rule.arg.name}
+            for v in rule.values.values():
+                used |= v.args()
+            assert used <= names, f"{self.op}.{rule.name} reads {used - names}"
+        assert len({r.name for r in self.rules}) == len(self.rules), f"{self.op}: duplicate rule"
+
+
+T = X.size(0)  # tokens (dispatch, cached_dispatch) or rows (combine) of x
+
+NUM_SMS_RULE = Rule("num_sms", NUM_SMS, NUM_SMS < 0, ">= 0 (0 = automatic)")
+HANDLE_RULE = Rule(
+    "handle", HANDLE,
+    (HANDLE.dim() != 2) | (HANDLE.size(1) != HANDLE_WIDTH) | ~HANDLE.dtype_in(INT32) |
+    (HANDLE.size(0) < HEADER_ROWS),
+    "the int32 [1 + T + C, {width}] handle returned by dispatch on group {group}",
+    {"width": HANDLE_WIDTH, "group": GROUP})
+
+DISPATCH = OpChecks("dispatch", (X, X_SCALES, TOPK_IDX, TOPK_WEIGHTS, NUM_EXPERTS,
+                                 EXPERT_ALIGNMENT, NUM_SMS), (
+    Rule("x_2d", X, X.dim() != 2, "2-D [T, H]"),
+    Rule("x_dtype", X, ~X.dtype_in(FLOAT, FP8),
+         "a float dtype (bf16/fp16/fp32/fp64) or float8_e4m3fn"),
+    Rule("x_hidden", X, X.size(1) != HIDDEN, "[T, {hidden}] (hidden of the Buffer for {group})",
+         {"hidden": HIDDEN, "group": GROUP}),
+    Rule("x_tokens", X, T > MAX_TOKENS, "at most num_max_tokens_per_rank={max_tokens} rows",
+         {"max_tokens": MAX_TOKENS}),
+    Rule("x_scales_missing", X_SCALES, X.dtype_in(FP8) & ~X_SCALES.given(),
+         "a [T, P] float32/int32 tensor when x is float8_e4m3fn"),
+    Rule("x_scales_unwanted", X_SCALES, X_SCALES.given() & ~X.dtype_in(FP8),
+         "None unless x is float8_e4m3fn"),
+    Rule("x_scales_shape", X_SCALES,
+         X_SCALES.given() & ((X_SCALES.dim() != 2) | (X_SCALES.size(0) != T) |
+                             ~X_SCALES.dtype_in(SCALE)),
+         "[{T}, P] float32 or int32 (4-byte scale packs)", {"T": T}),
+    Rule("x_scales_packs", X_SCALES,
+         X_SCALES.given() & (X_SCALES.size(1) > (X.size(1) + 31) // 32),
+         "at most ceil(H/32)={packs} packs per row", {"packs": (X.size(1) + 31) // 32}),
+    Rule("topk_idx", TOPK_IDX,
+         (TOPK_IDX.dim() != 2) | (TOPK_IDX.size(0) != T) | (TOPK_IDX.size(1) != NUM_TOPK) |
+         ~TOPK_IDX.dtype_in(INDEX),
+         "[{T}, {K}] int64 or int32 (K = num_topk of the Buffer)", {"T": T, "K": NUM_TOPK}),
+    Rule("topk_weights", TOPK_WEIGHTS,
+         (TOPK_WEIGHTS.dim() != 2) | (TOPK_WEIGHTS.size(0) != T) |
+         (TOPK_WEIGHTS.size(1) != NUM_TOPK) | ~TOPK_WEIGHTS.dtype_in(FLOAT),
+         "[{T}, {K}] float32", {"T": T, "K": NUM_TOPK}),
+    Rule("num_experts", NUM_EXPERTS, NUM_EXPERTS != NUM_EXPERTS_OF_BUFFER,
+         "{E} (num_experts of the Buffer)", {"E": NUM_EXPERTS_OF_BUFFER}),
+    Rule("expert_alignment", EXPERT_ALIGNMENT,
+         EXPERT_ALIGNMENT.not_int() | (EXPERT_ALIGNMENT < 1), "an int >= 1"),
+    NUM_SMS_RULE,
+))
+
+CACHED_DISPATCH = OpChecks("cached_dispatch", (X, X_SCALES, HANDLE, NUM_SMS), (
+    HANDLE_RULE,
+    Rule("x", X, (X.dim() != 2) | ~X.dtype_in(FLOAT, FP8),
+         "a 2-D [T, H] float or float8_e4m3fn tensor"),
+    Rule("x_hidden", X, X.size(1) > HIDDEN, "[T, <= {hidden}] (hidden of the Buffer)",
+         {"hidden": HIDDEN}),
+    Rule("x_rows", X, T > HANDLE.size(0) - HEADER_ROWS,
+         "[T, H] with T of the dispatch that made handle ({rows} rows)",
+         {"rows": HANDLE.size(0)}),
+    Rule("x_scales_given", X_SCALES, X.dtype_in(FP8) != X_SCALES.given(),
+         "given exactly when x is float8_e4m3fn"),
+    Rule("x_scales_shape", X_SCALES,
+         X_SCALES.given() & ((X_SCALES.dim() != 2) | (X_SCALES.size(0) != T) |
+                             ~X_SCALES.dtype_in(SCALE)),
+         "[{T}, P] float32 or int32", {"T": T}),
+    NUM_SMS_RULE,
+))
+
+COMBINE = OpChecks("combine", (X, HANDLE, WEIGHTS, NUM_SMS), (
+    HANDLE_RULE,
+    Rule("x", X, (X.dim() != 2) | ~X.dtype_in(FLOAT),
+         "a 2-D [C, H] float tensor (the rows of dispatch's output)"),
+    Rule("x_hidden", X, X.size(1) > HIDDEN, "[C, <= {hidden}] (hidden of the Buffer)",
+         {"hidden": HIDDEN}),
+    Rule("x_rows", X, T > HANDLE.size(0) - HEADER_ROWS,
+         "[C, H] with C rows of the dispatch that made handle ({rows} handle rows)",
+         {"rows": HANDLE.size(0)}),
+    Rule("weights", WEIGHTS,
+         WEIGHTS.given() & ((WEIGHTS.dim() != 1) | (WEIGHTS.size(0) != T) |
+                            ~WEIGHTS.dtype_in(FLOAT)),
+         "None or [{C}] float32 (one weight per row)", {"C": T}),
+    NUM_SMS_RULE,
+))
+
+OPS = (DISPATCH, CACHED_DISPATCH, COMBINE)
+
+
+def rule_ids() -> list[str]:
+    """``<op>.<rule>`` of every rule, in table order."""
+    return [f"{c.op}.{r.name}" for c in OPS for r in c.rules]

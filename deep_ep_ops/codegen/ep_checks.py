@@ -1,0 +1,122 @@
+"""Renders ``generated/ep_checks.hpp``: the rules of deep_ep_ops/check_rules.py as C++ functions
+``checks::<op>_shapes(buf, group, <the op's checked arguments>)`` for csrc/torch/ep_kernels.cpp,
+with the dtype-class predicates and the ``BufferFacts`` the rules read. Same order, same
+messages (csrc/torch/check_text.hpp writes them as validation.py does); strings are built only
+on the failing branch."""
+from __future__ import annotations
+
+from string import Formatter
+
+from deep_ep_ops import check_rules as R
+from deep_ep_ops.check_expr import CPP_DTYPES, Expr, GroupRepr, Int
+
+
+def _literal(text: str) -> str:
+    assert text.isascii() and "\n" not in text, text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _unparen(code: str) -> str:
+    """``(a != b)`` -> ``a != b`` when the outer parentheses enclose the whole text."""
+    if not (code.startswith("(") and code.endswith(")")):
+        return code
+    depth = 0
+    for i, c in enumerate(code):
+        depth += c == "("
+        depth -= c == ")"
+        if depth == 0 and i < len(code) - 1:
+            return code
+    return code[1:-1]
+
+
+def _string(node: Expr) -> str:
+    """C++ std::string of a message value (ints as Python's str, strings as they are)."""
+    return node.cpp() if node.kind == "str" else f"std::to_string({_unparen(node.cpp())})"
+
+
+def _expected(rule: R.Rule) -> str:
+    """C++ text of the rule's expected part: a literal, or a concatenation of std::strings."""
+    parts: list[str] = []
+    for literal, name, _, _ in Formatter().parse(rule.expected):
+        if literal:
+            parts.append(_literal(literal))
+        if name is not None:
+            parts.append(_string(rule.values[name]))
+    if len(parts) == 1 and parts[0].startswith('"'):
+        return parts[0]
+    if parts[0].startswith('"'):
+        parts[0] = f"std::string({parts[0]})"
+    return " + ".join(parts)
+
+
+def _got(arg: R.Arg) -> str:
+    if isinstance(arg, Int):
+        return f"std::to_string({arg.name})"
+    if arg.optional:
+        return f'{arg.name} == nullptr ? std::string("None") : desc(*{arg.name})'
+    return f"desc({arg.name})"
+
+
+def _reads_group(checks: R.OpChecks) -> bool:
+    return any(isinstance(v, GroupRepr) for r in checks.rules for v in r.values.values())
+
+
+def _function(checks: R.OpChecks) -> list[str]:
+    params = ["const BufferFacts& buf",
+              ("" if _reads_group(checks) else "[[maybe_unused]] ") + "c10::string_view group"]
+    params += [f"{a.cpp_type()} {a.name}" for a in checks.args]
+    lines = [f"// deep_ep.{checks.op}: check_rules.{checks.op.upper()}",
+             f"inline void {checks.op}_shapes({', '.join(params)}) {{",
+             f'  const char* op = "{checks.op}";']
+    for rule in checks.rules:
+        lines += [f"  // {rule.name}",
+                  f"  if ({_unparen(rule.fails.cpp())})",
+                  f'    fail(op, "{rule.arg.name}", {_expected(rule)},',
+                  f"         {_got(rule.arg)});"]
+    return lines + ["}", ""]
+
+
+def _dtype_predicate(cls: R.DtypeClass) -> str:
+    tests = " || ".join(f"t == {CPP_DTYPES[d]}" for d in cls.dtypes)
+    return f"inline bool {cls.cpp_fn}(at::ScalarType t) {{ return {tests}; }}"
+
+
+def render() -> str:
+    lines = [
+        "// GENERATED from deep_ep_ops/check_rules.py by deep_ep_ops/codegen/ep_checks.py; the",
+        "// build writes it, do not edit. The shape / dtype / range checks of the EP ops, in the",
+        "// order and with the messages of deep_ep_ops/validation.py, which evaluates the same",
+        "// rules.",
+        "#pragma once",
+        "",
+        "#include <ATen/core/Tensor.h>",
+        "#include <c10/util/string_view.h>",
+        "",
+        "#include <cstdint>",
+        "#include <string>",
+        "",
+        '#include "generated/handle_layout.hpp"',
+        '#include "torch/check_text.hpp"',
+        "",
+        "namespace deep_ep_ops {",
+        "namespace checks {",
+        "",
+        "// dtype classes",
+    ]
+    lines += [_dtype_predicate(c) for c in R.DTYPE_CLASSES]
+    lines += ["", "// What the checks read of the Buffer.", "struct BufferFacts {"]
+    lines += [f"  int64_t {f.name};" for f in R.FACTS]
+    lines += ["};", "",
+              "// The facts of an EP state (EpState; a template, so this header needs none).",
+              "template <class State>",
+              "inline BufferFacts buffer_facts(const State& st) {",
+              f"  return BufferFacts{{{', '.join(f.cpp_source for f in R.FACTS)}}};",
+              "}", ""]
+    for checks in R.OPS:
+        lines += _function(checks)
+    lines += ["}  // namespace checks", "}  // namespace deep_ep_ops", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(), end="")

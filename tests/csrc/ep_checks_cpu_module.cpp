@@ -1,0 +1,58 @@
+// Test-only module: the rendered shape checks (generated/ep_checks.hpp, from
+// deep_ep_ops/check_rules.py) built without CUDA, so tests/test_check_rules.py can run every
+// rule's failing example through them and compare their messages with Python's byte for byte.
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "generated/ep_checks.hpp"
+
+namespace {
+
+namespace checks = deep_ep_ops::checks;
+
+// The facts in check_rules.FACTS order (the order of BufferFacts' fields).
+checks::BufferFacts facts(const std::vector<int64_t>& f) {
+  TORCH_CHECK(f.size() == 5, "expected 5 Buffer facts, got ", f.size());
+  return checks::BufferFacts{f[0], f[1], f[2], f[3], f[4]};
+}
+
+const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
+
+// The ValueError's text alone (as torch's translation gives Python), without a backtrace.
+template <class F>
+void run(F&& f) {
+  try {
+    f();
+  } catch (const c10::ValueError& e) {
+    throw pybind11::value_error(e.what_without_backtrace());
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dispatch", [](const std::vector<int64_t>& f, const std::string& group,
+                       const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                       const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                       int64_t num_experts, int64_t expert_alignment, int64_t num_sms) {
+    run([&] {
+      checks::dispatch_shapes(facts(f), group, x, opt(x_scales), topk_idx, topk_weights,
+                              num_experts, expert_alignment, num_sms);
+    });
+  });
+  m.def("cached_dispatch", [](const std::vector<int64_t>& f, const std::string& group,
+                              const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+                              const at::Tensor& handle, int64_t num_sms) {
+    run([&] {
+      checks::cached_dispatch_shapes(facts(f), group, x, opt(x_scales), handle, num_sms);
+    });
+  });
+  m.def("combine", [](const std::vector<int64_t>& f, const std::string& group,
+                      const at::Tensor& x, const at::Tensor& handle,
+                      const std::optional<at::Tensor>& weights, int64_t num_sms) {
+    run([&] { checks::combine_shapes(facts(f), group, x, handle, opt(weights), num_sms); });
+  });
+}

@@ -1,0 +1,158 @@
+"""One failing call per rule of deep_ep_ops/check_rules.py, with the exact message it must raise.
+
+``EXAMPLES[rule_id] = (op, args(dev), message)``: ``args`` are the op's arguments without
+``group_name`` (a valid call with one argument spoilt, so the named rule is the first to fail);
+the message has ``{group}`` for ``repr(buf.group_name)`` and ``{dev}`` for the tensors' device.
+Shared by tests/test_check_rules.py (Python and the rendered C++ checks, on CPU) and
+tests/gpu/test_errors_gpu.py (the C++ CUDA kernels), for a Buffer of E=4, K=2, M=4, H=8.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+E, K, M, HID = 4, 2, 4, 8
+C = 4  # rows of a combine input, and of the handles below
+WIDTH = 11  # deep_ep_ops.handle.handle_width(K)
+
+Args = dict[str, Any]
+
+
+def dispatch_args(dev: str, **changes: Any) -> Args:
+    args = dict(x=torch.ones(3, HID, device=dev), x_scales=None,
+                topk_idx=torch.tensor([[0, 1], [2, 3], [1, -1]], device=dev),
+                topk_weights=torch.ones(3, K, device=dev), num_experts=E, expert_alignment=1,
+                num_sms=0)
+    args.update(changes)
+    return args
+
+
+def _handle(dev: str, rows: int = 1 + 3 + C, width: int = WIDTH) -> torch.Tensor:
+    """A handle of the right shape (the shape rules do not read its values)."""
+    return torch.zeros(rows, width, dtype=torch.int32, device=dev)
+
+
+def cached_args(dev: str, **changes: Any) -> Args:
+    args = dict(x=torch.ones(3, HID, device=dev), x_scales=None, handle=_handle(dev), num_sms=0)
+    args.update(changes)
+    return args
+
+
+def combine_args(dev: str, **changes: Any) -> Args:
+    args = dict(x=torch.ones(C, HID, device=dev), handle=_handle(dev), weights=None, num_sms=0)
+    args.update(changes)
+    return args
+
+
+def _fp8(dev: str, rows: int = 3) -> torch.Tensor:
+    return torch.ones(rows, HID, device=dev).to(torch.float8_e4m3fn)
+
+
+def _t(dev: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.ones(*shape, device=dev, dtype=dtype)
+
+
+def _d(op: str, arg: str, expected: str, got: str) -> str:
+    return f"deep_ep.{op}: {arg} must be {expected}; got {got}"
+
+
+EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
+    "dispatch.x_2d": ("dispatch", lambda d: dispatch_args(d, x=_t(d, 1, 3, HID)), _d(
+        "dispatch", "x", "2-D [T, H]", "shape (1, 3, 8) torch.float32 on {dev}")),
+    "dispatch.x_dtype": ("dispatch", lambda d: dispatch_args(d, x=_t(d, 3, HID, dtype=torch.int32)),
+                         _d("dispatch", "x", "a float dtype (bf16/fp16/fp32/fp64) or float8_e4m3fn",
+                            "shape (3, 8) torch.int32 on {dev}")),
+    "dispatch.x_hidden": ("dispatch", lambda d: dispatch_args(d, x=_t(d, 3, HID + 1)), _d(
+        "dispatch", "x", "[T, 8] (hidden of the Buffer for {group})",
+        "shape (3, 9) torch.float32 on {dev}")),
+    "dispatch.x_tokens": (
+        "dispatch",
+        lambda d: dispatch_args(d, x=_t(d, M + 1, HID),
+                                topk_idx=torch.tensor([[0, 1]] * (M + 1), device=d),
+                                topk_weights=_t(d, M + 1, K)),
+        _d("dispatch", "x", "at most num_max_tokens_per_rank=4 rows",
+           "shape (5, 8) torch.float32 on {dev}")),
+    "dispatch.x_scales_missing": ("dispatch", lambda d: dispatch_args(d, x=_fp8(d)), _d(
+        "dispatch", "x_scales", "a [T, P] float32/int32 tensor when x is float8_e4m3fn",
+        "None")),
+    "dispatch.x_scales_unwanted": ("dispatch", lambda d: dispatch_args(d, x_scales=_t(d, 3, 1)),
+                                   _d("dispatch", "x_scales", "None unless x is float8_e4m3fn",
+                                      "shape (3, 1) torch.float32 on {dev}")),
+    "dispatch.x_scales_shape": (
+        "dispatch",
+        lambda d: dispatch_args(d, x=_fp8(d), x_scales=_t(d, 3, 1, dtype=torch.float16)),
+        _d("dispatch", "x_scales", "[3, P] float32 or int32 (4-byte scale packs)",
+           "shape (3, 1) torch.float16 on {dev}")),
+    "dispatch.x_scales_packs": ("dispatch",
+                                lambda d: dispatch_args(d, x=_fp8(d), x_scales=_t(d, 3, 2)),
+                                _d("dispatch", "x_scales", "at most ceil(H/32)=1 packs per row",
+                                   "shape (3, 2) torch.float32 on {dev}")),
+    "dispatch.topk_idx": (
+        "dispatch",
+        lambda d: dispatch_args(d, topk_idx=torch.tensor([[0], [2], [1]], device=d)),
+        _d("dispatch", "topk_idx", "[3, 2] int64 or int32 (K = num_topk of the Buffer)",
+           "shape (3, 1) torch.int64 on {dev}")),
+    "dispatch.topk_weights": ("dispatch", lambda d: dispatch_args(d, topk_weights=_t(d, 2, K)),
+                              _d("dispatch", "topk_weights", "[3, 2] float32",
+                                 "shape (2, 2) torch.float32 on {dev}")),
+    "dispatch.num_experts": ("dispatch", lambda d: dispatch_args(d, num_experts=8), _d(
+        "dispatch", "num_experts", "4 (num_experts of the Buffer)", "8")),
+    "dispatch.expert_alignment": ("dispatch", lambda d: dispatch_args(d, expert_alignment=0), _d(
+        "dispatch", "expert_alignment", "an int >= 1", "0")),
+    "dispatch.num_sms": ("dispatch", lambda d: dispatch_args(d, num_sms=-1), _d(
+        "dispatch", "num_sms", ">= 0 (0 = automatic)", "-1")),
+
+    "cached_dispatch.handle": (
+        "cached_dispatch", lambda d: cached_args(d, handle=_handle(d, 9, 3)),
+        _d("cached_dispatch", "handle",
+           "the int32 [1 + T + C, 11] handle returned by dispatch on group {group}",
+           "shape (9, 3) torch.int32 on {dev}")),
+    "cached_dispatch.x": ("cached_dispatch",
+                          lambda d: cached_args(d, x=_t(d, 3, HID, dtype=torch.int32)),
+                          _d("cached_dispatch", "x", "a 2-D [T, H] float or float8_e4m3fn tensor",
+                             "shape (3, 8) torch.int32 on {dev}")),
+    "cached_dispatch.x_hidden": ("cached_dispatch", lambda d: cached_args(d, x=_t(d, 3, HID + 1)),
+                                 _d("cached_dispatch", "x", "[T, <= 8] (hidden of the Buffer)",
+                                    "shape (3, 9) torch.float32 on {dev}")),
+    "cached_dispatch.x_rows": (
+        "cached_dispatch", lambda d: cached_args(d, x=_t(d, 1 + 3 + C, HID)),
+        _d("cached_dispatch", "x", "[T, H] with T of the dispatch that made handle (8 rows)",
+           "shape (8, 8) torch.float32 on {dev}")),
+    "cached_dispatch.x_scales_given": (
+        "cached_dispatch", lambda d: cached_args(d, x_scales=_t(d, 3, 1)),
+        _d("cached_dispatch", "x_scales", "given exactly when x is float8_e4m3fn",
+           "shape (3, 1) torch.float32 on {dev}")),
+    "cached_dispatch.x_scales_shape": (
+        "cached_dispatch",
+        lambda d: cached_args(d, x=_fp8(d), x_scales=_t(d, 3, 1, dtype=torch.float16)),
+        _d("cached_dispatch", "x_scales", "[3, P] float32 or int32",
+           "shape (3, 1) torch.float16 on {dev}")),
+    "cached_dispatch.num_sms": ("cached_dispatch", lambda d: cached_args(d, num_sms=-2), _d(
+        "cached_dispatch", "num_sms", ">= 0 (0 = automatic)", "-2")),
+
+    "combine.handle": (
+        "combine", lambda d: combine_args(d, handle=_handle(d, 9, 3)),
+        _d("combine", "handle",
+           "the int32 [1 + T + C, 11] handle returned by dispatch on group {group}",
+           "shape (9, 3) torch.int32 on {dev}")),
+    "combine.x": ("combine", lambda d: combine_args(d, x=_t(d, C, HID, dtype=torch.int32)), _d(
+        "combine", "x", "a 2-D [C, H] float tensor (the rows of dispatch's output)",
+        "shape (4, 8) torch.int32 on {dev}")),
+    "combine.x_hidden": ("combine", lambda d: combine_args(d, x=_t(d, C, HID + 1)), _d(
+        "combine", "x", "[C, <= 8] (hidden of the Buffer)", "shape (4, 9) torch.float32 on {dev}")),
+    "combine.x_rows": (
+        "combine", lambda d: combine_args(d, x=_t(d, 1 + 3 + C, HID)),
+        _d("combine", "x", "[C, H] with C rows of the dispatch that made handle (8 handle rows)",
+           "shape (8, 8) torch.float32 on {dev}")),
+    "combine.weights": ("combine", lambda d: combine_args(d, weights=_t(d, 3)), _d(
+        "combine", "weights", "None or [4] float32 (one weight per row)",
+        "shape (3,) torch.float32 on {dev}")),
+    "combine.num_sms": ("combine", lambda d: combine_args(d, num_sms=-3), _d(
+        "combine", "num_sms", ">= 0 (0 = automatic)", "-3")),
+}
+
+
+def expected(rule_id: str, group_name: str, dev: str) -> str:
+    """The message of ``rule_id``'s example for a Buffer of group ``group_name`` on ``dev``."""
+    return EXAMPLES[rule_id][2].format(group=repr(group_name), dev=dev)

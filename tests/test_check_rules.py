@@ -1,0 +1,129 @@
+"""The shape / dtype / range checks of dispatch, cached_dispatch and combine come from one table,
+deep_ep_ops/check_rules.py: Python (deep_ep_ops/validation.py) evaluates it, the C++ kernels
+compile its rendering (generated/ep_checks.hpp, deep_ep_ops/codegen/ep_checks.py).
+
+Every rule has a failing example (tests/ep_check_examples.py) with its exact message; here each
+runs through Python and through the rendered C++ checks built without CUDA (a small torch
+extension, about a minute to build on 2 cores, then cached), and both must give that message
+byte for byte. tests/gpu/test_errors_gpu.py runs the same examples through the CUDA kernels.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from string import Formatter
+from types import ModuleType
+
+import pytest
+import torch
+from torch.utils.cpp_extension import is_ninja_available, load
+
+import deep_ep_ops
+from deep_ep_ops import check_rules as R
+from deep_ep_ops import validation as V
+from deep_ep_ops.codegen import ep_checks
+from tests.ep_check_examples import (EXAMPLES, E, HID, K, M, cached_args, combine_args,
+                                     dispatch_args, expected)
+
+PY_CHECKS = {"dispatch": V.check_dispatch, "cached_dispatch": V.check_cached_dispatch,
+             "combine": V.check_combine}
+BASELINES = {"dispatch": dispatch_args, "cached_dispatch": cached_args, "combine": combine_args}
+OPS = {c.op: c for c in R.OPS}
+RULES = {f"{c.op}.{r.name}": (c, r) for c in R.OPS for r in c.rules}
+
+
+@pytest.fixture(scope="module")
+def buf(single_rank_group):
+    b = deep_ep_ops.Buffer(single_rank_group, num_max_tokens_per_rank=M, hidden=HID,
+                           num_topk=K, num_experts=E)
+    yield b
+    b.destroy()
+
+
+def test_every_rule_has_one_example() -> None:
+    assert list(RULES) == R.rule_ids()
+    assert set(EXAMPLES) == set(RULES), (set(RULES) ^ set(EXAMPLES))
+
+
+@pytest.mark.parametrize("rule_id", R.rule_ids())
+def test_example_message_is_the_rules(rule_id: str) -> None:
+    """The example's message is the one its rule declares: its op, argument and expected text
+    (the fields filled in)."""
+    checks, rule = RULES[rule_id]
+    pattern = "".join(re.escape(lit) + (".+?" if name is not None else "")
+                      for lit, name, _, _ in Formatter().parse(rule.expected))
+    message = EXAMPLES[rule_id][2]
+    assert EXAMPLES[rule_id][0] == checks.op
+    assert re.fullmatch(rf"deep_ep\.{checks.op}: {rule.arg.name} must be {pattern}; got .+",
+                        message), message
+
+
+@pytest.mark.parametrize("op", sorted(PY_CHECKS))
+def test_baseline_passes(buf, op: str, monkeypatch) -> None:
+    """The examples spoil one argument of a call that passes every rule (the value checks
+    that follow the rules are off: the examples' handles are zeros)."""
+    monkeypatch.setattr(V, "wants_value_checks", lambda t: False)
+    PY_CHECKS[op](buf, **BASELINES[op]("cpu"))
+
+
+@pytest.mark.parametrize("rule_id", R.rule_ids())
+def test_python_message(buf, rule_id: str) -> None:
+    op, args, _ = EXAMPLES[rule_id]
+    with pytest.raises(ValueError) as err:
+        PY_CHECKS[op](buf, **args("cpu"))
+    assert str(err.value) == expected(rule_id, buf.group_name, "cpu")
+
+
+@pytest.mark.parametrize("rule_id", R.rule_ids())
+def test_op_message(buf, rule_id: str) -> None:
+    """The same through the op (CPU backend), as tests/gpu/test_errors_gpu.py calls it."""
+    op, args, _ = EXAMPLES[rule_id]
+    with pytest.raises(ValueError) as err:
+        getattr(torch.ops.deep_ep, op)(**args("cpu"), group_name=buf.group_name)
+    assert str(err.value) == expected(rule_id, buf.group_name, "cpu")
+
+
+def test_every_rule_renders() -> None:
+    text = ep_checks.render()
+    for checks in R.OPS:
+        body = text.split(f"inline void {checks.op}_shapes(")[1].split("\n}\n")[0]
+        assert [ln.strip()[3:] for ln in body.splitlines() if ln.startswith("  // ")] == \
+            [r.name for r in checks.rules]
+        assert body.count("    fail(op, ") == len(checks.rules)
+
+
+# -- the rendered C++ checks, built without CUDA ------------------------------------------
+
+@pytest.fixture(scope="module")
+def cpp() -> ModuleType:
+    if shutil.which("c++") is None or not is_ninja_available():
+        pytest.skip("needs a C++ compiler and ninja")
+    from pathlib import Path
+
+    from deep_ep_ops import codegen
+    from deep_ep_ops.cuda.loader import cache_dir, csrc_dir
+    # A fixed folder: torch's extension cache keys on the include paths, ninja on the header
+    # texts (write_include_root leaves unchanged ones untouched), so reruns reuse the build.
+    generated = codegen.write_include_root(cache_dir() / "ep_checks_cpu_generated_include")
+    module_cpp = Path(__file__).resolve().parent / "csrc" / "ep_checks_cpu_module.cpp"
+    return load(name="deep_ep_ops_ep_checks_cpu", sources=[str(module_cpp)],
+                extra_cflags=["-O1", "-std=c++20"],
+                extra_include_paths=[str(csrc_dir()), str(generated)], verbose=False)
+
+
+def _cpp_call(cpp: ModuleType, buf, op: str, args: dict) -> None:
+    facts = [f.py(buf) for f in R.FACTS]
+    getattr(cpp, op)(facts, buf.group_name, *(args[a.name] for a in OPS[op].args))
+
+
+@pytest.mark.parametrize("op", sorted(PY_CHECKS))
+def test_cpp_baseline_passes(cpp, buf, op: str) -> None:
+    _cpp_call(cpp, buf, op, BASELINES[op]("cpu"))
+
+
+@pytest.mark.parametrize("rule_id", R.rule_ids())
+def test_cpp_message(cpp, buf, rule_id: str) -> None:
+    op, args, _ = EXAMPLES[rule_id]
+    with pytest.raises(ValueError) as err:
+        _cpp_call(cpp, buf, op, args("cpu"))
+    assert str(err.value) == expected(rule_id, buf.group_name, "cpu")
