@@ -29,6 +29,11 @@ constexpr int kSendNumDst = 0;
 constexpr int kSendDstRank = 1;  // + k
 DEO_HOST_DEVICE constexpr int send_dst_row(int num_topk) { return kSendDstRank + num_topk; }
 
+// rail send part of a multi-host handle (rows 1 .. T; virtual part V = N*M rows follows it)
+constexpr int kRailNumHosts = 0;
+constexpr int kRailDstHost = 1;  // + k
+DEO_HOST_DEVICE constexpr int rail_dst_slot(int num_topk) { return kRailDstHost + num_topk; }
+
 // receive part, per row
 constexpr int kRecvSrcRank = 0;
 constexpr int kRecvSrcToken = 1;
