@@ -51,7 +51,8 @@ above). ``T = handle.size(0) - 1 - V - C``; the receive part is always the last 
     virtual slots.
 
 Combine's fixed order: ``out[t] = sum_i partial_i`` over the token's destination ranks in
-ascending order, ``partial = sum`` over the group's member rows in ascending order of
+ascending order (several hosts: the ranks of each host first, giving one host partial per
+(token, host) on the forwarder, then the host partials in ascending host order), ``partial = sum`` over the group's member rows in ascending order of
 ``w[row] * x[row]``; every product and sum is rounded to the accumulation dtype (fp32, or fp64
 for fp64 inputs) with no fused multiply-add, each sum starts from its first term (so -0.0 is
 kept), and the result is rounded once to the output dtype. Tokens routed nowhere give +0.
