@@ -205,8 +205,39 @@ def _gradcheck_body(rank: int, R: int, L: int) -> None:
     buf.destroy()
 
 
+def _fake_and_errors_body(rank: int, R: int, L: int) -> None:
+    """The fakes give the real shapes (one shape rule: V from the Buffer's hosts); rows of
+    other dtypes on another host are named by host and rank."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    E, K, M, Hd = 8, 2, 3, 4
+    buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=M, hidden=Hd, num_topk=K, num_experts=E,
+                             ranks_per_host=L)
+    name, ops = buf.group_name, torch.ops.deep_ep
+    case = make_case(3, R, E, K, M, Hd, 1)
+    x, idx, w = case.x[rank], case.idx[rank], case.w[rank]
+    for expand in (False, True):
+        real = ops.dispatch(x, None, idx, w, name, E, 1, expand)
+        comb = ops.combine(real[0], real[5], None, name)
+        cached = ops.cached_dispatch(x, None, real[5], name)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fx, fidx, fw = (mode.from_tensor(t) for t in (x, idx, w))
+            fake = ops.dispatch(fx, None, fidx, fw, name, E, 1, expand)
+            assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real], rank
+            assert fake[5].shape[0] == 1 + x.shape[0] + (R // L) * M + real[0].shape[0]
+            assert ops.combine(fake[0], fake[5], None, name).shape == comb.shape
+            assert ops.cached_dispatch(fx, None, fake[5], name)[0].shape == cached[0].shape
+    # host 1 sends float64 rows, host 0 float32: each rank names its rail peer
+    bad = x.double() if rank // L == 1 else x
+    with pytest.raises(ValueError, match=rf"rank {rank} \(host {rank // L}, local index "
+                                         rf"{rank % L}\) got rows of another kind from its "
+                                         rf"rail peer rank {(rank + L) % R} \(host "):
+        ops.dispatch(bad, None, idx, w, name, E, 1, False)
+    buf.destroy()
+
+
 def _small_body(rank: int, R: int, L: int) -> None:
     _cases_body(rank, R, L)
+    _fake_and_errors_body(rank, R, L)
     _gradcheck_body(rank, R, L)
 
 
@@ -217,3 +248,19 @@ def test_two_hosts_of_two_ranks() -> None:
 @pytest.mark.parametrize("L", [2, 4], ids=["4x2", "2x4"])
 def test_eight_ranks(L: int) -> None:
     run_ranks(_cases_body, 8, L, 2)  # -1 entries, skew, a rank with T = 0 (CI time)
+
+
+def test_bench_counts_exact_rows_at_the_deduplicated_minimum(tmp_path) -> None:
+    """bench/bench_multihost.py on a tiny 2 x 2 run: its report says exact = minimum per host
+    pair (it raises otherwise), naive >= minimum, static = M rows per rank pair."""
+    from bench import bench_multihost
+    report = bench_multihost.main(["--tokens", "6", "--hidden", "8", "--topk", "3",
+                                   "--experts", "8", "--topologies", "2x2",
+                                   "--out", str(tmp_path)])
+    pairs = report["topologies"][0]["pairs"]
+    assert [p["pair"] for p in pairs] == ["0->1", "1->0"]
+    for p in pairs:
+        assert p["exact_rows"] == p["minimum_rows"] <= p["naive_rows"]
+        assert p["static_rows"] == 2 * 6  # L rail pairs per host pair, M rows each
+        assert p["exact_bytes"] == p["minimum_bytes"]
+    assert list(tmp_path.glob("multihost-wire-*.md")) and list(tmp_path.glob("*.json"))
