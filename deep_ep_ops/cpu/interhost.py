@@ -30,6 +30,7 @@ destination host).
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -75,10 +76,16 @@ class Transfer:
     bytes: int
 
 
+# A log keeps the latest transfers only (each op adds at most 2(N-1)), so a long run on the CPU
+# reference does not grow it without bound.
+LOG_LIMIT = 1 << 14
+
+
 @dataclass
 class WireLog:
-    """What this rank's inter-host stage sent (appended in order; ``clear()`` between runs)."""
-    transfers: list[Transfer] = field(default_factory=list)
+    """What this rank's inter-host stage sent, latest ``LOG_LIMIT`` transfers in order
+    (``clear()`` before the calls to count)."""
+    transfers: deque = field(default_factory=lambda: deque(maxlen=LOG_LIMIT))
 
     def clear(self) -> None:
         self.transfers.clear()
