@@ -88,7 +88,7 @@ def _add(total: dict, part: dict) -> None:
 
 def run_topology(N: int, L: int, T: int, H: int, E: int, K: int) -> dict:
     """Per host pair totals over all ranks of an N x L run."""
-    per_rank = spawn(_rank, N * L, N * L, L, T, H, E, K, backend="gloo",
+    per_rank = spawn(_rank, N * L, L, T, H, E, K, backend="gloo",
                      what="multi-host wire bench")
     pairs = [f"{a}->{b}" for a in range(N) for b in range(N) if a != b]
     agg: dict = {"static": {}, "exact": {}, "minimum": {}, "naive": {}}
