@@ -1,6 +1,6 @@
 """Bytes on the wire between hosts: the multi-host CPU reference's inter-host stage, counted.
 
-    python -m bench.bench_multihost [--tokens 64] [--hidden 256] [--topk 8] [--experts 64]
+    python -m bench.bench_multihost [--tokens 64] [--hidden 256] [--topk 4] [--experts 64]
                                     [--topologies 2x2,4x2,2x4] [--out bench/results]
 
 FUNCTIONAL, NOT A SPEED MEASUREMENT: every rank is a CPU process on this machine (gloo), hosts
@@ -133,7 +133,8 @@ def _markdown(report: dict) -> str:
         "fp32 partial (H·4 bytes). minimum = one row per (token, destination host ≠ own); "
         "naive = one row per (token, destination rank on another host); static = M rows per "
         "(source rank, destination host); exact counts exclude the 8-byte count messages "
-        "(listed apart).", "",
+        "(listed apart). Combine columns: the fp32 partials the pair's first host sends back "
+        "to the second (one per row the second host sent it in exact mode).", "",
     ]
     for topo in report["topologies"]:
         lines += [f"## {topo['hosts']} hosts × {topo['ranks_per_host']} ranks", "",
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=64, help="T, tokens per rank (= M)")
     ap.add_argument("--hidden", type=int, default=256, help="H, row width (bf16)")
-    ap.add_argument("--topk", type=int, default=8, help="K, experts per token")
+    ap.add_argument("--topk", type=int, default=4, help="K, experts per token")
     ap.add_argument("--experts", type=int, default=64, help="E, divisible by every R")
     ap.add_argument("--topologies", default="2x2,4x2,2x4",
                     help="comma-separated HOSTSxRANKS_PER_HOST")
