@@ -90,7 +90,7 @@ def dispatch(buf, x: torch.Tensor, x_scales: Optional[torch.Tensor], topk_idx: t
         return moe.dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts,
                             expert_alignment, expand)
     p = _place(buf)
-    T, K = x.shape[0], buf.num_topk
+    T = x.shape[0]
     E_host = num_experts // p.N  # experts per host: host h holds [h*E_host, (h+1)*E_host)
     idx = topk_idx.to(torch.int64)
     dst_host = torch.where(idx >= 0, idx.div(E_host, rounding_mode="floor"), -1)  # [T, K]
