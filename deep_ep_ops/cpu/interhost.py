@@ -17,6 +17,11 @@ Two wires, same results bit for bit (only what crosses differs):
   counts go first (one int64 per rail pair), then the rows; cached_dispatch and combine know
   the counts from the handle and send only the rows.
 
+Which wire: ``dispatch(exact=True)`` runs its collective under ``wire("exact")`` (the composite
+``deep_ep_ops.ops._dispatch`` sets it; a compiled graph, where the composite was traced away,
+runs the static wire); cached_dispatch and combine take the exact wire when their handle was
+trimmed below the static capacity (``multihost._wire_for``), else the static one.
+
 This module is the CPU reference's stage: gloo point-to-point messages over the Buffer's own
 group (``deep_ep_ops.cpu.exchange``, with its timeouts), in ``N - 1`` rounds (round i: to host
 ``h + i``, from host ``h - i``, mod N). The CUDA stage will be NCCL grouped ``ncclSend`` /
