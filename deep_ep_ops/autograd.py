@@ -9,8 +9,10 @@ from deep_ep_ops import handle as H
 _ops = torch.ops.deep_ep
 
 
-def _receive_part(handle: torch.Tensor, num_tokens) -> torch.Tensor:
-    return handle[H.HEADER_ROWS + num_tokens:]
+def _receive_part(handle: torch.Tensor, num_rows) -> torch.Tensor:
+    """The receive part: the handle's last C rows on one host and on several (where the
+    virtual part sits between the send and the receive parts)."""
+    return handle[handle.shape[0] - num_rows:]
 
 
 # dispatch: d x = combine(d recv_x) (sums the copies); d topk_weights[t, k] = the gradient of
@@ -31,7 +33,7 @@ def _dispatch_backward(ctx, g_x, g_scales, g_idx, g_w, g_tpe, g_handle):
         grad_x = _ops.combine(g_x.contiguous(), handle, None, ctx.group_name, ctx.num_sms)
     if ctx.needs_input_grad[3] and g_w is not None:
         if ctx.expand:
-            slot = _receive_part(handle, ctx.num_tokens)[:, H.RECV_TOPK_SLOT].long()
+            slot = _receive_part(handle, g_w.shape[0])[:, H.RECV_TOPK_SLOT].long()
             valid = slot >= 0
             rows = g_w.new_zeros((g_w.shape[0], ctx.num_topk))
             rows = rows.scatter(1, slot.clamp(min=0)[:, None],

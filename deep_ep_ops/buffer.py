@@ -61,8 +61,9 @@ class Buffer:
         ranks_per_host: L, the ranks of each host (host h = ranks [h*L, (h+1)*L)); default:
             found from every rank's machine. Combine adds a token's partials inside each host,
             then the host sums in ascending host order, so L is part of the result's rounding;
-            setting it simulates several hosts on one machine. The CUDA backend runs on one
-            host only (more hosts: NotImplementedError).
+            on several hosts the row order and the handle follow the multi-host algorithm
+            (deep_ep_ops.cpu.multihost). Setting it simulates several hosts on one machine.
+            The CUDA backend runs on one host only (more hosts: NotImplementedError).
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, *,

@@ -33,8 +33,30 @@ independent column sets share these rows:
     writes the group's partial sum at the source) and ``GROUP_MEMBER + i`` (the rows of the
     group in ascending order, -1 padded; compact layout: exactly ``[g]``).
 
+Several hosts (N > 1 hosts of L ranks; ``deep_ep_ops.cpu.multihost`` defines the algorithm):
+the handle is ``[1 + T + V + C, W]`` with ``V = N*M`` virtual-token rows
+(``meta.shapes.virtual_tokens``; V = 0 on one host, whose handles are exactly the layout
+above). ``T = handle.size(0) - 1 - V - C``; the receive part is always the last C rows.
+
+  * Row 0: the header above, of the whole group (T, R, E, M); valid rows / groups are those
+    of the receive part.
+  * Rows ``1 .. T``, the rail send part (one per local token ``t``; unused columns -1):
+    ``RAIL_NUM_HOSTS`` distinct destination hosts of ``t``; ``RAIL_DST_HOST + k`` the host
+    holding expert ``topk_idx[t, k]``; ``rail_dst_slot(K) + k`` the virtual slot that carries
+    the token on its rail peer there: ``h*M + j``, h this rank's host, j the token's rail row
+    to that host (its rank among this rank's tokens with an expert there; own host: j = t).
+  * Rows ``1 + T .. T + V``, the virtual part: the send part (columns as above) of the
+    intra-host dispatch of this rank's V virtual tokens, slot ``v = h''*M + j`` holding rail
+    row j from rail source ``(h'', l)``: ``SEND_NUM_DST`` distinct destination ranks of the
+    host (0: slot unused), ``SEND_DST_RANK + k`` their local index in the host,
+    ``send_dst_row(K) + k`` the row there.
+  * Rows ``1 + T + V ..``, the receive part of that intra-host dispatch: columns as above with
+    source ranks given as local indices in the host (the forwarder l') and source tokens as
+    virtual slots.
+
 Combine's fixed order: ``out[t] = sum_i partial_i`` over the token's destination ranks in
-ascending order, ``partial = sum`` over the group's member rows in ascending order of
+ascending order (several hosts: the ranks of each host first, giving one host partial per
+(token, host) on the forwarder, then the host partials in ascending host order), ``partial = sum`` over the group's member rows in ascending order of
 ``w[row] * x[row]``; every product and sum is rounded to the accumulation dtype (fp32, or fp64
 for fp64 inputs) with no fused multiply-add, each sum starts from its first term (so -0.0 is
 kept), and the result is rounded once to the output dtype. Tokens routed nowhere give +0.
@@ -70,6 +92,21 @@ SEND_DST_ROW_TERM = (SEND_DST_RANK, 1)  # after the K destination ranks
 def send_dst_row(num_topk: int) -> int:
     """First column of the per-slot destination rows in the send part."""
     base, per_slot = SEND_DST_ROW_TERM
+    return base + per_slot * num_topk
+
+
+# rail send part of a multi-host handle (rows 1 .. T)
+RAIL_NUM_HOSTS = 0
+RAIL_DST_HOST = 1  # + k
+
+
+# (base, per top-k slot) of rail_dst_slot: one formula for Python and the generated C++
+RAIL_DST_SLOT_TERM = (RAIL_DST_HOST, 1)
+
+
+def rail_dst_slot(num_topk: int) -> int:
+    """First column of the per-slot virtual slots at the rail peers (multi-host send part)."""
+    base, per_slot = RAIL_DST_SLOT_TERM
     return base + per_slot * num_topk
 
 

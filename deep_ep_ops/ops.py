@@ -21,7 +21,8 @@ from deep_ep_ops import autograd as _autograd
 from deep_ep_ops import registry
 from deep_ep_ops import validation as V
 from deep_ep_ops.cpu import engram as cpu_engram
-from deep_ep_ops.cpu import moe as cpu_moe
+from deep_ep_ops.cpu import interhost as cpu_interhost
+from deep_ep_ops.cpu import multihost as cpu_ep
 from deep_ep_ops.cpu import pp_cp as cpu_pp_cp
 from deep_ep_ops.cuda import channels as cuda_channels
 from deep_ep_ops.cuda import ep as cuda_ep
@@ -51,15 +52,15 @@ _OPS: dict[str, OpImpl] = {
         lambda buf, x, s, idx, w, E, A, expand, num_sms:
             V.check_dispatch(buf, x, s, idx, w, E, A, num_sms),
         lambda buf, x, s, idx, w, E, A, expand, num_sms:
-            cpu_moe.dispatch(buf, x, s, idx, w, E, A, expand),
+            cpu_ep.dispatch(buf, x, s, idx, w, E, A, expand),
         cuda_ep.dispatch),
     "cached_dispatch": OpImpl(
         V.check_cached_dispatch,
-        lambda buf, x, s, handle, num_sms: cpu_moe.cached_dispatch(buf, x, s, handle),
+        lambda buf, x, s, handle, num_sms: cpu_ep.cached_dispatch(buf, x, s, handle),
         cuda_ep.cached_dispatch),
     "combine": OpImpl(
         V.check_combine,
-        lambda buf, x, handle, w, num_sms: cpu_moe.combine(buf, x, handle, w),
+        lambda buf, x, handle, w, num_sms: cpu_ep.combine(buf, x, handle, w),
         cuda_ep.combine),
     "engram_fetch": OpImpl(V.check_engram_fetch, cpu_engram.engram_fetch,
                            cuda_channels.engram_fetch),
@@ -103,10 +104,13 @@ def _entry(name: str) -> Callable:
 def _dispatch(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
               expert_alignment=1, expand=False, exact=False, num_sms=0):
     """The composite dispatch: the static-capacity collective, then a local trim when exact
-    (only the collective carries an effect token; see schemas.py)."""
-    outputs = torch.ops.deep_ep._dispatch_static(x, x_scales, topk_idx, topk_weights,
-                                                 group_name, num_experts, expert_alignment,
-                                                 expand, num_sms)
+    (only the collective carries an effect token; see schemas.py). On several hosts the CPU
+    reference's collective sends only real rows between hosts when exact (counts first), a
+    fixed M rows per rail pair otherwise (deep_ep_ops.cpu.interhost); the outputs are the same."""
+    with cpu_interhost.wire("exact" if exact else "static"):
+        outputs = torch.ops.deep_ep._dispatch_static(x, x_scales, topk_idx, topk_weights,
+                                                     group_name, num_experts,
+                                                     expert_alignment, expand, num_sms)
     return torch.ops.deep_ep._trim_dispatch(*outputs) if exact else outputs
 
 

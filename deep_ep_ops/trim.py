@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from deep_ep_ops import handle as H
-from deep_ep_ops.meta.shapes import tokens_from_handle
 
 
 def rows_in_use(tokens_per_expert: torch.Tensor, handle: torch.Tensor, expand: bool) -> int:
@@ -23,11 +22,11 @@ def trim_dispatch(recv_x: torch.Tensor, recv_x_scales: torch.Tensor,
                   recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor,
                   tokens_per_expert: torch.Tensor, handle: torch.Tensor):
     """The first ``rows_in_use`` rows of each per-row output; the handle keeps its header (with
-    the new row count) and send part and loses the unused receive rows (groups never outnumber
-    rows in use)."""
-    T = tokens_from_handle(handle.shape[0], recv_x.shape[0])
+    the new row count), send part (and, on several hosts, virtual part) and loses the unused
+    receive rows (groups never outnumber rows in use). The receive part is the handle's last C
+    rows on any number of hosts, so no host count is needed here."""
     n = rows_in_use(tokens_per_expert, handle, recv_topk_idx.dim() == 1)
-    head = H.HEADER_ROWS + T
+    head = handle.shape[0] - recv_x.shape[0]
     trimmed = torch.cat([handle[:head], handle[head: head + n]])
     trimmed[0, H.HDR_NUM_ROWS] = n  # the rows this (exact) dispatch now returns
     return (recv_x[:n].clone(), recv_x_scales[:n].clone(), recv_topk_idx[:n].clone(),

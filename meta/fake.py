@@ -27,7 +27,8 @@ def dispatch_static(x: torch.Tensor, x_scales: Optional[torch.Tensor], topk_idx:
     specs = S.dispatch_specs(x.shape[0], x.shape[1], x.dtype, buf.num_topk,
                              x_scales.shape[1] if x_scales is not None else 0,
                              x_scales.dtype if x_scales is not None else None,
-                             topk_weights.dtype, E_loc, expand, capacity)
+                             topk_weights.dtype, E_loc, expand, capacity,
+                             S.buffer_virtual_tokens(buf))
     return tuple(_empty(x, s) for s in specs)
 
 
@@ -50,7 +51,7 @@ def cached_dispatch(x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: t
     specs = S.cached_dispatch_specs(x.shape, x.dtype,
                                     x_scales.shape if x_scales is not None else None,
                                     x_scales.dtype if x_scales is not None else None,
-                                    handle.shape[0])
+                                    handle.shape[0], S.buffer_virtual_tokens(buf))
     return tuple(_empty(x, s) for s in specs)
 
 
@@ -58,7 +59,8 @@ def combine(x: torch.Tensor, handle: torch.Tensor, weights: Optional[torch.Tenso
             group_name: str, num_sms: int = 0) -> torch.Tensor:
     buf = get_buffer(group_name)
     V.check_combine(buf, x, handle, weights, num_sms)
-    return _empty(x, S.combine_spec(x.shape, x.dtype, handle.shape[0]))
+    return _empty(x, S.combine_spec(x.shape, x.dtype, handle.shape[0],
+                                    S.buffer_virtual_tokens(buf)))
 
 
 def engram_fetch(table: torch.Tensor, indices: torch.Tensor, group_name: str) -> torch.Tensor:

@@ -31,6 +31,25 @@ def static_capacity(num_ranks: int, max_tokens: int, num_topk: int, num_local_ex
     return align_up(pairs + (alignment - 1) * num_local_experts, alignment)
 
 
+def virtual_tokens(num_hosts: int, max_tokens: int) -> int:
+    """V, the virtual-token rows of a handle: 0 on one host (the handle is ``[1 + T + C, W]``
+    as it always was); on ``N > 1`` hosts ``N*M``, one slot per (source host, rail row) of the
+    intra-host stage (deep_ep_ops.handle, "Several hosts")."""
+    return 0 if num_hosts == 1 else num_hosts * max_tokens
+
+
+def buffer_virtual_tokens(buf) -> int:
+    """V of a Buffer's handles (its host count and M; a stand-in without hosts: one host)."""
+    hosts = getattr(buf, "hosts", None)
+    return virtual_tokens(hosts.num_hosts if hosts is not None else 1,
+                          buf.num_max_tokens_per_rank)
+
+
+def handle_rows(num_tokens: Size, num_virtual: int, num_rows: Size) -> Size:
+    """Rows of a handle: header, T send rows, V virtual rows, C receive rows."""
+    return HEADER_ROWS + num_tokens + num_virtual + num_rows
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     shape: tuple
@@ -40,10 +59,10 @@ class TensorSpec:
 def dispatch_specs(num_tokens: Size, hidden: Size, x_dtype: torch.dtype, num_topk: int,
                    num_scale_packs: Size, scales_dtype: Optional[torch.dtype],
                    weights_dtype: torch.dtype, num_local_experts: int, expand: bool,
-                   capacity: Size) -> tuple[TensorSpec, ...]:
+                   capacity: Size, num_virtual: int = 0) -> tuple[TensorSpec, ...]:
     """Output specs of ``dispatch`` in schema order:
     ``(recv_x [C,H], recv_x_scales [C,P], recv_topk_idx, recv_topk_weights,
-    tokens_per_expert [E_loc] int32, handle [1+T+C, W] int32)``.
+    tokens_per_expert [E_loc] int32, handle [1+T+V+C, W] int32)`` (V: ``virtual_tokens``).
 
     recv_topk_idx / recv_topk_weights: compact ``[C,K]`` int64 / weights dtype;
     expert-major ``[C]`` int32 / weights dtype. Without scales, recv_x_scales is ``[C,0]`` fp32.
@@ -58,30 +77,33 @@ def dispatch_specs(num_tokens: Size, hidden: Size, x_dtype: torch.dtype, num_top
         recv_idx = TensorSpec((C, num_topk), torch.int64)
         recv_w = TensorSpec((C, num_topk), weights_dtype)
     tpe = TensorSpec((num_local_experts,), torch.int32)
-    handle = TensorSpec((HEADER_ROWS + num_tokens + C, handle_width(num_topk)), torch.int32)
+    handle = TensorSpec((handle_rows(num_tokens, num_virtual, C), handle_width(num_topk)),
+                        torch.int32)
     return recv_x, recv_scales, recv_idx, recv_w, tpe, handle
 
 
-def tokens_from_handle(handle_rows: Size, num_rows: Size) -> Size:
-    """T of the dispatch that made a handle, from its row count and the dispatch's C."""
-    return handle_rows - HEADER_ROWS - num_rows
+def tokens_from_handle(num_handle_rows: Size, num_rows: Size, num_virtual: int = 0) -> Size:
+    """T of the dispatch that made a handle, from its row count, the dispatch's C and V."""
+    return num_handle_rows - HEADER_ROWS - num_virtual - num_rows
 
 
 def cached_dispatch_specs(x_shape: Sequence[Size], x_dtype: torch.dtype,
                           scales_shape: Optional[Sequence[Size]],
                           scales_dtype: Optional[torch.dtype],
-                          handle_rows: Size) -> tuple[TensorSpec, TensorSpec]:
-    """``(recv_x [C,H], recv_x_scales [C,P])`` with ``C = handle_rows - 1 - T``."""
+                          num_handle_rows: Size,
+                          num_virtual: int = 0) -> tuple[TensorSpec, TensorSpec]:
+    """``(recv_x [C,H], recv_x_scales [C,P])`` with ``C = handle_rows - 1 - T - V``."""
     T, H = x_shape
-    C = handle_rows - HEADER_ROWS - T
+    C = num_handle_rows - HEADER_ROWS - num_virtual - T
     P = scales_shape[1] if scales_shape is not None else 0
     return TensorSpec((C, H), x_dtype), TensorSpec((C, P), scales_dtype or torch.float32)
 
 
-def combine_spec(x_shape: Sequence[Size], x_dtype: torch.dtype, handle_rows: Size) -> TensorSpec:
-    """``out [T, H]`` in x's dtype with ``T = handle_rows - 1 - C``."""
+def combine_spec(x_shape: Sequence[Size], x_dtype: torch.dtype, num_handle_rows: Size,
+                 num_virtual: int = 0) -> TensorSpec:
+    """``out [T, H]`` in x's dtype with ``T = handle_rows - 1 - V - C``."""
     C, H = x_shape
-    return TensorSpec((tokens_from_handle(handle_rows, C), H), x_dtype)
+    return TensorSpec((tokens_from_handle(num_handle_rows, C, num_virtual), H), x_dtype)
 
 
 def engram_fetch_spec(indices_shape: Sequence[Size], hidden: Size,

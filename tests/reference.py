@@ -51,14 +51,23 @@ def make_case(seed: int, R: int, E: int, K: int, M: int, H: int, A: int,
     return Case(R, E, K, M, H, A, xs, ss if fp8 else None, idxs, ws)
 
 
-def expected_dispatch(case: Case, d: int, expand: bool):
+def source_order(R: int, ranks_per_host: int) -> list[int]:
+    """Source ranks in the order their rows arrive: by (local index in the host, host), i.e.
+    (forwarding rank, source host); one host: 0 .. R-1."""
+    L = ranks_per_host
+    return [h * L + l for l in range(L) for h in range(R // L)]
+
+
+def expected_dispatch(case: Case, d: int, expand: bool, ranks_per_host: Optional[int] = None):
     """Rows rank ``d`` must receive: dict of real (unpadded-capacity) outputs plus, per row,
-    the (src rank, src token) it came from; expert-major rows include alignment padding."""
+    the (src rank, src token) it came from; expert-major rows include alignment padding.
+    Rows are ordered by ``source_order`` (several hosts: forwarder, source host), then token."""
     E_loc = case.E // case.R
     lo = d * E_loc
+    sources = source_order(case.R, ranks_per_host or case.R)
     rows = []  # (src, tok, k or None, local expert or None)
     if not expand:
-        for s in range(case.R):
+        for s in sources:
             for t in range(case.idx[s].shape[0]):
                 ids = case.idx[s][t].tolist()
                 if any(e >= 0 and e // E_loc == d for e in ids):
@@ -66,7 +75,7 @@ def expected_dispatch(case: Case, d: int, expand: bool):
     else:
         for j in range(E_loc):
             block = []
-            for s in range(case.R):
+            for s in sources:
                 for t in range(case.idx[s].shape[0]):
                     ids = case.idx[s][t].tolist()
                     if lo + j in ids:
@@ -109,25 +118,40 @@ def expected_dispatch(case: Case, d: int, expand: bool):
 
 
 def expected_combine(case: Case, owner: int, per_rank_rows: list, per_rank_y: list,
-                     per_rank_weights: list, out_dtype: torch.dtype) -> torch.Tensor:
-    """out[t] = sum over destination ranks (ascending) of that rank's partial, each partial
-    the sum of its rows of t (ascending) of w*y; fp32, sequential, first-term start."""
+                     per_rank_weights: list, out_dtype: torch.dtype,
+                     ranks_per_host: Optional[int] = None) -> torch.Tensor:
+    """out[t] = sum over hosts (ascending) of the host sum, the host sum = sum over its
+    destination ranks (ascending) of that rank's partial, each partial the sum of its rows of
+    t (ascending) of w*y; fp32, sequential, first-term start (one host: ranks ascending)."""
     acc_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     T = case.idx[owner].shape[0]
+    L = ranks_per_host or case.R
     out = torch.zeros(T, per_rank_y[0].shape[1], dtype=acc_dtype)
     for t in range(T):
         total = None
-        for d in range(case.R):
-            partial = None
-            for i, row in enumerate(per_rank_rows[d]):
-                if row is None or row[0] != owner or row[1] != t:
-                    continue
-                term = per_rank_y[d][i].to(acc_dtype)
-                if per_rank_weights[d] is not None:
-                    term = term * per_rank_weights[d][i].to(acc_dtype)
-                partial = term if partial is None else partial + term
-            if partial is not None:
-                total = partial if total is None else total + partial
+        for host in range(case.R // L):
+            host_sum = None
+            for d in range(host * L, (host + 1) * L):
+                partial = _rank_partial(per_rank_rows[d], per_rank_y[d], per_rank_weights[d],
+                                        owner, t, acc_dtype)
+                if partial is not None:
+                    host_sum = partial if host_sum is None else host_sum + partial
+            if host_sum is not None:
+                total = host_sum if total is None else total + host_sum
         if total is not None:
             out[t] = total
     return out.to(out_dtype)
+
+
+def _rank_partial(rows: list, y: torch.Tensor, weights: Optional[torch.Tensor], owner: int,
+                  t: int, acc_dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Sum over the rows of (owner, t) at one rank, ascending, of w*y (None: no row)."""
+    partial = None
+    for i, row in enumerate(rows):
+        if row is None or row[0] != owner or row[1] != t:
+            continue
+        term = y[i].to(acc_dtype)
+        if weights is not None:
+            term = term * weights[i].to(acc_dtype)
+        partial = term if partial is None else partial + term
+    return partial

@@ -319,7 +319,7 @@ def test_handle_columns_in_the_contract_match_handle_py() -> None:
     rows = re.findall(r"^\| (\d+)(?: \+ [^|]*)? \| `([A-Z_]+)`(?: \+ \w)? \|", contract, re.M)
     documented = {name: int(col) for col, name in rows}
     constants = {name: value for name, value in vars(H).items()
-                 if re.fullmatch(r"(HDR|SEND|RECV|GROUP)_[A-Z_]+", name) and type(value) is int}
+                 if re.fullmatch(r"(HDR|SEND|RAIL|RECV|GROUP)_[A-Z_]+", name) and type(value) is int}
     assert documented == constants, f"contract.md lists {documented}, handle.py has {constants}"
     assert f"W = max(1 + 2K, 7 + K, {H.NUM_HEADER_FIELDS})" in contract
     assert H.handle_width(5) == max(1 + 2 * 5, 7 + 5, H.NUM_HEADER_FIELDS) and H.HEADER_ROWS == 1

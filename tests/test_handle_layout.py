@@ -25,6 +25,8 @@ def _program() -> str:
     for k in KS:
         lines.append(f'static_assert(h::send_dst_row({k}) == {H.send_dst_row(k)}, '
                      f'"send_dst_row({k})");')
+        lines.append(f'static_assert(h::rail_dst_slot({k}) == {H.rail_dst_slot(k)}, '
+                     f'"rail_dst_slot({k})");')
         lines.append(f'static_assert(h::handle_width({k}) == {H.handle_width(k)}, '
                      f'"handle_width({k})");')
     return "\n".join(lines) + "\nint main() { return 0; }\n"
@@ -53,3 +55,4 @@ def test_formulas_are_the_documented_ones() -> None:
     for k in KS:
         assert H.handle_width(k) == max(1 + 2 * k, H.GROUP_MEMBER + k, H.NUM_HEADER_FIELDS)
         assert H.send_dst_row(k) == H.SEND_DST_RANK + k
+        assert H.rail_dst_slot(k) == H.RAIL_DST_HOST + k

@@ -1,6 +1,6 @@
 """Renders ``generated/handle_layout.hpp``, the C++ view of deep_ep_ops/handle.py: one
 ``constexpr int`` per upper-case int constant (``HDR_VALID_ROWS`` -> ``kHdrValidRows``) and
-``send_dst_row`` / ``handle_width`` from handle.py's column terms, all in
+``send_dst_row`` / ``rail_dst_slot`` / ``handle_width`` from handle.py's column terms, all in
 ``deep_ep_ops::handle``, usable from device code (``DEO_HOST_DEVICE``)."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from deep_ep_ops import handle as H
 _SECTIONS = {
     "HDR": "header (row 0)",
     "SEND": "send part (rows 1 .. T)",
-    "RECV": "receive part (rows 1 + T .. T + C), per row",
+    "RAIL": "rail send part of a multi-host handle (rows 1 .. T; the virtual part, V rows, follows)",
+    "RECV": "receive part (the last C rows), per row",
     "GROUP": "receive part, per group",
 }
 
@@ -38,7 +39,7 @@ def render() -> str:
     lines = [
         "// GENERATED from deep_ep_ops/handle.py (which documents every field) by",
         "// deep_ep_ops/codegen/handle_layout.py; the build writes it, do not edit.",
-        "// Column layout of the int32 routing handle [1 + T + C, W].",
+        "// Column layout of the int32 routing handle [1 + T + V + C, W] (V = 0 on one host).",
         "#pragma once",
         "",
         "// Usable from device code and from host-only C++ (no CUDA headers needed there).",
@@ -59,6 +60,10 @@ def render() -> str:
         "",
         "DEO_HOST_DEVICE constexpr int send_dst_row(int num_topk) {",
         f"  return {_term(*H.SEND_DST_ROW_TERM)};",
+        "}",
+        "",
+        "DEO_HOST_DEVICE constexpr int rail_dst_slot(int num_topk) {",
+        f"  return {_term(*H.RAIL_DST_SLOT_TERM)};",
         "}",
         "",
         "// The widest part of the handle.",

@@ -281,11 +281,20 @@ def _exchange(ctx: _Context, op: str, parts: Sequence[torch.Tensor], send_to: li
 def all_gather_parts(buf, op: str, parts: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Every rank's ``parts`` (``[rank][part]``; this rank's are the given tensors). Parts may
     differ in shape between ranks; callers check what must agree (``require_same``)."""
+    return gather_parts(buf, op, parts, range(_context(buf).world_size))
+
+
+def gather_parts(buf, op: str, parts: Sequence[torch.Tensor],
+                 ranks: Sequence[int]) -> list[list[torch.Tensor]]:
+    """The ``parts`` of every group rank in ``ranks`` (this rank among them), ``[i][part]`` in
+    the order of ``ranks``: an all-gather inside a subset of the group (the ranks of one host),
+    over the group's own connections."""
     ctx = _context(buf)
-    peers = [p for p in range(ctx.world_size) if p != ctx.rank]
+    ranks = list(ranks)
+    peers = [p for p in ranks if p != ctx.rank]
     got = _exchange(ctx, op, parts, peers, peers) if peers else {}
     got[ctx.rank] = list(parts)
-    return [got[r] for r in range(ctx.world_size)]
+    return [got[r] for r in ranks]
 
 
 def send_recv_parts(buf, op: str, parts: Sequence[torch.Tensor], dst: int,
