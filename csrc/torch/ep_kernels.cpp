@@ -9,7 +9,8 @@
 // * The shape / dtype / device / contiguity checks of deep_ep_ops/validation.py, with the same
 //   messages, raised as c10::ValueError (Python ValueError) before any launch; with
 //   DEEP_EP_OPS_VALIDATE=1 also the value checks (expert ids; the handle's header: its Buffer
-//   and row count) which copy to the host (skipped during graph capture, like Python's).
+//   and row count, handle_checks.hpp) which copy to the host (skipped during graph capture,
+//   like Python's).
 // * register_kernels() (called by deep_ep_ops.ops._use_cpp_kernels after it removed the Python
 //   CUDA impls) makes the registrations; nothing is registered when the .so is merely loaded.
 #include <torch/extension.h>
@@ -33,7 +34,9 @@
 
 #include "../ep/ep_ops.hpp"
 #include "../ep/ep_state.hpp"
+#include "handle_checks.hpp"
 #include "op_handles.hpp"
+#include "py_text.hpp"
 
 namespace deep_ep_ops {
 namespace {
@@ -78,9 +81,8 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
-// Python's repr of a tuple of ints: (3,) and (1, 3, 8). Built with std::to_string: an
-// std::ostringstream here segfaulted inside the extension on the GPU image (torch 2.11+cu130,
-// g++ 13.3), so this file uses no iostreams.
+// Python's repr of a tuple of ints: (3,) and (1, 3, 8). Built with std::to_string: this file
+// formats no number through a stream (py_text.hpp says why).
 std::string py_tuple(at::IntArrayRef v) {
   std::string s = "(";
   for (size_t i = 0; i < v.size(); ++i) {
@@ -104,21 +106,9 @@ std::string desc(const at::Tensor& t) {
          device_str(t);
 }
 
-std::string py_repr(c10::string_view s) {
-  const bool dq = s.find('\'') != c10::string_view::npos && s.find('"') == c10::string_view::npos;
-  const char q = dq ? '"' : '\'';
-  std::string out(1, q);
-  for (char c : s) {
-    if (c == '\\' || c == q) out += '\\';
-    out += c;
-  }
-  return out + q;
-}
-
 [[noreturn]] void fail(const char* op, const char* arg, const std::string& expected,
                        const std::string& got) {
-  TORCH_CHECK_VALUE(false, "deep_ep.", op, ": ", arg, " must be ", expected, "; got ", got);
-  __builtin_unreachable();
+  value_error(std::string("deep_ep.") + op + ": " + arg + " must be " + expected + "; got " + got);
 }
 
 bool is_float(at::ScalarType t) {
@@ -160,10 +150,9 @@ void check_device_contiguous(const char* op, c10::string_view group,
     list += "]";
   }
   // deep_ep_ops/registry.py missing_message()
-  TORCH_CHECK_VALUE(false, "group_name=", py_repr(name), ": no deep_ep_ops.Buffer is registered "
-                    "for this group (registered: ", list, "); create one with "
-                    "deep_ep_ops.Buffer(group, ...) on every rank");
-  __builtin_unreachable();
+  value_error("group_name=" + py_repr(name) + ": no deep_ep_ops.Buffer is registered for this "
+              "group (registered: " + list + "); create one with deep_ep_ops.Buffer(group, ...) "
+              "on every rank");
 }
 
 // The EP state of the call's group. A Buffer without CUDA state (gloo) given CUDA tensors gets
@@ -178,8 +167,7 @@ std::shared_ptr<EpState> state_of(const char* op, c10::string_view name,
     if (n.t != nullptr && n.t->is_cuda())
       fail(op, n.name, "on cpu (group " + py_repr(name) + " is " + it->second.backend + ")",
            desc(*n.t));
-  TORCH_CHECK_VALUE(false, "deep_ep.", op, ": group ", py_repr(name), " has no CUDA state");
-  __builtin_unreachable();
+  value_error(std::string("deep_ep.") + op + ": group " + py_repr(name) + " has no CUDA state");
 }
 
 bool value_checks_requested(const at::Tensor& t) {
@@ -213,25 +201,10 @@ void check_expert_ids(const at::Tensor& topk_idx, int64_t num_experts) {
 
 // validation.check_handle_header: the handle was made on this Buffer, x has the rows its
 // dispatch implies (cached_dispatch: its T tokens; combine: its C rows). Reads the header.
-void check_handle_header(const char* op, const EpState& st, c10::string_view group,
+void check_handle_header(HandleUse use, const EpState& st, c10::string_view group,
                          const at::Tensor& handle, int64_t x_rows) {
-  const at::Tensor h = handle[0].to(at::kCPU).contiguous();
-  const int* v = h.data_ptr<int>();
-  const int made_on = v[handle::kHdrBufferId];
-  if (made_on != st.cfg.buffer_id)
-    TORCH_CHECK_VALUE(false, "deep_ep.", op, ": handle belongs to another Buffer: it was made by a "
-                      "dispatch on Buffer #", made_on, ", and group ", py_repr(group),
-                      " has Buffer #", st.cfg.buffer_id, " (a handle of another group, or of a "
-                      "Buffer destroyed since)");
-  if (v[handle::kHdrNumRanks] != st.cfg.num_ranks || v[handle::kHdrTopk] != st.cfg.topk)
-    TORCH_CHECK_VALUE(false, "deep_ep.", op, ": handle does not match the Buffer: it was made for R=",
-                      v[handle::kHdrNumRanks], " ranks and K=", v[handle::kHdrTopk],
-                      ", the Buffer has R=", st.cfg.num_ranks, ", K=", st.cfg.topk);
-  const bool rows = std::string(op) == "combine";
-  const int want = rows ? v[handle::kHdrNumRows] : v[handle::kHdrNumTokens];
-  if (x_rows != want)
-    TORCH_CHECK_VALUE(false, "deep_ep.", op, ": x has ", x_rows, " rows, the handle's dispatch ",
-                      rows ? "produced " : "had ", want, rows ? "" : " tokens");
+  const BufferIdentity buf{st.cfg.buffer_id, st.cfg.num_ranks, st.cfg.topk, group};
+  check_handle_facts(use, read_handle_header(use, handle), buf, x_rows);
 }
 
 // ---- checks (validation.py check_dispatch / check_handle / check_cached_dispatch /
@@ -364,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
                                         {{"x", &x}, {"x_scales", opt(x_scales)}, {"handle", &handle}});
   check_cached_dispatch(*st, group_name, x, x_scales, handle, num_sms);
   if (value_checks_requested(handle))
-    check_handle_header("cached_dispatch", *st, group_name, handle, x.size(0));
+    check_handle_header(HandleUse::cached_dispatch, *st, group_name, handle, x.size(0));
   return cached_dispatch(*st, x, x_scales, handle, num_sms);
 }
 
@@ -374,7 +347,8 @@ at::Tensor combine_cuda(const at::Tensor& x, const at::Tensor& handle,
   std::shared_ptr<EpState> st = state_of("combine", group_name,
                                         {{"x", &x}, {"handle", &handle}, {"weights", opt(weights)}});
   check_combine(*st, group_name, x, handle, weights, num_sms);
-  if (value_checks_requested(handle)) check_handle_header("combine", *st, group_name, handle, x.size(0));
+  if (value_checks_requested(handle))
+    check_handle_header(HandleUse::combine, *st, group_name, handle, x.size(0));
   return combine(*st, x, handle, weights, num_sms);
 }
 
