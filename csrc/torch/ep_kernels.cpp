@@ -7,10 +7,11 @@
 //   name that is missing, or a gloo Buffer given CUDA tensors, raises the ValueError Python
 //   would raise.
 // * The shape / dtype / device / contiguity checks of deep_ep_ops/validation.py, with the same
-//   messages, raised as c10::ValueError (Python ValueError) before any launch; with
-//   DEEP_EP_OPS_VALIDATE=1 also the value checks (expert ids; the handle's header: its Buffer
-//   and row count, handle_checks.hpp) which copy to the host (skipped during graph capture,
-//   like Python's).
+//   messages, raised as c10::ValueError (Python ValueError) before any launch.
+// * The handle's header checks (its Buffer, the rows of x): always for a handle the C++
+//   dispatch made, from its host-side record (handle_records.hpp, no sync); for any other
+//   handle only with DEEP_EP_OPS_VALIDATE=1, which reads the header (a sync), as it does the
+//   expert ids of dispatch (both skipped during graph capture, like Python's).
 // * register_kernels() (called by deep_ep_ops.ops._use_cpp_kernels after it removed the Python
 //   CUDA impls) makes the registrations; nothing is registered when the .so is merely loaded.
 #include <torch/extension.h>
@@ -35,6 +36,7 @@
 #include "../ep/ep_ops.hpp"
 #include "../ep/ep_state.hpp"
 #include "handle_checks.hpp"
+#include "handle_records.hpp"
 #include "op_handles.hpp"
 #include "py_text.hpp"
 
@@ -200,11 +202,19 @@ void check_expert_ids(const at::Tensor& topk_idx, int64_t num_experts) {
 }
 
 // validation.check_handle_header: the handle was made on this Buffer, x has the rows its
-// dispatch implies (cached_dispatch: its T tokens; combine: its C rows). Reads the header.
+// dispatch implies (cached_dispatch: its T tokens; combine: its C rows). The facts come from the
+// handle's record when this extension's dispatch made it (no sync, so always checked); a handle
+// without one (a clone, a slice, one written in place) is read back only when
+// DEEP_EP_OPS_VALIDATE=1, as before records.
 void check_handle_header(HandleUse use, const EpState& st, c10::string_view group,
                          const at::Tensor& handle, int64_t x_rows) {
   const BufferIdentity buf{st.cfg.buffer_id, st.cfg.num_ranks, st.cfg.topk, group};
-  check_handle_facts(use, read_handle_header(use, handle), buf, x_rows);
+  if (const std::optional<HandleFacts> made = recorded_handle(handle)) {
+    check_handle_facts(use, *made, buf, x_rows);
+    return;
+  }
+  if (value_checks_requested(handle))
+    check_handle_facts(use, read_handle_header(use, handle), buf, x_rows);
 }
 
 // ---- checks (validation.py check_dispatch / check_handle / check_cached_dispatch /
@@ -324,8 +334,12 @@ Out6 dispatch_static_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
                  expert_alignment, num_sms);
   if (topk_idx.numel() > 0 && value_checks_requested(topk_idx))
     check_expert_ids(topk_idx, num_experts);
-  return dispatch(*st, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment, expand,
-                  num_sms);
+  Out6 out = dispatch(*st, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
+                      expand, num_sms);
+  // what the kernels stamp into the header, for combine / cached_dispatch to check without a sync
+  record_handle(std::get<5>(out), HandleFacts{st->cfg.buffer_id, st->cfg.num_ranks, st->cfg.topk,
+                                              x.size(0), std::get<0>(out).size(0)});
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
@@ -336,8 +350,7 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
   std::shared_ptr<EpState> st = state_of("cached_dispatch", group_name,
                                         {{"x", &x}, {"x_scales", opt(x_scales)}, {"handle", &handle}});
   check_cached_dispatch(*st, group_name, x, x_scales, handle, num_sms);
-  if (value_checks_requested(handle))
-    check_handle_header(HandleUse::cached_dispatch, *st, group_name, handle, x.size(0));
+  check_handle_header(HandleUse::cached_dispatch, *st, group_name, handle, x.size(0));
   return cached_dispatch(*st, x, x_scales, handle, num_sms);
 }
 
@@ -347,8 +360,7 @@ at::Tensor combine_cuda(const at::Tensor& x, const at::Tensor& handle,
   std::shared_ptr<EpState> st = state_of("combine", group_name,
                                         {{"x", &x}, {"handle", &handle}, {"weights", opt(weights)}});
   check_combine(*st, group_name, x, handle, weights, num_sms);
-  if (value_checks_requested(handle))
-    check_handle_header(HandleUse::combine, *st, group_name, handle, x.size(0));
+  check_handle_header(HandleUse::combine, *st, group_name, handle, x.size(0));
   return combine(*st, x, handle, weights, num_sms);
 }
 

@@ -1,7 +1,8 @@
 // The handle-header checks of combine and cached_dispatch (validation.check_handle_header, the
 // same messages): the handle was made on the call's Buffer, and x has the rows its dispatch
-// implies. The facts come from reading the handle's header row (a device-to-host copy; only with
-// DEEP_EP_OPS_VALIDATE=1). Torch-only (no CUDA headers).
+// implies. The facts come from handle_records.hpp (no sync) or, for a handle without a record,
+// from reading its header row (a device-to-host copy; only with DEEP_EP_OPS_VALIDATE=1).
+// Torch-only: also built without CUDA (tests/test_handle_records_cpu.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>

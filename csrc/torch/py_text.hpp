@@ -1,5 +1,5 @@
 // Python-facing error text of the C++ kernels: Python's repr of a string, and the one way they
-// raise a ValueError. Torch-only (no CUDA headers).
+// raise a ValueError. Torch-only (also built without CUDA, tests/test_handle_records_cpu.py).
 //
 // value_error() takes the finished message: callers build it from std::string pieces and
 // std::to_string, never through TORCH_CHECK's variadic arguments. Those go through c10::str,
