@@ -54,8 +54,8 @@ void check_handle_facts(HandleUse use, const HandleFacts& made, const BufferIden
                 std::to_string(buf.topk));
   if (use == HandleUse::combine) {
     if (x_rows != made.num_rows)
-      value_error(op + "x has " + std::to_string(x_rows) + " rows, the handle's dispatch produced " +
-                  std::to_string(made.num_rows));
+      value_error(op + "x has " + std::to_string(x_rows) +
+                  " rows, the handle's dispatch produced " + std::to_string(made.num_rows));
   } else if (x_rows != made.num_tokens) {
     value_error(op + "x has " + std::to_string(x_rows) + " rows, the handle's dispatch had " +
                 std::to_string(made.num_tokens) + " tokens");

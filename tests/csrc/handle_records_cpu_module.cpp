@@ -56,7 +56,8 @@ double record_ns(int64_t iters) {
   std::vector<at::Tensor> handles;
   for (int64_t i = 0; i < iters; ++i) handles.push_back(at::zeros({4, 11}, at::kInt));
   const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t i = 0; i < iters; ++i) deo::record_handle(handles[i], deo::HandleFacts{1, 1, 2, 1, 2});
+  for (int64_t i = 0; i < iters; ++i)
+    deo::record_handle(handles[i], deo::HandleFacts{1, 1, 2, 1, 2});
   const auto t1 = std::chrono::steady_clock::now();
   return std::chrono::duration<double, std::nano>(t1 - t0).count() / static_cast<double>(iters);
 }
