@@ -114,8 +114,18 @@ def _dispatch(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
     return torch.ops.deep_ep._trim_dispatch(*outputs) if exact else outputs
 
 
+def _trim_dispatch_cuda(*outputs):
+    """trim_dispatch on CUDA tensors; the trimmed handle inherits the record of the static one
+    (the C++ kernels check handles against these records without a sync)."""
+    trimmed = trim_dispatch(*outputs)
+    cuda_ep.record_trimmed_handle(outputs[5], trimmed[5])
+    return trimmed
+
+
 _KERNELS: dict[str, Callable] = {name: _entry(name) for name in _OPS}
 _KERNELS["_trim_dispatch"] = trim_dispatch
+# CUDA kernels other than the entry of _KERNELS
+_CUDA_KERNELS: dict[str, Callable] = {"_trim_dispatch": _trim_dispatch_cuda}
 
 # Ops whose CUDA kernel (and, for dispatch, CompositeImplicitAutograd kernel) the extension
 # registers in C++ once loaded. Until then their Python kernels serve (a CUDA call then raises
@@ -169,7 +179,7 @@ def _register() -> None:
         # One Python entry serves both device keys; it routes by the tensors' device.
         _lib.impl(name, kernel, "CPU")
         if name not in CPP_CUDA_OPS:
-            _lib.impl(name, kernel, "CUDA")
+            _lib.impl(name, _CUDA_KERNELS.get(name, kernel), "CUDA")
         torch.library.register_fake(qualname, _fake.FAKES[name], lib=_lib)
         if name in COMM_OPS:
             # Other ranks wait for this rank's part of the collective: the compiler must

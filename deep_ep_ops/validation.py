@@ -132,7 +132,9 @@ def check_combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
 def check_handle_header(op: str, buf: Buffer, handle: torch.Tensor, x_rows: int) -> None:
     """Value checks of a handle's header row (they read it: free on CPU; on CUDA a host sync,
     so only with DEEP_EP_OPS_VALIDATE=1): the handle was made on this Buffer, and x has the rows
-    its dispatch implies (cached_dispatch: that dispatch's T tokens; combine: its C rows).
+    its dispatch implies (cached_dispatch: that dispatch's T tokens; combine: its C rows). The
+    C++ CUDA kernels raise the same messages (csrc/torch/handle_checks.cpp), for the handles
+    their dispatch returned on every call, from a host-side record instead of the header.
 
     A handle of the same Buffer and shape (two static-capacity dispatches of one Buffer return
     the same C whatever T) cannot be told apart from the right one."""

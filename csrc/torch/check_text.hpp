@@ -3,8 +3,8 @@
 // shape checks (generated/ep_checks.hpp) and by ep_kernels.cpp's own checks. Torch-only: also
 // built without CUDA (tests/test_check_rules.py).
 //
-// Strings are built with std::to_string and only on failure: an std::ostringstream here once
-// segfaulted inside the extension on the GPU image (torch 2.11+cu130, g++ 13.3), so no iostreams.
+// Strings are built with std::to_string and only on failure, and raised whole through
+// py_text.hpp's value_error: no iostreams (py_text.hpp says why).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +13,8 @@
 
 #include <cctype>
 #include <string>
+
+#include "py_text.hpp"  // py_repr, value_error
 
 namespace deep_ep_ops {
 namespace checks {
@@ -69,23 +71,13 @@ inline std::string desc(const at::Tensor& t) {
          device_str(t);
 }
 
-// Python's repr of a str.
-inline std::string py_repr(c10::string_view s) {
-  const bool dq = s.find('\'') != c10::string_view::npos && s.find('"') == c10::string_view::npos;
-  const char q = dq ? '"' : '\'';
-  std::string out(1, q);
-  for (char c : s) {
-    if (c == '\\' || c == q) out += '\\';
-    out += c;
-  }
-  return out + q;
-}
+// Python's repr of a str (py_text.hpp; here so the rendered checks find it as checks::py_repr).
+using deep_ep_ops::py_repr;
 
 // validation._fail
 [[noreturn]] inline void fail(const char* op, const char* arg, const std::string& expected,
                               const std::string& got) {
-  TORCH_CHECK_VALUE(false, "deep_ep.", op, ": ", arg, " must be ", expected, "; got ", got);
-  __builtin_unreachable();
+  value_error(std::string("deep_ep.") + op + ": " + arg + " must be " + expected + "; got " + got);
 }
 
 }  // namespace checks

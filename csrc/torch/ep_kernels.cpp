@@ -9,9 +9,11 @@
 // * The checks of deep_ep_ops/validation.py, with the same messages, raised as c10::ValueError
 //   (Python ValueError) before any launch: the shape / dtype / range rules rendered from
 //   deep_ep_ops/check_rules.py (generated/ep_checks.hpp), then the device and contiguity checks
-//   written here; with DEEP_EP_OPS_VALIDATE=1 also the value checks (expert ids; the handle's
-//   header: its Buffer and row count) which copy to the host (skipped during graph capture,
-//   like Python's).
+//   written here; with DEEP_EP_OPS_VALIDATE=1 also the expert-id checks, which copy to the host
+//   (skipped during graph capture, like Python's).
+// * The handle's header checks (its Buffer, the rows of x): always for a handle the C++
+//   dispatch made, from its host-side record (handle_records.hpp, no sync); for any other
+//   handle only with DEEP_EP_OPS_VALIDATE=1, which reads the header (a sync).
 // * register_kernels() (called by deep_ep_ops.ops._use_cpp_kernels after it removed the Python
 //   CUDA impls) makes the registrations; nothing is registered when the .so is merely loaded.
 #include <torch/extension.h>
@@ -36,7 +38,10 @@
 #include "../ep/ep_state.hpp"
 #include "check_text.hpp"
 #include "generated/ep_checks.hpp"  // rendered from deep_ep_ops/check_rules.py (codegen)
+#include "handle_checks.hpp"
+#include "handle_records.hpp"
 #include "op_handles.hpp"
+#include "py_text.hpp"
 
 namespace deep_ep_ops {
 namespace {
@@ -91,10 +96,9 @@ void check_device_contiguous(const char* op, c10::string_view group,
     list += "]";
   }
   // deep_ep_ops/registry.py missing_message()
-  TORCH_CHECK_VALUE(false, "group_name=", py_repr(name), ": no deep_ep_ops.Buffer is registered "
-                    "for this group (registered: ", list, "); create one with "
-                    "deep_ep_ops.Buffer(group, ...) on every rank");
-  __builtin_unreachable();
+  value_error("group_name=" + py_repr(name) + ": no deep_ep_ops.Buffer is registered for this "
+              "group (registered: " + list + "); create one with deep_ep_ops.Buffer(group, ...) "
+              "on every rank");
 }
 
 // The EP state of the call's group. A Buffer without CUDA state (gloo) given CUDA tensors gets
@@ -109,8 +113,7 @@ std::shared_ptr<EpState> state_of(const char* op, c10::string_view name,
     if (n.t != nullptr && n.t->is_cuda())
       fail(op, n.name, "on cpu (group " + py_repr(name) + " is " + it->second.backend + ")",
            desc(*n.t));
-  TORCH_CHECK_VALUE(false, "deep_ep.", op, ": group ", py_repr(name), " has no CUDA state");
-  __builtin_unreachable();
+  value_error(std::string("deep_ep.") + op + ": group " + py_repr(name) + " has no CUDA state");
 }
 
 bool value_checks_requested(const at::Tensor& t) {
@@ -143,26 +146,19 @@ void check_expert_ids(const at::Tensor& topk_idx, int64_t num_experts) {
 }
 
 // validation.check_handle_header: the handle was made on this Buffer, x has the rows its
-// dispatch implies (cached_dispatch: its T tokens; combine: its C rows). Reads the header.
-void check_handle_header(const char* op, const EpState& st, c10::string_view group,
+// dispatch implies (cached_dispatch: its T tokens; combine: its C rows). The facts come from the
+// handle's record when this extension's dispatch made it (no sync, so always checked); a handle
+// without one (a clone, a slice, one written in place) is read back only when
+// DEEP_EP_OPS_VALIDATE=1, as before records.
+void check_handle_header(HandleUse use, const EpState& st, c10::string_view group,
                          const at::Tensor& handle, int64_t x_rows) {
-  const at::Tensor h = handle[0].to(at::kCPU).contiguous();
-  const int* v = h.data_ptr<int>();
-  const int made_on = v[handle::kHdrBufferId];
-  if (made_on != st.cfg.buffer_id)
-    TORCH_CHECK_VALUE(false, "deep_ep.", op, ": handle belongs to another Buffer: it was made by a "
-                      "dispatch on Buffer #", made_on, ", and group ", py_repr(group),
-                      " has Buffer #", st.cfg.buffer_id, " (a handle of another group, or of a "
-                      "Buffer destroyed since)");
-  if (v[handle::kHdrNumRanks] != st.cfg.num_ranks || v[handle::kHdrTopk] != st.cfg.topk)
-    TORCH_CHECK_VALUE(false, "deep_ep.", op, ": handle does not match the Buffer: it was made for R=",
-                      v[handle::kHdrNumRanks], " ranks and K=", v[handle::kHdrTopk],
-                      ", the Buffer has R=", st.cfg.num_ranks, ", K=", st.cfg.topk);
-  const bool rows = std::string(op) == "combine";
-  const int want = rows ? v[handle::kHdrNumRows] : v[handle::kHdrNumTokens];
-  if (x_rows != want)
-    TORCH_CHECK_VALUE(false, "deep_ep.", op, ": x has ", x_rows, " rows, the handle's dispatch ",
-                      rows ? "produced " : "had ", want, rows ? "" : " tokens");
+  const BufferIdentity buf{st.cfg.buffer_id, st.cfg.num_ranks, st.cfg.topk, group};
+  if (const std::optional<HandleFacts> made = recorded_handle(handle)) {
+    check_handle_facts(use, *made, buf, x_rows);
+    return;
+  }
+  if (value_checks_requested(handle))
+    check_handle_facts(use, read_handle_header(use, handle), buf, x_rows);
 }
 
 // ---- checks (validation.py check_dispatch / check_cached_dispatch / check_combine): the
@@ -212,8 +208,12 @@ Out6 dispatch_static_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
                  expert_alignment, num_sms);
   if (topk_idx.numel() > 0 && value_checks_requested(topk_idx))
     check_expert_ids(topk_idx, num_experts);
-  return dispatch(*st, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment, expand,
-                  num_sms);
+  Out6 out = dispatch(*st, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
+                      expand, num_sms);
+  // what the kernels stamp into the header, for combine / cached_dispatch to check without a sync
+  record_handle(std::get<5>(out), HandleFacts{st->cfg.buffer_id, st->cfg.num_ranks, st->cfg.topk,
+                                              x.size(0), std::get<0>(out).size(0)});
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
@@ -224,8 +224,7 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
   std::shared_ptr<EpState> st = state_of("cached_dispatch", group_name,
                                         {{"x", &x}, {"x_scales", opt(x_scales)}, {"handle", &handle}});
   check_cached_dispatch(*st, group_name, x, x_scales, handle, num_sms);
-  if (value_checks_requested(handle))
-    check_handle_header("cached_dispatch", *st, group_name, handle, x.size(0));
+  check_handle_header(HandleUse::cached_dispatch, *st, group_name, handle, x.size(0));
   return cached_dispatch(*st, x, x_scales, handle, num_sms);
 }
 
@@ -235,7 +234,7 @@ at::Tensor combine_cuda(const at::Tensor& x, const at::Tensor& handle,
   std::shared_ptr<EpState> st = state_of("combine", group_name,
                                         {{"x", &x}, {"handle", &handle}, {"weights", opt(weights)}});
   check_combine(*st, group_name, x, handle, weights, num_sms);
-  if (value_checks_requested(handle)) check_handle_header("combine", *st, group_name, handle, x.size(0));
+  check_handle_header(HandleUse::combine, *st, group_name, handle, x.size(0));
   return combine(*st, x, handle, weights, num_sms);
 }
 

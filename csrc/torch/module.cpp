@@ -9,6 +9,7 @@ void deep_ep_ops_bind_ep(pybind11::module_&);              // ep_bindings.cpp
 void deep_ep_ops_bind_channels(pybind11::module_&);        // channel_bindings.cpp
 void deep_ep_ops_bind_kernel_registry(pybind11::module_&);  // ep_kernels.cpp
 void deep_ep_ops_bind_torch_autograd(pybind11::module_&);  // ep_autograd.cpp
+void deep_ep_ops_bind_handle_records(pybind11::module_&);  // handle_records.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nccl_version_code", []() { return NCCL_VERSION_CODE; });
@@ -17,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   deep_ep_ops_bind_channels(m);
   deep_ep_ops_bind_kernel_registry(m);
   deep_ep_ops_bind_torch_autograd(m);
+  deep_ep_ops_bind_handle_records(m);
 }

@@ -55,3 +55,13 @@ def cached_dispatch(buf: BufferT, x, x_scales, handle, num_sms):
 
 def combine(buf: BufferT, x, handle, weights, num_sms):
     return extension.module().combine(buf.ep_state, x, handle, weights, num_sms)
+
+
+def record_trimmed_handle(static_handle, trimmed_handle) -> None:
+    """exact=True: the trimmed handle (deep_ep_ops/trim.py, run in Python on CUDA too) takes over
+    the host-side record of the static one (csrc/torch/handle_records.hpp) with its own row
+    count, so combine / cached_dispatch check it without a sync like any handle the C++ dispatch
+    made. Nothing to do before the extension is loaded (no C++ dispatch has run)."""
+    ext = extension.loaded()
+    if ext is not None:
+        ext.record_trimmed_handle(static_handle, trimmed_handle)

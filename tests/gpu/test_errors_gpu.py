@@ -2,7 +2,8 @@
 ValueError of tests/test_errors.py: its shape/dtype table (SHAPE_CASES) runs here on CUDA
 tensors, every rule of deep_ep_ops/check_rules.py gives its example's exact message
 (tests/ep_check_examples.py), plus the CUDA-only paths (device, contiguity, the Python
-fallbacks).
+fallbacks) and the handle's header checks: always for a handle the C++ dispatch made (its
+host-side record, csrc/torch/handle_records.hpp), with DEEP_EP_OPS_VALIDATE=1 for any other.
 
 One rank, an NCCL group in this process (module fixture). Skips without CUDA.
 """
@@ -166,20 +167,162 @@ def test_cached_dispatch_too_wide(buf):
 
 
 def test_handle_header_checks_with_validate(buf, monkeypatch):
-    """DEEP_EP_OPS_VALIDATE=1: the C++ kernels read the handle's header (Buffer id, rows) and
-    raise validation.py's messages."""
+    """DEEP_EP_OPS_VALIDATE=1: for a handle without a record (a clone) the C++ kernels read the
+    handle's header (Buffer id, rows) and raise validation.py's messages."""
     monkeypatch.setenv("DEEP_EP_OPS_VALIDATE", "1")
     x, idx, w = _inputs()
     out = ops.dispatch(x, None, idx, w, buf.group_name, E)
     C = out[0].shape[0]
+    for handle in (out[5], out[5].clone()):  # from the record, then from the header row
+        with pytest.raises(ValueError, match=rf"combine: x has {C - 1} rows, the handle's "
+                                             rf"dispatch produced {C}$"):
+            ops.combine(out[0][:-1], handle, None, buf.group_name)
+        with pytest.raises(ValueError, match=r"cached_dispatch: x has 2 rows, the handle's "
+                                             r"dispatch had 3 tokens"):
+            ops.cached_dispatch(x[:2], None, handle, buf.group_name)
+    forged = out[5].clone()
+    forged[0, 9] = buf.id + 1000  # HDR_BUFFER_ID
+    with pytest.raises(ValueError, match=rf"combine: handle belongs to another Buffer: it was "
+                                         rf"made by a dispatch on Buffer #{buf.id + 1000}"):
+        ops.combine(out[0], forged, None, buf.group_name)
+
+
+def _record(handle):
+    from deep_ep_ops.cuda import extension
+    return extension.module().handle_record(handle)
+
+
+def _no_validate(monkeypatch):
+    monkeypatch.delenv("DEEP_EP_OPS_VALIDATE", raising=False)
+
+
+def test_dispatch_records_its_handle(buf, monkeypatch):
+    """The C++ dispatch (static, and exact through the trim) records what it stamped into the
+    header; a clone or a slice of the handle has no record."""
+    _no_validate(monkeypatch)
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    C = out[0].shape[0]
+    facts = dict(buffer_id=buf.id, num_ranks=1, topk=K, num_tokens=3)
+    assert _record(out[5]) == dict(facts, num_rows=C)
+    assert _record(out[5].clone()) is None
+    assert _record(out[5][:-1]) is None
+    exact = ops.dispatch(x, None, idx, w, buf.group_name, E, exact=True)
+    assert _record(exact[5]) == dict(facts, num_rows=exact[0].shape[0])
+    # the header the kernels wrote says the same
+    hdr = out[5][0].tolist()
+    assert (hdr[9], hdr[3], hdr[8], hdr[2], hdr[10]) == (buf.id, 1, K, 3, C)
+
+
+def test_handle_header_checks_without_validate(buf, monkeypatch):
+    """No DEEP_EP_OPS_VALIDATE: a handle the C++ dispatch made is still checked (from its
+    record, on the host): rows of combine's and cached_dispatch's x, static and exact."""
+    _no_validate(monkeypatch)
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    C = out[0].shape[0]
+    assert _record(out[5]) is not None  # else the wrong rows below would reach the kernels
     with pytest.raises(ValueError, match=rf"combine: x has {C - 1} rows, the handle's dispatch "
                                          rf"produced {C}$"):
         ops.combine(out[0][:-1], out[5], None, buf.group_name)
     with pytest.raises(ValueError, match=r"cached_dispatch: x has 2 rows, the handle's dispatch "
                                          r"had 3 tokens"):
         ops.cached_dispatch(x[:2], None, out[5], buf.group_name)
-    forged = out[5].clone()
-    forged[0, 9] = buf.id + 1000  # HDR_BUFFER_ID
-    with pytest.raises(ValueError, match=rf"combine: handle belongs to another Buffer: it was "
-                                         rf"made by a dispatch on Buffer #{buf.id + 1000}"):
-        ops.combine(out[0], forged, None, buf.group_name)
+    exact = ops.dispatch(x, None, idx, w, buf.group_name, E, exact=True)
+    n = exact[0].shape[0]
+    assert _record(exact[5]) is not None
+    with pytest.raises(ValueError, match=rf"combine: x has {n - 1} rows, the handle's dispatch "
+                                         rf"produced {n}$"):
+        ops.combine(exact[0][:-1], exact[5], None, buf.group_name)
+    # the right rows pass
+    torch.testing.assert_close(ops.combine(out[0], out[5], None, buf.group_name), x)
+    torch.testing.assert_close(ops.combine(exact[0], exact[5], None, buf.group_name), x)
+
+
+def test_handle_of_another_buffer_without_validate(buf, monkeypatch):
+    """No DEEP_EP_OPS_VALIDATE: a handle made on another Buffer (another group over the same
+    rank; then that Buffer destroyed) is refused by combine and cached_dispatch."""
+    import torch.distributed as dist
+
+    import deep_ep_ops
+    _no_validate(monkeypatch)
+    other = deep_ep_ops.Buffer(dist.new_group([0], backend="nccl"), num_max_tokens_per_rank=M,
+                               hidden=HID, num_topk=K, num_experts=E)
+    x, idx, w = _inputs()
+    try:
+        out = ops.dispatch(x, None, idx, w, other.group_name, E)
+        assert _record(out[5])["buffer_id"] == other.id != buf.id
+        pattern = (rf"handle belongs to another Buffer: it was made by a dispatch on Buffer "
+                   rf"#{other.id}, and group '{buf.group_name}' has Buffer #{buf.id}")
+        with pytest.raises(ValueError, match=rf"combine: {pattern}"):
+            ops.combine(out[0], out[5], None, buf.group_name)
+        with pytest.raises(ValueError, match=rf"cached_dispatch: {pattern}"):
+            ops.cached_dispatch(x, None, out[5], buf.group_name)
+    finally:
+        other.destroy()
+    with pytest.raises(ValueError, match=r"combine: handle belongs to another Buffer"):
+        ops.combine(out[0], out[5], None, buf.group_name)
+
+
+def test_cloned_handle_works_without_validate(buf, monkeypatch):
+    """A copy of a handle has no record: it is not checked without DEEP_EP_OPS_VALIDATE, and
+    the ops give the same results as with the original."""
+    _no_validate(monkeypatch)
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    copy = out[5].clone()
+    assert _record(copy) is None
+    torch.testing.assert_close(ops.combine(out[0], copy, None, buf.group_name),
+                               ops.combine(out[0], out[5], None, buf.group_name))
+    torch.testing.assert_close(ops.cached_dispatch(x, None, copy, buf.group_name)[0],
+                               ops.cached_dispatch(x, None, out[5], buf.group_name)[0])
+    # written in place: the record no longer describes it (the header is what the kernels read)
+    out[5][0, 9] = buf.id
+    assert _record(out[5]) is None
+
+
+def test_handle_header_checks_do_not_sync(buf, monkeypatch):
+    """The record check reads nothing from the GPU: with torch's sync debug mode at "error" a
+    right call runs and a wrong one raises the header ValueError (not a sync error)."""
+    _no_validate(monkeypatch)
+    x, idx, w = _inputs()
+    out = ops.dispatch(x, None, idx, w, buf.group_name, E)
+    C = out[0].shape[0]
+    assert _record(out[5]) is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = ops.combine(out[0], out[5], None, buf.group_name)
+        with pytest.raises(ValueError, match=rf"combine: x has {C - 1} rows"):
+            ops.combine(out[0][:-1], out[5], None, buf.group_name)
+        with pytest.raises(ValueError, match=r"cached_dispatch: x has 2 rows"):
+            ops.cached_dispatch(x[:2], None, out[5], buf.group_name)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(y, x)
+
+
+def test_handle_record_made_during_graph_capture(buf, monkeypatch):
+    """A dispatch captured in a CUDA graph records its static handle once (capture runs the
+    host code); replays rewrite the same header, and eager calls with that handle are checked."""
+    from tests.gpu.dist_gpu import capture_graph
+    _no_validate(monkeypatch)
+    x, idx, w = _inputs()
+    static_x = x.clone()
+
+    def step():
+        out = ops.dispatch(static_x, None, idx, w, buf.group_name, E)
+        return out, ops.combine(out[0], out[5], None, buf.group_name)
+    graph, (out, y) = capture_graph(step)
+    C = out[0].shape[0]
+    assert _record(out[5]) == dict(buffer_id=buf.id, num_ranks=1, topk=K, num_tokens=3,
+                                   num_rows=C)
+    for scale in (1.0, 2.0):
+        static_x.copy_(scale * x)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y, scale * x)
+    assert _record(out[5]) is not None
+    with pytest.raises(ValueError, match=rf"combine: x has {C - 1} rows"):
+        ops.combine(out[0][:-1], out[5], None, buf.group_name)
+    del graph
