@@ -16,12 +16,13 @@ from types import ModuleType
 
 import pytest
 import torch
-from torch.utils.cpp_extension import is_ninja_available, load
+from torch.utils.cpp_extension import is_ninja_available
 
 import deep_ep_ops
 from deep_ep_ops import check_rules as R
 from deep_ep_ops import validation as V
 from deep_ep_ops.codegen import ep_checks
+from tests.cpu_extension import build_cpu_extension
 from tests.ep_check_examples import (EXAMPLES, E, HID, K, M, cached_args, combine_args,
                                      dispatch_args, expected)
 
@@ -98,17 +99,7 @@ def test_every_rule_renders() -> None:
 def cpp() -> ModuleType:
     if shutil.which("c++") is None or not is_ninja_available():
         pytest.skip("needs a C++ compiler and ninja")
-    from pathlib import Path
-
-    from deep_ep_ops import codegen
-    from deep_ep_ops.cuda.loader import cache_dir, csrc_dir
-    # A fixed folder: torch's extension cache keys on the include paths, ninja on the header
-    # texts (write_include_root leaves unchanged ones untouched), so reruns reuse the build.
-    generated = codegen.write_include_root(cache_dir() / "ep_checks_cpu_generated_include")
-    module_cpp = Path(__file__).resolve().parent / "csrc" / "ep_checks_cpu_module.cpp"
-    return load(name="deep_ep_ops_ep_checks_cpu", sources=[str(module_cpp)],
-                extra_cflags=["-O1", "-std=c++20"],
-                extra_include_paths=[str(csrc_dir()), str(generated)], verbose=False)
+    return build_cpu_extension("deep_ep_ops_ep_checks_cpu", [], "ep_checks_cpu_module.cpp")
 
 
 def _cpp_call(cpp: ModuleType, buf, op: str, args: dict) -> None:

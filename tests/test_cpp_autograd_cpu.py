@@ -9,13 +9,13 @@ module (about a minute on 2 cores); later runs reuse torch's extension cache.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-from torch.utils.cpp_extension import is_ninja_available, load
+from torch.utils.cpp_extension import is_ninja_available
 
+from tests.cpu_extension import build_cpu_extension
 from tests.dist_utils import run_ranks
 
 pytestmark = pytest.mark.skipif(
@@ -23,19 +23,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs a C++ compiler and ninja to build csrc/torch/ep_autograd.cpp")
 
 
-MODULE_CPP = Path(__file__).resolve().parent / "csrc" / "autograd_cpu_module.cpp"
-
-
 def _load() -> ModuleType:
-    from deep_ep_ops import codegen
-    from deep_ep_ops.cuda.loader import cache_dir, csrc_dir
-    # A fixed folder: torch's extension cache keys on the include paths, ninja on the header
-    # texts (write_include_root leaves unchanged ones untouched), so reruns reuse the build.
-    generated = codegen.write_include_root(cache_dir() / "autograd_cpu_generated_include")
-    return load(name="deep_ep_ops_autograd_cpu",
-                sources=[str(csrc_dir() / "torch" / "ep_autograd.cpp"), str(MODULE_CPP)],
-                extra_cflags=["-O1", "-std=c++20"],
-                extra_include_paths=[str(csrc_dir()), str(generated)], verbose=False)
+    return build_cpu_extension("deep_ep_ops_autograd_cpu", ["torch/ep_autograd.cpp"],
+                               "autograd_cpu_module.cpp")
 
 
 def _body(rank: int, world: int) -> None:

@@ -16,17 +16,16 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.cpp_extension import is_ninja_available, load
+from torch.utils.cpp_extension import is_ninja_available
 
 from deep_ep_ops import handle as H
 from deep_ep_ops import validation as V
-from tests.test_cpp_autograd_cpu import MODULE_CPP as _AUTOGRAD_MODULE_CPP
+from tests.cpu_extension import build_cpu_extension
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None or not is_ninja_available(),
     reason="needs a C++ compiler and ninja to build csrc/torch/handle_records.cpp")
 
-MODULE_CPP = _AUTOGRAD_MODULE_CPP.parent / "handle_records_cpu_module.cpp"
 
 K = 2
 W = H.handle_width(K)
@@ -35,16 +34,9 @@ BUF = SimpleNamespace(id=5, group_name="0", world_size=1, num_topk=K)  # what va
 
 @pytest.fixture(scope="module")
 def m() -> ModuleType:
-    from deep_ep_ops import codegen
-    from deep_ep_ops.cuda.loader import cache_dir, csrc_dir
-    src = csrc_dir()
-    # the handle columns come from the rendered generated/handle_layout.hpp (as in the JIT build)
-    generated = codegen.write_include_root(cache_dir() / "handle_records_cpu_generated_include")
-    return load(name="deep_ep_ops_handle_records_cpu",
-                sources=[str(src / "torch" / "handle_records.cpp"),
-                         str(src / "torch" / "handle_checks.cpp"), str(MODULE_CPP)],
-                extra_include_paths=[str(src), str(generated)], extra_cflags=["-O2", "-std=c++20"],
-                verbose=False)
+    return build_cpu_extension("deep_ep_ops_handle_records_cpu",
+                               ["torch/handle_records.cpp", "torch/handle_checks.cpp"],
+                               "handle_records_cpu_module.cpp", opt="-O2")
 
 
 def _handle(T=3, C=12, buffer_id=5, R=1, k=K) -> torch.Tensor:
