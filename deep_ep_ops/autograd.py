@@ -23,7 +23,7 @@ def _dispatch_setup(ctx, inputs, output):
     handle, recv_idx = output[5], output[2]
     ctx.save_for_backward(handle, recv_idx)
     ctx.group_name, ctx.expand, ctx.num_sms = group_name, expand, num_sms
-    ctx.num_tokens, ctx.num_topk = x.shape[0], topk_weights.shape[1]
+    ctx.num_topk = topk_weights.shape[1]
 
 
 def _dispatch_backward(ctx, g_x, g_scales, g_idx, g_w, g_tpe, g_handle):

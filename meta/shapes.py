@@ -38,11 +38,15 @@ def virtual_tokens(num_hosts: int, max_tokens: int) -> int:
     return 0 if num_hosts == 1 else num_hosts * max_tokens
 
 
-def buffer_virtual_tokens(buf) -> int:
-    """V of a Buffer's handles (its host count and M; a stand-in without hosts: one host)."""
+def buffer_num_hosts(buf) -> int:
+    """Hosts of ``buf``'s group (a stand-in Buffer without a host layout: one)."""
     hosts = getattr(buf, "hosts", None)
-    return virtual_tokens(hosts.num_hosts if hosts is not None else 1,
-                          buf.num_max_tokens_per_rank)
+    return hosts.num_hosts if hosts is not None else 1
+
+
+def buffer_virtual_tokens(buf) -> int:
+    """V of a Buffer's handles (its host count and M)."""
+    return virtual_tokens(buffer_num_hosts(buf), buf.num_max_tokens_per_rank)
 
 
 def handle_rows(num_tokens: Size, num_virtual: int, num_rows: Size) -> Size:

@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "check_text.hpp"  // py_tuple
 #include "generated/handle_layout.hpp"  // rendered from deep_ep_ops/handle.py (codegen)
 #include "py_text.hpp"
 
@@ -14,12 +15,6 @@ namespace {
 
 const char* op_name(HandleUse use) {
   return use == HandleUse::combine ? "combine" : "cached_dispatch";
-}
-
-std::string sizes_text(const at::Tensor& t) {
-  std::string s = "(";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + (t.dim() == 1 ? ",)" : ")");
 }
 
 }  // namespace
@@ -31,7 +26,7 @@ HandleFacts read_handle_header(HandleUse use, const at::Tensor& handle) {
       handle.size(1) < handle::kNumHeaderFields || handle.scalar_type() != at::kInt)
     value_error(std::string("deep_ep.") + op_name(use) + ": handle must be an int32 [1 + T + C, W] "
                 "handle with a header row of at least " + std::to_string(handle::kNumHeaderFields) +
-                " columns; got shape " + (handle.defined() ? sizes_text(handle) : "None"));
+                " columns; got shape " + (handle.defined() ? checks::py_tuple(handle.sizes()) : "None"));
   // Only row 0 crosses to the host; contiguous so the pointer walks one row of int32.
   const at::Tensor row = handle.narrow(0, 0, 1).to(at::kCPU).contiguous();
   const int32_t* v = row.const_data_ptr<int32_t>();

@@ -41,14 +41,8 @@ import torch
 from deep_ep_ops import handle as H
 from deep_ep_ops.cpu import interhost, moe
 from deep_ep_ops.cpu.moe import accumulation_dtype
-from deep_ep_ops.meta.shapes import (cached_dispatch_specs, combine_spec, static_capacity,
-                                     tokens_from_handle, virtual_tokens)
-
-
-def num_hosts(buf) -> int:
-    """Hosts of ``buf``'s group (a stand-in Buffer without a host layout: one)."""
-    hosts = getattr(buf, "hosts", None)
-    return hosts.num_hosts if hosts is not None else 1
+from deep_ep_ops.meta.shapes import (buffer_num_hosts, cached_dispatch_specs, combine_spec,
+                                     static_capacity, tokens_from_handle, virtual_tokens)
 
 
 @dataclass(frozen=True)
@@ -86,7 +80,7 @@ def dispatch(buf, x: torch.Tensor, x_scales: Optional[torch.Tensor], topk_idx: t
              expand: bool):
     """Static-capacity dispatch on any number of hosts (the op's six outputs; the handle
     ``[1 + T + V + C, W]`` int32, V = 0 on one host)."""
-    if num_hosts(buf) == 1:
+    if buffer_num_hosts(buf) == 1:
         return moe.dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts,
                             expert_alignment, expand)
     p = _place(buf)
@@ -207,7 +201,7 @@ def _rail_counts_in(parts: _Parts, p: _Place) -> dict[int, int]:
 def cached_dispatch(buf, x: torch.Tensor, x_scales: Optional[torch.Tensor],
                     handle: torch.Tensor):
     """cached_dispatch on any number of hosts: the dispatch's two stages with new rows."""
-    if num_hosts(buf) == 1:
+    if buffer_num_hosts(buf) == 1:
         return moe.cached_dispatch(buf, x, x_scales, handle)
     p = _place(buf)
     K = buf.num_topk
@@ -244,7 +238,7 @@ def combine(buf, x: torch.Tensor, handle: torch.Tensor,
     """combine on any number of hosts: out[t] = sum over t's destination hosts in ascending
     host order of the host partial (sum over the host's destination ranks in ascending order of
     the rank partials), fp32 throughout (fp64 for fp64), rounded once to x's dtype."""
-    if num_hosts(buf) == 1:
+    if buffer_num_hosts(buf) == 1:
         return moe.combine(buf, x, handle, weights)
     p = _place(buf)
     K = buf.num_topk
