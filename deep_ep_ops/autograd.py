@@ -1,48 +1,24 @@
 """Backward formulas. Each calls only ``torch.ops.deep_ep.*`` and torch ops, so backward
-graphs compile, export and capture like the forward ones."""
+graphs compile, export and capture like the forward ones.
+
+The ops with a C++ autograd kernel (``_dispatch_static``, ``cached_dispatch``, ``combine``) take
+their formulas from the table deep_ep_ops/autograd_formulas.py, rendered as Python
+(codegen/py_autograd.py, compiled here at import) and as C++ (generated/ep_autograd_formulas.hpp,
+codegen/ep_autograd.py). The others are written here only: their CUDA kernels
+are Python glue (cuda/channels.py, trim.py), so a C++ autograd kernel would keep no Python off
+their eager path.
+"""
 from __future__ import annotations
 
 import torch
 
-from deep_ep_ops import handle as H
+from deep_ep_ops.autograd_formulas import FORMULAS
+from deep_ep_ops.codegen.py_autograd import compile_formula
 
 _ops = torch.ops.deep_ep
 
 
-def _receive_part(handle: torch.Tensor, num_rows) -> torch.Tensor:
-    """The receive part: the handle's last C rows on one host and on several (where the
-    virtual part sits between the send and the receive parts)."""
-    return handle[handle.shape[0] - num_rows:]
-
-
-# dispatch: d x = combine(d recv_x) (sums the copies); d topk_weights[t, k] = the gradient of
-# the recv_topk_weights entry that carried slot k (exactly one rank holds each (t, k), so a
-# combine of the slot-placed gradients returns it).
-def _dispatch_setup(ctx, inputs, output):
-    x, _, _, topk_weights, group_name, _, _, expand, num_sms = inputs
-    handle, recv_idx = output[5], output[2]
-    ctx.save_for_backward(handle, recv_idx)
-    ctx.group_name, ctx.expand, ctx.num_sms = group_name, expand, num_sms
-    ctx.num_topk = topk_weights.shape[1]
-
-
-def _dispatch_backward(ctx, g_x, g_scales, g_idx, g_w, g_tpe, g_handle):
-    handle, recv_idx = ctx.saved_tensors
-    grad_x = grad_w = None
-    if ctx.needs_input_grad[0] and g_x is not None:
-        grad_x = _ops.combine(g_x.contiguous(), handle, None, ctx.group_name, ctx.num_sms)
-    if ctx.needs_input_grad[3] and g_w is not None:
-        if ctx.expand:
-            slot = _receive_part(handle, g_w.shape[0])[:, H.RECV_TOPK_SLOT].long()
-            valid = slot >= 0
-            rows = g_w.new_zeros((g_w.shape[0], ctx.num_topk))
-            rows = rows.scatter(1, slot.clamp(min=0)[:, None],
-                                torch.where(valid, g_w, torch.zeros_like(g_w))[:, None])
-        else:
-            rows = torch.where(recv_idx >= 0, g_w, torch.zeros_like(g_w))
-        grad_w = _ops.combine(rows.contiguous(), handle, None, ctx.group_name, ctx.num_sms)
-    return grad_x, None, None, grad_w, None, None, None, None, None
-
+# ---- the ops without a C++ autograd kernel -------------------------------------------------
 
 # _trim_dispatch: the dropped rows got no gradient; pad back to the static capacity.
 def _trim_setup(ctx, inputs, output):
@@ -55,43 +31,6 @@ def _trim_backward(ctx, g_x, g_scales, g_idx, g_w, g_tpe, g_handle):
             return None
         return torch.cat([g, g.new_zeros((ctx.capacity - g.shape[0], *g.shape[1:]))])
     return pad(g_x), None, None, pad(g_w), None, None
-
-
-# cached_dispatch: d x = combine(d recv_x).
-def _cached_dispatch_setup(ctx, inputs, output):
-    _, _, handle, group_name, num_sms = inputs
-    ctx.save_for_backward(handle)
-    ctx.group_name, ctx.num_sms = group_name, num_sms
-
-
-def _cached_dispatch_backward(ctx, g_x, g_scales):
-    (handle,) = ctx.saved_tensors
-    grad_x = None
-    if ctx.needs_input_grad[0] and g_x is not None:
-        grad_x = _ops.combine(g_x.contiguous(), handle, None, ctx.group_name, ctx.num_sms)
-    return grad_x, None, None, None, None
-
-
-# combine: d x[row] = w[row] * d out[t(row)] (a cached dispatch of d out);
-# d w[row] = <d out[t(row)], x[row]>.
-def _combine_setup(ctx, inputs, output):
-    x, handle, weights, group_name, num_sms = inputs
-    ctx.save_for_backward(x, handle, weights)
-    ctx.group_name, ctx.num_sms = group_name, num_sms
-
-
-def _combine_backward(ctx, g_out):
-    x, handle, weights = ctx.saved_tensors
-    rows, _ = _ops.cached_dispatch(g_out.contiguous(), None, handle, ctx.group_name,
-                                   ctx.num_sms)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    grad_x = grad_w = None
-    if ctx.needs_input_grad[0]:
-        grad_x = rows if weights is None else \
-            (rows.to(acc) * weights.to(acc)[:, None]).to(x.dtype)
-    if weights is not None and ctx.needs_input_grad[2]:
-        grad_w = (rows.to(acc) * x.to(acc)).sum(-1).to(weights.dtype)
-    return grad_x, None, grad_w, None, None
 
 
 # engram_fetch: the owners' shards receive the scatter-add of every rank's row gradients.
@@ -137,10 +76,8 @@ def _reduce_scatter_backward(ctx, g):
 
 
 _FORMULAS = {
-    "_dispatch_static": (_dispatch_backward, _dispatch_setup),
+    **{f.op: compile_formula(f) for f in FORMULAS},
     "_trim_dispatch": (_trim_backward, _trim_setup),
-    "cached_dispatch": (_cached_dispatch_backward, _cached_dispatch_setup),
-    "combine": (_combine_backward, _combine_setup),
     "engram_fetch": (_engram_backward, _engram_setup),
     "pp_send_recv": (_pp_backward, _pp_setup),
     "cp_all_gather": (_all_gather_backward, _cp_setup),
