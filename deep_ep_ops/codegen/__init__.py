@@ -5,6 +5,10 @@ Each header is ``generated/<name>`` under an include root that the build adds to
 path: the JIT build (deep_ep_ops/cuda/loader.py) writes it into its build folder,
 scripts/compile_check.py into its temporary folder, the CPU tests into theirs. csrc/ has no copy
 and includes them as ``"generated/<name>"``.
+
+py_autograd.py renders the other way round too: the Python autograd kernels of the same formula
+table whose C++ rendering is ep_autograd.py (compiled at import by deep_ep_ops/autograd.py; no
+file is written).
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ SUBDIR = "generated"
 
 def render_all() -> dict[str, str]:
     """Every generated header: file name -> text."""
-    from deep_ep_ops.codegen import ep_checks, handle_layout
-    return {"handle_layout.hpp": handle_layout.render(), "ep_checks.hpp": ep_checks.render()}
+    from deep_ep_ops.codegen import ep_autograd, ep_checks, handle_layout
+    return {"handle_layout.hpp": handle_layout.render(), "ep_checks.hpp": ep_checks.render(),
+            "ep_autograd_formulas.hpp": ep_autograd.render()}
 
 
 def write_include_root(root: Path, texts: dict[str, str] | None = None) -> Path:
