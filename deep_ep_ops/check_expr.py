@@ -1,8 +1,11 @@
-"""The vocabulary of the EP ops' shape / dtype checks (deep_ep_ops/check_rules.py).
+"""The vocabulary of the EP ops' input checks (deep_ep_ops/check_rules.py).
 
-Each node has two meanings side by side: ``value(env)``, its Python value for one call, and
-``cpp()``, the C++ expression deep_ep_ops/codegen/ep_checks.py renders for the CUDA kernels. A
-rule written with these nodes is therefore evaluated by Python and compiled by C++ from one text.
+Each node has two spellings side by side: ``py()``, the Python expression that
+deep_ep_ops/codegen/py_checks.py renders into the check functions deep_ep_ops/validation.py
+compiles at import, and ``cpp()``, the C++ expression deep_ep_ops/codegen/ep_checks.py renders
+for the CUDA kernels. A rule written with these nodes is therefore one text for both languages.
+In the rendered code the Buffer is ``buf``, every checked argument has its own name, and the
+group name is ``group`` (C++) or ``buf.group_name`` (Python).
 
 Conditions combine with ``&``, ``|`` and ``~`` (Python's ``and``/``or``/``not`` cannot be
 overloaded); like ``&&``/``||``, ``&`` and ``|`` stop at the first operand that decides. Mind the
@@ -15,15 +18,13 @@ from typing import Any, Callable, Union
 
 import torch
 
-Env = dict[str, Any]  # "buf": the Buffer; every checked argument by name
-
 
 class Expr:
-    """A node of a check: Python value and C++ text."""
+    """A node of a check: its Python and C++ text."""
 
     kind = "int"  # "int", "bool" or "str": how a message prints it
 
-    def value(self, env: Env) -> Any:
+    def py(self) -> str:
         raise NotImplementedError
 
     def cpp(self) -> str:
@@ -83,8 +84,8 @@ class Const(Expr):
     number: int
     cpp_name: str = ""
 
-    def value(self, env: Env) -> int:
-        return self.number
+    def py(self) -> str:
+        return str(self.number)
 
     def cpp(self) -> str:
         return self.cpp_name or str(self.number)
@@ -94,13 +95,6 @@ def lift(x: Operand) -> Expr:
     return x if isinstance(x, Expr) else Const(int(x))
 
 
-_PY_OPS: dict[str, Callable[[Any, Any], Any]] = {
-    "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
-    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "//": lambda a, b: a // b,
-}
-
-
 @dataclass(eq=False)
 class Binary(Expr):
     op: str
@@ -108,11 +102,11 @@ class Binary(Expr):
     b: Expr
 
     def __post_init__(self) -> None:
+        assert self.op in ("==", "!=", "<", "<=", ">", ">=", "+", "-", "//"), self.op
         self.kind = "int" if self.op in ("+", "-", "//") else "bool"
-        self._fn = _PY_OPS[self.op]
 
-    def value(self, env: Env) -> Any:
-        return self._fn(self.a.value(env), self.b.value(env))
+    def py(self) -> str:
+        return f"({self.a.py()} {self.op} {self.b.py()})"
 
     def cpp(self) -> str:
         return f"({self.a.cpp()} {'/' if self.op == '//' else self.op} {self.b.cpp()})"
@@ -130,11 +124,9 @@ class Logic(Expr):
     b: Expr
     kind = "bool"
 
-    def value(self, env: Env) -> bool:
-        first = bool(self.a.value(env))
-        if first == (self.op == "||"):
-            return first
-        return bool(self.b.value(env))
+    def py(self) -> str:
+        word = " and " if self.op == "&&" else " or "
+        return f"({self.a.py()}{word}{self.b.py()})"
 
     def cpp(self) -> str:
         sides = self._chain()
@@ -160,8 +152,8 @@ class Not(Expr):
     a: Expr
     kind = "bool"
 
-    def value(self, env: Env) -> bool:
-        return not self.a.value(env)
+    def py(self) -> str:
+        return f"(not {self.a.py()})"
 
     def cpp(self) -> str:
         if isinstance(self.a, Given):
@@ -184,7 +176,8 @@ CPP_DTYPES: dict[torch.dtype, str] = {
 
 @dataclass(frozen=True)
 class DtypeClass:
-    """A set of dtypes; C++ gets a predicate ``bool <cpp_fn>(at::ScalarType)`` rendered from it."""
+    """A set of dtypes; C++ gets a predicate ``bool <cpp_fn>(at::ScalarType)`` rendered from it,
+    Python a global of that name holding the dtypes."""
     cpp_fn: str
     dtypes: tuple[torch.dtype, ...]
 
@@ -194,12 +187,12 @@ class DtypeClass:
 @dataclass(eq=False)
 class Tensor(Expr):
     """A tensor argument (``optional``: ``Tensor?``, C++ ``const at::Tensor*``, nullptr for
-    None). Its own value is the tensor; the checks read it through the methods below."""
+    None). The checks read it through the methods below."""
     name: str
     optional: bool = False
 
-    def value(self, env: Env) -> Any:
-        return env[self.name]
+    def py(self) -> str:
+        return self.name
 
     def cpp(self) -> str:
         return self.name
@@ -211,10 +204,23 @@ class Tensor(Expr):
         return f"{self.name}->" if self.optional else f"{self.name}."
 
     def dim(self) -> Expr:
-        return Call(self, lambda t: t.dim(), lambda m: f"{m}dim()")
+        return Call(self, lambda t: f"{t}.dim()", lambda m: f"{m}dim()")
 
     def size(self, i: int) -> Expr:
-        return Call(self, lambda t: t.shape[i], lambda m: f"{m}size({i})")
+        return Call(self, lambda t: f"{t}.shape[{i}]", lambda m: f"{m}size({i})")
+
+    def is_cuda(self) -> Expr:
+        return Call(self, lambda t: f"{t}.is_cuda", lambda m: f"{m}is_cuda()", "bool")
+
+    def is_meta(self) -> Expr:
+        return Call(self, lambda t: f"{t}.is_meta", lambda m: f"{m}is_meta()", "bool")
+
+    def is_contiguous(self) -> Expr:
+        return Call(self, lambda t: f"{t}.is_contiguous()", lambda m: f"{m}is_contiguous()",
+                    "bool")
+
+    def strides(self) -> Expr:
+        return Strides(self)
 
     def dtype_in(self, *classes: DtypeClass) -> Expr:
         node: Expr = DtypeIs(self, classes[0])
@@ -232,16 +238,34 @@ class Tensor(Expr):
 
 @dataclass(eq=False)
 class Call(Expr):
-    """A property of a tensor argument (dim, a size)."""
+    """A property of a tensor argument (dim, a size, where it is): ``py_of(name)`` and
+    ``cpp_of(member access)`` give its texts."""
     tensor: Tensor
-    py: Callable[[Any], Any]
+    py_of: Callable[[str], str]
     cpp_of: Callable[[str], str]
+    kind: str = "int"
 
-    def value(self, env: Env) -> Any:
-        return self.py(self.tensor.value(env))
+    def py(self) -> str:
+        return self.py_of(self.tensor.name)
 
     def cpp(self) -> str:
         return self.cpp_of(self.tensor._member())
+
+    def args(self) -> set[str]:
+        return {self.tensor.name}
+
+
+@dataclass(eq=False)
+class Strides(Expr):
+    """``strides <Python's tuple of the strides>``: what a rule on the memory layout shows."""
+    tensor: Tensor
+    kind = "str"
+
+    def py(self) -> str:
+        return f'("strides " + str({self.tensor.name}.stride()))'
+
+    def cpp(self) -> str:
+        return f'"strides " + py_tuple({self.tensor._member()}strides())'
 
     def args(self) -> set[str]:
         return {self.tensor.name}
@@ -253,8 +277,8 @@ class DtypeIs(Expr):
     cls: DtypeClass
     kind = "bool"
 
-    def value(self, env: Env) -> bool:
-        return self.tensor.value(env).dtype in self.cls.dtypes
+    def py(self) -> str:
+        return f"({self.tensor.name}.dtype in {self.cls.cpp_fn})"
 
     def cpp(self) -> str:
         return f"{self.cls.cpp_fn}({self.tensor._member()}scalar_type())"
@@ -269,8 +293,8 @@ class Given(Expr):
     tensor: Tensor
     kind = "bool"
 
-    def value(self, env: Env) -> bool:
-        return self.tensor.value(env) is not None
+    def py(self) -> str:
+        return f"({self.tensor.name} is not None)"
 
     def cpp(self) -> str:
         return f"({self.tensor.name} != nullptr)"
@@ -284,8 +308,8 @@ class Int(Expr):
     """An int argument (C++ ``int64_t``)."""
     name: str
 
-    def value(self, env: Env) -> Any:
-        return env[self.name]
+    def py(self) -> str:
+        return self.name
 
     def cpp(self) -> str:
         return self.name
@@ -306,8 +330,8 @@ class NotInt(Expr):
     arg: Int
     kind = "bool"
 
-    def value(self, env: Env) -> bool:
-        return not isinstance(self.arg.value(env), int)
+    def py(self) -> str:
+        return f"(not isinstance({self.arg.name}, int))"
 
     def cpp(self) -> str:
         return "false"
@@ -318,18 +342,31 @@ class NotInt(Expr):
 
 @dataclass(eq=False)
 class Fact(Expr):
-    """An int fact of the call's Buffer: ``py(buf)`` in Python; in C++ the field ``name`` of the
-    rendered ``BufferFacts`` struct, filled from the EP state as ``cpp_source``
-    (an expression of ``st``)."""
+    """A fact of the call's Buffer (``kind``: an int, a bool or a str): in Python
+    ``py_source``, an expression of ``buf`` (the Buffer) and ``H`` (deep_ep_ops.handle); in C++
+    the field ``name`` of the rendered ``BufferFacts`` struct, filled from the EP state as
+    ``cpp_source`` (an expression of ``st``)."""
     name: str
-    py: Callable[[Any], int]
+    py_source: str
     cpp_source: str
+    kind: str = "int"
 
-    def value(self, env: Env) -> int:
-        return self.py(env["buf"])
+    def __post_init__(self) -> None:
+        self._code = compile(self.py_source, f"<fact {self.name}>", "eval")
+
+    def py(self) -> str:
+        return f"({self.py_source})"
 
     def cpp(self) -> str:
         return f"buf.{self.name}"
+
+    def of(self, buf: Any) -> Any:
+        """The fact's value for ``buf`` (what the rendered C++ gets in BufferFacts)."""
+        from deep_ep_ops import handle
+        return eval(self._code, {"buf": buf, "H": handle})
+
+    def cpp_type(self) -> str:
+        return {"int": "int64_t", "bool": "bool", "str": "const char*"}[self.kind]
 
 
 @dataclass(eq=False)
@@ -337,8 +374,8 @@ class GroupRepr(Expr):
     """``repr`` of the call's group name (C++: ``py_repr`` of the ``group`` argument)."""
     kind = "str"
 
-    def value(self, env: Env) -> str:
-        return repr(env["buf"].group_name)
+    def py(self) -> str:
+        return "repr(buf.group_name)"
 
     def cpp(self) -> str:
         return "py_repr(group)"

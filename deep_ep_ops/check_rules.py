@@ -1,28 +1,28 @@
-"""The shape / dtype / range checks of dispatch, cached_dispatch and combine: one table for
-Python and C++.
+"""The input checks of dispatch, cached_dispatch and combine (shape, dtype, range, device,
+memory layout): one table for Python and C++.
 
-deep_ep_ops/validation.py evaluates these rules (CPU backend, fake impls);
-deep_ep_ops/codegen/ep_checks.py renders them as ``generated/ep_checks.hpp``, which the C++ CUDA
-kernels (csrc/torch/ep_kernels.cpp) call on the eager path. Rules run in order and the first
-that fails raises ``ValueError("deep_ep.<op>: <arg> must be <expected>; got <got>")``, where
-``got`` describes the argument (a tensor's shape, dtype and device; ``None``; an int).
+deep_ep_ops/validation.py runs these rules (CPU backend, fake impls) as the Python functions
+deep_ep_ops/codegen/py_checks.py renders from them; deep_ep_ops/codegen/ep_checks.py renders
+them as ``generated/ep_checks.hpp``, which the C++ CUDA kernels (csrc/torch/ep_kernels.cpp) call
+on the eager path. Rules run in order and the first that fails raises
+``ValueError("deep_ep.<op>: <arg> must be <expected>; got <got>")``, where ``got`` describes
+the argument (a tensor's shape, dtype and device; ``None``; an int) unless the rule says.
 
-Not here, written by each side: the device and contiguity checks (Python compares the device
-with the Buffer's backend; the C++ kernels serve only NCCL Buffers and refuse a gloo one at the
-group lookup) and the value checks that read data (expert ids, the handle's header; they copy
-to the host, optional on CUDA).
+Not here: a gloo Buffer given CUDA tensors meets C++ at its group lookup, before these rules
+(it has no EP state to read the facts from; csrc/torch/ep_kernels.cpp ``state_of`` words it as
+the device rule does).
 tests/ep_check_examples.py holds one failing call per rule with its exact message.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from string import Formatter
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from deep_ep_ops import handle as H
-from deep_ep_ops.check_expr import Const, DtypeClass, Env, Expr, Fact, GroupRepr, Int, Tensor
+from deep_ep_ops.check_expr import Const, DtypeClass, Expr, Fact, GroupRepr, Int, Tensor
 
 FLOAT = DtypeClass("is_float", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 FP8 = DtypeClass("is_fp8", (torch.float8_e4m3fn,))
@@ -32,12 +32,18 @@ INT32 = DtypeClass("is_int32", (torch.int32,))
 DTYPE_CLASSES = (FLOAT, FP8, INDEX, SCALE, INT32)
 
 # What the checks read of the Buffer (C++: of the EP state ``st``).
-HIDDEN = Fact("hidden", lambda buf: buf.hidden, "st.cfg.hidden")
-MAX_TOKENS = Fact("max_tokens", lambda buf: buf.num_max_tokens_per_rank, "st.cfg.max_tokens")
-NUM_TOPK = Fact("num_topk", lambda buf: buf.num_topk, "st.cfg.topk")
-NUM_EXPERTS_OF_BUFFER = Fact("num_experts", lambda buf: buf.num_experts, "st.cfg.num_experts")
-HANDLE_WIDTH = Fact("handle_width", lambda buf: H.handle_width(buf.num_topk), "st.handle_width")
-FACTS = (HIDDEN, MAX_TOKENS, NUM_TOPK, NUM_EXPERTS_OF_BUFFER, HANDLE_WIDTH)
+HIDDEN = Fact("hidden", "buf.hidden", "st.cfg.hidden")
+MAX_TOKENS = Fact("max_tokens", "buf.num_max_tokens_per_rank", "st.cfg.max_tokens")
+NUM_TOPK = Fact("num_topk", "buf.num_topk", "st.cfg.topk")
+NUM_EXPERTS_OF_BUFFER = Fact("num_experts", "buf.num_experts", "st.cfg.num_experts")
+HANDLE_WIDTH = Fact("handle_width", "H.handle_width(buf.num_topk)", "st.handle_width")
+# Where the Buffer's tensors live. The C++ kernels serve only Buffers with an EP state, which
+# are NCCL Buffers on CUDA (buffer.py), so C++ fills in constants.
+ON_CUDA = Fact("on_cuda", 'buf.device.type == "cuda"', "true", "bool")
+DEVICE = Fact("device", "buf.device.type", '"cuda"', "str")
+BACKEND = Fact("backend", "buf.backend", '"nccl"', "str")
+FACTS = (HIDDEN, MAX_TOKENS, NUM_TOPK, NUM_EXPERTS_OF_BUFFER, HANDLE_WIDTH, ON_CUDA, DEVICE,
+         BACKEND)
 GROUP = GroupRepr()
 HEADER_ROWS = Const(H.HEADER_ROWS, "handle::kHeaderRows")
 
@@ -59,21 +65,18 @@ Arg = Union[Tensor, Int]
 class Rule:
     """``arg`` must not meet ``fails``; else the message says it must be ``expected``, a format
     string whose ``{name}`` fields are the nodes given in ``values`` (ints print as str,
-    GROUP as repr)."""
+    GROUP as repr), and what it got: ``got`` (a str node) or, by default, the argument's
+    description."""
     name: str
     arg: Arg
     fails: Expr
     expected: str
     values: dict[str, Expr] = field(default_factory=dict)
+    got: Optional[Expr] = None
 
     def __post_init__(self) -> None:
         fields = {f for _, f, _, _ in Formatter().parse(self.expected) if f is not None}
         assert fields == set(self.values), f"rule {self.name}: {fields} vs {set(self.values)}"
-
-    def expected_text(self, env: Env) -> str:
-        """``expected`` filled in for the call ``env`` (Python)."""
-        return self.expected.format(**{k: v.value(env) if v.kind == "str" else str(v.value(env))
-                                       for k, v in self.values.items()})
 
 
 @dataclass(eq=False)
@@ -90,8 +93,30 @@ class OpChecks:
             used = rule.fails.args() | {rule.arg.name}
             for v in rule.values.values():
                 used |= v.args()
+            if rule.got is not None:
+                used |= rule.got.args()
             assert used <= names, f"{self.op}.{rule.name} reads {used - names}"
         assert len({r.name for r in self.rules}) == len(self.rules), f"{self.op}: duplicate rule"
+
+
+def _if_given(t: Tensor, cond: Expr) -> Expr:
+    """``cond`` of tensor ``t``, which an optional ``t`` meets only when given."""
+    return t.given() & cond if t.optional else cond
+
+
+def placement_rules(*tensors: Tensor) -> tuple[Rule, ...]:
+    """Each tensor on the Buffer's device (meta tensors carry none and pass; fake ones carry
+    the device they stand for), then each contiguous: after the shape rules, in argument
+    order."""
+    device = tuple(Rule(f"{t.name}_device", t,
+                        _if_given(t, ~t.is_meta() & (t.is_cuda() != ON_CUDA)),
+                        "on {device} (group {group} is {backend})",
+                        {"device": DEVICE, "group": GROUP, "backend": BACKEND})
+                   for t in tensors)
+    layout = tuple(Rule(f"{t.name}_contiguous", t, _if_given(t, ~t.is_contiguous()),
+                        "contiguous", got=t.strides())
+                   for t in tensors)
+    return device + layout
 
 
 T = X.size(0)  # tokens (dispatch, cached_dispatch) or rows (combine) of x
@@ -137,6 +162,7 @@ DISPATCH = OpChecks("dispatch", (X, X_SCALES, TOPK_IDX, TOPK_WEIGHTS, NUM_EXPERT
     Rule("expert_alignment", EXPERT_ALIGNMENT,
          EXPERT_ALIGNMENT.not_int() | (EXPERT_ALIGNMENT < 1), "an int >= 1"),
     NUM_SMS_RULE,
+    *placement_rules(X, X_SCALES, TOPK_IDX, TOPK_WEIGHTS),
 ))
 
 CACHED_DISPATCH = OpChecks("cached_dispatch", (X, X_SCALES, HANDLE, NUM_SMS), (
@@ -155,6 +181,7 @@ CACHED_DISPATCH = OpChecks("cached_dispatch", (X, X_SCALES, HANDLE, NUM_SMS), (
                              ~X_SCALES.dtype_in(SCALE)),
          "[{T}, P] float32 or int32", {"T": T}),
     NUM_SMS_RULE,
+    *placement_rules(X, X_SCALES, HANDLE),
 ))
 
 COMBINE = OpChecks("combine", (X, HANDLE, WEIGHTS, NUM_SMS), (
@@ -171,6 +198,7 @@ COMBINE = OpChecks("combine", (X, HANDLE, WEIGHTS, NUM_SMS), (
                             ~WEIGHTS.dtype_in(FLOAT)),
          "None or [{C}] float32 (one weight per row)", {"C": T}),
     NUM_SMS_RULE,
+    *placement_rules(X, HANDLE, WEIGHTS),
 ))
 
 OPS = (DISPATCH, CACHED_DISPATCH, COMBINE)

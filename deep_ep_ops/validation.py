@@ -1,9 +1,9 @@
 """Input checks shared by the fake impls and every backend.
 
-The shape / dtype / range checks of dispatch, cached_dispatch and combine are the rules of
-deep_ep_ops/check_rules.py (which the C++ kernels run too, rendered); this module evaluates
-them, and holds the other checks. Shape and dtype checks run everywhere (fake tensors included,
-so a bad call fails at trace time). Value checks (expert ids in range, no duplicate in a row,
+The shape / dtype / range / device / layout checks of dispatch, cached_dispatch and combine
+are the rules of deep_ep_ops/check_rules.py (which the C++ kernels run too, rendered); this
+module runs their Python rendering, and holds the other checks. Shape and dtype checks run
+everywhere (fake tensors included, so a bad call fails at trace time). Value checks (expert ids in range, no duplicate in a row,
 indices in range) read data: they always run on CPU tensors, and on CUDA tensors only when
 ``DEEP_EP_OPS_VALIDATE=1`` and no graph is being captured, because they cost a device-to-host
 sync.
@@ -17,7 +17,7 @@ import torch
 
 from deep_ep_ops import check_rules as R
 from deep_ep_ops import handle as H
-from deep_ep_ops.check_expr import Int
+from deep_ep_ops.codegen import py_checks
 
 if TYPE_CHECKING:
     from deep_ep_ops.buffer import Buffer
@@ -31,6 +31,11 @@ def _fail(op: str, arg: str, expected: str, got: str) -> None:
 
 def _desc(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+# The rules of check_rules.py as Python functions (codegen/py_checks.py renders them; the C++
+# kernels run their other rendering, generated/ep_checks.hpp): the first rule a call fails raises.
+_RULES = py_checks.compile_checks(_fail, _desc)
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -50,6 +55,8 @@ def wants_value_checks(t: torch.Tensor) -> bool:
 
 
 def check_device(op: str, buf: Buffer, **tensors: Optional[torch.Tensor]) -> None:
+    # The channel ops' device check (Python only: their CUDA kernels are Python glue); the EP
+    # ops' is a rule of check_rules.py (placement_rules), with these words.
     # Fake tensors carry the device they stand for, so they are checked too; only meta
     # tensors (no device) are skipped. Flags, not torch.device objects: this runs on every
     # eager call (is_fake cost ~1 us a tensor, building t.device ~0.7 us).
@@ -62,33 +69,11 @@ def check_device(op: str, buf: Buffer, **tensors: Optional[torch.Tensor]) -> Non
                   f"{buf.backend})", _desc(t))
 
 
-def check_contiguous(op: str, **tensors: Optional[torch.Tensor]) -> None:
-    for name, t in tensors.items():
-        if t is not None and not t.is_contiguous():
-            _fail(op, name, "contiguous", f"strides {t.stride()}")
-
-
-def _check_rules(checks: R.OpChecks, env: dict) -> None:
-    """The first rule of ``checks`` (deep_ep_ops/check_rules.py) that the call ``env`` fails
-    raises; the C++ kernels run the same rules, rendered (generated/ep_checks.hpp)."""
-    for rule in checks.rules:
-        if rule.fails.value(env):
-            name = rule.arg.name
-            value = env[name]
-            got = "None" if value is None else \
-                repr(value) if isinstance(rule.arg, Int) else _desc(value)
-            _fail(checks.op, name, rule.expected_text(env), got)
-
-
 def check_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
                    topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                    expert_alignment: int, num_sms: int) -> None:
-    op = "dispatch"
-    _check_rules(R.DISPATCH, dict(buf=buf, x=x, x_scales=x_scales, topk_idx=topk_idx,
-                                  topk_weights=topk_weights, num_experts=num_experts,
-                                  expert_alignment=expert_alignment, num_sms=num_sms))
-    check_device(op, buf, x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights)
-    check_contiguous(op, x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights)
+    _RULES["dispatch"](buf, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
+                       num_sms)
     if wants_value_checks(topk_idx) and topk_idx.numel() > 0:
         check_expert_ids(topk_idx, num_experts)
 
@@ -110,23 +95,16 @@ def check_expert_ids(topk_idx: torch.Tensor, num_experts: int) -> None:
 
 def check_cached_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
                           handle: torch.Tensor, num_sms: int) -> None:
-    op = "cached_dispatch"
-    _check_rules(R.CACHED_DISPATCH, dict(buf=buf, x=x, x_scales=x_scales, handle=handle,
-                                         num_sms=num_sms))
-    check_device(op, buf, x=x, x_scales=x_scales, handle=handle)
-    check_contiguous(op, x=x, x_scales=x_scales, handle=handle)
+    _RULES["cached_dispatch"](buf, x, x_scales, handle, num_sms)
     if wants_value_checks(handle):
-        check_handle_header(op, buf, handle, x.shape[0])
+        check_handle_header("cached_dispatch", buf, handle, x.shape[0])
 
 
 def check_combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
                   weights: Optional[torch.Tensor], num_sms: int) -> None:
-    op = "combine"
-    _check_rules(R.COMBINE, dict(buf=buf, x=x, handle=handle, weights=weights, num_sms=num_sms))
-    check_device(op, buf, x=x, handle=handle, weights=weights)
-    check_contiguous(op, x=x, handle=handle, weights=weights)
+    _RULES["combine"](buf, x, handle, weights, num_sms)
     if wants_value_checks(handle):
-        check_handle_header(op, buf, handle, x.shape[0])
+        check_handle_header("combine", buf, handle, x.shape[0])
 
 
 def check_handle_header(op: str, buf: Buffer, handle: torch.Tensor, x_rows: int) -> None:

@@ -5,6 +5,10 @@
 the message has ``{group}`` for ``repr(buf.group_name)`` and ``{dev}`` for the tensors' device.
 Shared by tests/test_check_rules.py (Python and the rendered C++ checks, on CPU) and
 tests/gpu/test_errors_gpu.py (the C++ CUDA kernels), for a Buffer of E=4, K=2, M=4, H=8.
+
+The device rules' examples (``ON_CUDA_BUFFER``) need a Buffer on CUDA (an NCCL group): their
+spoilt tensor is on the CPU. On a machine without a GPU the tests run them against a stand-in
+with the Buffer's facts on CUDA, the other tensors on ``meta`` (which the device rules pass).
 """
 from __future__ import annotations
 
@@ -57,6 +61,25 @@ def _d(op: str, arg: str, expected: str, got: str) -> str:
     return f"deep_ep.{op}: {arg} must be {expected}; got {got}"
 
 
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values, laid out column-major (not contiguous)."""
+    return t.t().contiguous().t()
+
+
+def _strided_column(dev: str, rows: int) -> torch.Tensor:
+    """A [rows, 1] float32 tensor, every other element of a [rows, 2] one (strides (2, 1))."""
+    return _t(dev, rows, 2)[:, :1]
+
+
+def _device(op: str, arg: str, got: str) -> str:
+    """The device rule's message for a Buffer on CUDA given ``arg`` on the CPU."""
+    return _d(op, arg, "on cuda (group {group} is nccl)", f"{got} on cpu")
+
+
+def _idx(dev: str) -> torch.Tensor:
+    return torch.tensor([[0, 1], [2, 3], [1, -1]], device=dev)
+
+
 EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
     "dispatch.x_2d": ("dispatch", lambda d: dispatch_args(d, x=_t(d, 1, 3, HID)), _d(
         "dispatch", "x", "2-D [T, H]", "shape (1, 3, 8) torch.float32 on {dev}")),
@@ -102,6 +125,27 @@ EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
         "dispatch", "expert_alignment", "an int >= 1", "0")),
     "dispatch.num_sms": ("dispatch", lambda d: dispatch_args(d, num_sms=-1), _d(
         "dispatch", "num_sms", ">= 0 (0 = automatic)", "-1")),
+    "dispatch.x_device": ("dispatch", lambda d: dispatch_args(d, x=_t("cpu", 3, HID)),
+                          _device("dispatch", "x", "shape (3, 8) torch.float32")),
+    "dispatch.x_scales_device": (
+        "dispatch", lambda d: dispatch_args(d, x=_fp8(d), x_scales=_t("cpu", 3, 1)),
+        _device("dispatch", "x_scales", "shape (3, 1) torch.float32")),
+    "dispatch.topk_idx_device": ("dispatch", lambda d: dispatch_args(d, topk_idx=_idx("cpu")),
+                                 _device("dispatch", "topk_idx", "shape (3, 2) torch.int64")),
+    "dispatch.topk_weights_device": (
+        "dispatch", lambda d: dispatch_args(d, topk_weights=_t("cpu", 3, K)),
+        _device("dispatch", "topk_weights", "shape (3, 2) torch.float32")),
+    "dispatch.x_contiguous": ("dispatch", lambda d: dispatch_args(d, x=_t(d, HID, 3).t()),
+                              _d("dispatch", "x", "contiguous", "strides (1, 3)")),
+    "dispatch.x_scales_contiguous": (
+        "dispatch", lambda d: dispatch_args(d, x=_fp8(d), x_scales=_strided_column(d, 3)),
+        _d("dispatch", "x_scales", "contiguous", "strides (2, 1)")),
+    "dispatch.topk_idx_contiguous": (
+        "dispatch", lambda d: dispatch_args(d, topk_idx=_column_major(_idx(d))),
+        _d("dispatch", "topk_idx", "contiguous", "strides (1, 3)")),
+    "dispatch.topk_weights_contiguous": (
+        "dispatch", lambda d: dispatch_args(d, topk_weights=_t(d, K, 3).t()),
+        _d("dispatch", "topk_weights", "contiguous", "strides (1, 3)")),
 
     "cached_dispatch.handle": (
         "cached_dispatch", lambda d: cached_args(d, handle=_handle(d, 9, 3)),
@@ -130,6 +174,23 @@ EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
            "shape (3, 1) torch.float16 on {dev}")),
     "cached_dispatch.num_sms": ("cached_dispatch", lambda d: cached_args(d, num_sms=-2), _d(
         "cached_dispatch", "num_sms", ">= 0 (0 = automatic)", "-2")),
+    "cached_dispatch.x_device": ("cached_dispatch", lambda d: cached_args(d, x=_t("cpu", 3, HID)),
+                                 _device("cached_dispatch", "x", "shape (3, 8) torch.float32")),
+    "cached_dispatch.x_scales_device": (
+        "cached_dispatch", lambda d: cached_args(d, x=_fp8(d), x_scales=_t("cpu", 3, 1)),
+        _device("cached_dispatch", "x_scales", "shape (3, 1) torch.float32")),
+    "cached_dispatch.handle_device": (
+        "cached_dispatch", lambda d: cached_args(d, handle=_handle("cpu")),
+        _device("cached_dispatch", "handle", "shape (8, 11) torch.int32")),
+    "cached_dispatch.x_contiguous": (
+        "cached_dispatch", lambda d: cached_args(d, x=_t(d, HID, 3).t()),
+        _d("cached_dispatch", "x", "contiguous", "strides (1, 3)")),
+    "cached_dispatch.x_scales_contiguous": (
+        "cached_dispatch", lambda d: cached_args(d, x=_fp8(d), x_scales=_strided_column(d, 3)),
+        _d("cached_dispatch", "x_scales", "contiguous", "strides (2, 1)")),
+    "cached_dispatch.handle_contiguous": (
+        "cached_dispatch", lambda d: cached_args(d, handle=_column_major(_handle(d))),
+        _d("cached_dispatch", "handle", "contiguous", "strides (1, 8)")),
 
     "combine.handle": (
         "combine", lambda d: combine_args(d, handle=_handle(d, 9, 3)),
@@ -150,7 +211,23 @@ EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
         "shape (3,) torch.float32 on {dev}")),
     "combine.num_sms": ("combine", lambda d: combine_args(d, num_sms=-3), _d(
         "combine", "num_sms", ">= 0 (0 = automatic)", "-3")),
+    "combine.x_device": ("combine", lambda d: combine_args(d, x=_t("cpu", C, HID)),
+                         _device("combine", "x", "shape (4, 8) torch.float32")),
+    "combine.handle_device": ("combine", lambda d: combine_args(d, handle=_handle("cpu")),
+                              _device("combine", "handle", "shape (8, 11) torch.int32")),
+    "combine.weights_device": ("combine", lambda d: combine_args(d, weights=_t("cpu", C)),
+                               _device("combine", "weights", "shape (4,) torch.float32")),
+    "combine.x_contiguous": ("combine", lambda d: combine_args(d, x=_t(d, HID, C).t()),
+                             _d("combine", "x", "contiguous", "strides (1, 4)")),
+    "combine.handle_contiguous": (
+        "combine", lambda d: combine_args(d, handle=_column_major(_handle(d))),
+        _d("combine", "handle", "contiguous", "strides (1, 8)")),
+    "combine.weights_contiguous": ("combine", lambda d: combine_args(d, weights=_t(d, 2 * C)[::2]),
+                                   _d("combine", "weights", "contiguous", "strides (2,)")),
 }
+
+# The examples whose Buffer must be on CUDA (see the module's docstring).
+ON_CUDA_BUFFER = frozenset(rule_id for rule_id in EXAMPLES if rule_id.endswith("_device"))
 
 
 def expected(rule_id: str, group_name: str, dev: str) -> str:

@@ -1,18 +1,20 @@
-"""The shape / dtype / range checks of dispatch, cached_dispatch and combine come from one table,
-deep_ep_ops/check_rules.py: Python (deep_ep_ops/validation.py) evaluates it, the C++ kernels
-compile its rendering (generated/ep_checks.hpp, deep_ep_ops/codegen/ep_checks.py).
+"""The input checks of dispatch, cached_dispatch and combine (shape, dtype, range, device,
+contiguity) come from one table, deep_ep_ops/check_rules.py: Python (deep_ep_ops/validation.py)
+evaluates it, the C++ kernels compile its rendering (generated/ep_checks.hpp,
+deep_ep_ops/codegen/ep_checks.py).
 
 Every rule has a failing example (tests/ep_check_examples.py) with its exact message; here each
 runs through Python and through the rendered C++ checks built without CUDA (a small torch
 extension, about a minute to build on 2 cores, then cached), and both must give that message
-byte for byte. tests/gpu/test_errors_gpu.py runs the same examples through the CUDA kernels.
+byte for byte. The device rules' examples run against a stand-in of the Buffer on CUDA (no GPU
+here). tests/gpu/test_errors_gpu.py runs the same examples through the CUDA kernels.
 """
 from __future__ import annotations
 
 import re
 import shutil
 from string import Formatter
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -23,8 +25,8 @@ from deep_ep_ops import check_rules as R
 from deep_ep_ops import validation as V
 from deep_ep_ops.codegen import ep_checks
 from tests.cpu_extension import build_cpu_extension
-from tests.ep_check_examples import (EXAMPLES, E, HID, K, M, cached_args, combine_args,
-                                     dispatch_args, expected)
+from tests.ep_check_examples import (EXAMPLES, ON_CUDA_BUFFER, E, HID, K, M, cached_args,
+                                     combine_args, dispatch_args, expected)
 
 PY_CHECKS = {"dispatch": V.check_dispatch, "cached_dispatch": V.check_cached_dispatch,
              "combine": V.check_combine}
@@ -39,6 +41,20 @@ def buf(single_rank_group):
                            num_topk=K, num_experts=E)
     yield b
     b.destroy()
+
+
+@pytest.fixture(scope="module")
+def cuda_buf(buf):
+    """What the checks read of ``buf``, as if it were an NCCL Buffer on CUDA."""
+    return SimpleNamespace(hidden=buf.hidden, num_max_tokens_per_rank=buf.num_max_tokens_per_rank,
+                           num_topk=buf.num_topk, num_experts=buf.num_experts,
+                           group_name=buf.group_name, device=torch.device("cuda", 0),
+                           backend="nccl")
+
+
+def _where(rule_id: str, buf, cuda_buf) -> tuple:
+    """(the Buffer, the device of the unspoilt tensors) that ``rule_id``'s example runs on."""
+    return (cuda_buf, "meta") if rule_id in ON_CUDA_BUFFER else (buf, "cpu")
 
 
 def test_every_rule_has_one_example() -> None:
@@ -67,17 +83,27 @@ def test_baseline_passes(buf, op: str, monkeypatch) -> None:
     PY_CHECKS[op](buf, **BASELINES[op]("cpu"))
 
 
+@pytest.mark.parametrize("op", sorted(PY_CHECKS))
+def test_baseline_passes_on_cuda(cuda_buf, op: str) -> None:
+    """The device examples' baseline: unspoilt meta tensors pass every rule of a Buffer on
+    CUDA (the device rules skip meta tensors; the value checks skip them too)."""
+    PY_CHECKS[op](cuda_buf, **BASELINES[op]("meta"))
+
+
 @pytest.mark.parametrize("rule_id", R.rule_ids())
-def test_python_message(buf, rule_id: str) -> None:
+def test_python_message(buf, cuda_buf, rule_id: str) -> None:
     op, args, _ = EXAMPLES[rule_id]
+    on, dev = _where(rule_id, buf, cuda_buf)
     with pytest.raises(ValueError) as err:
-        PY_CHECKS[op](buf, **args("cpu"))
-    assert str(err.value) == expected(rule_id, buf.group_name, "cpu")
+        PY_CHECKS[op](on, **args(dev))
+    assert str(err.value) == expected(rule_id, buf.group_name, dev)
 
 
 @pytest.mark.parametrize("rule_id", R.rule_ids())
 def test_op_message(buf, rule_id: str) -> None:
     """The same through the op (CPU backend), as tests/gpu/test_errors_gpu.py calls it."""
+    if rule_id in ON_CUDA_BUFFER:
+        pytest.skip("needs an NCCL Buffer on a GPU (tests/gpu/test_errors_gpu.py)")
     op, args, _ = EXAMPLES[rule_id]
     with pytest.raises(ValueError) as err:
         getattr(torch.ops.deep_ep, op)(**args("cpu"), group_name=buf.group_name)
@@ -103,18 +129,20 @@ def cpp() -> ModuleType:
 
 
 def _cpp_call(cpp: ModuleType, buf, op: str, args: dict) -> None:
-    facts = [f.py(buf) for f in R.FACTS]
+    facts = [f.of(buf) for f in R.FACTS]
     getattr(cpp, op)(facts, buf.group_name, *(args[a.name] for a in OPS[op].args))
 
 
 @pytest.mark.parametrize("op", sorted(PY_CHECKS))
-def test_cpp_baseline_passes(cpp, buf, op: str) -> None:
+def test_cpp_baseline_passes(cpp, buf, cuda_buf, op: str) -> None:
     _cpp_call(cpp, buf, op, BASELINES[op]("cpu"))
+    _cpp_call(cpp, cuda_buf, op, BASELINES[op]("meta"))
 
 
 @pytest.mark.parametrize("rule_id", R.rule_ids())
-def test_cpp_message(cpp, buf, rule_id: str) -> None:
+def test_cpp_message(cpp, buf, cuda_buf, rule_id: str) -> None:
     op, args, _ = EXAMPLES[rule_id]
+    on, dev = _where(rule_id, buf, cuda_buf)
     with pytest.raises(ValueError) as err:
-        _cpp_call(cpp, buf, op, args("cpu"))
-    assert str(err.value) == expected(rule_id, buf.group_name, "cpu")
+        _cpp_call(cpp, on, op, args(dev))
+    assert str(err.value) == expected(rule_id, buf.group_name, dev)

@@ -7,10 +7,10 @@
 //   name that is missing, or a gloo Buffer given CUDA tensors, raises the ValueError Python
 //   would raise.
 // * The checks of deep_ep_ops/validation.py, with the same messages, raised as c10::ValueError
-//   (Python ValueError) before any launch: the shape / dtype / range rules rendered from
-//   deep_ep_ops/check_rules.py (generated/ep_checks.hpp), then the device and contiguity checks
-//   written here; with DEEP_EP_OPS_VALIDATE=1 also the expert-id checks, which copy to the host
-//   (skipped during graph capture, like Python's).
+//   (Python ValueError) before any launch: the shape / dtype / range / device / contiguity
+//   rules rendered from deep_ep_ops/check_rules.py (generated/ep_checks.hpp); with
+//   DEEP_EP_OPS_VALIDATE=1 also the expert-id checks, which copy to the host (skipped during
+//   graph capture, like Python's).
 // * The handle's header checks (its Buffer, the rows of x): always for a handle the C++
 //   dispatch made, from its host-side record (handle_records.hpp, no sync); for any other
 //   handle only with DEEP_EP_OPS_VALIDATE=1, which reads the header (a sync).
@@ -62,26 +62,11 @@ std::unordered_map<std::string, GroupEntry>& groups() {
 using checks::desc;
 using checks::fail;
 using checks::py_repr;
-using checks::py_tuple;
 
 struct Named {
   const char* name;
   const at::Tensor* t;  // nullptr: None
 };
-
-// validation.check_device + check_contiguous (the group of a registered State is NCCL: CUDA)
-void check_device_contiguous(const char* op, c10::string_view group,
-                             std::initializer_list<Named> tensors) {
-  for (const auto& n : tensors) {
-    if (n.t == nullptr || n.t->is_meta()) continue;
-    if (!n.t->is_cuda())
-      fail(op, n.name, "on cuda (group " + py_repr(group) + " is nccl)", desc(*n.t));
-  }
-  for (const auto& n : tensors) {
-    if (n.t != nullptr && !n.t->is_contiguous())
-      fail(op, n.name, "contiguous", "strides " + py_tuple(n.t->strides()));
-  }
-}
 
 // ---- the group of a call ------------------------------------------------------------------
 
@@ -89,12 +74,11 @@ void check_device_contiguous(const char* op, c10::string_view group,
   std::vector<std::string> known;
   for (const auto& kv : groups()) known.push_back(kv.first);
   std::sort(known.begin(), known.end());
-  std::string list = "none";
-  if (!known.empty()) {
-    list = "[";
-    for (size_t i = 0; i < known.size(); ++i) list += (i ? ", " : "") + py_repr(known[i]);
-    list += "]";
-  }
+  // built by appending only: assigning a literal over "none" makes GCC 12 warn (-Wrestrict,
+  // a false positive of its std::string)
+  std::string list = known.empty() ? "none" : "[";
+  for (size_t i = 0; i < known.size(); ++i) list += (i ? ", " : "") + py_repr(known[i]);
+  if (!known.empty()) list += "]";
   // deep_ep_ops/registry.py missing_message()
   value_error("group_name=" + py_repr(name) + ": no deep_ep_ops.Buffer is registered for this "
               "group (registered: " + list + "); create one with deep_ep_ops.Buffer(group, ...) "
@@ -102,7 +86,8 @@ void check_device_contiguous(const char* op, c10::string_view group,
 }
 
 // The EP state of the call's group. A Buffer without CUDA state (gloo) given CUDA tensors gets
-// validation.check_device's message about its first CUDA tensor.
+// the message of check_rules.py's device rule about its first CUDA tensor: written here, as it
+// comes before the rendered rules, which read facts of an EP state such a Buffer lacks.
 std::shared_ptr<EpState> state_of(const char* op, c10::string_view name,
                                   std::initializer_list<Named> tensors) {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -162,7 +147,7 @@ void check_handle_header(HandleUse use, const EpState& st, c10::string_view grou
 }
 
 // ---- checks (validation.py check_dispatch / check_cached_dispatch / check_combine): the
-// rendered rules of check_rules.py, then device and contiguity ---------------------------------
+// rendered rules of check_rules.py (shape, dtype, range, device, contiguity) -----------------
 
 void check_dispatch(const EpState& st, c10::string_view group, const at::Tensor& x,
                     const std::optional<at::Tensor>& x_scales, const at::Tensor& topk_idx,
@@ -171,9 +156,6 @@ void check_dispatch(const EpState& st, c10::string_view group, const at::Tensor&
   const at::Tensor* s = opt(x_scales);
   checks::dispatch_shapes(checks::buffer_facts(st), group, x, s, topk_idx, topk_weights,
                           num_experts, expert_alignment, num_sms);
-  check_device_contiguous("dispatch", group, {{"x", &x}, {"x_scales", s},
-                                              {"topk_idx", &topk_idx},
-                                              {"topk_weights", &topk_weights}});
 }
 
 void check_cached_dispatch(const EpState& st, c10::string_view group, const at::Tensor& x,
@@ -181,8 +163,6 @@ void check_cached_dispatch(const EpState& st, c10::string_view group, const at::
                            int64_t num_sms) {
   const at::Tensor* s = opt(x_scales);
   checks::cached_dispatch_shapes(checks::buffer_facts(st), group, x, s, handle, num_sms);
-  check_device_contiguous("cached_dispatch", group,
-                          {{"x", &x}, {"x_scales", s}, {"handle", &handle}});
 }
 
 void check_combine(const EpState& st, c10::string_view group, const at::Tensor& x,
@@ -190,7 +170,6 @@ void check_combine(const EpState& st, c10::string_view group, const at::Tensor& 
                    int64_t num_sms) {
   const at::Tensor* w = opt(weights);
   checks::combine_shapes(checks::buffer_facts(st), group, x, handle, w, num_sms);
-  check_device_contiguous("combine", group, {{"x", &x}, {"handle", &handle}, {"weights", w}});
 }
 
 // ---- kernels ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ path: the JIT build (deep_ep_ops/cuda/loader.py) writes it into its build folder
 scripts/compile_check.py into its temporary folder, the CPU tests into theirs. csrc/ has no copy
 and includes them as ``"generated/<name>"``.
 
-py_autograd.py renders the other way round too: the Python autograd kernels of the same formula
+py_autograd.py renders Python instead: the Python autograd kernels of the same formula
 table whose C++ rendering is ep_autograd.py (compiled at import by deep_ep_ops/autograd.py; no
 file is written).
 """

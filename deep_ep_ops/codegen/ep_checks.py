@@ -49,7 +49,10 @@ def _expected(rule: R.Rule) -> str:
     return " + ".join(parts)
 
 
-def _got(arg: R.Arg) -> str:
+def _got(rule: R.Rule) -> str:
+    arg = rule.arg
+    if rule.got is not None:
+        return rule.got.cpp()
     if isinstance(arg, Int):
         return f"std::to_string({arg.name})"
     if arg.optional:
@@ -72,7 +75,7 @@ def _function(checks: R.OpChecks) -> list[str]:
         lines += [f"  // {rule.name}",
                   f"  if ({_unparen(rule.fails.cpp())})",
                   f'    fail(op, "{rule.arg.name}", {_expected(rule)},',
-                  f"         {_got(rule.arg)});"]
+                  f"         {_got(rule)});"]
     return lines + ["}", ""]
 
 
@@ -105,7 +108,7 @@ def render() -> str:
     ]
     lines += [_dtype_predicate(c) for c in R.DTYPE_CLASSES]
     lines += ["", "// What the checks read of the Buffer.", "struct BufferFacts {"]
-    lines += [f"  int64_t {f.name};" for f in R.FACTS]
+    lines += [f"  {f.cpp_type()} {f.name};" for f in R.FACTS]
     lines += ["};", "",
               "// The facts of an EP state (EpState; a template, so this header needs none).",
               "template <class State>",

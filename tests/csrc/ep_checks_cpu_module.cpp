@@ -1,4 +1,4 @@
-// Test-only module: the rendered shape checks (generated/ep_checks.hpp, from
+// Test-only module: the rendered input checks (generated/ep_checks.hpp, from
 // deep_ep_ops/check_rules.py) built without CUDA, so tests/test_check_rules.py can run every
 // rule's failing example through them and compare their messages with Python's byte for byte.
 #include <torch/extension.h>
@@ -13,10 +13,14 @@ namespace {
 
 namespace checks = deep_ep_ops::checks;
 
-// The facts in check_rules.FACTS order (the order of BufferFacts' fields).
-checks::BufferFacts facts(const std::vector<int64_t>& f) {
-  TORCH_CHECK(f.size() == 5, "expected 5 Buffer facts, got ", f.size());
-  return checks::BufferFacts{f[0], f[1], f[2], f[3], f[4]};
+// The facts in check_rules.FACTS order (the order of BufferFacts' fields): five ints, whether
+// the Buffer is on CUDA, its device type and its backend (the two strings live in `words`).
+checks::BufferFacts facts(const pybind11::sequence& f, std::vector<std::string>& words) {
+  TORCH_CHECK(f.size() == 8, "expected 8 Buffer facts, got ", f.size());
+  words = {f[6].cast<std::string>(), f[7].cast<std::string>()};
+  return checks::BufferFacts{f[0].cast<int64_t>(), f[1].cast<int64_t>(), f[2].cast<int64_t>(),
+                             f[3].cast<int64_t>(), f[4].cast<int64_t>(), f[5].cast<bool>(),
+                             words[0].c_str(), words[1].c_str()};
 }
 
 const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
@@ -34,25 +38,29 @@ void run(F&& f) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dispatch", [](const std::vector<int64_t>& f, const std::string& group,
+  m.def("dispatch", [](const pybind11::sequence& f, const std::string& group,
                        const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                        const at::Tensor& topk_idx, const at::Tensor& topk_weights,
                        int64_t num_experts, int64_t expert_alignment, int64_t num_sms) {
+    std::vector<std::string> words;
+    const checks::BufferFacts buf = facts(f, words);
     run([&] {
-      checks::dispatch_shapes(facts(f), group, x, opt(x_scales), topk_idx, topk_weights,
+      checks::dispatch_shapes(buf, group, x, opt(x_scales), topk_idx, topk_weights,
                               num_experts, expert_alignment, num_sms);
     });
   });
-  m.def("cached_dispatch", [](const std::vector<int64_t>& f, const std::string& group,
+  m.def("cached_dispatch", [](const pybind11::sequence& f, const std::string& group,
                               const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                               const at::Tensor& handle, int64_t num_sms) {
-    run([&] {
-      checks::cached_dispatch_shapes(facts(f), group, x, opt(x_scales), handle, num_sms);
-    });
+    std::vector<std::string> words;
+    const checks::BufferFacts buf = facts(f, words);
+    run([&] { checks::cached_dispatch_shapes(buf, group, x, opt(x_scales), handle, num_sms); });
   });
-  m.def("combine", [](const std::vector<int64_t>& f, const std::string& group,
+  m.def("combine", [](const pybind11::sequence& f, const std::string& group,
                       const at::Tensor& x, const at::Tensor& handle,
                       const std::optional<at::Tensor>& weights, int64_t num_sms) {
-    run([&] { checks::combine_shapes(facts(f), group, x, handle, opt(weights), num_sms); });
+    std::vector<std::string> words;
+    const checks::BufferFacts buf = facts(f, words);
+    run([&] { checks::combine_shapes(buf, group, x, handle, opt(weights), num_sms); });
   });
 }
