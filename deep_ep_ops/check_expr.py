@@ -379,3 +379,23 @@ class GroupRepr(Expr):
 
     def cpp(self) -> str:
         return "py_repr(group)"
+
+
+@dataclass(eq=False)
+class HeaderField(Expr):
+    """A field of the handle's header, by deep_ep_ops.handle's constant ``column`` (``HDR_*``):
+    Python reads the header row (``header``, a list of ints); C++ the field ``name`` of
+    ``made``, the HandleFacts of csrc/torch/handle_checks.hpp (read from the header or from the
+    host-side record of the dispatch that made the handle)."""
+    name: str
+    column: str
+
+    def __post_init__(self) -> None:
+        from deep_ep_ops import handle
+        assert isinstance(getattr(handle, self.column), int), self.column
+
+    def py(self) -> str:
+        return f"header[H.{self.column}]"
+
+    def cpp(self) -> str:
+        return f"made.{self.name}"

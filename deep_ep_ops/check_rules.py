@@ -22,7 +22,8 @@ from typing import Optional, Union
 import torch
 
 from deep_ep_ops import handle as H
-from deep_ep_ops.check_expr import Const, DtypeClass, Expr, Fact, GroupRepr, Int, Tensor
+from deep_ep_ops.check_expr import (Const, DtypeClass, Expr, Fact, GroupRepr, HeaderField, Int,
+                                    Tensor)
 
 FLOAT = DtypeClass("is_float", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 FP8 = DtypeClass("is_fp8", (torch.float8_e4m3fn,))
@@ -202,6 +203,73 @@ COMBINE = OpChecks("combine", (X, HANDLE, WEIGHTS, NUM_SMS), (
 ))
 
 OPS = (DISPATCH, CACHED_DISPATCH, COMBINE)
+
+
+# ---- the handle's header -------------------------------------------------------------------
+# Value checks of cached_dispatch and combine, after the rules above: the handle was made on the
+# call's Buffer, and x has the rows its dispatch implies. Python reads the header row (a host
+# sync on CUDA, so there only with DEEP_EP_OPS_VALIDATE=1); the C++ kernels read the facts from
+# the host-side record of the handles their dispatch made (no sync), else from the header.
+# A handle of the same Buffer and shape (two static-capacity dispatches of one Buffer return the
+# same C whatever T) cannot be told apart from the right one.
+
+@dataclass(eq=False)
+class Check:
+    """``fails`` must not hold; else ``ValueError("deep_ep.<op>: <message>")``, ``message`` a
+    format string over ``values`` as a Rule's ``expected``."""
+    name: str
+    fails: Expr
+    message: str
+    values: dict[str, Expr] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        fields = {f for _, f, _, _ in Formatter().parse(self.message) if f is not None}
+        assert fields == set(self.values), f"check {self.name}: {fields} vs {set(self.values)}"
+
+
+@dataclass(eq=False)
+class HandleChecks:
+    """The header checks of op ``op``, in order (over ``header``, the Buffer and ``x_rows``)."""
+    op: str
+    checks: tuple[Check, ...]
+
+
+# What a dispatch stamped into the header (C++: HandleFacts, in its field order).
+MADE_BUFFER = HeaderField("buffer_id", "HDR_BUFFER_ID")
+MADE_RANKS = HeaderField("num_ranks", "HDR_NUM_RANKS")
+MADE_TOPK = HeaderField("topk", "HDR_TOPK")
+MADE_TOKENS = HeaderField("num_tokens", "HDR_NUM_TOKENS")
+MADE_ROWS = HeaderField("num_rows", "HDR_NUM_ROWS")
+HEADER_FIELDS = (MADE_BUFFER, MADE_RANKS, MADE_TOPK, MADE_TOKENS, MADE_ROWS)
+# The call's Buffer (C++: BufferIdentity, filled by csrc/torch/ep_kernels.cpp from the state).
+BUFFER_ID = Fact("buffer_id", "buf.id", "st.cfg.buffer_id")
+NUM_RANKS = Fact("num_ranks", "buf.world_size", "st.cfg.num_ranks")
+OWN_TOPK = Fact("topk", "buf.num_topk", "st.cfg.topk")
+X_ROWS = Int("x_rows")  # rows of the call's x
+
+SAME_BUFFER = Check(
+    "buffer", MADE_BUFFER != BUFFER_ID,
+    "handle belongs to another Buffer: it was made by a dispatch on Buffer #{made}, and group "
+    "{group} has Buffer #{own} (a handle of another group, or of a Buffer destroyed since)",
+    {"made": MADE_BUFFER, "group": GROUP, "own": BUFFER_ID})
+SAME_SHAPE = Check(
+    "ranks_topk", (MADE_RANKS != NUM_RANKS) | (MADE_TOPK != OWN_TOPK),
+    "handle does not match the Buffer: it was made for R={R} ranks and K={K}, the Buffer has "
+    "R={own_R}, K={own_K}",
+    {"R": MADE_RANKS, "K": MADE_TOPK, "own_R": NUM_RANKS, "own_K": OWN_TOPK})
+
+CACHED_DISPATCH_HANDLE = HandleChecks("cached_dispatch", (
+    SAME_BUFFER, SAME_SHAPE,
+    Check("x_rows", X_ROWS != MADE_TOKENS,
+          "x has {rows} rows, the handle's dispatch had {T} tokens",
+          {"rows": X_ROWS, "T": MADE_TOKENS}),
+))
+COMBINE_HANDLE = HandleChecks("combine", (
+    SAME_BUFFER, SAME_SHAPE,
+    Check("x_rows", X_ROWS != MADE_ROWS, "x has {rows} rows, the handle's dispatch produced {C}",
+          {"rows": X_ROWS, "C": MADE_ROWS}),
+))
+HANDLE_OPS = (CACHED_DISPATCH_HANDLE, COMBINE_HANDLE)
 
 
 def rule_ids() -> list[str]:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from deep_ep_ops import check_rules as R
-from deep_ep_ops import handle as H
 from deep_ep_ops.codegen import py_checks
 
 if TYPE_CHECKING:
@@ -110,30 +109,11 @@ def check_combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
 def check_handle_header(op: str, buf: Buffer, handle: torch.Tensor, x_rows: int) -> None:
     """Value checks of a handle's header row (they read it: free on CPU; on CUDA a host sync,
     so only with DEEP_EP_OPS_VALIDATE=1): the handle was made on this Buffer, and x has the rows
-    its dispatch implies (cached_dispatch: that dispatch's T tokens; combine: its C rows). The
-    C++ CUDA kernels raise the same messages (csrc/torch/handle_checks.cpp), for the handles
-    their dispatch returned on every call, from a host-side record instead of the header.
-
-    A handle of the same Buffer and shape (two static-capacity dispatches of one Buffer return
-    the same C whatever T) cannot be told apart from the right one."""
-    header = handle[0].tolist()
-    made_on = header[H.HDR_BUFFER_ID]
-    if made_on != buf.id:
-        raise ValueError(
-            f"deep_ep.{op}: handle belongs to another Buffer: it was made by a dispatch on "
-            f"Buffer #{made_on}, and group {buf.group_name!r} has Buffer #{buf.id} (a handle of "
-            "another group, or of a Buffer destroyed since)")
-    if header[H.HDR_NUM_RANKS] != buf.world_size or header[H.HDR_TOPK] != buf.num_topk:
-        raise ValueError(
-            f"deep_ep.{op}: handle does not match the Buffer: it was made for R="
-            f"{header[H.HDR_NUM_RANKS]} ranks and K={header[H.HDR_TOPK]}, the Buffer has "
-            f"R={buf.world_size}, K={buf.num_topk}")
-    if op == "combine":
-        want, made = header[H.HDR_NUM_ROWS], f"produced {header[H.HDR_NUM_ROWS]}"
-    else:
-        want, made = header[H.HDR_NUM_TOKENS], f"had {header[H.HDR_NUM_TOKENS]} tokens"
-    if x_rows != want:
-        raise ValueError(f"deep_ep.{op}: x has {x_rows} rows, the handle's dispatch {made}")
+    its dispatch implies (cached_dispatch: that dispatch's T tokens; combine: its C rows); the
+    checks of check_rules.py's ``<OP>_HANDLE``. The C++ CUDA kernels run them too
+    (csrc/torch/handle_checks.cpp), for the handles their dispatch returned on every call, from
+    a host-side record instead of the header."""
+    _RULES[f"{op}_handle"](buf, handle[0].tolist(), x_rows)
 
 
 def check_engram_fetch(buf: Buffer, table: torch.Tensor, indices: torch.Tensor) -> None:

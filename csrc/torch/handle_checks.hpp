@@ -1,7 +1,8 @@
-// The handle-header checks of combine and cached_dispatch (validation.check_handle_header, the
-// same messages): the handle was made on the call's Buffer, and x has the rows its dispatch
-// implies. The facts come from handle_records.hpp (no sync) or, for a handle without a record,
-// from reading its header row (a device-to-host copy; only with DEEP_EP_OPS_VALIDATE=1).
+// The handle-header checks of combine and cached_dispatch (check_rules.py's <OP>_HANDLE,
+// rendered into generated/ep_checks.hpp; Python runs them in validation.check_handle_header):
+// the handle was made on the call's Buffer, and x has the rows its dispatch implies. The facts
+// come from handle_records.hpp (no sync) or, for a handle without a record, from reading its
+// header row (a device-to-host copy; only with DEEP_EP_OPS_VALIDATE=1).
 // Torch-only: also built without CUDA (tests/test_handle_records_cpu.py).
 #pragma once
 
@@ -12,8 +13,8 @@
 
 namespace deep_ep_ops {
 
-// What a dispatch stamped into a handle's header that combine / cached_dispatch check
-// (generated/handle_layout.hpp: kHdrBufferId, kHdrNumRanks, kHdrTopk, kHdrNumTokens, kHdrNumRows).
+// What a dispatch stamped into a handle's header that combine / cached_dispatch check (the
+// columns: check_rules.HEADER_FIELDS, rendered as checks::handle_facts_of).
 struct HandleFacts {
   int64_t buffer_id;
   int64_t num_ranks;   // R
@@ -25,7 +26,8 @@ struct HandleFacts {
 // Which op checks: combine takes the dispatch's C rows, cached_dispatch its T tokens.
 enum class HandleUse { combine, cached_dispatch };
 
-// The Buffer a call runs on, as the checks see it.
+// The Buffer a call runs on, as the checks see it (check_rules.py: BUFFER_ID, NUM_RANKS,
+// OWN_TOPK and the group).
 struct BufferIdentity {
   int64_t buffer_id;
   int64_t num_ranks;  // R

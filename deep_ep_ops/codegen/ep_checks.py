@@ -1,14 +1,16 @@
 """Renders ``generated/ep_checks.hpp``: the rules of deep_ep_ops/check_rules.py as C++ functions
 ``checks::<op>_shapes(buf, group, <the op's checked arguments>)`` for csrc/torch/ep_kernels.cpp,
-with the dtype-class predicates and the ``BufferFacts`` the rules read. Same order, same
-messages (csrc/torch/check_text.hpp writes them as validation.py does); strings are built only
-on the failing branch."""
+with the dtype-class predicates and the ``BufferFacts`` the rules read; its handle-header checks
+as ``checks::<op>_handle(made, buf, x_rows)`` and ``checks::handle_facts_of(header)`` for
+csrc/torch/handle_checks.cpp. Same order, same messages (csrc/torch/check_text.hpp writes them
+as validation.py does); strings are built only on the failing branch."""
 from __future__ import annotations
 
 from string import Formatter
 
 from deep_ep_ops import check_rules as R
 from deep_ep_ops.check_expr import CPP_DTYPES, Expr, GroupRepr, Int
+from deep_ep_ops.codegen.handle_layout import cpp_name
 
 
 def _literal(text: str) -> str:
@@ -34,14 +36,15 @@ def _string(node: Expr) -> str:
     return node.cpp() if node.kind == "str" else f"std::to_string({_unparen(node.cpp())})"
 
 
-def _expected(rule: R.Rule) -> str:
-    """C++ text of the rule's expected part: a literal, or a concatenation of std::strings."""
+def _text(fmt: str, values: dict[str, Expr]) -> str:
+    """C++ text of a message part (format string ``fmt`` over ``values``): a literal, or a
+    concatenation of std::strings."""
     parts: list[str] = []
-    for literal, name, _, _ in Formatter().parse(rule.expected):
+    for literal, name, _, _ in Formatter().parse(fmt):
         if literal:
             parts.append(_literal(literal))
         if name is not None:
-            parts.append(_string(rule.values[name]))
+            parts.append(_string(values[name]))
     if len(parts) == 1 and parts[0].startswith('"'):
         return parts[0]
     if parts[0].startswith('"'):
@@ -74,9 +77,29 @@ def _function(checks: R.OpChecks) -> list[str]:
     for rule in checks.rules:
         lines += [f"  // {rule.name}",
                   f"  if ({_unparen(rule.fails.cpp())})",
-                  f'    fail(op, "{rule.arg.name}", {_expected(rule)},',
+                  f'    fail(op, "{rule.arg.name}", {_text(rule.expected, rule.values)},',
                   f"         {_got(rule)});"]
     return lines + ["}", ""]
+
+
+def _handle_function(hc: R.HandleChecks) -> list[str]:
+    lines = [f"// deep_ep.{hc.op}: check_rules.{hc.op.upper()}_HANDLE",
+             f"inline void {hc.op}_handle(const HandleFacts& made, const BufferIdentity& buf, "
+             f"int64_t x_rows) {{",
+             "  const c10::string_view group = buf.group;"]
+    for check in hc.checks:
+        lines += [f"  // {check.name}",
+                  f"  if ({_unparen(check.fails.cpp())})",
+                  f"    value_error({_text(f'deep_ep.{hc.op}: ' + check.message, check.values)});"]
+    return lines + ["}", ""]
+
+
+def _handle_facts_of() -> list[str]:
+    fields = ", ".join(f".{f.name} = header[handle::{cpp_name(f.column)}]"
+                       for f in R.HEADER_FIELDS)
+    return ["// What a handle's header row holds (check_rules.HEADER_FIELDS).",
+            "inline HandleFacts handle_facts_of(const int32_t* header) {",
+            f"  return HandleFacts{{{fields}}};", "}", ""]
 
 
 def _dtype_predicate(cls: R.DtypeClass) -> str:
@@ -87,9 +110,9 @@ def _dtype_predicate(cls: R.DtypeClass) -> str:
 def render() -> str:
     lines = [
         "// GENERATED from deep_ep_ops/check_rules.py by deep_ep_ops/codegen/ep_checks.py; the",
-        "// build writes it, do not edit. The shape / dtype / range checks of the EP ops, in the",
-        "// order and with the messages of deep_ep_ops/validation.py, which evaluates the same",
-        "// rules.",
+        "// build writes it, do not edit. The input checks of the EP ops (shape, dtype, range,",
+        "// device, contiguity, the handle's header), in the order and with the messages of",
+        "// deep_ep_ops/validation.py, which runs the same rules.",
         "#pragma once",
         "",
         "#include <ATen/core/Tensor.h>",
@@ -100,6 +123,7 @@ def render() -> str:
         "",
         '#include "generated/handle_layout.hpp"',
         '#include "torch/check_text.hpp"',
+        '#include "torch/handle_checks.hpp"',
         "",
         "namespace deep_ep_ops {",
         "namespace checks {",
@@ -117,6 +141,9 @@ def render() -> str:
               "}", ""]
     for checks in R.OPS:
         lines += _function(checks)
+    lines += ["// The handle's header: checks and what they read.", ""] + _handle_facts_of()
+    for hc in R.HANDLE_OPS:
+        lines += _handle_function(hc)
     lines += ["}  // namespace checks", "}  // namespace deep_ep_ops", ""]
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """Renders the rules of deep_ep_ops/check_rules.py as Python functions, ``<op>(buf, <the op's
-checked arguments>)``, which deep_ep_ops/validation.py compiles once at import (the C++
-rendering of the same rules is codegen/ep_checks.py). Same order, same messages; a message is
-built only on the failing branch, so a passing call costs the conditions alone.
+checked arguments>)`` and ``<op>_handle(buf, header, x_rows)`` (the handle-header checks),
+which deep_ep_ops/validation.py compiles once at import (the C++ rendering of the same rules is
+codegen/ep_checks.py). Same order, same messages; a message is built only on the failing
+branch, so a passing call costs the conditions alone.
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ def _string(node: Expr) -> str:
     return node.py() if node.kind == "str" else f"str({node.py()})"
 
 
-def _expected(rule: R.Rule) -> str:
-    """Python text of the rule's expected part: a literal, or a concatenation of strs."""
+def _text(fmt: str, values: dict[str, Expr]) -> str:
+    """Python text of a message part (format string ``fmt`` over ``values``): a literal, or a
+    concatenation of strs."""
     parts: list[str] = []
-    for literal, name, _, _ in Formatter().parse(rule.expected):
+    for literal, name, _, _ in Formatter().parse(fmt):
         if literal:
             parts.append(repr(literal))
         if name is not None:
-            parts.append(_string(rule.values[name]))
+            parts.append(_string(values[name]))
     return " + ".join(parts)
 
 
@@ -48,26 +50,45 @@ def render(checks: R.OpChecks) -> str:
              f"def {checks.op}({params}):"]
     for rule in checks.rules:
         lines += [f"    if {rule.fails.py()}:  # {rule.name}",
-                  f"        _fail({checks.op!r}, {rule.arg.name!r}, {_expected(rule)},",
+                  f"        _fail({checks.op!r}, {rule.arg.name!r}, "
+                  f"{_text(rule.expected, rule.values)},",
                   f"              {_got(rule)})"]
     return "\n".join(lines + [""])
 
 
+def render_handle(hc: R.HandleChecks) -> str:
+    """The source of the Python function of the header checks ``hc``."""
+    lines = [f"# deep_ep.{hc.op}: check_rules.{hc.op.upper()}_HANDLE",
+             f"def {hc.op}_handle(buf, header, x_rows):"]
+    for check in hc.checks:
+        lines += [f"    if {check.fails.py()}:  # {check.name}",
+                  f"        raise ValueError("
+                  f"{_text(f'deep_ep.{hc.op}: ' + check.message, check.values)})"]
+    return "\n".join(lines + [""])
+
+
+def _sources() -> dict[str, str]:
+    """Function name -> source, every function of the rules."""
+    out = {checks.op: render(checks) for checks in R.OPS}
+    out.update({f"{hc.op}_handle": render_handle(hc) for hc in R.HANDLE_OPS})
+    return out
+
+
 def compile_checks(fail: Callable, desc: Callable) -> dict[str, Callable]:
-    """op -> its compiled check function, raising through ``fail(op, arg, expected, got)``
-    with tensors described by ``desc``. The source is registered with linecache, so
-    tracebacks show its lines."""
+    """Function name (``<op>``, ``<op>_handle``) -> the compiled function, raising through
+    ``fail(op, arg, expected, got)`` with tensors described by ``desc`` (the header checks
+    raise their ValueError whole). The source is registered with linecache, so tracebacks show
+    its lines."""
     namespace = {"_fail": fail, "_desc": desc, "H": handle}
     namespace.update({c.cpp_fn: c.dtypes for c in R.DTYPE_CLASSES})
     out = {}
-    for checks in R.OPS:
-        text = render(checks)
-        filename = f"<deep_ep_ops checks {checks.op}>"
+    for name, text in _sources().items():
+        filename = f"<deep_ep_ops checks {name}>"
         linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
         exec(compile(text, filename, "exec"), namespace)
-        out[checks.op] = namespace[checks.op]
+        out[name] = namespace[name]
     return out
 
 
 if __name__ == "__main__":
-    print("\n\n".join(render(c) for c in R.OPS), end="")
+    print("\n\n".join(_sources().values()), end="")
