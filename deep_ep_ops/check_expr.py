@@ -399,3 +399,39 @@ class HeaderField(Expr):
 
     def cpp(self) -> str:
         return f"made.{self.name}"
+
+
+# ---- the entries of a tensor (value checks: they read the data) ----------------------------
+
+@dataclass(eq=False)
+class Entry(Expr):
+    """Each entry of an int tensor argument, as an int64: Python the tensor itself (the
+    conditions run elementwise on it, on its device), C++ ``v[i]``, one entry of its host copy
+    (the rendered loop's)."""
+    tensor: Tensor
+
+    def py(self) -> str:
+        return self.tensor.name
+
+    def cpp(self) -> str:
+        return "v[i]"
+
+    def args(self) -> set[str]:
+        return {self.tensor.name}
+
+
+@dataclass(eq=False)
+class Either(Expr):
+    """``a`` or ``b`` of entry conditions: Python ``|`` (elementwise on tensors), C++ ``||``."""
+    a: Expr
+    b: Expr
+    kind = "bool"
+
+    def py(self) -> str:
+        return f"({self.a.py()} | {self.b.py()})"
+
+    def cpp(self) -> str:
+        return f"({self.a.cpp()} || {self.b.cpp()})"
+
+    def args(self) -> set[str]:
+        return self.a.args() | self.b.args()

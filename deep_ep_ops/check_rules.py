@@ -22,8 +22,8 @@ from typing import Optional, Union
 import torch
 
 from deep_ep_ops import handle as H
-from deep_ep_ops.check_expr import (Const, DtypeClass, Expr, Fact, GroupRepr, HeaderField, Int,
-                                    Tensor)
+from deep_ep_ops.check_expr import (Const, DtypeClass, Either, Entry, Expr, Fact, GroupRepr,
+                                    HeaderField, Int, Tensor)
 
 FLOAT = DtypeClass("is_float", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 FP8 = DtypeClass("is_fp8", (torch.float8_e4m3fn,))
@@ -205,6 +205,52 @@ COMBINE = OpChecks("combine", (X, HANDLE, WEIGHTS, NUM_SMS), (
 OPS = (DISPATCH, CACHED_DISPATCH, COMBINE)
 
 
+# ---- values of the arguments ---------------------------------------------------------------
+# Value checks of dispatch, after the rules above: they read topk_idx, so Python runs them on
+# CPU tensors (and on CUDA ones with DEEP_EP_OPS_VALIDATE=1: a host sync), elementwise on the
+# tensor; the C++ kernels with DEEP_EP_OPS_VALIDATE=1, looping over a host copy. Both report
+# the first failing entry in row-major order, or the first failing row.
+
+@dataclass(eq=False)
+class EntryRule:
+    """No entry of the 2-D int tensor ``arg`` may meet ``fails`` (a condition over
+    ``Entry(arg)``, ``Either`` for "or"); else "<arg> must be <expected>; got <arg>[t, k] =
+    <entry>" for the first such entry."""
+    name: str
+    arg: Tensor
+    fails: Expr
+    expected: str
+    values: dict[str, Expr] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class UniqueRows:
+    """No row of the 2-D int tensor ``arg`` may hold an entry ``>= low`` twice; else "<arg> must
+    be <expected>; got row <t> = <the row as a Python list>" for the first such row."""
+    name: str
+    arg: Tensor
+    low: int
+    expected: str
+    values: dict[str, Expr] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class ValueChecks:
+    """The value rules of op ``op``, in order, over ``args`` (in signature order)."""
+    op: str
+    args: tuple[Arg, ...]
+    rules: tuple[Union[EntryRule, UniqueRows], ...]
+
+
+EXPERT_ID = Entry(TOPK_IDX)
+DISPATCH_VALUES = ValueChecks("dispatch", (TOPK_IDX, NUM_EXPERTS), (
+    EntryRule("expert_ids", TOPK_IDX, Either(EXPERT_ID < -1, EXPERT_ID >= NUM_EXPERTS),
+              "expert ids in [-1, {E})", {"E": NUM_EXPERTS}),
+    UniqueRows("expert_ids_unique", TOPK_IDX, 0, "free of duplicate expert ids within a row"),
+))
+VALUE_OPS = (DISPATCH_VALUES,)
+
+
 # ---- the handle's header -------------------------------------------------------------------
 # Value checks of cached_dispatch and combine, after the rules above: the handle was made on the
 # call's Buffer, and x has the rows its dispatch implies. Python reads the header row (a host
@@ -273,5 +319,6 @@ HANDLE_OPS = (CACHED_DISPATCH_HANDLE, COMBINE_HANDLE)
 
 
 def rule_ids() -> list[str]:
-    """``<op>.<rule>`` of every rule, in table order."""
-    return [f"{c.op}.{r.name}" for c in OPS for r in c.rules]
+    """``<op>.<rule>`` of every rule that raises "<arg> must be ...", in table order (the
+    argument rules, then the value rules)."""
+    return [f"{c.op}.{r.name}" for c in OPS + VALUE_OPS for r in c.rules]

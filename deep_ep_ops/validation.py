@@ -33,7 +33,9 @@ def _desc(t: torch.Tensor) -> str:
 
 
 # The rules of check_rules.py as Python functions (codegen/py_checks.py renders them; the C++
-# kernels run their other rendering, generated/ep_checks.hpp): the first rule a call fails raises.
+# kernels run their other rendering, generated/ep_checks.hpp): the first rule a call fails
+# raises. When the value rules run (wants_value_checks) is each language's own test: it asks the
+# runtime (the environment, graph capture, fake tensors).
 _RULES = py_checks.compile_checks(_fail, _desc)
 
 
@@ -74,22 +76,7 @@ def check_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor
     _RULES["dispatch"](buf, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
                        num_sms)
     if wants_value_checks(topk_idx) and topk_idx.numel() > 0:
-        check_expert_ids(topk_idx, num_experts)
-
-
-def check_expert_ids(topk_idx: torch.Tensor, num_experts: int) -> None:
-    bad = (topk_idx < -1) | (topk_idx >= num_experts)
-    if bool(bad.any()):
-        t, k = (int(v) for v in bad.nonzero()[0])
-        _fail("dispatch", "topk_idx", f"expert ids in [-1, {num_experts})",
-              f"topk_idx[{t}, {k}] = {int(topk_idx[t, k])}")
-    ids = topk_idx.to(torch.int64)
-    srt = ids.sort(dim=1).values
-    dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
-    if bool(dup.any()):
-        t = int(dup.nonzero()[0, 0])
-        _fail("dispatch", "topk_idx", "free of duplicate expert ids within a row",
-              f"row {t} = {topk_idx[t].tolist()}")
+        _RULES["dispatch_values"](topk_idx, num_experts)
 
 
 def check_cached_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],

@@ -146,6 +146,14 @@ EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
     "dispatch.topk_weights_contiguous": (
         "dispatch", lambda d: dispatch_args(d, topk_weights=_t(d, K, 3).t()),
         _d("dispatch", "topk_weights", "contiguous", "strides (1, 3)")),
+    "dispatch.expert_ids": (
+        "dispatch", lambda d: dispatch_args(d, topk_idx=torch.tensor([[0, 1], [2, E], [1, -2]],
+                                                                     device=d)),
+        _d("dispatch", "topk_idx", "expert ids in [-1, 4)", "topk_idx[1, 1] = 4")),
+    "dispatch.expert_ids_unique": (
+        "dispatch", lambda d: dispatch_args(d, topk_idx=torch.tensor([[0, 1], [-1, -1], [3, 3]],
+                                                                     device=d)),
+        _d("dispatch", "topk_idx", "free of duplicate expert ids within a row", "row 2 = [3, 3]")),
 
     "cached_dispatch.handle": (
         "cached_dispatch", lambda d: cached_args(d, handle=_handle(d, 9, 3)),
@@ -228,6 +236,9 @@ EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
 
 # The examples whose Buffer must be on CUDA (see the module's docstring).
 ON_CUDA_BUFFER = frozenset(rule_id for rule_id in EXAMPLES if rule_id.endswith("_device"))
+# The examples of value rules: they read the data, so on CUDA tensors they need
+# DEEP_EP_OPS_VALIDATE=1, and meta tensors cannot show them.
+READS_DATA = frozenset({"dispatch.expert_ids", "dispatch.expert_ids_unique"})
 
 
 def expected(rule_id: str, group_name: str, dev: str) -> str:

@@ -3,11 +3,12 @@ contiguity) come from one table, deep_ep_ops/check_rules.py: Python (deep_ep_ops
 evaluates it, the C++ kernels compile its rendering (generated/ep_checks.hpp,
 deep_ep_ops/codegen/ep_checks.py).
 
-Every rule has a failing example (tests/ep_check_examples.py) with its exact message; here each
-runs through Python and through the rendered C++ checks built without CUDA (a small torch
-extension, about a minute to build on 2 cores, then cached), and both must give that message
-byte for byte. The device rules' examples run against a stand-in of the Buffer on CUDA (no GPU
-here). tests/gpu/test_errors_gpu.py runs the same examples through the CUDA kernels.
+Every rule has a failing example (tests/ep_check_examples.py) with its exact message (the value
+rules, which read topk_idx after the other rules passed, included); here each runs through
+Python and through the rendered C++ checks built without CUDA (a small torch extension, about a
+minute to build on 2 cores, then cached), and both must give that message byte for byte. The
+device rules' examples run against a stand-in of the Buffer on CUDA (no GPU here).
+tests/gpu/test_errors_gpu.py runs the same examples through the CUDA kernels.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch.utils.cpp_extension import is_ninja_available
 import deep_ep_ops
 from deep_ep_ops import check_rules as R
 from deep_ep_ops import validation as V
-from deep_ep_ops.codegen import ep_checks
+from deep_ep_ops.codegen import ep_checks, py_checks
 from tests.cpu_extension import build_cpu_extension
 from tests.ep_check_examples import (EXAMPLES, ON_CUDA_BUFFER, E, HID, K, M, cached_args,
                                      combine_args, dispatch_args, expected)
@@ -32,7 +33,7 @@ PY_CHECKS = {"dispatch": V.check_dispatch, "cached_dispatch": V.check_cached_dis
              "combine": V.check_combine}
 BASELINES = {"dispatch": dispatch_args, "cached_dispatch": cached_args, "combine": combine_args}
 OPS = {c.op: c for c in R.OPS}
-RULES = {f"{c.op}.{r.name}": (c, r) for c in R.OPS for r in c.rules}
+RULES = {f"{c.op}.{r.name}": (c, r) for c in R.OPS + R.VALUE_OPS for r in c.rules}
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,23 @@ def test_every_rule_renders() -> None:
         assert [ln.strip()[3:] for ln in body.splitlines() if ln.startswith("  // ")] == \
             [r.name for r in checks.rules]
         assert body.count("    fail(op, ") == len(checks.rules)
+
+
+def test_every_check_renders_in_both_languages() -> None:
+    """Each rule, value rule and header check is one branch of its function in the C++ header
+    and in the Python source validation.py compiled."""
+    cpp = ep_checks.render()
+    sources = py_checks._sources()
+    for checks in R.OPS + R.VALUE_OPS + R.HANDLE_OPS:
+        suffix = {R.OpChecks: "", R.ValueChecks: "_values", R.HandleChecks: "_handle"}
+        name = checks.op + suffix[type(checks)]
+        items = checks.checks if isinstance(checks, R.HandleChecks) else checks.rules
+        py = sources[name]
+        assert V._RULES[name].__code__.co_filename == f"<deep_ep_ops checks {name}>"
+        assert re.findall(r"# (\w+)$", py, re.M) == [r.name for r in items], name
+        cpp_name = checks.op + "_shapes" if isinstance(checks, R.OpChecks) else name
+        body = cpp.split(f"inline void {cpp_name}(")[1].split("\n}\n")[0]
+        assert re.findall(r"^  (?:\{  )?// (\w+)$", body, re.M) == [r.name for r in items], name
 
 
 # -- the rendered C++ checks, built without CUDA ------------------------------------------

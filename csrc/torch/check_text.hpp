@@ -12,6 +12,7 @@
 #include <c10/util/string_view.h>
 
 #include <cctype>
+#include <cstdint>
 #include <string>
 
 #include "py_text.hpp"  // py_repr, value_error
@@ -55,6 +56,16 @@ inline std::string py_tuple(at::IntArrayRef v) {
   }
   if (v.size() == 1) s += ",";
   return s + ")";
+}
+
+// Python's repr of a list of ints: [3, 3].
+inline std::string py_list(const int64_t* v, int64_t n) {
+  std::string s = "[";
+  for (int64_t i = 0; i < n; ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  return s + "]";
 }
 
 // str(tensor.device) for the devices these ops see.

@@ -9,8 +9,8 @@
 // * The checks of deep_ep_ops/validation.py, with the same messages, raised as c10::ValueError
 //   (Python ValueError) before any launch: the shape / dtype / range / device / contiguity
 //   rules rendered from deep_ep_ops/check_rules.py (generated/ep_checks.hpp); with
-//   DEEP_EP_OPS_VALIDATE=1 also the expert-id checks, which copy to the host (skipped during
-//   graph capture, like Python's).
+//   DEEP_EP_OPS_VALIDATE=1 also its value rules (expert ids), which copy to the host (skipped
+//   during graph capture, like Python's).
 // * The handle's header checks (its Buffer, the rows of x): always for a handle the C++
 //   dispatch made, from its host-side record (handle_records.hpp, no sync); for any other
 //   handle only with DEEP_EP_OPS_VALIDATE=1, which reads the header (a sync).
@@ -101,33 +101,14 @@ std::shared_ptr<EpState> state_of(const char* op, c10::string_view name,
   value_error(std::string("deep_ep.") + op + ": group " + py_repr(name) + " has no CUDA state");
 }
 
+// When the value checks run: validation.wants_value_checks for CUDA tensors, asked of the
+// runtime here (the environment, graph capture) as Python asks its own.
 bool value_checks_requested(const at::Tensor& t) {
   const char* v = std::getenv("DEEP_EP_OPS_VALIDATE");
   if (v == nullptr || v[0] != '1' || v[1] != '\0') return false;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(t.get_device()).stream(), &status);
   return status == cudaStreamCaptureStatusNone;  // the checks copy to the host
-}
-
-// validation.check_expert_ids: ids in [-1, E), no duplicate id within a row.
-void check_expert_ids(const at::Tensor& topk_idx, int64_t num_experts) {
-  const at::Tensor ids = topk_idx.to(at::kCPU).to(at::kLong).contiguous();
-  const int64_t T = ids.size(0), K = ids.size(1);
-  const int64_t* v = ids.data_ptr<int64_t>();
-  for (int64_t i = 0; i < T * K; ++i)
-    if (v[i] < -1 || v[i] >= num_experts)
-      fail("dispatch", "topk_idx", "expert ids in [-1, " + std::to_string(num_experts) + ")",
-           "topk_idx[" + std::to_string(i / K) + ", " + std::to_string(i % K) + "] = " +
-           std::to_string(v[i]));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t a = 0; a < K; ++a)
-      for (int64_t b = a + 1; b < K; ++b)
-        if (v[t * K + a] >= 0 && v[t * K + a] == v[t * K + b]) {
-          std::string row = "[";
-          for (int64_t k = 0; k < K; ++k) row += (k ? ", " : "") + std::to_string(v[t * K + k]);
-          fail("dispatch", "topk_idx", "free of duplicate expert ids within a row",
-               "row " + std::to_string(t) + " = " + row + "]");
-        }
 }
 
 // validation.check_handle_header: the handle was made on this Buffer, x has the rows its
@@ -186,7 +167,7 @@ Out6 dispatch_static_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
   check_dispatch(*st, group_name, x, x_scales, topk_idx, topk_weights, num_experts,
                  expert_alignment, num_sms);
   if (topk_idx.numel() > 0 && value_checks_requested(topk_idx))
-    check_expert_ids(topk_idx, num_experts);
+    checks::dispatch_values(topk_idx, num_experts);  // check_rules.DISPATCH_VALUES
   Out6 out = dispatch(*st, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
                       expand, num_sms);
   // what the kernels stamp into the header, for combine / cached_dispatch to check without a sync

@@ -1,6 +1,7 @@
 """Renders ``generated/ep_checks.hpp``: the rules of deep_ep_ops/check_rules.py as C++ functions
 ``checks::<op>_shapes(buf, group, <the op's checked arguments>)`` for csrc/torch/ep_kernels.cpp,
-with the dtype-class predicates and the ``BufferFacts`` the rules read; its handle-header checks
+with the dtype-class predicates and the ``BufferFacts`` the rules read; its value rules as
+``checks::<op>_values(<the tensors and ints they read>)``; its handle-header checks
 as ``checks::<op>_handle(made, buf, x_rows)`` and ``checks::handle_facts_of(header)`` for
 csrc/torch/handle_checks.cpp. Same order, same messages (csrc/torch/check_text.hpp writes them
 as validation.py does); strings are built only on the failing branch."""
@@ -82,6 +83,48 @@ def _function(checks: R.OpChecks) -> list[str]:
     return lines + ["}", ""]
 
 
+def _entry_rule(op: str, rule: R.EntryRule) -> list[str]:
+    t = rule.arg.name
+    return [f"  {{  // {rule.name}",
+            f"    const int64_t* v = {t}_host.const_data_ptr<int64_t>();",
+            f"    const int64_t cols = {t}_host.size(1);",
+            f"    for (int64_t i = 0; i < {t}_host.numel(); ++i)",
+            f"      if ({_unparen(rule.fails.cpp())})",
+            f'        fail(op, "{t}", {_text(rule.expected, rule.values)},',
+            f'             "{t}[" + std::to_string(i / cols) + ", " + std::to_string(i % cols) + '
+            f'"] = " + std::to_string(v[i]));',
+            "  }"]
+
+
+def _unique_rows(op: str, rule: R.UniqueRows) -> list[str]:
+    t = rule.arg.name
+    return [f"  {{  // {rule.name}",
+            f"    const int64_t* v = {t}_host.const_data_ptr<int64_t>();",
+            f"    const int64_t rows = {t}_host.size(0), cols = {t}_host.size(1);",
+            "    for (int64_t r = 0; r < rows; ++r)",
+            "      for (int64_t a = 0; a < cols; ++a)",
+            "        for (int64_t b = a + 1; b < cols; ++b)",
+            f"          if (v[r * cols + a] >= {rule.low} && v[r * cols + a] == v[r * cols + b])",
+            f'            fail(op, "{t}", {_text(rule.expected, rule.values)},',
+            '                 "row " + std::to_string(r) + " = " + py_list(v + r * cols, cols));',
+            "  }"]
+
+
+def _values_function(vc: R.ValueChecks) -> list[str]:
+    params = ", ".join(f"{a.cpp_type()} {a.name}" for a in vc.args)
+    lines = [f"// deep_ep.{vc.op}: check_rules.{vc.op.upper()}_VALUES. They read the data: one "
+             "host copy (int64) of each tensor.",
+             f"inline void {vc.op}_values({params}) {{",
+             f'  const char* op = "{vc.op}";']
+    for name in dict.fromkeys(r.arg.name for r in vc.rules):
+        lines.append(f"  const at::Tensor {name}_host = "
+                     f"{name}.to(at::kCPU).to(at::kLong).contiguous();")
+    for rule in vc.rules:
+        lines += _entry_rule(vc.op, rule) if isinstance(rule, R.EntryRule) else \
+            _unique_rows(vc.op, rule)
+    return lines + ["}", ""]
+
+
 def _handle_function(hc: R.HandleChecks) -> list[str]:
     lines = [f"// deep_ep.{hc.op}: check_rules.{hc.op.upper()}_HANDLE",
              f"inline void {hc.op}_handle(const HandleFacts& made, const BufferIdentity& buf, "
@@ -141,6 +184,8 @@ def render() -> str:
               "}", ""]
     for checks in R.OPS:
         lines += _function(checks)
+    for vc in R.VALUE_OPS:
+        lines += _values_function(vc)
     lines += ["// The handle's header: checks and what they read.", ""] + _handle_facts_of()
     for hc in R.HANDLE_OPS:
         lines += _handle_function(hc)

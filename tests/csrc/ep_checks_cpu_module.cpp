@@ -1,6 +1,7 @@
 // Test-only module: the rendered input checks (generated/ep_checks.hpp, from
 // deep_ep_ops/check_rules.py) built without CUDA, so tests/test_check_rules.py can run every
-// rule's failing example through them and compare their messages with Python's byte for byte.
+// rule's failing example through them and compare their messages with Python's byte for byte
+// (the argument rules, then dispatch's value rules).
 #include <torch/extension.h>
 
 #include <optional>
@@ -47,6 +48,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     run([&] {
       checks::dispatch_shapes(buf, group, x, opt(x_scales), topk_idx, topk_weights,
                               num_experts, expert_alignment, num_sms);
+      // then the value rules, as the kernels with DEEP_EP_OPS_VALIDATE=1 and Python on CPU
+      // tensors (meta ones have no data)
+      if (!topk_idx.is_meta() && topk_idx.numel() > 0)
+        checks::dispatch_values(topk_idx, num_experts);
     });
   });
   m.def("cached_dispatch", [](const pybind11::sequence& f, const std::string& group,
