@@ -1,9 +1,10 @@
 """The backward formulas of the EP ops with a C++ autograd kernel: one table for Python and C++.
 
-deep_ep_ops/autograd.py evaluates these formulas (the kernels on the Autograd key: CPU tensors,
-and CUDA with DEEP_EP_OPS_CPP_AUTOGRAD=0); deep_ep_ops/codegen/ep_autograd.py renders them as
-``generated/ep_autograd_formulas.hpp``, the AutogradCUDA kernels that
-csrc/torch/ep_autograd.cpp registers, so an eager CUDA call never enters Python.
+deep_ep_ops/autograd.py registers their Python rendering (deep_ep_ops/codegen/py_autograd.py,
+compiled at import) on the Autograd key: CPU tensors, and CUDA with DEEP_EP_OPS_CPP_AUTOGRAD=0.
+deep_ep_ops/codegen/ep_autograd.py renders them as ``generated/ep_autograd_formulas.hpp``, the
+AutogradCUDA kernels that csrc/torch/ep_autograd.cpp registers, so an eager CUDA call never
+enters Python.
 
 A formula says what the forward keeps (tensors saved for backward, non-tensors kept) and the
 backward as statements over the vocabulary of deep_ep_ops/formula_expr.py. Every backward calls

@@ -1,5 +1,6 @@
 """The input checks of dispatch, cached_dispatch and combine (shape, dtype, range, device,
-memory layout): one table for Python and C++.
+memory layout; then the values of topk_idx and the handle's header): one table for Python and
+C++.
 
 deep_ep_ops/validation.py runs these rules (CPU backend, fake impls) as the Python functions
 deep_ep_ops/codegen/py_checks.py renders from them; deep_ep_ops/codegen/ep_checks.py renders

@@ -6,9 +6,9 @@ path: the JIT build (deep_ep_ops/cuda/loader.py) writes it into its build folder
 scripts/compile_check.py into its temporary folder, the CPU tests into theirs. csrc/ has no copy
 and includes them as ``"generated/<name>"``.
 
-py_autograd.py renders Python instead: the Python autograd kernels of the same formula
-table whose C++ rendering is ep_autograd.py (compiled at import by deep_ep_ops/autograd.py; no
-file is written).
+py_checks.py and py_autograd.py render the same tables as Python functions instead (the checks
+of ep_checks.py, the autograd kernels of ep_autograd.py), which deep_ep_ops/validation.py and
+deep_ep_ops/autograd.py compile at import; no file is written.
 """
 from __future__ import annotations
 
