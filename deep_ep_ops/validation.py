@@ -3,10 +3,10 @@
 The shape / dtype / range / device / layout checks of dispatch, cached_dispatch and combine
 are the rules of deep_ep_ops/check_rules.py (which the C++ kernels run too, rendered); this
 module runs their Python rendering, and holds the other checks. Shape and dtype checks run
-everywhere (fake tensors included, so a bad call fails at trace time). Value checks (expert ids in range, no duplicate in a row,
-indices in range) read data: they always run on CPU tensors, and on CUDA tensors only when
-``DEEP_EP_OPS_VALIDATE=1`` and no graph is being captured, because they cost a device-to-host
-sync.
+everywhere (fake tensors included, so a bad call fails at trace time). Value checks (expert ids
+in range, no duplicate in a row, the handle's header, indices in range) read data: they always
+run on CPU tensors, and on CUDA tensors only when ``DEEP_EP_OPS_VALIDATE=1`` and no graph is
+being captured, because they cost a device-to-host sync.
 """
 from __future__ import annotations
 

@@ -189,7 +189,7 @@ EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
         _device("cached_dispatch", "x_scales", "shape (3, 1) torch.float32")),
     "cached_dispatch.handle_device": (
         "cached_dispatch", lambda d: cached_args(d, handle=_handle("cpu")),
-        _device("cached_dispatch", "handle", "shape (8, 11) torch.int32")),
+        _device("cached_dispatch", "handle", f"shape (8, {WIDTH}) torch.int32")),
     "cached_dispatch.x_contiguous": (
         "cached_dispatch", lambda d: cached_args(d, x=_t(d, HID, 3).t()),
         _d("cached_dispatch", "x", "contiguous", "strides (1, 3)")),
@@ -222,7 +222,7 @@ EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
     "combine.x_device": ("combine", lambda d: combine_args(d, x=_t("cpu", C, HID)),
                          _device("combine", "x", "shape (4, 8) torch.float32")),
     "combine.handle_device": ("combine", lambda d: combine_args(d, handle=_handle("cpu")),
-                              _device("combine", "handle", "shape (8, 11) torch.int32")),
+                              _device("combine", "handle", f"shape (8, {WIDTH}) torch.int32")),
     "combine.weights_device": ("combine", lambda d: combine_args(d, weights=_t("cpu", C)),
                                _device("combine", "weights", "shape (4,) torch.float32")),
     "combine.x_contiguous": ("combine", lambda d: combine_args(d, x=_t(d, HID, C).t()),

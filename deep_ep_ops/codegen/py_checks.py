@@ -105,10 +105,10 @@ def _sources() -> dict[str, str]:
 
 
 def compile_checks(fail: Callable, desc: Callable) -> dict[str, Callable]:
-    """Function name (``<op>``, ``<op>_values``, ``<op>_handle``) -> the compiled function, raising through
-    ``fail(op, arg, expected, got)`` with tensors described by ``desc`` (the header checks
-    raise their ValueError whole). The source is registered with linecache, so tracebacks show
-    its lines."""
+    """Function name (``<op>``, ``<op>_values``, ``<op>_handle``) -> the compiled function,
+    raising through ``fail(op, arg, expected, got)`` with tensors described by ``desc`` (the
+    header checks raise their ValueError whole). The source is registered with linecache, so
+    tracebacks show its lines."""
     namespace = {"_fail": fail, "_desc": desc, "H": handle, "torch": torch}
     namespace.update({c.cpp_fn: c.dtypes for c in R.DTYPE_CLASSES})
     out = {}
