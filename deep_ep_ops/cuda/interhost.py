@@ -42,7 +42,7 @@ class RailStage:
         self.device = device if device is not None else \
             torch.device("cuda", torch.cuda.current_device())
         index = self.device.index if self.device.index is not None else \
-            torch.cuda.current_device()
+            (torch.cuda.current_device() if self.device.type == "cuda" else 0)
         ext = extension.module()
         gather = transport.bytes_all_gather(group)
         # Rail l's rank 0 is host 0's rank l, i.e. group rank l: it makes the id.
@@ -111,7 +111,8 @@ class RailStage:
         """Collective over the rail: finalize and free the communicator (drop CUDA graphs that
         captured its transfers first)."""
         if self._stage is not None and self._stage.alive:
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":  # no transfer of ours still queued on any stream
+                torch.cuda.synchronize(self.device)
             self._stage.destroy()
 
 
