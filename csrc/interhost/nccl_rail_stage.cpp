@@ -84,7 +84,8 @@ class NcclRailStage final : public InterHostStage {
       throw std::runtime_error("deep_ep_ops: finalizing the inter-host NCCL communicator of " +
                                place.where() + " failed: " + text);
     }
-    check(ncclCommDestroy(comm), "ncclCommDestroy", "destroy", -1, comm);
+    // no communicator for the error text: it is gone whether or not destroy succeeded
+    check(ncclCommDestroy(comm), "ncclCommDestroy", "destroy", -1, nullptr);
   }
 
   bool alive() const override { return comm_ != nullptr; }
