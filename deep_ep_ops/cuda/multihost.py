@@ -1,0 +1,331 @@
+"""CUDA dispatch / cached_dispatch / combine for a group that spans several hosts.
+
+The same two-stage composition as the CPU reference (``deep_ep_ops.cpu.multihost``, whose
+docstring defines the algorithm, the row order and the handle ``[1 + T + V + C, W]``), with
+GPU parts only and no host sync on the static wire (CUDA-graph capturable):
+
+1. inter-host stage (``deep_ep_ops.cuda.interhost.RailStage``: NCCL between rail peers):
+   this rank's tokens are packed on the GPU into per-host slots (rail row j of host h' = the
+   j-th token with an expert there), top-k restricted to h'; the slots cross to the rail peers,
+   landing in this rank's virtual tokens ``[N*M]`` (slot ``h''*M + j``; its own tokens at
+   ``h*M + t``);
+2. intra-host stage: the single-host CUDA kernels of the host's sub-Buffer (a Buffer on the
+   group of this host's L ranks, ``num_max_tokens_per_rank = V = N*M``, experts numbered
+   inside the host) dispatch the virtual tokens.
+
+combine runs the sub-Buffer's combine on rows in the accumulation dtype, which leaves one fp32
+(fp64) partial per virtual token (the sum over the host's ranks), returns them over the rail,
+and adds each token's host partials in ascending host order, rounding once: bit for bit the
+CPU reference's order.
+
+The exact wire (``exact=True`` dispatch): per-host counts cross first (one stream sync), then
+only real rows; the trimmed handle remembers the counts (``_WireMemo``) so its
+cached_dispatch and combine move only real rows too. A handle without a memo (a clone, one
+saved by autograd) uses the static wire: the same results, more bytes.
+
+The C++ CUDA kernels of the public ops enter here through the ``_multihost_*`` ops
+(schemas.py) when the Buffer spans hosts; every call goes through the dispatcher, so autograd
+and torch.compile see the public ops only.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from deep_ep_ops import handle as H
+from deep_ep_ops.cpu.moe import accumulation_dtype
+from deep_ep_ops.cuda import interhost
+from deep_ep_ops.meta.shapes import virtual_tokens
+
+# A deep_ep_ops.buffer.Buffer. Not imported: the Buffer module imports this one.
+BufferT = Any
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a rank sits: N hosts of L ranks, host h, local index l; M rail rows per slot."""
+    N: int
+    L: int
+    h: int
+    l: int
+    M: int
+
+    @property
+    def V(self) -> int:
+        return virtual_tokens(self.N, self.M)
+
+
+class MultiHostState:
+    """What a CUDA Buffer spanning hosts owns: its host's sub-Buffer (single-host kernels on V
+    virtual tokens, on the process group of this host's ranks) and the inter-host stage."""
+
+    def __init__(self, place: Place, inner: BufferT, stage: interhost.RailStage) -> None:
+        self.place = place
+        self.inner = inner
+        self.stage = stage
+
+    def destroy(self) -> None:
+        """Collective over the group: the stage (over the rails), then the sub-Buffer."""
+        self.stage.destroy()
+        self.inner.destroy()
+
+
+def create(buf: BufferT) -> MultiHostState:
+    """Collective over ``buf.group``: the process group of this host's ranks (made by them
+    alone), its sub-Buffer and the inter-host stage."""
+    from deep_ep_ops.buffer import Buffer  # the sub-Buffer is a Buffer (lazy: no circle)
+    N, L = buf.hosts.num_hosts, buf.hosts.ranks_per_host
+    h, l = divmod(buf.rank, L)
+    place = Place(N, L, h, l, buf.num_max_tokens_per_rank)
+    if buf.num_experts % N:
+        raise ValueError(f"Buffer: num_experts={buf.num_experts} must be divisible by the "
+                         f"{N} hosts")
+    host_group = dist.new_group([dist.get_global_rank(buf.group, h * L + i) for i in range(L)],
+                                backend=buf.backend, use_local_synchronization=True)
+    inner = Buffer(host_group, num_max_tokens_per_rank=place.V, hidden=buf.hidden,
+                   num_topk=buf.num_topk, num_experts=buf.num_experts // N,
+                   fp8_dispatch=buf.fp8_dispatch, timeout_s=buf.timeout_s, pp_max_bytes=0,
+                   cp_max_bytes=0, transport=buf.requested_transport, ranks_per_host=L)
+    stage = interhost.for_buffer(buf)
+    return MultiHostState(place, inner, stage)
+
+
+# -- the exact wire's counts, remembered per handle -------------------------------------------
+
+class _WireMemo:
+    """(rows sent to, rows received from) each host by the exact dispatch that made a handle.
+    Kept while that handle's tensor object lives (its memory cannot be reused meanwhile);
+    looked up by data pointer and shape."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple, tuple[list[int], list[int]]] = {}
+
+    @staticmethod
+    def _key(handle: torch.Tensor) -> tuple:
+        return (handle.data_ptr(), tuple(handle.shape))
+
+    def put(self, handle: torch.Tensor, counts: tuple[list[int], list[int]]) -> None:
+        key = self._key(handle)
+        self._counts[key] = counts
+        weakref.finalize(handle, self._counts.pop, key, None)
+
+    def get(self, handle: torch.Tensor) -> Optional[tuple[list[int], list[int]]]:
+        return self._counts.get(self._key(handle))
+
+
+_MEMO = _WireMemo()
+
+
+def record_trimmed_handle(static_handle: torch.Tensor, trimmed_handle: torch.Tensor) -> None:
+    """exact=True: the trimmed handle takes over the counts of the static one."""
+    counts = _MEMO.get(static_handle)
+    if counts is not None:
+        _MEMO.put(trimmed_handle, counts)
+
+
+# -- packing ----------------------------------------------------------------------------------
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """FP8 rows as bytes (index_copy_ and fills have no FP8 kernels; the bytes are the same)."""
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+
+
+def _slots(like: torch.Tensor, N: int, M: int, fill: float, extra: int = 0) -> torch.Tensor:
+    """``[N*M + extra, ...]`` of ``like``'s raw dtype filled with ``fill`` (``extra``: a dump row
+    for masked writes)."""
+    raw = _raw(like)
+    return torch.full((N * M + extra, *raw.shape[1:]), fill, dtype=raw.dtype,
+                      device=raw.device)
+
+
+def _per_host(t: torch.Tensor, N: int, M: int) -> torch.Tensor:
+    return t[:N * M].view(N, M, *t.shape[1:])
+
+
+def _rail_rows_from_handle(handle: torch.Tensor, p: Place, T: int, K: int) -> torch.Tensor:
+    """``[T, N]`` int64: token t's rail row to host g (-1: no expert there; own host: t)."""
+    send = handle[H.HEADER_ROWS:H.HEADER_ROWS + T]
+    hosts = send[:, H.RAIL_DST_HOST:H.RAIL_DST_HOST + K].long()
+    slots = send[:, H.rail_dst_slot(K):H.rail_dst_slot(K) + K].long()
+    g = torch.arange(p.N, device=handle.device)
+    there = hosts.unsqueeze(-1) == g  # [T, K, N]
+    # every slot k of one (token, host) names the same rail row
+    return torch.where(there, (slots - p.h * p.M).unsqueeze(-1), -1).amax(1)
+
+
+def _pack(parts: Sequence[torch.Tensor], fills: Sequence[float], rail_rows: torch.Tensor,
+          p: Place) -> list[torch.Tensor]:
+    """Send slots ``[N*M + 1, ...]``: part rows of every token with an expert on host g at
+    ``g*M + rail row`` (other hosts only); the rest ``fill``; row N*M takes masked writes."""
+    dump = p.N * p.M
+    sends = [_slots(t, p.N, p.M, f, extra=1) for t, f in zip(parts, fills)]
+    for g in range(p.N):
+        if g == p.h:
+            continue
+        rows = rail_rows[:, g]
+        dst = torch.where(rows >= 0, g * p.M + rows, dump)
+        for s, t in zip(sends, parts):
+            s.index_copy_(0, dst, _raw(t))
+    return sends
+
+
+def _exchange(op: str, stage: interhost.RailStage, sends: Sequence[torch.Tensor],
+              recvs: Sequence[torch.Tensor], p: Place,
+              counts: Optional[tuple[list[int], list[int]]], back: bool = False) -> None:
+    """Slots over the rails: whole slots (static wire) or the counted rows (exact wire)."""
+    s = [_per_host(t, p.N, p.M) for t in sends]
+    r = [_per_host(t, p.N, p.M) for t in recvs]
+    sent, received = counts if counts is not None else (None, None)
+    if back:  # partials go back the way the rows came
+        stage.return_partials(op, s, r, send_rows=received, recv_rows=sent)
+    else:
+        stage.exchange_rows(op, s, r, send_rows=sent, recv_rows=received)
+
+
+def _inner_handle(handle: torch.Tensor, mh: MultiHostState, T: int, num_experts: int
+                  ) -> torch.Tensor:
+    """The sub-Buffer's handle ``[1 + V + C, W]``: its header (L ranks, V tokens, the host's
+    experts, the sub-Buffer's id), the virtual part and the receive part."""
+    p = mh.place
+    header = handle[:H.HEADER_ROWS].clone()
+    for col, value in ((H.HDR_NUM_TOKENS, p.V), (H.HDR_NUM_RANKS, p.L),
+                       (H.HDR_NUM_EXPERTS, num_experts // p.N), (H.HDR_MAX_TOKENS, p.V),
+                       (H.HDR_BUFFER_ID, mh.inner.id)):
+        header[0, col] = value
+    return torch.cat([header, handle[H.HEADER_ROWS + T:]])
+
+
+# -- the ops ----------------------------------------------------------------------------------
+
+def dispatch_static(buf: BufferT, x: torch.Tensor, x_scales: Optional[torch.Tensor],
+                    topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                    expert_alignment: int, expand: bool, num_sms: int, exact_wire: bool):
+    """The six outputs of ``_dispatch_static`` (static capacity; handle ``[1+T+V+C, W]``)."""
+    mh: MultiHostState = buf.multihost
+    p = mh.place
+    dev = x.device
+    T, K = topk_idx.shape
+    E_host = num_experts // p.N
+    idx = topk_idx.long()
+    dst_host = torch.where(idx >= 0, idx.div(E_host, rounding_mode="floor"), -1)  # [T, K]
+    to_host = (dst_host.unsqueeze(-1) == torch.arange(p.N, device=dev)).any(1)  # [T, N]
+    rail_rows = torch.where(to_host, to_host.long().cumsum(0) - 1, -1)  # [T, N]
+
+    # 1. inter-host stage: slots of rail rows, top-k restricted to the destination host
+    def restricted(g: int) -> torch.Tensor:
+        return torch.where(dst_host == g, idx, -1)
+
+    fills = (-1, 0, 0, 0)
+    parts = [idx, x, topk_weights] + ([x_scales] if x_scales is not None else [])
+    sends = [_slots(t, p.N, p.M, f, extra=1) for t, f in zip(parts, fills)]
+    dump = p.N * p.M
+    for g in range(p.N):
+        if g == p.h:
+            continue
+        dst = torch.where(rail_rows[:, g] >= 0, g * p.M + rail_rows[:, g], dump)
+        sends[0].index_copy_(0, dst, restricted(g))
+        for s, t in zip(sends[1:], parts[1:]):
+            s.index_copy_(0, dst, _raw(t))
+    # the virtual tokens: what arrives, and this rank's own tokens at slot h*M + t
+    virtual = [_slots(t, p.N, p.M, f) for t, f in zip(parts, fills)]
+    own = [restricted(p.h)] + parts[1:]
+    for v, t in zip(virtual, own):
+        v[p.h * p.M:p.h * p.M + T] = _raw(t)
+    counts = None
+    if exact_wire:
+        send_counts = to_host.sum(0)
+        send_counts[p.h] = 0
+        counts = mh.stage.counts("dispatch", send_counts)
+    _exchange("dispatch", mh.stage, sends, virtual, p, counts)
+    v_idx = virtual[0]
+    virtual[0] = torch.where(v_idx >= 0, v_idx - p.h * E_host, -1)
+    virtual[1] = virtual[1].view(x.dtype)
+
+    # 2. intra-host stage on the sub-Buffer
+    outs = torch.ops.deep_ep._dispatch_static(
+        virtual[1], virtual[3] if x_scales is not None else None, virtual[0], virtual[2],
+        mh.inner.group_name, E_host, expert_alignment, expand, num_sms)
+    handle = _outer_handle(outs[5], buf, p, T, num_experts, dst_host, to_host, rail_rows)
+    if counts is not None:
+        _MEMO.put(handle, counts)
+    return (*outs[:5], handle)
+
+
+def _outer_handle(intra: torch.Tensor, buf: BufferT, p: Place, T: int, num_experts: int,
+                  dst_host: torch.Tensor, to_host: torch.Tensor,
+                  rail_rows: torch.Tensor) -> torch.Tensor:
+    """The group's handle from the sub-Buffer's ``[1 + V + C, W]`` (cpu/multihost.py
+    ``_outer_handle``, on the GPU)."""
+    K = dst_host.shape[1]
+    dev = intra.device
+    send = torch.full((T, intra.shape[1]), -1, dtype=torch.int64, device=dev)
+    send[:, H.RAIL_NUM_HOSTS] = to_host.sum(-1)
+    send[:, H.RAIL_DST_HOST:H.RAIL_DST_HOST + K] = dst_host
+    slot = rail_rows.clone()
+    slot[:, p.h] = torch.where(to_host[:, p.h], torch.arange(T, device=dev), -1)
+    rail_row = slot.gather(1, dst_host.clamp(min=0))
+    send[:, H.rail_dst_slot(K):H.rail_dst_slot(K) + K] = \
+        torch.where(dst_host >= 0, p.h * p.M + rail_row, -1)
+    header = intra[:H.HEADER_ROWS].clone()
+    for col, value in ((H.HDR_NUM_TOKENS, T), (H.HDR_NUM_RANKS, buf.world_size),
+                       (H.HDR_NUM_EXPERTS, num_experts), (H.HDR_MAX_TOKENS, p.M),
+                       (H.HDR_BUFFER_ID, buf.id)):
+        header[0, col] = value
+    return torch.cat([header, send.to(torch.int32), intra[H.HEADER_ROWS:]])
+
+
+def _tokens(handle: torch.Tensor, p: Place, rows: int) -> int:
+    """T from the handle's rows and C (the receive part is the last C rows)."""
+    return handle.shape[0] - H.HEADER_ROWS - p.V - rows
+
+
+def cached_dispatch(buf: BufferT, x: torch.Tensor, x_scales: Optional[torch.Tensor],
+                    handle: torch.Tensor, num_sms: int):
+    """The dispatch's two stages with new rows (the handle's routing)."""
+    mh: MultiHostState = buf.multihost
+    p = mh.place
+    T, K = x.shape[0], buf.num_topk
+    rail_rows = _rail_rows_from_handle(handle, p, T, K)
+    parts = [x] + ([x_scales] if x_scales is not None else [])
+    sends = _pack(parts, (0, 0), rail_rows, p)
+    virtual = [_slots(t, p.N, p.M, 0) for t in parts]
+    for v, t in zip(virtual, parts):
+        v[p.h * p.M:p.h * p.M + T] = _raw(t)
+    _exchange("cached_dispatch", mh.stage, sends, virtual, p, _MEMO.get(handle))
+    inner = _inner_handle(handle, mh, T, buf.num_experts)
+    return torch.ops.deep_ep.cached_dispatch(
+        virtual[0].view(x.dtype), virtual[1] if x_scales is not None else None, inner,
+        mh.inner.group_name, num_sms)
+
+
+def combine(buf: BufferT, x: torch.Tensor, handle: torch.Tensor,
+            weights: Optional[torch.Tensor], num_sms: int) -> torch.Tensor:
+    """Host partials (the sub-Buffer's combine of rows in the accumulation dtype), back over
+    the rails, summed per token in ascending host order, rounded once to x's dtype."""
+    mh: MultiHostState = buf.multihost
+    p = mh.place
+    C, width = x.shape
+    K = buf.num_topk
+    acc = accumulation_dtype(x.dtype)
+    T = handle.shape[0] - H.HEADER_ROWS - p.V - C
+    inner = _inner_handle(handle, mh, T, buf.num_experts)
+    host_sum = torch.ops.deep_ep.combine(x.to(acc), inner, weights, mh.inner.group_name,
+                                         num_sms)  # [V, width] acc
+    returned = torch.empty_like(host_sum)
+    _exchange("combine", mh.stage, [host_sum], [returned], p, _MEMO.get(handle), back=True)
+
+    rail_rows = _rail_rows_from_handle(handle, p, T, K)
+    out = torch.zeros(T, width, dtype=acc, device=x.device)
+    started = torch.zeros(T, 1, dtype=torch.bool, device=x.device)
+    for g in range(p.N):
+        rows = rail_rows[:, g]
+        there = (rows >= 0).unsqueeze(-1)
+        source = host_sum if g == p.h else returned
+        val = source[g * p.M + rows.clamp(min=0)]
+        out = torch.where(there, torch.where(started, out + val, val), out)
+        started = started | there
+    return out.to(x.dtype)
