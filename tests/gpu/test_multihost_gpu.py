@@ -71,10 +71,11 @@ def _bitwise_body(rank, world, gloo, L):
                                                       expand, exact)
                     want = list(torch.ops.deep_ep.dispatch(x, s, idx, w, ref.group_name, E, A,
                                                            expand, exact))
+                    rhandle = want[5]  # the reference's own (its Buffer's id)
                     want[5] = _as_cuda_buffer(want[5], buf)
                     for got, exp, nm in zip(outs, want, NAMES):
                         _same(got, exp, f"{where} {nm}")
-                    handle, rhandle = outs[5], want[5]
+                    handle = outs[5]
                     C = outs[0].shape[0]
 
                     x2 = (x.float() * 0.5 + 1).to(x.dtype)
