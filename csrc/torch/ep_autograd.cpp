@@ -62,8 +62,7 @@ struct DispatchStaticFn : torch::autograd::Function<DispatchStaticFn> {
     ctx->saved_data["group"] = std::string(group_name.data(), group_name.size());
     ctx->saved_data["expand"] = expand;
     ctx->saved_data["num_sms"] = num_sms;
-    // SymInts: under torch.compile with dynamic shapes x.size(0) would pin T to a constant
-    ctx->saved_data["T"] = x.sym_size(0);
+    // a SymInt: under torch.compile with dynamic shapes a plain int would pin it to a constant
     ctx->saved_data["K"] = topk_weights.sym_size(1);
     // autograd edges exist for tensor inputs only: topk_weights is edge 2, or 3 with scales
     ctx->saved_data["w_edge"] = static_cast<int64_t>(opt(x_scales) != nullptr ? 3 : 2);
@@ -87,9 +86,10 @@ struct DispatchStaticFn : torch::autograd::Function<DispatchStaticFn> {
     if (ctx->needs_input_grad(ctx->saved_data["w_edge"].toInt()) && g_w.defined()) {
       at::Tensor rows;
       if (ctx->saved_data["expand"].toBool()) {
-        const c10::SymInt T = ctx->saved_data["T"].toSymInt();
         const c10::SymInt K = ctx->saved_data["K"].toSymInt();
-        const at::Tensor slot = handle.slice_symint(0, handle::kHeaderRows + T)
+        // the receive part is the handle's last C rows (C = rows of recv_topk_weights): after
+        // the T send rows on one host, after the V virtual rows too on several
+        const at::Tensor slot = handle.slice_symint(0, handle.sym_size(0) - g_w.sym_size(0))
                                     .select(1, handle::kRecvTopkSlot)
                                     .to(at::kLong);
         const at::Tensor valid = slot.ge(0);
