@@ -195,7 +195,7 @@ def _inner_handle(handle: torch.Tensor, mh: MultiHostState, T: int, num_experts:
     for col, value in ((H.HDR_NUM_TOKENS, p.V), (H.HDR_NUM_RANKS, p.L),
                        (H.HDR_NUM_EXPERTS, num_experts // p.N), (H.HDR_MAX_TOKENS, p.V),
                        (H.HDR_BUFFER_ID, mh.inner.id)):
-        header[0, col] = value
+        header[0, col:col + 1].fill_(value)  # a fill kernel: no host copy (graph capture)
     return torch.cat([header, handle[H.HEADER_ROWS + T:]])
 
 
@@ -274,7 +274,7 @@ def _outer_handle(intra: torch.Tensor, buf: BufferT, p: Place, T: int, num_exper
     for col, value in ((H.HDR_NUM_TOKENS, T), (H.HDR_NUM_RANKS, buf.world_size),
                        (H.HDR_NUM_EXPERTS, num_experts), (H.HDR_MAX_TOKENS, p.M),
                        (H.HDR_BUFFER_ID, buf.id)):
-        header[0, col] = value
+        header[0, col:col + 1].fill_(value)  # a fill kernel: no host copy (graph capture)
     return torch.cat([header, send.to(torch.int32), intra[H.HEADER_ROWS:]])
 
 
