@@ -109,8 +109,8 @@ def _bitwise_body(rank, world, gloo, L):
 
 
 def _grad_check(buf, ref, x, s, idx, w, dev, dtype, E, where):
-    """d x and d topk_weights of sum(combine(dispatch(x) * 2, weights)) on CUDA equal the CPU
-    reference's (float rows only: FP8 has no gradient)."""
+    """d x (bitwise) and d topk_weights of sum(combine(dispatch(x) * 2, weights)) on CUDA equal
+    the CPU reference's (float rows only: FP8 has no gradient)."""
     if dtype == "fp8":
         return
 
@@ -125,7 +125,10 @@ def _grad_check(buf, ref, x, s, idx, w, dev, dtype, E, where):
     cx, cw = x.clone().requires_grad_(), w.clone().requires_grad_()
     loss(ref.group_name, cx, cw, idx).backward()
     _same(gx.grad, cx.grad, f"{where} d x")
-    _same(gw.grad, cw.grad, f"{where} d topk_weights")
+    # d topk_weights holds per-row dot products over H (combine's weight gradient), summed in
+    # another order by the GPU's reduction than by the CPU's: equal to rounding
+    torch.testing.assert_close(gw.grad.cpu(), cw.grad, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"{where} d topk_weights: {m}")
 
 
 def _graph_compile_body(rank, world, gloo, L):
