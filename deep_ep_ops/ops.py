@@ -49,13 +49,28 @@ class OpImpl:
     cuda: Optional[Callable]
 
 
+def _requested_wire() -> str:
+    """The inter-host wire the composite dispatch asked for: the Python composite's context
+    (``_dispatch``), or the C++ composite's (which serves CPU tensors too once the extension is
+    loaded)."""
+    ext = extension.loaded()
+    if ext is not None and ext.exact_wire_requested():
+        return "exact"
+    return cpu_interhost.current_wire()
+
+
+def _cpu_dispatch(buf, x, s, idx, w, E, A, expand):
+    with cpu_interhost.wire(_requested_wire()):
+        return cpu_ep.dispatch(buf, x, s, idx, w, E, A, expand)
+
+
 # The CPU reference takes no num_sms (it launches nothing).
 _OPS: dict[str, OpImpl] = {
     "_dispatch_static": OpImpl(
         lambda buf, x, s, idx, w, E, A, expand, num_sms:
             V.check_dispatch(buf, x, s, idx, w, E, A, num_sms),
         lambda buf, x, s, idx, w, E, A, expand, num_sms:
-            cpu_ep.dispatch(buf, x, s, idx, w, E, A, expand),
+            _cpu_dispatch(buf, x, s, idx, w, E, A, expand),
         cuda_ep.dispatch),
     "cached_dispatch": OpImpl(
         V.check_cached_dispatch,

@@ -15,10 +15,13 @@ import torch.distributed as dist
 from tests.dist_utils import run_ranks
 
 CASES = [
-    # E, K, M, H, dtype, drop, zero_rank
-    (16, 3, 6, 8, torch.float32, 0.0, False),
-    (16, 4, 5, 4, torch.bfloat16, 0.4, True),
-    (8, 2, 4, 64, torch.float8_e4m3fn, 0.2, False),
+    # E, K, M, H, dtype, drop, zero_rank, skew
+    (16, 3, 6, 8, torch.float32, 0.0, False, False),
+    (16, 4, 5, 4, torch.bfloat16, 0.4, True, False),
+    (8, 2, 4, 64, torch.float8_e4m3fn, 0.2, False, False),
+    # every token of every rank on experts 0 and 1: rank 0's exact rows fill the static
+    # capacity while the others receive none (the ranks must still agree on the exact wire)
+    (8, 2, 4, 8, torch.float32, 0.0, False, True),
 ]
 
 
@@ -79,7 +82,7 @@ def _body(rank: int, world: int, L: int) -> None:
     N = world // L
     h = rank // L
     host_group = dist.new_group(list(range(h * L, (h + 1) * L)), use_local_synchronization=True)
-    for E, K, M, H, dtype, drop, zero_rank in CASES:
+    for E, K, M, H, dtype, drop, zero_rank, skew in CASES:
         fp8 = dtype == torch.float8_e4m3fn
         ref = deep_ep_ops.Buffer(num_max_tokens_per_rank=M, hidden=H, num_topk=K,
                                  num_experts=E, ranks_per_host=L, fp8_dispatch=fp8)
@@ -93,7 +96,9 @@ def _body(rank: int, world: int, L: int) -> None:
                                     num_topk=K, num_experts=E)
         g = torch.Generator().manual_seed(17 * rank + E + K)
         T = 0 if zero_rank and rank == 0 else int(torch.randint(0, M + 1, (1,), generator=g))
+        T = M if skew else T
         idx = torch.rand(T, E, generator=g).topk(K, dim=1).indices
+        idx = torch.arange(K).repeat(T, 1) if skew else idx
         idx = torch.where(torch.rand(T, K, generator=g) < drop, -1, idx)
         w = torch.rand(T, K, generator=g)
         x = (torch.randn(T, H, generator=g) * 3).to(dtype)
@@ -129,12 +134,19 @@ def _body(rank: int, world: int, L: int) -> None:
 
             rows = torch.randn(C, H, generator=g).to(torch.bfloat16)
             cw = got[3] if expand else torch.rand(C, generator=g)
-            stage.rows_moved = 0
-            out = mh.combine(buf, rows, handle, cw, 0)
-            # the partials go back the way the rows came (exact: as many as came in)
-            assert exact or stage.rows_moved == (N - 1) * M, where
             exp = torch.ops.deep_ep.combine(rows, want[5], cw, ref.group_name)
-            assert torch.equal(out.view(torch.int16), exp.view(torch.int16)), f"{where} combine"
+            came_in = [int((handle[1 + T + g * M:1 + T + (g + 1) * M, 0] > 0).sum())
+                       for g in range(N) if g != h]
+            # the dispatch's own handle (its wire remembered) and a clone (the wire and the
+            # counts read from its header and rows)
+            for hd in (handle, handle.clone()):
+                stage.rows_moved = 0
+                out = mh.combine(buf, rows, hd, cw, 0)
+                # the partials go back the way the rows came: exact: as many as came in
+                want_rows = sum(came_in) if exact else (N - 1) * M
+                assert stage.rows_moved == want_rows, f"{where}: {stage.rows_moved} partials"
+                assert torch.equal(out.view(torch.int16), exp.view(torch.int16)), \
+                    f"{where} combine"
         dist.barrier()
         inner.destroy()
         ref.destroy()

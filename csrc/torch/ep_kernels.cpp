@@ -103,27 +103,22 @@ void check_device_contiguous(const char* op, c10::string_view group,
 }
 
 // The EP state of the call's group. A Buffer without CUDA state (gloo) given CUDA tensors gets
-// validation.check_device's message about its first CUDA tensor.
+// validation.check_device's message about its first CUDA tensor. nullptr: the group spans hosts,
+// so the call goes to the multi-host composition (the _multihost_* ops,
+// deep_ep_ops/cuda/multihost.py: the inter-host stage, then these kernels on the host's
+// sub-Buffer), which checks its inputs itself.
 std::shared_ptr<EpState> state_of(const char* op, c10::string_view name,
                                   std::initializer_list<Named> tensors) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = groups().find(std::string(name.data(), name.size()));
   if (it == groups().end()) fail_missing_group(name);
+  if (it->second.multi_host) return nullptr;
   if (it->second.state) return it->second.state;
   for (const auto& n : tensors)
     if (n.t != nullptr && n.t->is_cuda())
       fail(op, n.name, "on cpu (group " + py_repr(name) + " is " + it->second.backend + ")",
            desc(*n.t));
   value_error(std::string("deep_ep.") + op + ": group " + py_repr(name) + " has no CUDA state");
-}
-
-// A Buffer whose group spans hosts runs the multi-host composition (the _multihost_* ops,
-// deep_ep_ops/cuda/multihost.py: the inter-host stage, then these kernels on the host's
-// sub-Buffer); it checks its inputs itself.
-bool is_multi_host(c10::string_view name) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = groups().find(std::string(name.data(), name.size()));
-  return it != groups().end() && it->second.multi_host;
 }
 
 // The composite dispatch's exact flag for the multi-host wire (exact: counts first, then only
@@ -222,13 +217,13 @@ Out6 dispatch_static_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
                           const at::Tensor& topk_idx, const at::Tensor& topk_weights,
                           c10::string_view group_name, int64_t num_experts,
                           int64_t expert_alignment, bool expand, int64_t num_sms) {
-  if (is_multi_host(group_name))
-    return multihost_dispatch_op().call(x, x_scales, topk_idx, topk_weights, group_name,
-                                        num_experts, expert_alignment, expand, num_sms,
-                                        t_exact_wire);
   std::shared_ptr<EpState> st = state_of("dispatch", group_name,
                                         {{"x", &x}, {"x_scales", opt(x_scales)},
                                          {"topk_idx", &topk_idx}, {"topk_weights", &topk_weights}});
+  if (!st)
+    return multihost_dispatch_op().call(x, x_scales, topk_idx, topk_weights, group_name,
+                                        num_experts, expert_alignment, expand, num_sms,
+                                        t_exact_wire);
   check_dispatch(*st, group_name, x, x_scales, topk_idx, topk_weights, num_experts,
                  expert_alignment, num_sms);
   if (topk_idx.numel() > 0 && value_checks_requested(topk_idx))
@@ -246,10 +241,9 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
                                                         const at::Tensor& handle,
                                                         c10::string_view group_name,
                                                         int64_t num_sms) {
-  if (is_multi_host(group_name))
-    return multihost_cached_dispatch_op().call(x, x_scales, handle, group_name, num_sms);
   std::shared_ptr<EpState> st = state_of("cached_dispatch", group_name,
                                         {{"x", &x}, {"x_scales", opt(x_scales)}, {"handle", &handle}});
+  if (!st) return multihost_cached_dispatch_op().call(x, x_scales, handle, group_name, num_sms);
   check_cached_dispatch(*st, group_name, x, x_scales, handle, num_sms);
   check_handle_header(HandleUse::cached_dispatch, *st, group_name, handle, x.size(0));
   return cached_dispatch(*st, x, x_scales, handle, num_sms);
@@ -258,10 +252,9 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
 at::Tensor combine_cuda(const at::Tensor& x, const at::Tensor& handle,
                         const std::optional<at::Tensor>& weights, c10::string_view group_name,
                         int64_t num_sms) {
-  if (is_multi_host(group_name))
-    return multihost_combine_op().call(x, handle, weights, group_name, num_sms);
   std::shared_ptr<EpState> st = state_of("combine", group_name,
                                         {{"x", &x}, {"handle", &handle}, {"weights", opt(weights)}});
+  if (!st) return multihost_combine_op().call(x, handle, weights, group_name, num_sms);
   check_combine(*st, group_name, x, handle, weights, num_sms);
   check_handle_header(HandleUse::combine, *st, group_name, handle, x.size(0));
   return combine(*st, x, handle, weights, num_sms);
@@ -324,6 +317,10 @@ void unregister_group(const std::string& name) {
   groups().erase(name);
 }
 
+// Whether the composite dispatch running on this thread asked for the exact wire (the CPU
+// reference's collective reads it: once loaded, the C++ composite serves CPU tensors too).
+bool exact_wire_requested() { return t_exact_wire; }
+
 std::vector<std::string> registered_groups() {
   std::lock_guard<std::mutex> lock(g_mutex);
   std::vector<std::string> out;
@@ -341,4 +338,5 @@ void deep_ep_ops_bind_kernel_registry(pybind11::module_& m) {
         pybind11::arg("state"), pybind11::arg("multi_host") = false);
   m.def("unregister_group", &deo::unregister_group);
   m.def("registered_groups", &deo::registered_groups);
+  m.def("exact_wire_requested", &deo::exact_wire_requested);
 }

@@ -42,7 +42,7 @@ from deep_ep_ops import handle as H
 from deep_ep_ops.cpu import interhost, moe
 from deep_ep_ops.cpu.moe import accumulation_dtype
 from deep_ep_ops.meta.shapes import (buffer_num_hosts, cached_dispatch_specs, combine_spec,
-                                     static_capacity, tokens_from_handle, virtual_tokens)
+                                     tokens_from_handle, virtual_tokens)
 
 
 @dataclass(frozen=True)
@@ -168,14 +168,12 @@ def _split(handle: torch.Tensor, num_rows: int, V: int) -> _Parts:
     return _Parts(T, handle[0], handle[H.HEADER_ROWS:at], handle[at:at + V], handle[at + V:])
 
 
-def _wire_for(buf, parts: _Parts, num_rows: int) -> str:
-    """The wire of a cached_dispatch / combine: exact after an exact dispatch (its handle was
-    trimmed below the static capacity, so the counts were on the host already), else static."""
-    K, R = buf.num_topk, buf.world_size
-    A, expand = int(parts.header[H.HDR_ALIGNMENT]), bool(parts.header[H.HDR_EXPAND])
-    E_loc = int(parts.header[H.HDR_NUM_EXPERTS]) // R
-    full = static_capacity(R, buf.num_max_tokens_per_rank, K, E_loc, A, expand)
-    return "exact" if num_rows < full else "static"
+def _wire_for(parts: _Parts) -> str:
+    """The wire of a cached_dispatch / combine: exact after an exact dispatch (the header's flag,
+    set by the trim on every rank alike: a rank whose trimmed rows happen to fill the static
+    capacity must not pick the static wire while its rail peers pick the exact one), else
+    static."""
+    return "exact" if int(parts.header[H.HDR_EXACT]) else "static"
 
 
 def _tokens_to(parts: _Parts, p: _Place, K: int, host: int) -> tuple[torch.Tensor,
@@ -216,7 +214,7 @@ def cached_dispatch(buf, x: torch.Tensor, x_scales: Optional[torch.Tensor],
         if host != p.h:
             tok, _ = _tokens_to(parts, p, K, host)
             rows_by_host[host] = [t[tok] for t in own]
-    stage = interhost.make_stage(buf, _wire_for(buf, parts, C))
+    stage = interhost.make_stage(buf, _wire_for(parts))
     received = stage.exchange_rows("cached_dispatch", rows_by_host, (0, 0),
                                    expect=_rail_counts_in(parts, p))
     virtual = [torch.zeros((p.V, *t.shape[1:]), dtype=t.dtype) for t in own]
@@ -257,7 +255,7 @@ def combine(buf, x: torch.Tensor, handle: torch.Tensor,
     counts_in = _rail_counts_in(parts, p)
     back = {host: host_sum[host * p.M: host * p.M + counts_in[host]] for host in counts_in}
     tokens = {host: _tokens_to(parts, p, K, host) for host in range(p.N)}
-    stage = interhost.make_stage(buf, _wire_for(buf, parts, C))
+    stage = interhost.make_stage(buf, _wire_for(parts))
     returned = stage.return_partials("combine", back, expect={
         host: int(tok.numel()) for host, (tok, _) in tokens.items() if host != p.h})
 

@@ -19,9 +19,11 @@ and adds each token's host partials in ascending host order, rounding once: bit 
 CPU reference's order.
 
 The exact wire (``exact=True`` dispatch): per-host counts cross first (one stream sync), then
-only real rows; the trimmed handle remembers the counts (``_WireMemo``) so its
-cached_dispatch and combine move only real rows too. A handle without a memo (a clone, one
-saved by autograd) uses the static wire: the same results, more bytes.
+only real rows. cached_dispatch and combine of a handle use the wire of its dispatch (the
+header's ``HDR_EXACT`` flag, equal on every rank), with the exact wire's counts: a handle made
+here is remembered with both (``_WireMemo``, no sync); any other (a clone, a copy autograd
+saved after the dispatch's own tensor was dropped) costs one sync to read them from the handle,
+and is refused during CUDA graph capture (a guess could leave rail peers on different wires).
 
 The C++ CUDA kernels of the public ops enter here through the ``_multihost_*`` ops
 (schemas.py) when the Buffer spans hosts; every call goes through the dispatcher, so autograd
@@ -96,25 +98,29 @@ def create(buf: BufferT) -> MultiHostState:
 
 # -- the exact wire's counts, remembered per handle -------------------------------------------
 
+Counts = tuple[list[int], list[int]]  # rows sent to / received from each host
+_STATIC = ()  # the memo's entry for a static-wire handle
+
+
 class _WireMemo:
-    """(rows sent to, rows received from) each host by the exact dispatch that made a handle.
+    """The wire of the dispatch that made a handle: ``_STATIC``, or the exact wire's counts.
     Kept while that handle's tensor object lives (its memory cannot be reused meanwhile);
-    looked up by data pointer and shape."""
+    looked up by data pointer and shape, so views sharing its memory find it too."""
 
     def __init__(self) -> None:
-        self._counts: dict[tuple, tuple[list[int], list[int]]] = {}
+        self._wires: dict[tuple, object] = {}
 
     @staticmethod
     def _key(handle: torch.Tensor) -> tuple:
         return (handle.data_ptr(), tuple(handle.shape))
 
-    def put(self, handle: torch.Tensor, counts: tuple[list[int], list[int]]) -> None:
+    def put(self, handle: torch.Tensor, wire: object) -> None:
         key = self._key(handle)
-        self._counts[key] = counts
-        weakref.finalize(handle, self._counts.pop, key, None)
+        self._wires[key] = wire
+        weakref.finalize(handle, self._wires.pop, key, None)
 
-    def get(self, handle: torch.Tensor) -> Optional[tuple[list[int], list[int]]]:
-        return self._counts.get(self._key(handle))
+    def get(self, handle: torch.Tensor) -> Optional[object]:
+        return self._wires.get(self._key(handle))
 
 
 _MEMO = _WireMemo()
@@ -122,9 +128,37 @@ _MEMO = _WireMemo()
 
 def record_trimmed_handle(static_handle: torch.Tensor, trimmed_handle: torch.Tensor) -> None:
     """exact=True: the trimmed handle takes over the counts of the static one."""
-    counts = _MEMO.get(static_handle)
-    if counts is not None:
-        _MEMO.put(trimmed_handle, counts)
+    wire = _MEMO.get(static_handle)
+    if wire is not None:
+        _MEMO.put(trimmed_handle, wire)
+
+
+def _wire_of(op: str, handle: torch.Tensor, rail_rows: torch.Tensor, p: Place
+             ) -> Optional[Counts]:
+    """The counts of the exact wire, or None for the static wire, of ``handle``'s dispatch."""
+    wire = _MEMO.get(handle)
+    if wire is None:
+        if handle.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"deep_ep.{op}: this multi-host handle is not the tensor its dispatch returned "
+                "(a clone or a copy), so its wire is only known from its header, which cannot "
+                "be read during CUDA graph capture; pass the dispatch's own handle")
+        wire = _read_wire(handle, rail_rows, p)
+    return None if wire == _STATIC else wire
+
+
+def _read_wire(handle: torch.Tensor, rail_rows: torch.Tensor, p: Place) -> object:
+    """The header's exact flag and, for the exact wire, the counts from the handle (one sync):
+    rows sent to host g = tokens with a rail row there; received = virtual slots in use."""
+    T = rail_rows.shape[0]
+    virtual = handle[H.HEADER_ROWS + T:H.HEADER_ROWS + T + p.V, H.SEND_NUM_DST]
+    received = (virtual.reshape(p.N, p.M) > 0).sum(-1)
+    sent = (rail_rows >= 0).sum(0)
+    sent[p.h] = received[p.h] = 0
+    facts = torch.cat([handle[0, H.HDR_EXACT:H.HDR_EXACT + 1].long(), sent, received]).tolist()
+    if not facts[0]:
+        return _STATIC
+    return facts[1:1 + p.N], facts[1 + p.N:]
 
 
 # -- packing ----------------------------------------------------------------------------------
@@ -175,7 +209,7 @@ def _pack(parts: Sequence[torch.Tensor], fills: Sequence[float], rail_rows: torc
 
 def _exchange(op: str, stage: interhost.RailStage, sends: Sequence[torch.Tensor],
               recvs: Sequence[torch.Tensor], p: Place,
-              counts: Optional[tuple[list[int], list[int]]], back: bool = False) -> None:
+              counts: Optional[Counts], back: bool = False) -> None:
     """Slots over the rails: whole slots (static wire) or the counted rows (exact wire)."""
     s = [_per_host(t, p.N, p.M) for t in sends]
     r = [_per_host(t, p.N, p.M) for t in recvs]
@@ -250,8 +284,7 @@ def dispatch_static(buf: BufferT, x: torch.Tensor, x_scales: Optional[torch.Tens
         virtual[1], virtual[3] if x_scales is not None else None, virtual[0], virtual[2],
         mh.inner.group_name, E_host, expert_alignment, expand, num_sms)
     handle = _outer_handle(outs[5], buf, p, T, num_experts, dst_host, to_host, rail_rows)
-    if counts is not None:
-        _MEMO.put(handle, counts)
+    _MEMO.put(handle, counts if counts is not None else _STATIC)
     return (*outs[:5], handle)
 
 
@@ -295,7 +328,8 @@ def cached_dispatch(buf: BufferT, x: torch.Tensor, x_scales: Optional[torch.Tens
     virtual = [_slots(t, p.N, p.M, 0) for t in parts]
     for v, t in zip(virtual, parts):
         v[p.h * p.M:p.h * p.M + T] = _raw(t)
-    _exchange("cached_dispatch", mh.stage, sends, virtual, p, _MEMO.get(handle))
+    _exchange("cached_dispatch", mh.stage, sends, virtual, p,
+              _wire_of("cached_dispatch", handle, rail_rows, p))
     inner = _inner_handle(handle, mh, T, buf.num_experts)
     return torch.ops.deep_ep.cached_dispatch(
         virtual[0].view(x.dtype), virtual[1] if x_scales is not None else None, inner,
@@ -312,13 +346,14 @@ def combine(buf: BufferT, x: torch.Tensor, handle: torch.Tensor,
     K = buf.num_topk
     acc = accumulation_dtype(x.dtype)
     T = handle.shape[0] - H.HEADER_ROWS - p.V - C
+    rail_rows = _rail_rows_from_handle(handle, p, T, K)
+    wire = _wire_of("combine", handle, rail_rows, p)
     inner = _inner_handle(handle, mh, T, buf.num_experts)
     host_sum = torch.ops.deep_ep.combine(x.to(acc), inner, weights, mh.inner.group_name,
                                          num_sms)  # [V, width] acc
     returned = torch.empty_like(host_sum)
-    _exchange("combine", mh.stage, [host_sum], [returned], p, _MEMO.get(handle), back=True)
+    _exchange("combine", mh.stage, [host_sum], [returned], p, wire, back=True)
 
-    rail_rows = _rail_rows_from_handle(handle, p, T, K)
     out = torch.zeros(T, width, dtype=acc, device=x.device)
     started = torch.zeros(T, 1, dtype=torch.bool, device=x.device)
     for g in range(p.N):

@@ -186,8 +186,12 @@ def _graph_compile_body(rank, world, gloo, L):
     x, idx, w = new_inputs(100)
     eager = fwd_bwd(step, x, idx, w)
     compiled = fwd_bwd(torch.compile(step, fullgraph=True), x, idx, w)
-    for a, b, nm in zip(compiled, eager, ("out", "d x", "d w")):
-        assert torch.equal(a.float(), b.float()), f"compile {nm} differs from eager"
+    # the forward runs the same ops; Inductor fuses the expert matmuls' backward differently,
+    # so the gradients agree to bf16 rounding
+    assert torch.equal(compiled[0].float(), eager[0].float()), "compile out differs from eager"
+    for a, b, nm in zip(compiled[1:], eager[1:], ("d x", "d w")):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2,
+                                   msg=lambda m: f"compile {nm}: {m}")
     torch.cuda.synchronize()
     dist.barrier(group=gloo)
     buf.destroy()
