@@ -120,7 +120,8 @@ class Buffer:
         try:
             if self.device.type == "cuda" and self.hosts.num_hosts > 1:
                 from deep_ep_ops.cuda import multihost
-                self.multihost = multihost.create(self)
+                inner = Buffer(multihost.host_group(self), **multihost.sub_buffer_args(self))
+                self.multihost = multihost.create(self, inner)
                 self.transport = self.multihost.inner.transport
                 registry.update(self)
             elif self.device.type == "cuda":

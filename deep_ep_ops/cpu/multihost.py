@@ -40,9 +40,8 @@ import torch
 
 from deep_ep_ops import handle as H
 from deep_ep_ops.cpu import interhost, moe
-from deep_ep_ops.cpu.moe import accumulation_dtype
-from deep_ep_ops.meta.shapes import (buffer_num_hosts, cached_dispatch_specs, combine_spec,
-                                     tokens_from_handle, virtual_tokens)
+from deep_ep_ops.meta.shapes import (accumulation_dtype, buffer_num_hosts, cached_dispatch_specs,
+                                     combine_spec, tokens_from_handle, virtual_tokens)
 
 
 @dataclass(frozen=True)

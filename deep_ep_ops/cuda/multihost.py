@@ -39,9 +39,8 @@ import torch
 import torch.distributed as dist
 
 from deep_ep_ops import handle as H
-from deep_ep_ops.cpu.moe import accumulation_dtype
 from deep_ep_ops.cuda import interhost
-from deep_ep_ops.meta.shapes import virtual_tokens
+from deep_ep_ops.meta.shapes import accumulation_dtype, virtual_tokens
 
 # A deep_ep_ops.buffer.Buffer. Not imported: the Buffer module imports this one.
 BufferT = Any
@@ -76,24 +75,36 @@ class MultiHostState:
         self.inner.destroy()
 
 
-def create(buf: BufferT) -> MultiHostState:
-    """Collective over ``buf.group``: the process group of this host's ranks (made by them
-    alone), its sub-Buffer and the inter-host stage."""
-    from deep_ep_ops.buffer import Buffer  # the sub-Buffer is a Buffer (lazy: no circle)
+def place_of(buf: BufferT) -> Place:
     N, L = buf.hosts.num_hosts, buf.hosts.ranks_per_host
     h, l = divmod(buf.rank, L)
-    place = Place(N, L, h, l, buf.num_max_tokens_per_rank)
-    if buf.num_experts % N:
+    return Place(N, L, h, l, buf.num_max_tokens_per_rank)
+
+
+def host_group(buf: BufferT) -> dist.ProcessGroup:
+    """The process group of this rank's host (made by the host's ranks alone)."""
+    p = place_of(buf)
+    ranks = [dist.get_global_rank(buf.group, p.h * p.L + i) for i in range(p.L)]
+    return dist.new_group(ranks, backend=buf.backend, use_local_synchronization=True)
+
+
+def sub_buffer_args(buf: BufferT) -> dict:
+    """The sub-Buffer's arguments: V = N*M virtual tokens, this host's E/N experts, the Buffer's
+    transport (no pp / cp window: those ops need a group of one host)."""
+    p = place_of(buf)
+    if buf.num_experts % p.N:
         raise ValueError(f"Buffer: num_experts={buf.num_experts} must be divisible by the "
-                         f"{N} hosts")
-    host_group = dist.new_group([dist.get_global_rank(buf.group, h * L + i) for i in range(L)],
-                                backend=buf.backend, use_local_synchronization=True)
-    inner = Buffer(host_group, num_max_tokens_per_rank=place.V, hidden=buf.hidden,
-                   num_topk=buf.num_topk, num_experts=buf.num_experts // N,
-                   fp8_dispatch=buf.fp8_dispatch, timeout_s=buf.timeout_s, pp_max_bytes=0,
-                   cp_max_bytes=0, transport=buf.requested_transport, ranks_per_host=L)
-    stage = interhost.for_buffer(buf)
-    return MultiHostState(place, inner, stage)
+                         f"{p.N} hosts")
+    return dict(num_max_tokens_per_rank=p.V, hidden=buf.hidden, num_topk=buf.num_topk,
+                num_experts=buf.num_experts // p.N, fp8_dispatch=buf.fp8_dispatch,
+                timeout_s=buf.timeout_s, pp_max_bytes=0, cp_max_bytes=0,
+                transport=buf.requested_transport, ranks_per_host=p.L)
+
+
+def create(buf: BufferT, inner: BufferT) -> MultiHostState:
+    """Collective over ``buf.group``: the inter-host stage; ``inner`` is the sub-Buffer the
+    Buffer made on ``host_group(buf)`` with ``sub_buffer_args(buf)``."""
+    return MultiHostState(place_of(buf), inner, interhost.for_buffer(buf))
 
 
 # -- the exact wire's counts, remembered per handle -------------------------------------------
