@@ -77,6 +77,7 @@ def _body(rank: int, world: int, L: int) -> None:
 
     import deep_ep_ops
     from deep_ep_ops.cuda import multihost as mh
+    from deep_ep_ops.hosts import RankPlace
     from deep_ep_ops.trim import trim_dispatch
 
     N = world // L
@@ -90,7 +91,7 @@ def _body(rank: int, world: int, L: int) -> None:
                                    num_topk=K, num_experts=E // N, ranks_per_host=L,
                                    fp8_dispatch=fp8)
         stage = GlooSlotStage(dist.group.WORLD, rank, N, L)
-        state = mh.MultiHostState(mh.Place(N, L, h, rank % L, M), inner, stage)
+        state = mh.MultiHostState(RankPlace(N, L, h, rank % L, M), inner, stage)
         # what the composition reads of its Buffer; handles carry the reference's id
         buf = types.SimpleNamespace(multihost=state, rank=rank, world_size=world, id=ref.id,
                                     num_topk=K, num_experts=E)

@@ -32,7 +32,6 @@ and torch.compile see the public ops only.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -40,31 +39,18 @@ import torch.distributed as dist
 
 from deep_ep_ops import handle as H
 from deep_ep_ops.cuda import interhost
-from deep_ep_ops.meta.shapes import accumulation_dtype, virtual_tokens
+from deep_ep_ops.hosts import RankPlace, place_of
+from deep_ep_ops.meta.shapes import accumulation_dtype
 
 # A deep_ep_ops.buffer.Buffer. Not imported: the Buffer module imports this one.
 BufferT = Any
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where a rank sits: N hosts of L ranks, host h, local index l; M rail rows per slot."""
-    N: int
-    L: int
-    h: int
-    l: int
-    M: int
-
-    @property
-    def V(self) -> int:
-        return virtual_tokens(self.N, self.M)
 
 
 class MultiHostState:
     """What a CUDA Buffer spanning hosts owns: its host's sub-Buffer (single-host kernels on V
     virtual tokens, on the process group of this host's ranks) and the inter-host stage."""
 
-    def __init__(self, place: Place, inner: BufferT, stage: interhost.RailStage) -> None:
+    def __init__(self, place: RankPlace, inner: BufferT, stage: interhost.RailStage) -> None:
         self.place = place
         self.inner = inner
         self.stage = stage
@@ -73,12 +59,6 @@ class MultiHostState:
         """Collective over the group: the stage (over the rails), then the sub-Buffer."""
         self.stage.destroy()
         self.inner.destroy()
-
-
-def place_of(buf: BufferT) -> Place:
-    N, L = buf.hosts.num_hosts, buf.hosts.ranks_per_host
-    h, l = divmod(buf.rank, L)
-    return Place(N, L, h, l, buf.num_max_tokens_per_rank)
 
 
 def host_group(buf: BufferT) -> dist.ProcessGroup:
@@ -144,7 +124,7 @@ def record_trimmed_handle(static_handle: torch.Tensor, trimmed_handle: torch.Ten
         _MEMO.put(trimmed_handle, wire)
 
 
-def _wire_of(op: str, handle: torch.Tensor, rail_rows: torch.Tensor, p: Place
+def _wire_of(op: str, handle: torch.Tensor, rail_rows: torch.Tensor, p: RankPlace
              ) -> Optional[Counts]:
     """The counts of the exact wire, or None for the static wire, of ``handle``'s dispatch."""
     wire = _MEMO.get(handle)
@@ -158,7 +138,7 @@ def _wire_of(op: str, handle: torch.Tensor, rail_rows: torch.Tensor, p: Place
     return None if wire == _STATIC else wire
 
 
-def _read_wire(handle: torch.Tensor, rail_rows: torch.Tensor, p: Place) -> object:
+def _read_wire(handle: torch.Tensor, rail_rows: torch.Tensor, p: RankPlace) -> object:
     """The header's exact flag and, for the exact wire, the counts from the handle (one sync):
     rows sent to host g = tokens with a rail row there; received = virtual slots in use."""
     T = rail_rows.shape[0]
@@ -191,7 +171,8 @@ def _per_host(t: torch.Tensor, N: int, M: int) -> torch.Tensor:
     return t[:N * M].view(N, M, *t.shape[1:])
 
 
-def _rail_rows_from_handle(handle: torch.Tensor, p: Place, T: int, K: int) -> torch.Tensor:
+def _rail_rows_from_handle(handle: torch.Tensor, p: RankPlace, T: int, K: int
+                           ) -> torch.Tensor:
     """``[T, N]`` int64: token t's rail row to host g (-1: no expert there; own host: t)."""
     send = handle[H.HEADER_ROWS:H.HEADER_ROWS + T]
     hosts = send[:, H.RAIL_DST_HOST:H.RAIL_DST_HOST + K].long()
@@ -203,7 +184,7 @@ def _rail_rows_from_handle(handle: torch.Tensor, p: Place, T: int, K: int) -> to
 
 
 def _pack(parts: Sequence[torch.Tensor], fills: Sequence[float], rail_rows: torch.Tensor,
-          p: Place) -> list[torch.Tensor]:
+          p: RankPlace) -> list[torch.Tensor]:
     """Send slots ``[N*M + 1, ...]``: part rows of every token with an expert on host g at
     ``g*M + rail row`` (other hosts only); the rest ``fill``; row N*M takes masked writes."""
     dump = p.N * p.M
@@ -219,7 +200,7 @@ def _pack(parts: Sequence[torch.Tensor], fills: Sequence[float], rail_rows: torc
 
 
 def _exchange(op: str, stage: interhost.RailStage, sends: Sequence[torch.Tensor],
-              recvs: Sequence[torch.Tensor], p: Place,
+              recvs: Sequence[torch.Tensor], p: RankPlace,
               counts: Optional[Counts], back: bool = False) -> None:
     """Slots over the rails: whole slots (static wire) or the counted rows (exact wire)."""
     s = [_per_host(t, p.N, p.M) for t in sends]
@@ -299,7 +280,7 @@ def dispatch_static(buf: BufferT, x: torch.Tensor, x_scales: Optional[torch.Tens
     return (*outs[:5], handle)
 
 
-def _outer_handle(intra: torch.Tensor, buf: BufferT, p: Place, T: int, num_experts: int,
+def _outer_handle(intra: torch.Tensor, buf: BufferT, p: RankPlace, T: int, num_experts: int,
                   dst_host: torch.Tensor, to_host: torch.Tensor,
                   rail_rows: torch.Tensor) -> torch.Tensor:
     """The group's handle from the sub-Buffer's ``[1 + V + C, W]`` (cpu/multihost.py
@@ -320,11 +301,6 @@ def _outer_handle(intra: torch.Tensor, buf: BufferT, p: Place, T: int, num_exper
                        (H.HDR_BUFFER_ID, buf.id)):
         header[0, col:col + 1].fill_(value)  # a fill kernel: no host copy (graph capture)
     return torch.cat([header, send.to(torch.int32), intra[H.HEADER_ROWS:]])
-
-
-def _tokens(handle: torch.Tensor, p: Place, rows: int) -> int:
-    """T from the handle's rows and C (the receive part is the last C rows)."""
-    return handle.shape[0] - H.HEADER_ROWS - p.V - rows
 
 
 def cached_dispatch(buf: BufferT, x: torch.Tensor, x_scales: Optional[torch.Tensor],

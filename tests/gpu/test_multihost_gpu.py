@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from deep_ep_ops.local_ranks import MPS_CONTROL
-from tests.gpu.dist_gpu import capture_graph, gpus, rank_device, run_gpus
-from tests.gpu.test_moe_ops_gpu import _inputs, _same
+from tests.gpu.dist_gpu import gpus, rank_device, run_gpus
+from tests.gpu.test_moe_ops_gpu import _inputs, _same, check_graph_replays, moe_step
 
 pytestmark = pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
 
@@ -136,46 +136,10 @@ def _graph_compile_body(rank, world, gloo, L):
     routing (each replay equals the eager run); the same step under torch.compile(fullgraph)
     forward and backward equals eager."""
     import deep_ep_ops
-    dev = rank_device()
-    M, H, K, E, A = 32, 128, 4, 4 * world, 8
-    E_loc = E // world
-    buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=M, hidden=H, num_topk=K,
-                             num_experts=E, ranks_per_host=L)
-    g = torch.Generator(device=dev).manual_seed(rank)
-    weights = torch.randn(E_loc, H, H, device=dev, generator=g) / H ** 0.5
-
-    def step(x, idx, w):
-        rx, _, ridx, rw, tpe, handle = torch.ops.deep_ep.dispatch(
-            x, None, idx, w, buf.group_name, E, A, True, False)
-        y = torch.zeros_like(rx, dtype=torch.float32)
-        for j in range(E_loc):
-            y = y + (ridx == j).unsqueeze(1) * (rx.float() @ weights[j])
-        return torch.ops.deep_ep.combine(y.to(torch.bfloat16), handle, rw, buf.group_name), tpe
-
-    def new_inputs(seed):
-        gg = torch.Generator(device=dev).manual_seed(seed * 10 + rank)
-        x = torch.randn(M, H, device=dev, generator=gg).to(torch.bfloat16)
-        idx = torch.rand(M, E, device=dev, generator=gg).topk(K, dim=1).indices
-        idx = torch.where(torch.rand(M, K, device=dev, generator=gg) < 0.2, -1, idx)
-        w = torch.rand(M, K, device=dev, generator=gg)
-        return x, idx, w
-
-    sx, sidx, sw = new_inputs(0)
-    graph, (gout, gtpe) = capture_graph(lambda: step(sx, sidx, sw), warmup=2,
-                                        before_capture=lambda: dist.barrier(group=gloo))
-    for it in range(1, 21):
-        x, idx, w = new_inputs(it)
-        sx.copy_(x)
-        sidx.copy_(idx)
-        sw.copy_(w)
-        graph.replay()
-        got, got_tpe = gout.clone(), gtpe.clone()
-        want, want_tpe = step(x, idx, w)
-        torch.cuda.synchronize()
-        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"replay {it}"
-        assert torch.equal(got_tpe, want_tpe), f"replay {it} tokens_per_expert"
-    dist.barrier(group=gloo)
-    del graph
+    buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=32, hidden=128,
+                             num_topk=4, num_experts=4 * world, ranks_per_host=L)
+    step, new_inputs = moe_step(buf, rank, A=8)
+    check_graph_replays(step, new_inputs, gloo, 20)
 
     def fwd_bwd(fn, x, idx, w):
         xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
