@@ -63,7 +63,9 @@ class Buffer:
             then the host sums in ascending host order, so L is part of the result's rounding;
             on several hosts the row order and the handle follow the multi-host algorithm
             (deep_ep_ops.cpu.multihost). Setting it simulates several hosts on one machine.
-            The CUDA backend runs on one host only (more hosts: NotImplementedError).
+            On CUDA, several hosts run deep_ep_ops.cuda.multihost (NCCL between hosts, this
+            host's sub-Buffer inside it) for dispatch / cached_dispatch / combine; pp / cp /
+            engram need a group on one host there (NotImplementedError otherwise).
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, *,
@@ -108,20 +110,21 @@ class Buffer:
             raise ValueError(f"Buffer: transport must be one of {TRANSPORTS}, got {transport!r}")
         self.requested_transport = transport
         self.hosts: hosts.HostLayout = hosts.group_layout(self.group, ranks_per_host)
-        if self.device.type == "cuda" and self.hosts.num_hosts > 1:
-            raise NotImplementedError(
-                f"Buffer: the group spans {self.hosts.num_hosts} hosts of "
-                f"{self.hosts.ranks_per_host} ranks; the CUDA backend runs EP on one host "
-                "(multi-host dispatch / combine is not implemented yet; the CPU reference on a "
-                "gloo group computes its results)")
         self.id: int = registry.next_buffer_id()
         self.transport: Optional[str] = None
         self._engram: Optional[torch.Tensor] = None
         self._ep_state = None
         self._channel_state = None
+        self.multihost = None  # CUDA on several hosts: deep_ep_ops.cuda.multihost state
         registry.add(self)
         try:
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and self.hosts.num_hosts > 1:
+                from deep_ep_ops.cuda import multihost
+                inner = Buffer(multihost.host_group(self), **multihost.sub_buffer_args(self))
+                self.multihost = multihost.create(self, inner)
+                self.transport = self.multihost.inner.transport
+                registry.update(self)
+            elif self.device.type == "cuda":
                 from deep_ep_ops.cuda import channels, ep
                 self._ep_state, peer_memory = ep.create_state(self)
                 self._channel_state = channels.create_state(self, peer_memory)
@@ -131,7 +134,7 @@ class Buffer:
             # Release is collective and this rank cannot know how far its peers got: leak
             # what was made rather than wait for peers that may have failed elsewhere.
             registry.remove(self)
-            self._ep_state = self._channel_state = None
+            self._ep_state = self._channel_state = self.multihost = None
             raise
 
     @property
@@ -153,6 +156,10 @@ class Buffer:
     @property
     def ep_state(self):
         """CUDA state of dispatch / cached_dispatch / combine (its peer-memory window)."""
+        if self.multihost is not None:
+            raise RuntimeError(f"group {self.group_name!r} spans {self.num_hosts} hosts: its "
+                               "CUDA EP state is its host's sub-Buffer's "
+                               "(buf.multihost.inner.ep_state)")
         if self._ep_state is None:
             raise RuntimeError(f"group {self.group_name!r} ({self.backend}) has no CUDA state: "
                                "CUDA tensors need a Buffer on an NCCL group")
@@ -164,6 +171,11 @@ class Buffer:
     @property
     def channel_state(self):
         """CUDA state of pp_send_recv / cp_* / engram_* (a peer-memory window of their own)."""
+        if self.multihost is not None:
+            raise NotImplementedError(
+                f"group {self.group_name!r} spans {self.num_hosts} hosts: pp_send_recv, cp_* "
+                "and engram_* run on CUDA within one host only; make their Buffer on a group "
+                "of one host's ranks")
         if self._channel_state is None:
             raise RuntimeError(f"group {self.group_name!r} ({self.backend}) has no CUDA state: "
                                "CUDA tensors need a Buffer on an NCCL group")
@@ -229,6 +241,9 @@ class Buffer:
         self.group = None
 
     def _release_states(self) -> None:
+        if self.multihost is not None:
+            self.multihost.destroy()
+            self.multihost = None
         if self._channel_state is not None:
             from deep_ep_ops.cuda import channels
             channels.destroy_state(self._channel_state)  # frees the Engram tables too

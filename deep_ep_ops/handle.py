@@ -10,7 +10,9 @@ export and CUDA graphs see only tensors). ``T`` is recovered by shape arithmetic
 ``T = handle.size(0) - 1 - C`` where ``C`` is the row count of the dispatch output.
 
 Row 0, the header: ``[num_valid_rows, num_valid_groups, T, R, E, M, expand, A, K, buffer_id,
-C, 0...]``: ``buffer_id`` names the Buffer whose dispatch made the handle (``Buffer.id``, unique
+C, exact, 0...]``: ``exact`` is 1 when the handle was trimmed by ``exact=True`` (every rank's
+handle of one dispatch says the same, so cached_dispatch and combine on several hosts pick the
+same inter-host wire on every rank); ``buffer_id`` names the Buffer whose dispatch made the handle (``Buffer.id``, unique
 in the process) and ``C`` the rows that dispatch returned, so combine and cached_dispatch can
 tell a handle of another Buffer, group or dispatch from the right one.
 
@@ -77,7 +79,8 @@ HDR_ALIGNMENT = 7
 HDR_TOPK = 8
 HDR_BUFFER_ID = 9
 HDR_NUM_ROWS = 10
-NUM_HEADER_FIELDS = 11
+HDR_EXACT = 11
+NUM_HEADER_FIELDS = 12
 
 # send part
 SEND_NUM_DST = 0

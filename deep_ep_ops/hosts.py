@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from deep_ep_ops.meta.shapes import virtual_tokens
+
 
 def machine_id() -> str:
     """This machine: hostname plus the kernel's boot id (a container shares both with its host
@@ -34,6 +36,33 @@ class HostLayout:
 
     def host_of(self, rank: int) -> int:
         return rank // self.ranks_per_host
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    """Where one rank of a Buffer sits: N hosts of L ranks, host h, local index l, and its
+    Buffer's M; ``V = N*M`` virtual-token slots (slot ``h''*M + j``: rail row j from host h'')."""
+    N: int
+    L: int
+    h: int
+    l: int
+    M: int
+
+    @property
+    def V(self) -> int:
+        return virtual_tokens(self.N, self.M)
+
+    @property
+    def host_ranks(self) -> list[int]:
+        return [self.h * self.L + i for i in range(self.L)]
+
+
+def place_of(buf) -> RankPlace:
+    """The place of ``buf``'s rank (``buf``: a Buffer or a stand-in with ``hosts``, ``rank`` and
+    ``num_max_tokens_per_rank``)."""
+    L = buf.hosts.ranks_per_host
+    h, l = divmod(buf.rank, L)
+    return RankPlace(buf.hosts.num_hosts, L, h, l, buf.num_max_tokens_per_rank)
 
 
 def ranks_by_host(ids: list[str]) -> dict[str, list[int]]:

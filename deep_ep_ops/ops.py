@@ -27,13 +27,16 @@ from deep_ep_ops.cpu import pp_cp as cpu_pp_cp
 from deep_ep_ops.cuda import channels as cuda_channels
 from deep_ep_ops.cuda import ep as cuda_ep
 from deep_ep_ops.cuda import extension
+from deep_ep_ops.cuda import multihost as cuda_multihost
 from deep_ep_ops.meta import fake as _fake
-from deep_ep_ops.schemas import COMM_OPS, NAMESPACE, SCHEMAS
+from deep_ep_ops.schemas import COMM_OPS, MULTIHOST_SCHEMAS, NAMESPACE, SCHEMAS
 from deep_ep_ops.trim import trim_dispatch
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _schema in SCHEMAS.values():
     _lib.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
+for _schema in MULTIHOST_SCHEMAS.values():
+    _lib.define(_schema)
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,28 @@ class OpImpl:
     cuda: Optional[Callable]
 
 
+def _requested_wire() -> str:
+    """The inter-host wire the composite dispatch asked for: the Python composite's context
+    (``_dispatch``), or the C++ composite's (which serves CPU tensors too once the extension is
+    loaded)."""
+    ext = extension.loaded()
+    if ext is not None and ext.exact_wire_requested():
+        return "exact"
+    return cpu_interhost.current_wire()
+
+
+def _cpu_dispatch(buf, x, s, idx, w, E, A, expand):
+    with cpu_interhost.wire(_requested_wire()):
+        return cpu_ep.dispatch(buf, x, s, idx, w, E, A, expand)
+
+
 # The CPU reference takes no num_sms (it launches nothing).
 _OPS: dict[str, OpImpl] = {
     "_dispatch_static": OpImpl(
         lambda buf, x, s, idx, w, E, A, expand, num_sms:
             V.check_dispatch(buf, x, s, idx, w, E, A, num_sms),
         lambda buf, x, s, idx, w, E, A, expand, num_sms:
-            cpu_ep.dispatch(buf, x, s, idx, w, E, A, expand),
+            _cpu_dispatch(buf, x, s, idx, w, E, A, expand),
         cuda_ep.dispatch),
     "cached_dispatch": OpImpl(
         V.check_cached_dispatch,
@@ -119,7 +137,41 @@ def _trim_dispatch_cuda(*outputs):
     (the C++ kernels check handles against these records without a sync)."""
     trimmed = trim_dispatch(*outputs)
     cuda_ep.record_trimmed_handle(outputs[5], trimmed[5])
+    cuda_multihost.record_trimmed_handle(outputs[5], trimmed[5])
     return trimmed
+
+
+# The CUDA kernels of a Buffer spanning hosts (schemas.py MULTIHOST_SCHEMAS): the C++ kernels
+# of the public ops call them through the dispatcher and skip their own checks for such a
+# Buffer, so the Python checks run here.
+def _multihost_dispatch_static(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
+                               expert_alignment, expand, num_sms, exact_wire):
+    buf = registry.get(group_name)
+    V.check_dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts, expert_alignment,
+                     num_sms)
+    return cuda_multihost.dispatch_static(buf, x, x_scales, topk_idx, topk_weights,
+                                          num_experts, expert_alignment, expand, num_sms,
+                                          exact_wire)
+
+
+def _multihost_cached_dispatch(x, x_scales, handle, group_name, num_sms):
+    buf = registry.get(group_name)
+    V.check_cached_dispatch(buf, x, x_scales, handle, num_sms)
+    return cuda_multihost.cached_dispatch(buf, x, x_scales, handle, num_sms)
+
+
+def _multihost_combine(x, handle, weights, group_name, num_sms):
+    buf = registry.get(group_name)
+    V.check_combine(buf, x, handle, weights, num_sms)
+    return cuda_multihost.combine(buf, x, handle, weights, num_sms)
+
+
+_MULTIHOST_KERNELS: dict[str, tuple[Callable, Callable]] = {  # name -> (CUDA kernel, fake)
+    "_multihost_dispatch_static": (_multihost_dispatch_static,
+                                   lambda *args: _fake.dispatch_static(*args[:-1])),
+    "_multihost_cached_dispatch": (_multihost_cached_dispatch, _fake.cached_dispatch),
+    "_multihost_combine": (_multihost_combine, _fake.combine),
+}
 
 
 _KERNELS: dict[str, Callable] = {name: _entry(name) for name in _OPS}
@@ -185,6 +237,9 @@ def _register() -> None:
             # Other ranks wait for this rank's part of the collective: the compiler must
             # neither drop an op whose outputs are unused nor reorder two of them.
             torch.library._register_effectful_op(qualname, EffectType.ORDERED)
+    for name, (kernel, fake) in _MULTIHOST_KERNELS.items():
+        _lib.impl(name, kernel, "CUDA")
+        torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_lib)
     # dispatch is a composition: autograd, fake tensors and export see its two parts.
     _register_py_cuda()
     _autograd.register_all(_lib)

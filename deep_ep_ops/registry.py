@@ -86,4 +86,5 @@ def attach_kernel_table(ext: Any) -> None:
 
 def _publish(buf: BufferT) -> None:
     if _kernel_table is not None:
-        _kernel_table.register_group(buf.group_name, buf.backend, buf.ep_state_or_none())
+        _kernel_table.register_group(buf.group_name, buf.backend, buf.ep_state_or_none(),
+                                     getattr(buf, "multihost", None) is not None)

@@ -48,6 +48,29 @@ SCHEMAS: dict[str, str] = {
     ),
 }
 
+# The CUDA backend's multi-host composition (deep_ep_ops/cuda/multihost.py): the C++ CUDA kernels
+# of _dispatch_static / cached_dispatch / combine hand a Buffer whose group spans hosts to these
+# through the dispatcher (they run the inter-host stage and the single-host kernels of the
+# host's sub-Buffer). Same arguments and results as their public counterparts; the dispatch one
+# also takes the wire (exact: counts first, then only real rows between hosts). Only CUDA
+# kernels: nothing else calls them, so they are no part of the op contract.
+MULTIHOST_SCHEMAS: dict[str, str] = {
+    "_multihost_dispatch_static": (
+        "_multihost_dispatch_static(Tensor x, Tensor? x_scales, Tensor topk_idx, "
+        "Tensor topk_weights, str group_name, int num_experts, int expert_alignment, "
+        "bool expand, int num_sms, bool exact_wire) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "_multihost_cached_dispatch": (
+        "_multihost_cached_dispatch(Tensor x, Tensor? x_scales, Tensor handle, str group_name, "
+        "int num_sms) -> (Tensor, Tensor)"
+    ),
+    "_multihost_combine": (
+        "_multihost_combine(Tensor x, Tensor handle, Tensor? weights, str group_name, "
+        "int num_sms) -> Tensor"
+    ),
+}
+
 # Ops that talk to other ranks: none may be dropped or reordered by the compiler.
 COMM_OPS = ("_dispatch_static", "cached_dispatch", "combine", "engram_fetch", "pp_send_recv",
             "cp_all_gather", "cp_reduce_scatter", "_engram_scatter_add")

@@ -29,5 +29,6 @@ def trim_dispatch(recv_x: torch.Tensor, recv_x_scales: torch.Tensor,
     head = handle.shape[0] - recv_x.shape[0]
     trimmed = torch.cat([handle[:head], handle[head: head + n]])
     trimmed[0, H.HDR_NUM_ROWS] = n  # the rows this (exact) dispatch now returns
+    trimmed[0, H.HDR_EXACT] = 1  # later ops on several hosts use the exact wire
     return (recv_x[:n].clone(), recv_x_scales[:n].clone(), recv_topk_idx[:n].clone(),
             recv_topk_weights[:n].clone(), tokens_per_expert.clone(), trimmed)

@@ -14,6 +14,12 @@ from deep_ep_ops.handle import HEADER_ROWS, handle_width
 Size = Union[int, torch.SymInt]
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What sums run in (combine, reduce-scatter, Engram gradients): fp32 for every float type
+    but fp64, which keeps fp64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def align_up(value, alignment: int):
     """Round ``value`` up to a multiple of ``alignment`` (works on SymInts)."""
     return (value + alignment - 1) // alignment * alignment

@@ -49,7 +49,8 @@ namespace {
 
 struct GroupEntry {
   std::string backend;              // "nccl", "gloo", ...
-  std::shared_ptr<EpState> state;   // null: the Buffer has no CUDA state
+  std::shared_ptr<EpState> state;   // null: the Buffer has no CUDA state of its own
+  bool multi_host = false;          // the group spans hosts: deep_ep_ops/cuda/multihost.py
 };
 
 std::mutex g_mutex;
@@ -88,11 +89,15 @@ struct Named {
 // The EP state of the call's group. A Buffer without CUDA state (gloo) given CUDA tensors gets
 // the message of check_rules.py's device rule about its first CUDA tensor: written here, as it
 // comes before the rendered rules, which read facts of an EP state such a Buffer lacks.
+// nullptr: the group spans hosts, so the call goes to the multi-host composition (the
+// _multihost_* ops, deep_ep_ops/cuda/multihost.py: the inter-host stage, then these kernels on
+// the host's sub-Buffer), which checks its inputs itself.
 std::shared_ptr<EpState> state_of(const char* op, c10::string_view name,
                                   std::initializer_list<Named> tensors) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = groups().find(std::string(name.data(), name.size()));
   if (it == groups().end()) fail_missing_group(name);
+  if (it->second.multi_host) return nullptr;
   if (it->second.state) return it->second.state;
   for (const auto& n : tensors)
     if (n.t != nullptr && n.t->is_cuda())
@@ -100,6 +105,17 @@ std::shared_ptr<EpState> state_of(const char* op, c10::string_view name,
            desc(*n.t));
   value_error(std::string("deep_ep.") + op + ": group " + py_repr(name) + " has no CUDA state");
 }
+
+// The composite dispatch's exact flag for the multi-host wire (exact: counts first, then only
+// real rows between hosts). _dispatch_static has no such argument (its outputs do not depend
+// on it), so the composite hands it down the call it makes on this thread.
+thread_local bool t_exact_wire = false;
+
+struct ExactWireScope {
+  bool before;
+  explicit ExactWireScope(bool exact) : before(t_exact_wire) { t_exact_wire = exact; }
+  ~ExactWireScope() { t_exact_wire = before; }
+};
 
 // When the value checks run: validation.wants_value_checks for CUDA tensors, asked of the
 // runtime here (the environment, graph capture) as Python asks its own.
@@ -164,6 +180,10 @@ Out6 dispatch_static_cuda(const at::Tensor& x, const std::optional<at::Tensor>& 
   std::shared_ptr<EpState> st = state_of("dispatch", group_name,
                                         {{"x", &x}, {"x_scales", opt(x_scales)},
                                          {"topk_idx", &topk_idx}, {"topk_weights", &topk_weights}});
+  if (!st)
+    return multihost_dispatch_op().call(x, x_scales, topk_idx, topk_weights, group_name,
+                                        num_experts, expert_alignment, expand, num_sms,
+                                        t_exact_wire);
   check_dispatch(*st, group_name, x, x_scales, topk_idx, topk_weights, num_experts,
                  expert_alignment, num_sms);
   if (topk_idx.numel() > 0 && value_checks_requested(topk_idx))
@@ -183,6 +203,7 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch_cuda(const at::Tensor& x,
                                                         int64_t num_sms) {
   std::shared_ptr<EpState> st = state_of("cached_dispatch", group_name,
                                         {{"x", &x}, {"x_scales", opt(x_scales)}, {"handle", &handle}});
+  if (!st) return multihost_cached_dispatch_op().call(x, x_scales, handle, group_name, num_sms);
   check_cached_dispatch(*st, group_name, x, x_scales, handle, num_sms);
   check_handle_header(HandleUse::cached_dispatch, *st, group_name, handle, x.size(0));
   return cached_dispatch(*st, x, x_scales, handle, num_sms);
@@ -193,6 +214,7 @@ at::Tensor combine_cuda(const at::Tensor& x, const at::Tensor& handle,
                         int64_t num_sms) {
   std::shared_ptr<EpState> st = state_of("combine", group_name,
                                         {{"x", &x}, {"handle", &handle}, {"weights", opt(weights)}});
+  if (!st) return multihost_combine_op().call(x, handle, weights, group_name, num_sms);
   check_combine(*st, group_name, x, handle, weights, num_sms);
   check_handle_header(HandleUse::combine, *st, group_name, handle, x.size(0));
   return combine(*st, x, handle, weights, num_sms);
@@ -204,8 +226,12 @@ Out6 dispatch_composite(const at::Tensor& x, const std::optional<at::Tensor>& x_
                         const at::Tensor& topk_idx, const at::Tensor& topk_weights,
                         c10::string_view group_name, int64_t num_experts,
                         int64_t expert_alignment, bool expand, bool exact, int64_t num_sms) {
-  Out6 out = dispatch_static_op().call(x, x_scales, topk_idx, topk_weights, group_name,
-                                       num_experts, expert_alignment, expand, num_sms);
+  Out6 out;
+  {
+    ExactWireScope wire(exact);
+    out = dispatch_static_op().call(x, x_scales, topk_idx, topk_weights, group_name,
+                                    num_experts, expert_alignment, expand, num_sms);
+  }
   if (!exact) return out;
   return trim_dispatch_op().call(std::get<0>(out), std::get<1>(out), std::get<2>(out),
                                  std::get<3>(out), std::get<4>(out), std::get<5>(out));
@@ -241,15 +267,19 @@ std::vector<std::string> cpp_cuda_ops() { return {"_dispatch_static", "cached_di
 
 // deep_ep_ops/registry.py keeps this table equal to its own (it alone writes it).
 void register_group(const std::string& name, const std::string& backend,
-                    std::shared_ptr<EpState> state) {
+                    std::shared_ptr<EpState> state, bool multi_host) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  groups()[name] = GroupEntry{backend, std::move(state)};
+  groups()[name] = GroupEntry{backend, std::move(state), multi_host};
 }
 
 void unregister_group(const std::string& name) {
   std::lock_guard<std::mutex> lock(g_mutex);
   groups().erase(name);
 }
+
+// Whether the composite dispatch running on this thread asked for the exact wire (the CPU
+// reference's collective reads it: once loaded, the C++ composite serves CPU tensors too).
+bool exact_wire_requested() { return t_exact_wire; }
 
 std::vector<std::string> registered_groups() {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -264,7 +294,9 @@ void deep_ep_ops_bind_kernel_registry(pybind11::module_& m) {
   namespace deo = deep_ep_ops;
   m.def("register_kernels", &deo::register_kernels, pybind11::arg("composite") = true);
   m.def("cpp_cuda_ops", &deo::cpp_cuda_ops);
-  m.def("register_group", &deo::register_group);
+  m.def("register_group", &deo::register_group, pybind11::arg("name"), pybind11::arg("backend"),
+        pybind11::arg("state"), pybind11::arg("multi_host") = false);
   m.def("unregister_group", &deo::unregister_group);
   m.def("registered_groups", &deo::registered_groups);
+  m.def("exact_wire_requested", &deo::exact_wire_requested);
 }

@@ -10,6 +10,7 @@ void deep_ep_ops_bind_channels(pybind11::module_&);        // channel_bindings.c
 void deep_ep_ops_bind_kernel_registry(pybind11::module_&);  // ep_kernels.cpp
 void deep_ep_ops_bind_torch_autograd(pybind11::module_&);  // ep_autograd.cpp
 void deep_ep_ops_bind_handle_records(pybind11::module_&);  // handle_records.cpp
+void deep_ep_ops_bind_interhost(pybind11::module_&);        // interhost_bindings.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nccl_version_code", []() { return NCCL_VERSION_CODE; });
@@ -19,4 +20,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   deep_ep_ops_bind_kernel_registry(m);
   deep_ep_ops_bind_torch_autograd(m);
   deep_ep_ops_bind_handle_records(m);
+  deep_ep_ops_bind_interhost(m);
 }

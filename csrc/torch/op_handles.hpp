@@ -25,6 +25,10 @@ using CachedDispatchSig = Tensors2(const at::Tensor&, const std::optional<at::Te
                                    const at::Tensor&, c10::string_view, int64_t);
 using CombineSig = at::Tensor(const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, c10::string_view, int64_t);
+// _dispatch_static's arguments and the inter-host wire (exact: counts first)
+using MultihostDispatchSig = Tensors6(const at::Tensor&, const std::optional<at::Tensor>&,
+                                      const at::Tensor&, const at::Tensor&, c10::string_view,
+                                      int64_t, int64_t, bool, int64_t, bool);
 
 namespace detail {
 template <typename Sig>
@@ -47,6 +51,22 @@ inline const c10::TypedOperatorHandle<CachedDispatchSig>& cached_dispatch_op() {
 }
 inline const c10::TypedOperatorHandle<CombineSig>& combine_op() {
   static const auto op = detail::find_op<CombineSig>("deep_ep::combine");
+  return op;
+}
+
+// The multi-host composition (deep_ep_ops/cuda/multihost.py) of a Buffer spanning hosts.
+inline const c10::TypedOperatorHandle<MultihostDispatchSig>& multihost_dispatch_op() {
+  static const auto op =
+      detail::find_op<MultihostDispatchSig>("deep_ep::_multihost_dispatch_static");
+  return op;
+}
+inline const c10::TypedOperatorHandle<CachedDispatchSig>& multihost_cached_dispatch_op() {
+  static const auto op =
+      detail::find_op<CachedDispatchSig>("deep_ep::_multihost_cached_dispatch");
+  return op;
+}
+inline const c10::TypedOperatorHandle<CombineSig>& multihost_combine_op() {
+  static const auto op = detail::find_op<CombineSig>("deep_ep::_multihost_combine");
   return op;
 }
 

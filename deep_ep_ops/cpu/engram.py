@@ -5,8 +5,7 @@ import torch
 
 from deep_ep_ops.buffer import Buffer
 from deep_ep_ops.cpu.exchange import all_gather_parts, require_same
-from deep_ep_ops.cpu.moe import accumulation_dtype
-from deep_ep_ops.meta.shapes import engram_fetch_spec, engram_grad_spec
+from deep_ep_ops.meta.shapes import accumulation_dtype, engram_fetch_spec, engram_grad_spec
 
 
 def engram_fetch(buf: Buffer, table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

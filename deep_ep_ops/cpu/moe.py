@@ -14,13 +14,8 @@ from deep_ep_ops.buffer import Buffer
 from deep_ep_ops.cpu.exchange import (all_gather_parts, gather_parts, require_same,
                                       stack_rows)
 from deep_ep_ops.cpu.routing import build_handle, receive_layout
-from deep_ep_ops.meta.shapes import (cached_dispatch_specs, combine_spec, dispatch_specs,
-                                     static_capacity, tokens_from_handle)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for every float type but fp64, which keeps fp64 (gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from deep_ep_ops.meta.shapes import (accumulation_dtype, cached_dispatch_specs, combine_spec,
+                                     dispatch_specs, static_capacity, tokens_from_handle)
 
 
 def _zeros(spec) -> torch.Tensor:

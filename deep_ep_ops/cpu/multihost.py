@@ -40,33 +40,9 @@ import torch
 
 from deep_ep_ops import handle as H
 from deep_ep_ops.cpu import interhost, moe
-from deep_ep_ops.cpu.moe import accumulation_dtype
-from deep_ep_ops.meta.shapes import (buffer_num_hosts, cached_dispatch_specs, combine_spec,
-                                     static_capacity, tokens_from_handle, virtual_tokens)
-
-
-@dataclass(frozen=True)
-class _Place:
-    """Where this rank sits: N hosts of L ranks, host h, local index l, M, V."""
-    N: int
-    L: int
-    h: int
-    l: int
-    M: int
-
-    @property
-    def V(self) -> int:
-        return virtual_tokens(self.N, self.M)
-
-    @property
-    def host_ranks(self) -> list[int]:
-        return [self.h * self.L + i for i in range(self.L)]
-
-
-def _place(buf) -> _Place:
-    L = buf.hosts.ranks_per_host
-    h, l = divmod(buf.rank, L)
-    return _Place(buf.hosts.num_hosts, L, h, l, buf.num_max_tokens_per_rank)
+from deep_ep_ops.hosts import RankPlace, place_of
+from deep_ep_ops.meta.shapes import (accumulation_dtype, buffer_num_hosts, cached_dispatch_specs,
+                                     combine_spec, tokens_from_handle)
 
 
 def _stack(per_rank: list[torch.Tensor]) -> torch.Tensor:
@@ -83,7 +59,7 @@ def dispatch(buf, x: torch.Tensor, x_scales: Optional[torch.Tensor], topk_idx: t
     if buffer_num_hosts(buf) == 1:
         return moe.dispatch(buf, x, x_scales, topk_idx, topk_weights, num_experts,
                             expert_alignment, expand)
-    p = _place(buf)
+    p = place_of(buf)
     T = x.shape[0]
     E_host = num_experts // p.N  # experts per host: host h holds [h*E_host, (h+1)*E_host)
     idx = topk_idx.to(torch.int64)
@@ -128,7 +104,7 @@ def dispatch(buf, x: torch.Tensor, x_scales: Optional[torch.Tensor], topk_idx: t
     return (*outs[:5], handle)
 
 
-def _outer_handle(intra: torch.Tensor, buf, p: _Place, T: int, num_experts: int,
+def _outer_handle(intra: torch.Tensor, buf, p: RankPlace, T: int, num_experts: int,
                   dst_host: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """The multi-host handle from the intra-host one ``[1 + V + C, W]`` (whose header speaks of
     L ranks and V tokens): the group's header, the rail send part, then the intra-host rows."""
@@ -168,17 +144,15 @@ def _split(handle: torch.Tensor, num_rows: int, V: int) -> _Parts:
     return _Parts(T, handle[0], handle[H.HEADER_ROWS:at], handle[at:at + V], handle[at + V:])
 
 
-def _wire_for(buf, parts: _Parts, num_rows: int) -> str:
-    """The wire of a cached_dispatch / combine: exact after an exact dispatch (its handle was
-    trimmed below the static capacity, so the counts were on the host already), else static."""
-    K, R = buf.num_topk, buf.world_size
-    A, expand = int(parts.header[H.HDR_ALIGNMENT]), bool(parts.header[H.HDR_EXPAND])
-    E_loc = int(parts.header[H.HDR_NUM_EXPERTS]) // R
-    full = static_capacity(R, buf.num_max_tokens_per_rank, K, E_loc, A, expand)
-    return "exact" if num_rows < full else "static"
+def _wire_for(parts: _Parts) -> str:
+    """The wire of a cached_dispatch / combine: exact after an exact dispatch (the header's flag,
+    set by the trim on every rank alike: a rank whose trimmed rows happen to fill the static
+    capacity must not pick the static wire while its rail peers pick the exact one), else
+    static."""
+    return "exact" if int(parts.header[H.HDR_EXACT]) else "static"
 
 
-def _tokens_to(parts: _Parts, p: _Place, K: int, host: int) -> tuple[torch.Tensor,
+def _tokens_to(parts: _Parts, p: RankPlace, K: int, host: int) -> tuple[torch.Tensor,
                                                                       torch.Tensor]:
     """(tokens, their rail rows at ``host``) of this rank's tokens with an expert there, in
     rail-row order (= ascending token order)."""
@@ -190,7 +164,7 @@ def _tokens_to(parts: _Parts, p: _Place, K: int, host: int) -> tuple[torch.Tenso
     return tok, slots[tok, k] - p.h * p.M
 
 
-def _rail_counts_in(parts: _Parts, p: _Place) -> dict[int, int]:
+def _rail_counts_in(parts: _Parts, p: RankPlace) -> dict[int, int]:
     """Rail rows each other host sent here: its virtual slots in use (every rail row has an
     expert on this host)."""
     used = parts.virtual[:, H.SEND_NUM_DST] > 0
@@ -203,7 +177,7 @@ def cached_dispatch(buf, x: torch.Tensor, x_scales: Optional[torch.Tensor],
     """cached_dispatch on any number of hosts: the dispatch's two stages with new rows."""
     if buffer_num_hosts(buf) == 1:
         return moe.cached_dispatch(buf, x, x_scales, handle)
-    p = _place(buf)
+    p = place_of(buf)
     K = buf.num_topk
     spec_x, spec_s = cached_dispatch_specs(
         x.shape, x.dtype, x_scales.shape if x_scales is not None else None,
@@ -216,7 +190,7 @@ def cached_dispatch(buf, x: torch.Tensor, x_scales: Optional[torch.Tensor],
         if host != p.h:
             tok, _ = _tokens_to(parts, p, K, host)
             rows_by_host[host] = [t[tok] for t in own]
-    stage = interhost.make_stage(buf, _wire_for(buf, parts, C))
+    stage = interhost.make_stage(buf, _wire_for(parts))
     received = stage.exchange_rows("cached_dispatch", rows_by_host, (0, 0),
                                    expect=_rail_counts_in(parts, p))
     virtual = [torch.zeros((p.V, *t.shape[1:]), dtype=t.dtype) for t in own]
@@ -240,7 +214,7 @@ def combine(buf, x: torch.Tensor, handle: torch.Tensor,
     the rank partials), fp32 throughout (fp64 for fp64), rounded once to x's dtype."""
     if buffer_num_hosts(buf) == 1:
         return moe.combine(buf, x, handle, weights)
-    p = _place(buf)
+    p = place_of(buf)
     K = buf.num_topk
     C, width = x.shape
     acc = accumulation_dtype(x.dtype)
@@ -257,7 +231,7 @@ def combine(buf, x: torch.Tensor, handle: torch.Tensor,
     counts_in = _rail_counts_in(parts, p)
     back = {host: host_sum[host * p.M: host * p.M + counts_in[host]] for host in counts_in}
     tokens = {host: _tokens_to(parts, p, K, host) for host in range(p.N)}
-    stage = interhost.make_stage(buf, _wire_for(buf, parts, C))
+    stage = interhost.make_stage(buf, _wire_for(parts))
     returned = stage.return_partials("combine", back, expect={
         host: int(tok.numel()) for host, (tok, _) in tokens.items() if host != p.h})
 

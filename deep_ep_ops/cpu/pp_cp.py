@@ -8,8 +8,8 @@ import torch
 
 from deep_ep_ops.buffer import Buffer
 from deep_ep_ops.cpu.exchange import all_gather_parts, require_same, send_recv_parts
-from deep_ep_ops.cpu.moe import accumulation_dtype
-from deep_ep_ops.meta.shapes import cp_all_gather_spec, cp_reduce_scatter_spec, pp_recv_spec
+from deep_ep_ops.meta.shapes import (accumulation_dtype, cp_all_gather_spec,
+                                     cp_reduce_scatter_spec, pp_recv_spec)
 
 
 def pp_send_recv(buf: Buffer, send: torch.Tensor, dst: int, src: int,

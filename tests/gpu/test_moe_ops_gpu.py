@@ -178,16 +178,13 @@ def test_dispatch_combine_bitwise(world):
     run_on_gpus(_check_all, world, 1234)
 
 
-def _graph_body(rank, world, gloo):
-    """dispatch -> per-expert matmul -> combine captured once, replayed with new inputs and
-    routing copied into the static inputs; every replay equals the eager run."""
-    import deep_ep_ops
-    import torch.distributed as dist
+def moe_step(buf, rank, A):
+    """``(step, new_inputs)``: ``step(x, idx, w)`` = dispatch -> per-expert matmul -> combine
+    on ``buf`` (bf16 rows, expert-major with alignment A), returning (out, tokens_per_expert);
+    ``new_inputs(seed)`` = M tokens with new rows and routing (-1 entries too)."""
     dev = rank_device()
-    M, H, K, E, A = 128, 256, 4, 8 * world, 16
-    E_loc = E // world
-    buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=M, hidden=H, num_topk=K,
-                             num_experts=E)
+    M, H, K, E = buf.num_max_tokens_per_rank, buf.hidden, buf.num_topk, buf.num_experts
+    E_loc = E // buf.world_size
     g = torch.Generator(device=dev).manual_seed(rank)
     weights = torch.randn(E_loc, H, H, device=dev, generator=g) / H ** 0.5
 
@@ -207,10 +204,17 @@ def _graph_body(rank, world, gloo):
         w = torch.rand(M, K, device=dev, generator=gg)
         return x, idx, w
 
+    return step, new_inputs
+
+
+def check_graph_replays(step, new_inputs, gloo, replays: int) -> None:
+    """``step`` captured once in a CUDA graph, replayed ``replays`` times with new tokens and
+    routing copied into its static inputs; every replay equals the eager run bitwise."""
+    import torch.distributed as dist
     sx, sidx, sw = new_inputs(0)
     graph, (gout, gtpe) = capture_graph(lambda: step(sx, sidx, sw), warmup=2,
                                         before_capture=lambda: dist.barrier(group=gloo))
-    for it in range(1, 101):  # 100 replays, each with new tokens and new routing
+    for it in range(1, replays + 1):
         x, idx, w = new_inputs(it)
         sx.copy_(x)
         sidx.copy_(idx)
@@ -223,6 +227,16 @@ def _graph_body(rank, world, gloo):
         assert torch.equal(got_tpe, want_tpe), f"replay {it} tokens_per_expert"
     dist.barrier(group=gloo)
     del graph
+
+
+def _graph_body(rank, world, gloo):
+    """dispatch -> per-expert matmul -> combine, 100 graph replays with new routing."""
+    import deep_ep_ops
+    import torch.distributed as dist
+    buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=128, hidden=256,
+                             num_topk=4, num_experts=8 * world)
+    step, new_inputs = moe_step(buf, rank, A=16)
+    check_graph_replays(step, new_inputs, gloo, 100)
     buf.destroy()
 
 

@@ -1,0 +1,127 @@
+"""The CUDA inter-host stage: rows between rail peers over NCCL (csrc/interhost/).
+
+Rank ``(h, l)`` (group rank ``h*L + l``) talks across hosts only to its rail peers ``(h', l)``,
+as in the CPU reference (``deep_ep_ops.cpu.interhost``). The stage owns one NCCL communicator
+over its rail (rail rank = host), made from an ``ncclUniqueId`` that rail rank 0 (group rank
+``l``) creates and the group all-gathers, as the IPC transport exchanges its handles.
+
+Data is laid out in per-host slots: ``send[h']`` holds what goes to host h', ``recv[h'']``
+receives what comes from host h'' (tensors ``[N, M, ...]``; the own host's slot is neither sent
+nor written). Static wire: every slot's ``M`` rows cross (sizes fixed: CUDA-graph capturable).
+Exact wire: ``counts`` first (one int64 per rail pair over NCCL, then one stream sync to read
+them), then only the first ``rows[h]`` rows of each slot.
+
+Used nowhere yet but ``tests/gpu/test_interhost_gpu.py``: the CUDA Buffer still refuses groups
+that span hosts (the intra-host stage on virtual tokens is not built), so this takes the group
+and its ``HostLayout`` rather than a Buffer; ``for_buffer`` is the call a multi-host Buffer
+will make.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from deep_ep_ops.cuda import extension, transport
+from deep_ep_ops.hosts import HostLayout
+
+
+class RailStage:
+    """One rank's inter-host stage (collective to create and to destroy over the group)."""
+
+    def __init__(self, group: dist.ProcessGroup, layout: HostLayout,
+                 device: Optional[torch.device] = None) -> None:
+        self.rank = dist.get_rank(group)
+        self.layout = layout
+        if dist.get_world_size(group) != layout.num_hosts * layout.ranks_per_host:
+            raise ValueError(f"inter-host stage: a group of {dist.get_world_size(group)} ranks "
+                             f"is not {layout.num_hosts} hosts of {layout.ranks_per_host}")
+        self.host, self.local = divmod(self.rank, layout.ranks_per_host)
+        self.num_hosts = layout.num_hosts
+        self.device = device if device is not None else \
+            torch.device("cuda", torch.cuda.current_device())
+        index = self.device.index if self.device.index is not None else \
+            (torch.cuda.current_device() if self.device.type == "cuda" else 0)
+        ext = extension.module()
+        gather = transport.bytes_all_gather(group)
+        # Rail l's rank 0 is host 0's rank l, i.e. group rank l: it makes the id.
+        ids = gather(ext.nccl_rail_unique_id() if self.host == 0 else b"")
+        failure = ""
+        self._stage = None
+        try:
+            self._stage = ext.nccl_rail_stage(ids[self.local], self.rank, layout.num_hosts,
+                                              layout.ranks_per_host, index)
+        except (RuntimeError, ValueError) as exc:  # NCCL errors, a missing id
+            failure = str(exc)
+        # Every rank learns every failure, so none goes on to use a half-made stage.
+        outcomes = gather(failure.encode())
+        bad = [f"rank {r}: {o.decode()}" for r, o in enumerate(outcomes) if o]
+        if bad:
+            raise RuntimeError("deep_ep_ops: creating the inter-host stage failed (" +
+                               "; ".join(bad) + ")")
+        self._recv_counts = torch.zeros(self.num_hosts, dtype=torch.int64, device=self.device)
+
+    def peers(self) -> list[int]:
+        """The other hosts, ascending."""
+        return [h for h in range(self.num_hosts) if h != self.host]
+
+    def _parts(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor],
+               send_rows: Optional[Sequence[int]], recv_rows: Optional[Sequence[int]]):
+        if len(send) != len(recv):
+            raise ValueError(f"inter-host stage: {len(send)} tensors sent, {len(recv)} received")
+        parts = []
+        for h in self.peers():
+            for s, r in zip(send, recv):
+                if s.shape[0] != self.num_hosts or r.shape[0] != self.num_hosts:
+                    raise ValueError(f"inter-host stage: slot tensors need {self.num_hosts} "
+                                     f"host slots in dim 0, got {tuple(s.shape)} and "
+                                     f"{tuple(r.shape)}")
+                s_h = s[h] if send_rows is None else s[h, :int(send_rows[h])]
+                r_h = r[h] if recv_rows is None else r[h, :int(recv_rows[h])]
+                parts.append((h, s_h, r_h))
+        return parts
+
+    def exchange_rows(self, op: str, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor],
+                      send_rows: Optional[Sequence[int]] = None,
+                      recv_rows: Optional[Sequence[int]] = None) -> None:
+        """Dispatch direction: slot h' of every ``send`` tensor to host h''s rail peer. Rows
+        None: whole slots (static wire); else the first ``rows[h]`` rows (exact wire)."""
+        self._stage.exchange_rows(op, self._parts(send, recv, send_rows, recv_rows))
+
+    def return_partials(self, op: str, send: Sequence[torch.Tensor],
+                        recv: Sequence[torch.Tensor],
+                        send_rows: Optional[Sequence[int]] = None,
+                        recv_rows: Optional[Sequence[int]] = None) -> None:
+        """Combine direction, same slots and rows as ``exchange_rows``."""
+        self._stage.return_partials(op, self._parts(send, recv, send_rows, recv_rows))
+
+    def counts(self, op: str, send_counts: torch.Tensor) -> tuple[list[int], list[int]]:
+        """The exact wire's first message: ``send_counts[h']`` (int64 ``[N]`` on the device) to
+        each rail peer; returns (sent, received) counts per host on the host (one sync; the
+        own host's entries 0)."""
+        sent, received = self._stage.counts_to_host(op, send_counts, self._recv_counts)
+        return list(sent), list(received)
+
+    @property
+    def alive(self) -> bool:
+        return self._stage is not None and self._stage.alive
+
+    def destroy(self) -> None:
+        """Collective over the rail: finalize and free the communicator (drop CUDA graphs that
+        captured its transfers first)."""
+        if self._stage is not None and self._stage.alive:
+            if self.device.type == "cuda":  # no transfer of ours still queued on any stream
+                torch.cuda.synchronize(self.device)
+            self._stage.destroy()
+
+
+def rail_stage(group: dist.ProcessGroup, layout: HostLayout,
+               device: Optional[torch.device] = None) -> RailStage:
+    """The inter-host stage of this rank of ``group`` (collective over the group)."""
+    return RailStage(group, layout, device)
+
+
+def for_buffer(buf) -> RailStage:
+    """The stage of a Buffer whose hosts are known (``buf.hosts``); collective."""
+    return RailStage(buf.group, buf.hosts, buf.device)
