@@ -18,20 +18,25 @@ will make.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from deep_ep_ops.cuda import extension, transport
+from deep_ep_ops.cuda.stall_watch import StallWatch
 from deep_ep_ops.hosts import HostLayout
+
+DEFAULT_TIMEOUT_S = 30.0
 
 
 class RailStage:
     """One rank's inter-host stage (collective to create and to destroy over the group)."""
 
     def __init__(self, group: dist.ProcessGroup, layout: HostLayout,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.rank = dist.get_rank(group)
         self.layout = layout
         if dist.get_world_size(group) != layout.num_hosts * layout.ranks_per_host:
@@ -61,6 +66,24 @@ class RailStage:
             raise RuntimeError("deep_ep_ops: creating the inter-host stage failed (" +
                                "; ".join(bad) + ")")
         self._recv_counts = torch.zeros(self.num_hosts, dtype=torch.int64, device=self.device)
+        # NCCL has no timeout of its own here: a rail peer that never posts its side is
+        # reported (host and rank) by the watch, and the next transfer raises it
+        self.watch = StallWatch(timeout_s)
+
+    def _waiting_for(self, op: str) -> str:
+        L = self.layout.ranks_per_host
+        peers = ", ".join(f"host {h} (rank {h * L + self.local})" for h in self.peers())
+        return (f"deep_ep.{op}: rank {self.rank} (host {self.host}, local index {self.local}) "
+                f"waits for its rail peers on {peers}")
+
+    def _enqueued(self, op: str) -> None:
+        """Follow the transfer just enqueued on the current stream (not while capturing: a
+        captured transfer runs at replay)."""
+        if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return  # (a CPU stand-in of the extension in the glue tests has no stream)
+        done = torch.cuda.Event()
+        done.record()
+        self.watch.track(done.query, self._waiting_for(op))
 
     def peers(self) -> list[int]:
         """The other hosts, ascending."""
@@ -87,20 +110,29 @@ class RailStage:
                       recv_rows: Optional[Sequence[int]] = None) -> None:
         """Dispatch direction: slot h' of every ``send`` tensor to host h''s rail peer. Rows
         None: whole slots (static wire); else the first ``rows[h]`` rows (exact wire)."""
+        self.watch.raise_if_stalled()
         self._stage.exchange_rows(op, self._parts(send, recv, send_rows, recv_rows))
+        self._enqueued(op)
 
     def return_partials(self, op: str, send: Sequence[torch.Tensor],
                         recv: Sequence[torch.Tensor],
                         send_rows: Optional[Sequence[int]] = None,
                         recv_rows: Optional[Sequence[int]] = None) -> None:
         """Combine direction, same slots and rows as ``exchange_rows``."""
+        self.watch.raise_if_stalled()
         self._stage.return_partials(op, self._parts(send, recv, send_rows, recv_rows))
+        self._enqueued(op)
 
     def counts(self, op: str, send_counts: torch.Tensor) -> tuple[list[int], list[int]]:
         """The exact wire's first message: ``send_counts[h']`` (int64 ``[N]`` on the device) to
         each rail peer; returns (sent, received) counts per host on the host (one sync; the
         own host's entries 0)."""
-        sent, received = self._stage.counts_to_host(op, send_counts, self._recv_counts)
+        finished = threading.Event()  # the call blocks in its sync: watch it from outside
+        self.watch.track(finished.is_set, self._waiting_for(op))
+        try:
+            sent, received = self._stage.counts_to_host(op, send_counts, self._recv_counts)
+        finally:
+            finished.set()
         return list(sent), list(received)
 
     @property
@@ -110,6 +142,7 @@ class RailStage:
     def destroy(self) -> None:
         """Collective over the rail: finalize and free the communicator (drop CUDA graphs that
         captured its transfers first)."""
+        self.watch.stop()
         if self._stage is not None and self._stage.alive:
             if self.device.type == "cuda":  # no transfer of ours still queued on any stream
                 torch.cuda.synchronize(self.device)
@@ -117,11 +150,13 @@ class RailStage:
 
 
 def rail_stage(group: dist.ProcessGroup, layout: HostLayout,
-               device: Optional[torch.device] = None) -> RailStage:
+               device: Optional[torch.device] = None,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> RailStage:
     """The inter-host stage of this rank of ``group`` (collective over the group)."""
-    return RailStage(group, layout, device)
+    return RailStage(group, layout, device, timeout_s)
 
 
 def for_buffer(buf) -> RailStage:
-    """The stage of a Buffer whose hosts are known (``buf.hosts``); collective."""
-    return RailStage(buf.group, buf.hosts, buf.device)
+    """The stage of a Buffer whose hosts are known (``buf.hosts``; its ``timeout_s`` for the
+    stall reports); collective."""
+    return RailStage(buf.group, buf.hosts, buf.device, buf.timeout_s)

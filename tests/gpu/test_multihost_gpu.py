@@ -161,6 +161,40 @@ def _graph_compile_body(rank, world, gloo, L):
     buf.destroy()
 
 
+def _stall_body(rank, world, gloo, L):
+    """The ranks of host 1 enter a dispatch 5 s late (timeout_s = 2): host 0's ranks return
+    from theirs (static wire: nothing waits on the host), their stage reports the rail peer on
+    host 1 by rank, and their next dispatch raises naming it; once host 1 comes, everything
+    finishes."""
+    import time
+
+    import deep_ep_ops
+    dev = rank_device()
+    M, H, K, E = 16, 128, 2, 4 * world
+    buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=M, hidden=H, num_topk=K,
+                             num_experts=E, timeout_s=2.0, ranks_per_host=L)
+    h, l = divmod(rank, L)
+    x = torch.randn(M, H, device=dev).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(M)])
+    w = torch.rand(M, K, device=dev)
+    watch = buf.multihost.stage.watch
+    if h == 0:
+        torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
+        time.sleep(3.5)
+        assert len(watch.stalls) == 1, watch.stalls
+        assert f"host 1 (rank {L + l})" in watch.stalls[0] and "deep_ep.dispatch" in \
+            watch.stalls[0], watch.stalls[0]
+        with pytest.raises(RuntimeError, match=rf"host 1 \(rank {L + l}\).*never finished"):
+            torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
+    else:
+        time.sleep(5.0)
+        torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
+    torch.cuda.synchronize()
+    dist.barrier(group=gloo)
+    watch.raise_if_stalled()  # the late peer came: nothing pending any more
+    buf.destroy()
+
+
 def _skip_unless_simulated_hosts() -> None:
     if gpus() == 0:
         pytest.skip("needs a CUDA GPU")
@@ -175,6 +209,12 @@ TOPOLOGIES = [(4, 2), (8, 2), (8, 4)]  # (ranks, ranks per host): 2x2, 4x2, 2x4
 def test_multihost_bitwise(world: int, L: int) -> None:
     _skip_unless_simulated_hosts()
     run_gpus(_bitwise_body, world, L, per_gpu=world)
+
+
+@pytest.mark.parametrize("world,L", [(4, 2)])
+def test_multihost_stalled_rank_named(world: int, L: int) -> None:
+    _skip_unless_simulated_hosts()
+    run_gpus(_stall_body, world, L, per_gpu=world)
 
 
 @pytest.mark.parametrize("world,L", [(4, 2)])

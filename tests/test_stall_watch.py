@@ -1,0 +1,64 @@
+"""deep_ep_ops.cuda.stall_watch on CPU: a transfer pending past the timeout is reported once,
+naming what the stage said it waits for, and the next transfer raises it while it is still
+pending; finished transfers are forgotten; the background thread reports without any call."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from deep_ep_ops.cuda.stall_watch import StallWatch
+
+WAITS = ("deep_ep.dispatch: rank 0 (host 0, local index 0) waits for its rail peers on host 1 "
+         "(rank 2)")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_reports_once_then_raises_while_pending() -> None:
+    clock, reports = _Clock(), []
+    watch = StallWatch(5.0, clock=clock, report=reports.append)
+    finished = threading.Event()
+    watch.track(finished.is_set, WAITS)
+    clock.now = 4.9
+    watch.check()
+    assert reports == [] and watch.stalls == []
+    clock.now = 5.2
+    watch.check()
+    watch.check()
+    assert len(reports) == 1 and reports == watch.stalls
+    assert reports[0].startswith(WAITS) and "5.2 s" in reports[0] and "timeout_s=5" in reports[0]
+    with pytest.raises(RuntimeError, match=r"rank 0 \(host 0.*host 1 \(rank 2\).*never finished"):
+        watch.track(lambda: True, "the next transfer")
+    finished.set()  # the peer came after all: nothing pending, nothing raised
+    watch.track(lambda: True, "the next transfer")
+    watch.stop()
+
+
+def test_finished_transfers_are_forgotten() -> None:
+    clock, reports = _Clock(), []
+    watch = StallWatch(1.0, clock=clock, report=reports.append)
+    for _ in range(3):
+        watch.track(lambda: True, WAITS)
+    clock.now = 10.0
+    watch.raise_if_stalled()
+    assert reports == []
+    watch.stop()
+
+
+def test_thread_reports_without_a_call() -> None:
+    reports = []
+    watch = StallWatch(0.2, poll_s=0.05, report=reports.append)
+    watch.track(lambda: False, WAITS)
+    deadline = time.monotonic() + 5
+    while not reports and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watch.stop()
+    assert len(reports) == 1 and reports[0].startswith(WAITS)
