@@ -237,10 +237,18 @@ class Tensor(Expr):
 
 
 @dataclass(eq=False)
-class Call(Expr):
+class OfTensor(Expr):
+    """A node that reads one tensor argument (its ``args`` is that tensor's name)."""
+    tensor: Tensor
+
+    def args(self) -> set[str]:
+        return {self.tensor.name}
+
+
+@dataclass(eq=False)
+class Call(OfTensor):
     """A property of a tensor argument (dim, a size, where it is): ``py_of(name)`` and
     ``cpp_of(member access)`` give its texts."""
-    tensor: Tensor
     py_of: Callable[[str], str]
     cpp_of: Callable[[str], str]
     kind: str = "int"
@@ -251,14 +259,10 @@ class Call(Expr):
     def cpp(self) -> str:
         return self.cpp_of(self.tensor._member())
 
-    def args(self) -> set[str]:
-        return {self.tensor.name}
-
 
 @dataclass(eq=False)
-class Strides(Expr):
+class Strides(OfTensor):
     """``strides <Python's tuple of the strides>``: what a rule on the memory layout shows."""
-    tensor: Tensor
     kind = "str"
 
     def py(self) -> str:
@@ -267,13 +271,9 @@ class Strides(Expr):
     def cpp(self) -> str:
         return f'"strides " + py_tuple({self.tensor._member()}strides())'
 
-    def args(self) -> set[str]:
-        return {self.tensor.name}
-
 
 @dataclass(eq=False)
-class DtypeIs(Expr):
-    tensor: Tensor
+class DtypeIs(OfTensor):
     cls: DtypeClass
     kind = "bool"
 
@@ -283,14 +283,10 @@ class DtypeIs(Expr):
     def cpp(self) -> str:
         return f"{self.cls.cpp_fn}({self.tensor._member()}scalar_type())"
 
-    def args(self) -> set[str]:
-        return {self.tensor.name}
-
 
 @dataclass(eq=False)
-class Given(Expr):
+class Given(OfTensor):
     """An optional tensor is not None."""
-    tensor: Tensor
     kind = "bool"
 
     def py(self) -> str:
@@ -298,9 +294,6 @@ class Given(Expr):
 
     def cpp(self) -> str:
         return f"({self.tensor.name} != nullptr)"
-
-    def args(self) -> set[str]:
-        return {self.tensor.name}
 
 
 @dataclass(eq=False)
@@ -404,20 +397,16 @@ class HeaderField(Expr):
 # ---- the entries of a tensor (value checks: they read the data) ----------------------------
 
 @dataclass(eq=False)
-class Entry(Expr):
+class Entry(OfTensor):
     """Each entry of an int tensor argument, as an int64: Python the tensor itself (the
     conditions run elementwise on it, on its device), C++ ``v[i]``, one entry of its host copy
     (the rendered loop's)."""
-    tensor: Tensor
 
     def py(self) -> str:
         return self.tensor.name
 
     def cpp(self) -> str:
         return "v[i]"
-
-    def args(self) -> set[str]:
-        return {self.tensor.name}
 
 
 @dataclass(eq=False)
