@@ -32,7 +32,7 @@ and torch.compile see the public ops only.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -183,20 +183,31 @@ def _rail_rows_from_handle(handle: torch.Tensor, p: RankPlace, T: int, K: int
     return torch.where(there, (slots - p.h * p.M).unsqueeze(-1), -1).amax(1)
 
 
-def _pack(parts: Sequence[torch.Tensor], fills: Sequence[float], rail_rows: torch.Tensor,
-          p: RankPlace) -> list[torch.Tensor]:
-    """Send slots ``[N*M + 1, ...]``: part rows of every token with an expert on host g at
+def _pack(parts_for: Callable[[int], Sequence[torch.Tensor]], own: Sequence[torch.Tensor],
+          fills: Sequence[float], rail_rows: torch.Tensor, p: RankPlace) -> list[torch.Tensor]:
+    """Send slots ``[N*M + 1, ...]``: the rows of ``parts_for(g)`` (``[T, ...]`` each, shaped
+    like ``own``; what host g gets) of every token with an expert on host g at
     ``g*M + rail row`` (other hosts only); the rest ``fill``; row N*M takes masked writes."""
     dump = p.N * p.M
-    sends = [_slots(t, p.N, p.M, f, extra=1) for t, f in zip(parts, fills)]
+    sends = [_slots(t, p.N, p.M, f, extra=1) for t, f in zip(own, fills)]
     for g in range(p.N):
         if g == p.h:
             continue
         rows = rail_rows[:, g]
         dst = torch.where(rows >= 0, g * p.M + rows, dump)
-        for s, t in zip(sends, parts):
+        for s, t in zip(sends, parts_for(g)):
             s.index_copy_(0, dst, _raw(t))
     return sends
+
+
+def _virtual(own: Sequence[torch.Tensor], fills: Sequence[float], p: RankPlace
+             ) -> list[torch.Tensor]:
+    """This rank's virtual tokens ``[N*M, ...]`` before the exchange: its own rows at slot
+    ``h*M + t``, the rest ``fill`` (the other hosts' slots are received into)."""
+    virtual = [_slots(t, p.N, p.M, f) for t, f in zip(own, fills)]
+    for v, t in zip(virtual, own):
+        v[p.h * p.M:p.h * p.M + t.shape[0]] = _raw(t)
+    return virtual
 
 
 def _exchange(op: str, stage: interhost.RailStage, sends: Sequence[torch.Tensor],
@@ -212,16 +223,23 @@ def _exchange(op: str, stage: interhost.RailStage, sends: Sequence[torch.Tensor]
         stage.exchange_rows(op, s, r, send_rows=sent, recv_rows=received)
 
 
+def _header(handle: torch.Tensor, values: dict[int, int]) -> torch.Tensor:
+    """A copy of ``handle``'s header row with ``values`` (column -> value) written by fill
+    kernels (no host copy: capturable)."""
+    header = handle[:H.HEADER_ROWS].clone()
+    for col, value in values.items():
+        header[0, col:col + 1].fill_(value)
+    return header
+
+
 def _inner_handle(handle: torch.Tensor, mh: MultiHostState, T: int, num_experts: int
                   ) -> torch.Tensor:
     """The sub-Buffer's handle ``[1 + V + C, W]``: its header (L ranks, V tokens, the host's
     experts, the sub-Buffer's id), the virtual part and the receive part."""
     p = mh.place
-    header = handle[:H.HEADER_ROWS].clone()
-    for col, value in ((H.HDR_NUM_TOKENS, p.V), (H.HDR_NUM_RANKS, p.L),
-                       (H.HDR_NUM_EXPERTS, num_experts // p.N), (H.HDR_MAX_TOKENS, p.V),
-                       (H.HDR_BUFFER_ID, mh.inner.id)):
-        header[0, col:col + 1].fill_(value)  # a fill kernel: no host copy (graph capture)
+    header = _header(handle, {H.HDR_NUM_TOKENS: p.V, H.HDR_NUM_RANKS: p.L,
+                              H.HDR_NUM_EXPERTS: num_experts // p.N, H.HDR_MAX_TOKENS: p.V,
+                              H.HDR_BUFFER_ID: mh.inner.id})
     return torch.cat([header, handle[H.HEADER_ROWS + T:]])
 
 
@@ -246,21 +264,14 @@ def dispatch_static(buf: BufferT, x: torch.Tensor, x_scales: Optional[torch.Tens
         return torch.where(dst_host == g, idx, -1)
 
     fills = (-1, 0, 0, 0)
-    parts = [idx, x, topk_weights] + ([x_scales] if x_scales is not None else [])
-    sends = [_slots(t, p.N, p.M, f, extra=1) for t, f in zip(parts, fills)]
-    dump = p.N * p.M
-    for g in range(p.N):
-        if g == p.h:
-            continue
-        dst = torch.where(rail_rows[:, g] >= 0, g * p.M + rail_rows[:, g], dump)
-        sends[0].index_copy_(0, dst, restricted(g))
-        for s, t in zip(sends[1:], parts[1:]):
-            s.index_copy_(0, dst, _raw(t))
-    # the virtual tokens: what arrives, and this rank's own tokens at slot h*M + t
-    virtual = [_slots(t, p.N, p.M, f) for t, f in zip(parts, fills)]
-    own = [restricted(p.h)] + parts[1:]
-    for v, t in zip(virtual, own):
-        v[p.h * p.M:p.h * p.M + T] = _raw(t)
+    rest = [x, topk_weights] + ([x_scales] if x_scales is not None else [])
+
+    def parts_for(g: int) -> list[torch.Tensor]:
+        return [restricted(g)] + rest
+
+    own = parts_for(p.h)
+    sends = _pack(parts_for, own, fills, rail_rows, p)
+    virtual = _virtual(own, fills, p)
     counts = None
     if exact_wire:
         send_counts = to_host.sum(0)
@@ -295,11 +306,9 @@ def _outer_handle(intra: torch.Tensor, buf: BufferT, p: RankPlace, T: int, num_e
     rail_row = slot.gather(1, dst_host.clamp(min=0))
     send[:, H.rail_dst_slot(K):H.rail_dst_slot(K) + K] = \
         torch.where(dst_host >= 0, p.h * p.M + rail_row, -1)
-    header = intra[:H.HEADER_ROWS].clone()
-    for col, value in ((H.HDR_NUM_TOKENS, T), (H.HDR_NUM_RANKS, buf.world_size),
-                       (H.HDR_NUM_EXPERTS, num_experts), (H.HDR_MAX_TOKENS, p.M),
-                       (H.HDR_BUFFER_ID, buf.id)):
-        header[0, col:col + 1].fill_(value)  # a fill kernel: no host copy (graph capture)
+    header = _header(intra, {H.HDR_NUM_TOKENS: T, H.HDR_NUM_RANKS: buf.world_size,
+                             H.HDR_NUM_EXPERTS: num_experts, H.HDR_MAX_TOKENS: p.M,
+                             H.HDR_BUFFER_ID: buf.id})
     return torch.cat([header, send.to(torch.int32), intra[H.HEADER_ROWS:]])
 
 
@@ -311,10 +320,8 @@ def cached_dispatch(buf: BufferT, x: torch.Tensor, x_scales: Optional[torch.Tens
     T, K = x.shape[0], buf.num_topk
     rail_rows = _rail_rows_from_handle(handle, p, T, K)
     parts = [x] + ([x_scales] if x_scales is not None else [])
-    sends = _pack(parts, (0, 0), rail_rows, p)
-    virtual = [_slots(t, p.N, p.M, 0) for t in parts]
-    for v, t in zip(virtual, parts):
-        v[p.h * p.M:p.h * p.M + T] = _raw(t)
+    sends = _pack(lambda g: parts, parts, (0, 0), rail_rows, p)
+    virtual = _virtual(parts, (0, 0), p)
     _exchange("cached_dispatch", mh.stage, sends, virtual, p,
               _wire_of("cached_dispatch", handle, rail_rows, p))
     inner = _inner_handle(handle, mh, T, buf.num_experts)
