@@ -127,6 +127,7 @@ class RailStage:
         """The exact wire's first message: ``send_counts[h']`` (int64 ``[N]`` on the device) to
         each rail peer; returns (sent, received) counts per host on the host (one sync; the
         own host's entries 0)."""
+        self.watch.raise_if_stalled()
         finished = threading.Event()  # the call blocks in its sync: watch it from outside
         self.watch.track(finished.is_set, self._waiting_for(op))
         try:

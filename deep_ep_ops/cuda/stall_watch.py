@@ -46,8 +46,7 @@ class StallWatch:
         self._stopped = False
 
     def track(self, done: Callable[[], bool], what: str) -> None:
-        """Follow one enqueued transfer; first raise a stall that is still pending."""
-        self.raise_if_stalled()
+        """Follow one transfer (the stage calls ``raise_if_stalled`` before enqueuing it)."""
         with self._lock:
             self._pending.append(_Pending(done, what, self._clock()))
             if self._thread is None:
