@@ -1,6 +1,7 @@
 """deep_ep_ops.cuda.stall_watch on CPU: a transfer pending past the timeout is reported once,
 naming what the stage said it waits for, and the next transfer raises it while it is still
-pending; finished transfers are forgotten; the background thread reports without any call."""
+pending; finished transfers are forgotten; the background thread reports without any call; a
+capturing caller raises what was reported without testing completion."""
 from __future__ import annotations
 
 import threading
@@ -54,11 +55,38 @@ def test_finished_transfers_are_forgotten() -> None:
 
 
 def test_thread_reports_without_a_call() -> None:
-    reports = []
-    watch = StallWatch(0.2, poll_s=0.05, report=reports.append)
+    reports, started_in = [], []
+    # (the CUDA stage relaxes the thread's graph-capture mode here)
+    watch = StallWatch(0.2, poll_s=0.05, report=reports.append,
+                       on_thread_start=lambda: started_in.append(threading.current_thread()))
     watch.track(lambda: False, WAITS)
     deadline = time.monotonic() + 5
     while not reports and time.monotonic() < deadline:
         time.sleep(0.05)
     watch.stop()
     assert len(reports) == 1 and reports[0].startswith(WAITS)
+    assert started_in == [watch._thread] and watch._thread is not threading.current_thread()
+
+
+def test_query_false_tests_no_completion() -> None:
+    """While capturing a CUDA graph the stage may not query events: ``query=False`` raises a
+    stall already reported and otherwise calls nothing."""
+    clock, calls, me = _Clock(), [], threading.current_thread()
+
+    def pending() -> bool:
+        if threading.current_thread() is me:  # (the watch's own thread may test any time)
+            calls.append(clock.now)
+        return False
+
+    watch = StallWatch(1.0, clock=clock, report=lambda text: None)
+    watch.track(pending, WAITS)
+    clock.now = 0.5
+    watch.raise_if_stalled(query=False)  # nothing reported yet, nothing tested
+    assert calls == []
+    clock.now = 5.0
+    watch.check()
+    calls.clear()
+    with pytest.raises(RuntimeError, match="never finished"):
+        watch.raise_if_stalled(query=False)
+    assert calls == []
+    watch.stop()

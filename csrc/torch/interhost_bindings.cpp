@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 
 #include <memory>
 #include <stdexcept>
@@ -86,12 +87,16 @@ void deep_ep_ops_bind_interhost(pybind11::module_& m) {
            [](Handle& h, const std::string& op, const Parts& parts) {
              h.stage->exchange_rows(op.c_str(), deo::to_pieces(op, h, parts),
                                     deo::current_stream(h));
-           })
+           },
+           // a first transfer waits on the host for NCCL to connect the pair: let the stall
+           // watch's thread run meanwhile
+           py::call_guard<py::gil_scoped_release>())
       .def("return_partials",
            [](Handle& h, const std::string& op, const Parts& parts) {
              h.stage->return_partials(op.c_str(), deo::to_pieces(op, h, parts),
                                       deo::current_stream(h));
-           })
+           },
+           py::call_guard<py::gil_scoped_release>())
       .def("exchange_counts",
            [](Handle& h, const std::string& op, const torch::Tensor& send,
               const torch::Tensor& recv) {
@@ -112,6 +117,13 @@ void deep_ep_ops_bind_interhost(pybind11::module_& m) {
              return std::make_pair(std::move(counts.sent), std::move(counts.received));
            })
       .def("destroy", [](Handle& h) { h.stage->destroy(); });
+  // The stall watch's thread queries CUDA events while the op's thread may be capturing a graph
+  // in the default (global) mode, which forbids such queries in every thread that has not opted
+  // out, and invalidates the capture.
+  m.def("relax_capture_mode_for_this_thread", []() {
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  });
   m.def("nccl_rail_unique_id", []() { return py::bytes(deo::nccl_rail_unique_id()); });
   m.def("nccl_rail_stage", [](const py::bytes& unique_id, int rank, int num_hosts,
                               int ranks_per_host, int device) {

@@ -11,10 +11,9 @@ nor written). Static wire: every slot's ``M`` rows cross (sizes fixed: CUDA-grap
 Exact wire: ``counts`` first (one int64 per rail pair over NCCL, then one stream sync to read
 them), then only the first ``rows[h]`` rows of each slot.
 
-Used nowhere yet but ``tests/gpu/test_interhost_gpu.py``: the CUDA Buffer still refuses groups
-that span hosts (the intra-host stage on virtual tokens is not built), so this takes the group
-and its ``HostLayout`` rather than a Buffer; ``for_buffer`` is the call a multi-host Buffer
-will make.
+A multi-host Buffer makes its stage with ``for_buffer`` (deep_ep_ops.cuda.multihost moves the
+per-host slots through it); the stage itself takes only the group and its ``HostLayout``, so
+``tests/gpu/test_interhost_gpu.py`` drives it without a Buffer.
 """
 from __future__ import annotations
 
@@ -68,7 +67,20 @@ class RailStage:
         self._recv_counts = torch.zeros(self.num_hosts, dtype=torch.int64, device=self.device)
         # NCCL has no timeout of its own here: a rail peer that never posts its side is
         # reported (host and rank) by the watch, and the next transfer raises it
-        self.watch = StallWatch(timeout_s)
+        self.watch = StallWatch(timeout_s, on_thread_start=(
+            ext.relax_capture_mode_for_this_thread if self.device.type == "cuda" else None))
+        if self.device.type == "cuda":
+            self._connect()
+
+    def _connect(self) -> None:
+        """NCCL connects a rail pair at its first transfer, inside the enqueuing call, which
+        then waits on the host until the peer enqueues too. Connect here, where every rank is
+        (creation is collective): a peer that comes late to an op then shows as a pending
+        transfer that the watch reports, not as an op stuck on the host in NCCL."""
+        probe = torch.zeros(self.num_hosts, 1 << 20, dtype=torch.uint8, device=self.device)
+        self._stage.exchange_rows("connect", self._parts([probe], [torch.empty_like(probe)],
+                                                         None, None))
+        torch.cuda.synchronize(self.device)
 
     def _waiting_for(self, op: str) -> str:
         L = self.layout.ranks_per_host
@@ -76,11 +88,15 @@ class RailStage:
         return (f"deep_ep.{op}: rank {self.rank} (host {self.host}, local index {self.local}) "
                 f"waits for its rail peers on {peers}")
 
+    def _capturing(self) -> bool:
+        # (a CPU stand-in of the extension in the glue tests has no stream)
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
     def _enqueued(self, op: str) -> None:
         """Follow the transfer just enqueued on the current stream (not while capturing: a
         captured transfer runs at replay)."""
-        if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return  # (a CPU stand-in of the extension in the glue tests has no stream)
+        if self.device.type != "cuda" or self._capturing():
+            return
         done = torch.cuda.Event()
         done.record()
         self.watch.track(done.query, self._waiting_for(op))
@@ -110,7 +126,7 @@ class RailStage:
                       recv_rows: Optional[Sequence[int]] = None) -> None:
         """Dispatch direction: slot h' of every ``send`` tensor to host h''s rail peer. Rows
         None: whole slots (static wire); else the first ``rows[h]`` rows (exact wire)."""
-        self.watch.raise_if_stalled()
+        self.watch.raise_if_stalled(query=not self._capturing())
         self._stage.exchange_rows(op, self._parts(send, recv, send_rows, recv_rows))
         self._enqueued(op)
 
@@ -119,7 +135,7 @@ class RailStage:
                         send_rows: Optional[Sequence[int]] = None,
                         recv_rows: Optional[Sequence[int]] = None) -> None:
         """Combine direction, same slots and rows as ``exchange_rows``."""
-        self.watch.raise_if_stalled()
+        self.watch.raise_if_stalled(query=not self._capturing())
         self._stage.return_partials(op, self._parts(send, recv, send_rows, recv_rows))
         self._enqueued(op)
 

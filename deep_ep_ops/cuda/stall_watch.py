@@ -34,7 +34,8 @@ class StallWatch:
 
     def __init__(self, timeout_s: float, poll_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic,
-                 report: Optional[Callable[[str], None]] = None) -> None:
+                 report: Optional[Callable[[str], None]] = None,
+                 on_thread_start: Optional[Callable[[], None]] = None) -> None:
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.stalls: list[str] = []
@@ -44,6 +45,7 @@ class StallWatch:
         self._lock = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
+        self._on_thread_start = on_thread_start
 
     def track(self, done: Callable[[], bool], what: str) -> None:
         """Follow one transfer (the stage calls ``raise_if_stalled`` before enqueuing it)."""
@@ -70,9 +72,12 @@ class StallWatch:
                     self.stalls.append(text)
                     self._report(text)
 
-    def raise_if_stalled(self) -> None:
-        """RuntimeError naming the stalled peer while a reported transfer is still pending."""
-        self.check()
+    def raise_if_stalled(self, query: bool = True) -> None:
+        """RuntimeError naming the stalled peer while a reported transfer is still pending.
+        ``query=False`` (a caller that is capturing a CUDA graph, where a completion test is
+        not allowed) only looks at what the thread has reported."""
+        if query:
+            self.check()
         with self._lock:
             stuck = [p.what for p in self._pending if p.reported]
         if stuck:
@@ -86,6 +91,8 @@ class StallWatch:
             self._lock.notify()
 
     def _run(self) -> None:
+        if self._on_thread_start is not None:
+            self._on_thread_start()
         while True:
             with self._lock:
                 while not self._pending and not self._stopped:

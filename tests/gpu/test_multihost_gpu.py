@@ -151,10 +151,12 @@ def _graph_compile_body(rank, world, gloo, L):
     eager = fwd_bwd(step, x, idx, w)
     compiled = fwd_bwd(torch.compile(step, fullgraph=True), x, idx, w)
     # the forward runs the same ops; Inductor fuses the expert matmuls' backward differently,
-    # so the gradients agree to bf16 rounding
+    # so the gradients agree to bf16 rounding of their largest terms (a sum of K terms that
+    # cancel keeps the terms' rounding: atol scales with the gradient's magnitude)
     assert torch.equal(compiled[0].float(), eager[0].float()), "compile out differs from eager"
     for a, b, nm in zip(compiled[1:], eager[1:], ("d x", "d w")):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2,
+        scale = b.float().abs().max().item()
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2 ** -7 * scale,
                                    msg=lambda m: f"compile {nm}: {m}")
     torch.cuda.synchronize()
     dist.barrier(group=gloo)
@@ -162,32 +164,41 @@ def _graph_compile_body(rank, world, gloo, L):
 
 
 def _stall_body(rank, world, gloo, L):
-    """The ranks of host 1 enter a dispatch 5 s late (timeout_s = 2): host 0's ranks return
-    from theirs (static wire: nothing waits on the host), their stage reports the rail peer on
-    host 1 by rank, and their next dispatch raises naming it; once host 1 comes, everything
-    finishes."""
+    """After one dispatch together, host 1's ranks enter the next only after host 0's have
+    checked (timeout_s = 1): host 0's ranks return from theirs (static wire: nothing waits on
+    the host), their stage reports the rail peer on host 1 by rank, and their next dispatch
+    raises naming it; once host 1 comes, everything finishes."""
     import time
 
     import deep_ep_ops
     dev = rank_device()
     M, H, K, E = 16, 128, 2, 4 * world
+    timeout_s = 1.0
     buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=M, hidden=H, num_topk=K,
-                             num_experts=E, timeout_s=2.0, ranks_per_host=L)
+                             num_experts=E, timeout_s=timeout_s, ranks_per_host=L)
     h, l = divmod(rank, L)
     x = torch.randn(M, H, device=dev).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(M)])
     w = torch.rand(M, K, device=dev)
     watch = buf.multihost.stage.watch
+    # Every rank first dispatches once together: CUDA loads a process's kernels lazily, at their
+    # first launch, and loading waits for the kernels running on the GPU, so a first dispatch
+    # would block host 0 behind its pending rail transfer until host 1 came.
+    torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
+    torch.cuda.synchronize()
+    dist.barrier(group=gloo)
     if h == 0:
         torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
-        time.sleep(3.5)
+        deadline = time.monotonic() + 20 * timeout_s
+        while not watch.stalls and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(watch.stalls) == 1, watch.stalls
         assert f"host 1 (rank {L + l})" in watch.stalls[0] and "deep_ep.dispatch" in \
             watch.stalls[0], watch.stalls[0]
         with pytest.raises(RuntimeError, match=rf"host 1 \(rank {L + l}\).*never finished"):
             torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
-    else:
-        time.sleep(5.0)
+    dist.barrier(group=gloo)  # (CPU only: host 0's transfer still waits on its GPU)
+    if h == 1:
         torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
     torch.cuda.synchronize()
     dist.barrier(group=gloo)
