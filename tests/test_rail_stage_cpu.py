@@ -31,8 +31,8 @@ def lines(tmp_path_factory) -> dict[str, str]:
         pytest.skip("needs a C++ compiler, the CUDA toolkit's headers and cudart, and nccl.h")
     exe = tmp_path_factory.mktemp("rail") / "rail_stage_checks"
     src = ROOT / "csrc"
-    cmd = ["c++", "-std=c++20", "-O1", "-Wall", f"-I{src}", f"-I{CUDA_HOME / 'include'}",
-           f"-I{nccl}", str(ROOT / "tests" / "cpp" / "rail_stage_checks.cpp"),
+    cmd = ["c++", "-std=c++20", "-O1", "-Wall", "-pthread", f"-I{src}",
+           f"-I{CUDA_HOME / 'include'}", f"-I{nccl}", str(ROOT / "tests" / "cpp" / "rail_stage_checks.cpp"),
            str(src / "interhost" / "rail_stage.cpp"), f"-L{CUDA_HOME / 'lib64'}", "-lcudart",
            f"-Wl,-rpath,{CUDA_HOME / 'lib64'}", "-o", str(exe)]
     build = subprocess.run(cmd, capture_output=True, text=True)
@@ -57,3 +57,15 @@ def test_piece_checks_name_op_rank_and_peer(lines) -> None:
                                  "(rail peer rank 3)")
     assert lines["null"] == f"deep_ep.dispatch: {where}: null buffer for host 0 (rail peer rank 1)"
     assert lines["destroyed"] == f"deep_ep.dispatch: the inter-host stage of {where} was destroyed"
+
+
+def test_abort_waits_out_a_call_then_every_later_call_raises_its_reason(lines) -> None:
+    """The stall watch's abort never runs under a call another thread is making; once done,
+    the transport is aborted once and every call raises the stall it was aborted for."""
+    assert lines["abort_inside_a_call"] == "0"
+    assert lines["abort"] == "1" and lines["abort_again"] == "1"
+    assert lines["transport_aborts"] == "1 alive: 0"
+    assert lines["aborted"] == (
+        "deep_ep.combine: the inter-host stage of rank 1 (host 1, local index 0) was aborted "
+        "after a stall (deep_ep.dispatch: rank 1 (host 1, local index 0) waits for host 0); "
+        "destroy this Buffer and the process group")

@@ -1,7 +1,9 @@
 """deep_ep_ops.cuda.stall_watch on CPU: a transfer pending past the timeout is reported once,
 naming what the stage said it waits for, and the next transfer raises it while it is still
 pending; finished transfers are forgotten; the background thread reports without any call; a
-capturing caller raises what was reported without testing completion."""
+capturing caller raises what was reported without testing completion; ``on_stall`` (the
+stage's abort) acts once per stalled transfer, again on later passes while it is refused, and
+never on a transfer that finished meanwhile."""
 from __future__ import annotations
 
 import threading
@@ -89,4 +91,45 @@ def test_query_false_tests_no_completion() -> None:
     with pytest.raises(RuntimeError, match="never finished"):
         watch.raise_if_stalled(query=False)
     assert calls == []
+    watch.stop()
+
+
+def test_on_stall_retries_while_refused_and_acts_once() -> None:
+    clock, calls, busy = _Clock(), [], [True]
+    me = threading.current_thread()
+
+    def abort(text: str) -> bool:
+        if threading.current_thread() is me:  # (the watch's own thread may pass any time)
+            calls.append(text)
+        return not busy[0]  # refused while "another thread is inside a call"
+
+    # (the thread passes once when it starts, then sleeps: this test drives the passes)
+    watch = StallWatch(1.0, poll_s=3600, clock=clock, report=lambda text: None, on_stall=abort)
+    watch.track(lambda: False, WAITS)
+    clock.now = 2.0
+    watch.check()
+    assert len(calls) == 1 and calls[0].startswith(WAITS)
+    watch.check()  # still refused: asked again
+    assert len(calls) == 2 and calls[1] == calls[0]
+    busy[0] = False
+    watch.check()  # acts now (unless the watch's thread just did)
+    n = len(calls)
+    assert n in (2, 3)
+    watch.check()  # done: not asked any more
+    assert len(calls) == n
+    watch.stop()
+
+
+def test_on_stall_spares_a_transfer_that_finished() -> None:
+    clock, calls = _Clock(), []
+    finished = threading.Event()
+    watch = StallWatch(1.0, poll_s=3600, clock=clock, report=lambda text: None,
+                       on_stall=lambda text: calls.append(text) or False)
+    watch.track(finished.is_set, WAITS)
+    clock.now = 2.0
+    watch.check()  # reported and refused
+    finished.set()  # the peer came before the stage could be aborted
+    n = len(calls)
+    watch.check()
+    assert len(calls) == n and len(watch.stalls) == 1
     watch.stop()

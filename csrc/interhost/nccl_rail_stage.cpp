@@ -11,6 +11,7 @@
 #include <nccl.h>
 
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -72,10 +73,12 @@ class NcclRailStage final : public InterHostStage {
   }
 
   void destroy() override {
-    if (comm_ == nullptr) return;
+    std::lock_guard<std::mutex> lock(calls_);
+    if (comm_ == nullptr) return;  // destroyed, or aborted: nothing left to finalize
     DeviceGuard guard(device_);
     ncclComm_t comm = comm_;
     comm_ = nullptr;  // whatever happens below, the destructor must not touch it again
+    alive_ = false;
     // Finalize flushes what is still in flight on the rail (collective), destroy frees.
     const ncclResult_t fin = ncclCommFinalize(comm);
     if (fin != ncclSuccess) {
@@ -88,14 +91,23 @@ class NcclRailStage final : public InterHostStage {
     check(ncclCommDestroy(comm), "ncclCommDestroy", "destroy", -1, nullptr);
   }
 
-  bool alive() const override { return comm_ != nullptr; }
   const char* name() const override { return "nccl"; }
+
+ protected:
+  void abort_transport() override {
+    DeviceGuard guard(device_);
+    // NCCL's kernels poll the communicator's abort flag, so the pending transfers end (the
+    // call PyTorch's NCCL watchdog makes from its own thread)
+    ncclCommAbort(comm_);
+    comm_ = nullptr;
+  }
 
  private:
   // One grouped call: every piece's send and receive, so NCCL matches them with the peers'
   // pieces in order and no pair waits on another.
   void run_group(const char* op, const char* what, const std::vector<RailPiece>& pieces,
                  cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(calls_);
     check_alive(op);
     check_pieces(op, pieces);
     check_async(op);

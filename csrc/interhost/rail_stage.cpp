@@ -4,6 +4,7 @@
 
 #include "../host/cuda_check.hpp"
 
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -34,9 +35,23 @@ RailPlace make_rail_place(int rank, int num_hosts, int ranks_per_host) {
 }
 
 void InterHostStage::check_alive(const char* op) const {
+  if (!abort_reason_.empty())
+    throw std::runtime_error(std::string("deep_ep.") + op + ": the inter-host stage of " +
+                             place.where() + " was aborted after a stall (" + abort_reason_ +
+                             "); destroy this Buffer and the process group");
   if (!alive())
     throw std::runtime_error(std::string("deep_ep.") + op + ": the inter-host stage of " +
                              place.where() + " was destroyed");
+}
+
+bool InterHostStage::abort(const std::string& reason) {
+  std::unique_lock<std::mutex> lock(calls_, std::try_to_lock);
+  if (!lock.owns_lock()) return false;
+  if (!alive()) return true;
+  abort_transport();
+  abort_reason_ = reason;
+  alive_ = false;
+  return true;
 }
 
 void InterHostStage::check_pieces(const char* op, const std::vector<RailPiece>& pieces) const {
@@ -69,6 +84,11 @@ InterHostStage::Counts InterHostStage::counts_to_host(const char* op, const int6
   DEO_CUDA(cudaMemcpyAsync(counts.received.data(), recv_counts, sizeof(int64_t) * n,
                            cudaMemcpyDeviceToHost, stream));
   DEO_CUDA(cudaStreamSynchronize(stream));
+  {
+    // a stall aborted the rail while this thread waited: the counts never came
+    std::lock_guard<std::mutex> lock(calls_);
+    check_alive(op);
+  }
   // the own host's entries are neither sent nor written by the exchange
   counts.sent[place.host] = counts.received[place.host] = 0;
   return counts;

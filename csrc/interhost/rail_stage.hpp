@@ -10,7 +10,9 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -67,7 +69,12 @@ class InterHostStage {
                                cudaStream_t stream) = 0;
   // Collective over the rail: release the communication resources. No op may use it after.
   virtual void destroy() = 0;
-  virtual bool alive() const = 0;
+  // Local, from any thread (the stall watch's): stop the transfers still pending on the rail
+  // (their kernels exit, so a sync blocked on them returns, with what did not arrive missing)
+  // and make every later call throw `reason`. Returns false, doing nothing, while another thread
+  // is inside a call on this stage (try again later); true once the stage is aborted or gone.
+  bool abort(const std::string& reason);
+  bool alive() const { return alive_.load(); }
   virtual const char* name() const = 0;
 
   // exchange_counts, then both count vectors on the host (a stream sync: the exact wire's one
@@ -85,8 +92,16 @@ class InterHostStage {
  protected:
   // Hosts in range and not this one, sizes >= 0, pointers set where bytes > 0.
   void check_pieces(const char* op, const std::vector<RailPiece>& pieces) const;
-  // Throws when the stage was destroyed.
+  // Throws when the stage was destroyed or aborted (call it holding calls_).
   void check_alive(const char* op) const;
+  // abort's transport part, under calls_ and only while alive: end what is pending, locally.
+  virtual void abort_transport() = 0;
+
+  // Held by every call into the transport, and tried by abort: the watch's thread never
+  // aborts under a call that is enqueuing on another thread.
+  std::mutex calls_;
+  std::atomic<bool> alive_{true};
+  std::string abort_reason_;  // set once aborted (under calls_)
 };
 
 }  // namespace deep_ep_ops

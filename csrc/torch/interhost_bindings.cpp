@@ -116,7 +116,9 @@ void deep_ep_ops_bind_interhost(pybind11::module_& m) {
                                                    recv.data_ptr<int64_t>(), deo::current_stream(h));
              return std::make_pair(std::move(counts.sent), std::move(counts.received));
            })
-      .def("destroy", [](Handle& h) { h.stage->destroy(); });
+      .def("destroy", [](Handle& h) { h.stage->destroy(); })
+      .def("abort", [](Handle& h, const std::string& reason) { return h.stage->abort(reason); },
+           py::call_guard<py::gil_scoped_release>());
   // The stall watch's thread queries CUDA events while the op's thread may be capturing a graph
   // in the default (global) mode, which forbids such queries in every thread that has not opted
   // out, and invalidates the capture.

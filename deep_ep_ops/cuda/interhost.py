@@ -66,8 +66,9 @@ class RailStage:
                                "; ".join(bad) + ")")
         self._recv_counts = torch.zeros(self.num_hosts, dtype=torch.int64, device=self.device)
         # NCCL has no timeout of its own here: a rail peer that never posts its side is
-        # reported (host and rank) by the watch, and the next transfer raises it
-        self.watch = StallWatch(timeout_s, on_thread_start=(
+        # reported (host and rank) by the watch, which then aborts the rail (the pending
+        # transfers end; every later call raises the report)
+        self.watch = StallWatch(timeout_s, on_stall=self._stage.abort, on_thread_start=(
             ext.relax_capture_mode_for_this_thread if self.device.type == "cuda" else None))
         if self.device.type == "cuda":
             self._connect()
@@ -159,10 +160,12 @@ class RailStage:
     def destroy(self) -> None:
         """Collective over the rail: finalize and free the communicator (drop CUDA graphs that
         captured its transfers first)."""
+        if self._stage is not None and self._stage.alive and self.device.type == "cuda":
+            # no transfer of ours still queued on any stream (one that stalls is aborted by
+            # the watch meanwhile, which leaves nothing to finalize)
+            torch.cuda.synchronize(self.device)
         self.watch.stop()
         if self._stage is not None and self._stage.alive:
-            if self.device.type == "cuda":  # no transfer of ours still queued on any stream
-                torch.cuda.synchronize(self.device)
             self._stage.destroy()
 
 

@@ -5,10 +5,11 @@ that never posts its side leaves them pending on the GPU, and this rank then blo
 sync with no word of why. ``StallWatch`` follows each enqueued transfer (a completion test,
 e.g. a CUDA event's ``query``), and once one has been pending longer than the Buffer's
 ``timeout_s`` a background thread prints, once, which op waits for which hosts and rail-peer
-ranks, and keeps the text in ``stalls``. The next transfer the stage enqueues raises it while
-the stalled one is still pending. The watch never touches the communicator itself (aborting it
-from another thread could race with the thread that enqueues), so a rank blocked in a sync
-stays blocked: the report is what names the peer.
+ranks, and keeps the text in ``stalls``. It then hands the text to ``on_stall`` (the stage's
+abort: the pending transfers end, so a rank blocked in a sync wakes up, and every later call on
+the stage raises the text), again on later passes while ``on_stall`` answers that it could not
+act yet (another thread is inside a call on the stage). Without ``on_stall``, the next
+transfer the stage enqueues raises the stall while it is still pending.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class _Pending:
     done: Callable[[], bool]
     what: str  # "deep_ep.dispatch: rank 0 (host 0, local index 0) waits for host 1 (rank 2)"
     since: float
-    reported: bool = False
+    report: str = ""  # once reported
+    handled: bool = False  # on_stall acted on it
 
 
 class StallWatch:
@@ -35,7 +37,8 @@ class StallWatch:
     def __init__(self, timeout_s: float, poll_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic,
                  report: Optional[Callable[[str], None]] = None,
-                 on_thread_start: Optional[Callable[[], None]] = None) -> None:
+                 on_thread_start: Optional[Callable[[], None]] = None,
+                 on_stall: Optional[Callable[[str], bool]] = None) -> None:
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.stalls: list[str] = []
@@ -46,6 +49,7 @@ class StallWatch:
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
         self._on_thread_start = on_thread_start
+        self._on_stall = on_stall
 
     def track(self, done: Callable[[], bool], what: str) -> None:
         """Follow one transfer (the stage calls ``raise_if_stalled`` before enqueuing it)."""
@@ -64,13 +68,19 @@ class StallWatch:
                 self._pending.popleft()
             now = self._clock()
             for p in self._pending:
-                if not p.reported and now - p.since > self.timeout_s and not p.done():
-                    p.reported = True
-                    text = (f"{p.what}: the transfer is still pending after "
-                            f"{now - p.since:.1f} s (timeout_s={self.timeout_s:g}); that rank "
-                            "stalled, left, or took another path through the ops")
-                    self.stalls.append(text)
-                    self._report(text)
+                if not p.report and now - p.since > self.timeout_s and not p.done():
+                    p.report = (f"{p.what}: the transfer is still pending after "
+                                f"{now - p.since:.1f} s (timeout_s={self.timeout_s:g}); that "
+                                "rank stalled, left, or took another path through the ops")
+                    self.stalls.append(p.report)
+                    self._report(p.report)
+            if self._on_stall is None:
+                return
+            for p in self._pending:  # only what is still pending: a peer that came is not cut
+                if p.report and not p.handled:
+                    if not self._on_stall(p.report):
+                        break  # the stage is inside a call on another thread: next pass
+                    p.handled = True
 
     def raise_if_stalled(self, query: bool = True) -> None:
         """RuntimeError naming the stalled peer while a reported transfer is still pending.
@@ -79,7 +89,7 @@ class StallWatch:
         if query:
             self.check()
         with self._lock:
-            stuck = [p.what for p in self._pending if p.reported]
+            stuck = [p.what for p in self._pending if p.report]
         if stuck:
             raise RuntimeError(f"{stuck[0]}: an earlier inter-host transfer never finished "
                                f"(> {self.timeout_s:g} s); destroy this Buffer and the process "

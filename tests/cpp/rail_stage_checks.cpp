@@ -1,11 +1,13 @@
 // Host-only driver of csrc/interhost/rail_stage.cpp for tests/test_rail_stage_cpu.py: the
-// checks every inter-host stage shares (places, pieces, a destroyed stage), one line of output
-// per case ("ok" or the exception's text), no GPU needed.
+// checks every inter-host stage shares (places, pieces, a destroyed or aborted stage), one line
+// of output per case ("ok" or the exception's text), no GPU needed.
 #include "interhost/rail_stage.hpp"
 
 #include <cstdio>
 #include <exception>
 #include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace deo = deep_ep_ops;
@@ -18,6 +20,7 @@ class CheckingStage final : public deo::InterHostStage {
   explicit CheckingStage(const deo::RailPlace& p) : InterHostStage(p) {}
   void exchange_rows(const char* op, const std::vector<deo::RailPiece>& pieces,
                      cudaStream_t) override {
+    std::lock_guard<std::mutex> lock(calls_);
     check_alive(op);
     check_pieces(op, pieces);
   }
@@ -27,12 +30,23 @@ class CheckingStage final : public deo::InterHostStage {
   }
   void exchange_counts(const char*, const int64_t*, int64_t*, cudaStream_t) override {}
   void destroy() override { alive_ = false; }
-  bool alive() const override { return alive_; }
   const char* name() const override { return "checking"; }
 
- private:
-  bool alive_ = true;
+  // What the watch's thread meets while the op's thread is inside a call.
+  std::unique_lock<std::mutex> inside_a_call() { return std::unique_lock<std::mutex>(calls_); }
+  int transport_aborts = 0;
+
+ protected:
+  void abort_transport() override { ++transport_aborts; }
 };
+
+// abort from another thread, as the stall watch calls it
+bool abort_from_a_thread(CheckingStage& stage, const char* reason) {
+  bool done = false;
+  std::thread watch([&] { done = stage.abort(reason); });
+  watch.join();
+  return done;
+}
 
 void run(const char* name, const std::function<void()>& f) {
   try {
@@ -62,5 +76,16 @@ int main() {
   run("null", [&] { stage.exchange_rows("dispatch", {{0, buf, 8, nullptr, 8}}, nullptr); });
   stage.destroy();
   run("destroyed", [&] { stage.exchange_rows("dispatch", good, nullptr); });
+
+  CheckingStage stalled(deo::make_rail_place(1, 2, 1));
+  const char* reason = "deep_ep.dispatch: rank 1 (host 1, local index 0) waits for host 0";
+  {
+    auto call = stalled.inside_a_call();
+    std::printf("abort_inside_a_call: %d\n", abort_from_a_thread(stalled, reason));
+  }
+  std::printf("abort: %d\n", abort_from_a_thread(stalled, reason));
+  std::printf("abort_again: %d\n", abort_from_a_thread(stalled, reason));
+  std::printf("transport_aborts: %d alive: %d\n", stalled.transport_aborts, stalled.alive());
+  run("aborted", [&] { stalled.return_partials("combine", {{0, buf, 8, buf, 8}}, nullptr); });
   return 0;
 }

@@ -11,6 +11,7 @@ T = 0; then gradients, a CUDA graph replayed with new routing, and torch.compile
 """
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -166,8 +167,9 @@ def _graph_compile_body(rank, world, gloo, L):
 def _stall_body(rank, world, gloo, L):
     """After one dispatch together, host 1's ranks enter the next only after host 0's have
     checked (timeout_s = 1): host 0's ranks return from theirs (static wire: nothing waits on
-    the host), their stage reports the rail peer on host 1 by rank, and their next dispatch
-    raises naming it; once host 1 comes, everything finishes."""
+    the host), their stage reports the rail peer on host 1 by rank and aborts the rail, and
+    their next dispatch raises the report. Host 1's late dispatch then meets aborted peers: its
+    own stage reports host 0 and aborts too. Nothing hangs; every rank destroys its Buffer."""
     import time
 
     import deep_ep_ops
@@ -180,29 +182,35 @@ def _stall_body(rank, world, gloo, L):
     x = torch.randn(M, H, device=dev).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(M)])
     w = torch.rand(M, K, device=dev)
-    watch = buf.multihost.stage.watch
+    stage = buf.multihost.stage
     # Every rank first dispatches once together: CUDA loads a process's kernels lazily, at their
     # first launch, and loading waits for the kernels running on the GPU, so a first dispatch
     # would block host 0 behind its pending rail transfer until host 1 came.
     torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
     torch.cuda.synchronize()
     dist.barrier(group=gloo)
-    if h == 0:
+
+    def stalled_on(peer_host: int) -> None:
         torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
         deadline = time.monotonic() + 20 * timeout_s
-        while not watch.stalls and time.monotonic() < deadline:
+        while stage.alive and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(watch.stalls) == 1, watch.stalls
-        assert f"host 1 (rank {L + l})" in watch.stalls[0] and "deep_ep.dispatch" in \
-            watch.stalls[0], watch.stalls[0]
-        with pytest.raises(RuntimeError, match=rf"host 1 \(rank {L + l}\).*never finished"):
+        peer = f"host {peer_host} (rank {peer_host * L + l})"
+        assert len(stage.watch.stalls) == 1, stage.watch.stalls
+        assert peer in stage.watch.stalls[0] and "deep_ep.dispatch" in stage.watch.stalls[0], \
+            stage.watch.stalls[0]
+        assert not stage.alive, "the stalled rail was not aborted"
+        torch.cuda.synchronize()  # the aborted transfer ended: nothing left pending
+        with pytest.raises(RuntimeError, match=r"aborted after a stall \(deep_ep\.dispatch: .*"
+                           + re.escape(peer)):
             torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
-    dist.barrier(group=gloo)  # (CPU only: host 0's transfer still waits on its GPU)
+
+    if h == 0:
+        stalled_on(1)
+    dist.barrier(group=gloo)  # (CPU only)
     if h == 1:
-        torch.ops.deep_ep.dispatch(x, None, idx, w, buf.group_name, E)
-    torch.cuda.synchronize()
+        stalled_on(0)
     dist.barrier(group=gloo)
-    watch.raise_if_stalled()  # the late peer came: nothing pending any more
     buf.destroy()
 
 
