@@ -1,7 +1,8 @@
 """ExpertParallelMoE with an nn.ModuleList of arbitrary experts, every expert computation
-(grouped windows, masked, compact) against a dense single-rank reference; the layer and a
-swapped Hugging Face block under torch.compile(fullgraph=True) equal eager, forward and
-backward; FP8 dispatch refuses CPU clearly; the FP8 quantizer round-trips."""
+(grouped windows, masked, compact) against a dense single-rank reference, on one host and on
+groups spanning simulated hosts; the layer and a swapped Hugging Face block under
+torch.compile(fullgraph=True) equal eager, forward and backward; FP8 dispatch refuses CPU
+clearly; the FP8 quantizer round-trips."""
 from __future__ import annotations
 
 import pytest
@@ -41,10 +42,12 @@ def _dense(experts, x, idx, w):
     return out
 
 
-def _module_list_body(rank: int, R: int) -> None:
-    buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=M, hidden=HID, num_topk=K, num_experts=E)
+def _module_list_body(rank: int, R: int, L: int | None = None) -> None:
+    buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=M, hidden=HID, num_topk=K, num_experts=E,
+                             ranks_per_host=L)
     E_loc = E // R
-    T = 3 + 2 * rank if rank < R - 1 else 0 if R > 2 else M  # a rank with no tokens (R=3)
+    # a rank with no tokens (R > 2)
+    T = (3 + 2 * rank) % (M + 1) if rank < R - 1 else 0 if R > 2 else M
     x, idx, w = _routing(rank, T)
     reference = _all_experts()
     x_ref, w_ref = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -78,6 +81,13 @@ def _module_list_body(rank: int, R: int) -> None:
 @pytest.mark.parametrize("R", [2, 3])
 def test_module_list_experts_match_dense(R: int) -> None:
     run_ranks(_module_list_body, R)
+
+
+@pytest.mark.parametrize("R,L", [(2, 1), (6, 3)])
+def test_module_list_experts_match_dense_across_hosts(R: int, L: int) -> None:
+    """The same layer on a Buffer whose group spans R // L simulated hosts (the multi-host
+    path: rail stage, then the intra-host stage): nothing in the layer changes."""
+    run_ranks(_module_list_body, R, L)
 
 
 def _step(model, x, *rest):
