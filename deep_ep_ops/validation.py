@@ -100,7 +100,13 @@ def check_handle_header(op: str, buf: Buffer, handle: torch.Tensor, x_rows: int)
     checks of check_rules.py's ``<OP>_HANDLE``. The C++ CUDA kernels run them too
     (csrc/torch/handle_checks.cpp), for the handles their dispatch returned on every call, from
     a host-side record instead of the header."""
-    _RULES[f"{op}_handle"](buf, handle[0].tolist(), x_rows)
+    check_recorded_header(op, buf, handle[0].tolist(), x_rows)
+
+
+def check_recorded_header(op: str, buf: Buffer, header: list[int], x_rows: int) -> None:
+    """The same checks on header values known on the host (a multi-host dispatch's record of
+    the handle it returned: deep_ep_ops.cuda.multihost), so no sync."""
+    _RULES[f"{op}_handle"](buf, header, x_rows)
 
 
 def check_engram_fetch(buf: Buffer, table: torch.Tensor, indices: torch.Tensor) -> None:

@@ -75,6 +75,8 @@ def _body(rank: int, world: int, L: int) -> None:
     import types
 
     import deep_ep_ops
+    from deep_ep_ops import handle as Hd
+    from deep_ep_ops import validation as V
     from deep_ep_ops.cuda import multihost as mh
     from deep_ep_ops.hosts import RankPlace
     from deep_ep_ops.trim import trim_dispatch
@@ -125,6 +127,16 @@ def _body(rank: int, world: int, L: int) -> None:
             assert moved == parts * sum(rail), f"{where}: {moved} rows moved, not {rail}"
             handle = got[5]
             C = got[0].shape[0]
+            # the header facts remembered for the checks equal what the header holds
+            made = mh.recorded_header(handle)
+            for col in (Hd.HDR_BUFFER_ID, Hd.HDR_NUM_RANKS, Hd.HDR_TOPK, Hd.HDR_NUM_TOKENS,
+                        Hd.HDR_NUM_ROWS):
+                assert made[col] == int(handle[0, col]), f"{where} recorded header col {col}"
+            assert mh.recorded_header(handle.clone()) is None
+            V.check_recorded_header("combine", ref, made, C)
+            with pytest.raises(ValueError, match=rf"x has {C + 1} rows, the handle's dispatch "
+                               rf"produced {C}"):
+                V.check_recorded_header("combine", ref, made, C + 1)
 
             x2 = (x.float() - 1).to(dtype)
             cx, cs = mh.cached_dispatch(buf, x2, s, handle, 0)

@@ -21,7 +21,8 @@ CPU reference's order.
 The exact wire (``exact=True`` dispatch): per-host counts cross first (one stream sync), then
 only real rows. cached_dispatch and combine of a handle use the wire of its dispatch (the
 header's ``HDR_EXACT`` flag, equal on every rank), with the exact wire's counts: a handle made
-here is remembered with both (``_WireMemo``, no sync); any other (a clone, a copy autograd
+here is remembered with both and with its header's facts (``_HandleMemo``, no sync: the ops
+check those facts on every call, as the C++ kernels check their handle records); any other (a clone, a copy autograd
 saved after the dispatch's own tensor was dropped) costs one sync to read them from the handle,
 and is refused during CUDA graph capture (a guess could leave rail peers on different wires).
 
@@ -32,7 +33,7 @@ and torch.compile see the public ops only.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -87,48 +88,71 @@ def create(buf: BufferT, inner: BufferT) -> MultiHostState:
     return MultiHostState(place_of(buf), inner, interhost.for_buffer(buf))
 
 
-# -- the exact wire's counts, remembered per handle -------------------------------------------
+# -- what a dispatch made, remembered per handle ---------------------------------------------
 
 Counts = tuple[list[int], list[int]]  # rows sent to / received from each host
-_STATIC = ()  # the memo's entry for a static-wire handle
+_STATIC = ()  # the memo's wire for a static-wire handle
 
 
-class _WireMemo:
-    """The wire of the dispatch that made a handle: ``_STATIC``, or the exact wire's counts.
+class _Made(NamedTuple):
+    wire: object  # _STATIC, or the exact wire's counts
+    header: list[int]  # the header row's facts (check_rules.HEADER_FIELDS), other columns 0
+
+
+class _HandleMemo:
+    """What the dispatch that made a handle knew on the host: its wire and its header's facts.
     Kept while that handle's tensor object lives (its memory cannot be reused meanwhile);
     looked up by data pointer and shape, so views sharing its memory find it too."""
 
     def __init__(self) -> None:
-        self._wires: dict[tuple, object] = {}
+        self._made: dict[tuple, _Made] = {}
 
     @staticmethod
     def _key(handle: torch.Tensor) -> tuple:
         return (handle.data_ptr(), tuple(handle.shape))
 
-    def put(self, handle: torch.Tensor, wire: object) -> None:
+    def put(self, handle: torch.Tensor, made: _Made) -> None:
         key = self._key(handle)
-        self._wires[key] = wire
-        weakref.finalize(handle, self._wires.pop, key, None)
+        self._made[key] = made
+        weakref.finalize(handle, self._made.pop, key, None)
 
-    def get(self, handle: torch.Tensor) -> Optional[object]:
-        return self._wires.get(self._key(handle))
+    def get(self, handle: torch.Tensor) -> Optional[_Made]:
+        return self._made.get(self._key(handle))
 
 
-_MEMO = _WireMemo()
+_MEMO = _HandleMemo()
+
+
+def _made_header(width: int, buf: BufferT, K: int, T: int, C: int) -> list[int]:
+    header = [0] * width
+    for col, value in ((H.HDR_BUFFER_ID, buf.id), (H.HDR_NUM_RANKS, buf.world_size),
+                       (H.HDR_TOPK, K), (H.HDR_NUM_TOKENS, T), (H.HDR_NUM_ROWS, C)):
+        header[col] = value
+    return header
 
 
 def record_trimmed_handle(static_handle: torch.Tensor, trimmed_handle: torch.Tensor) -> None:
-    """exact=True: the trimmed handle takes over the counts of the static one."""
-    wire = _MEMO.get(static_handle)
-    if wire is not None:
-        _MEMO.put(trimmed_handle, wire)
+    """exact=True: the trimmed handle takes over the wire of the static one, with its C."""
+    made = _MEMO.get(static_handle)
+    if made is not None:
+        header = list(made.header)
+        header[H.HDR_NUM_ROWS] -= static_handle.shape[0] - trimmed_handle.shape[0]
+        _MEMO.put(trimmed_handle, _Made(made.wire, header))
+
+
+def recorded_header(handle: torch.Tensor) -> Optional[list[int]]:
+    """The header facts of a handle a dispatch here returned (None for any other tensor)."""
+    made = _MEMO.get(handle)
+    return None if made is None else made.header
 
 
 def _wire_of(op: str, handle: torch.Tensor, rail_rows: torch.Tensor, p: RankPlace
              ) -> Optional[Counts]:
     """The counts of the exact wire, or None for the static wire, of ``handle``'s dispatch."""
-    wire = _MEMO.get(handle)
-    if wire is None:
+    made = _MEMO.get(handle)
+    if made is not None:
+        wire = made.wire
+    else:
         if handle.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 f"deep_ep.{op}: this multi-host handle is not the tensor its dispatch returned "
@@ -287,7 +311,8 @@ def dispatch_static(buf: BufferT, x: torch.Tensor, x_scales: Optional[torch.Tens
         virtual[1], virtual[3] if x_scales is not None else None, virtual[0], virtual[2],
         mh.inner.group_name, E_host, expert_alignment, expand, num_sms)
     handle = _outer_handle(outs[5], buf, p, T, num_experts, dst_host, to_host, rail_rows)
-    _MEMO.put(handle, counts if counts is not None else _STATIC)
+    _MEMO.put(handle, _Made(counts if counts is not None else _STATIC,
+                            _made_header(handle.shape[1], buf, K, T, outs[0].shape[0])))
     return (*outs[:5], handle)
 
 
