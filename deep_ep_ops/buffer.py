@@ -221,13 +221,13 @@ class Buffer:
         """
         ref = self._engram
         if ref is None:
-            raise ValueError(f"engram_fetch: group {self.group_name!r} has no Engram table; "
-                             "allocate it with buf.engram_table(...)")
+            raise ValueError(f"deep_ep.engram_fetch: group {self.group_name!r} has no Engram "
+                             "table; allocate it with buf.engram_table(...)")
         same_kind = table.shape == ref.shape and table.dtype == ref.dtype
         same_memory = table.data_ptr() == ref.data_ptr()
         if not same_kind or (table.is_cuda and not same_memory):
             raise ValueError(
-                f"engram_fetch: table must be the registered shard {tuple(ref.shape)} {ref.dtype} "
+                f"deep_ep.engram_fetch: table must be the registered shard {tuple(ref.shape)} {ref.dtype} "
                 f"from buf.engram_table(); got another tensor {tuple(table.shape)} {table.dtype}")
 
     def destroy(self) -> None:

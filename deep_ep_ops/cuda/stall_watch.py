@@ -24,7 +24,8 @@ from typing import Callable, Optional
 @dataclass
 class _Pending:
     done: Callable[[], bool]
-    what: str  # "deep_ep.dispatch: rank 0 (host 0, local index 0) waits for host 1 (rank 2)"
+    what: str  # "deep_ep.dispatch: rank 0 (host 0, local index 0) waits for its rail peers on
+    #             host 1 (rank 2), host 2 (rank 4)"
     since: float
     report: str = ""  # once reported
     handled: bool = False  # on_stall acted on it
