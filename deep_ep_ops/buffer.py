@@ -227,8 +227,8 @@ class Buffer:
         same_memory = table.data_ptr() == ref.data_ptr()
         if not same_kind or (table.is_cuda and not same_memory):
             raise ValueError(
-                f"deep_ep.engram_fetch: table must be the registered shard {tuple(ref.shape)} {ref.dtype} "
-                f"from buf.engram_table(); got another tensor {tuple(table.shape)} {table.dtype}")
+                f"deep_ep.engram_fetch: table must be the registered shard {tuple(ref.shape)} "
+                f"{ref.dtype} from buf.engram_table(); got another tensor {tuple(table.shape)} {table.dtype}")
 
     def destroy(self) -> None:
         """Free the peer memory and unregister. Collective: call it on every rank, before
