@@ -228,7 +228,8 @@ class Buffer:
         if not same_kind or (table.is_cuda and not same_memory):
             raise ValueError(
                 f"deep_ep.engram_fetch: table must be the registered shard {tuple(ref.shape)} "
-                f"{ref.dtype} from buf.engram_table(); got another tensor {tuple(table.shape)} {table.dtype}")
+                f"{ref.dtype} from buf.engram_table(); got another tensor {tuple(table.shape)} "
+                f"{table.dtype}")
 
     def destroy(self) -> None:
         """Free the peer memory and unregister. Collective: call it on every rank, before

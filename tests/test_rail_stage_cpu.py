@@ -32,7 +32,8 @@ def lines(tmp_path_factory) -> dict[str, str]:
     exe = tmp_path_factory.mktemp("rail") / "rail_stage_checks"
     src = ROOT / "csrc"
     cmd = ["c++", "-std=c++20", "-O1", "-Wall", "-pthread", f"-I{src}",
-           f"-I{CUDA_HOME / 'include'}", f"-I{nccl}", str(ROOT / "tests" / "cpp" / "rail_stage_checks.cpp"),
+           f"-I{CUDA_HOME / 'include'}", f"-I{nccl}",
+           str(ROOT / "tests" / "cpp" / "rail_stage_checks.cpp"),
            str(src / "interhost" / "rail_stage.cpp"), f"-L{CUDA_HOME / 'lib64'}", "-lcudart",
            f"-Wl,-rpath,{CUDA_HOME / 'lib64'}", "-o", str(exe)]
     build = subprocess.run(cmd, capture_output=True, text=True)

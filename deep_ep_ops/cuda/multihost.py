@@ -24,7 +24,8 @@ header's ``HDR_EXACT`` flag, equal on every rank), with the exact wire's counts:
 here is remembered with both and with its header's facts (``_HandleMemo``, no sync: the ops
 check those facts on every call, as the C++ kernels check their handle records); any other (a
 clone, a copy autograd saved after the dispatch's own tensor was dropped) costs one sync to
-read them from the handle, and is refused during CUDA graph capture (a guess could leave rail peers on different wires).
+read them from the handle, and is refused during CUDA graph capture (a guess could leave rail
+peers on different wires).
 
 The C++ CUDA kernels of the public ops enter here through the ``_multihost_*`` ops
 (schemas.py) when the Buffer spans hosts; every call goes through the dispatcher, so autograd
