@@ -144,13 +144,6 @@ def _trim_dispatch_cuda(*outputs):
 # The CUDA kernels of a Buffer spanning hosts (schemas.py MULTIHOST_SCHEMAS): the C++ kernels
 # of the public ops call them through the dispatcher and skip their own checks for such a
 # Buffer, so the Python checks run here.
-def _check_recorded_handle(op: str, buf, handle: torch.Tensor, x_rows: int) -> None:
-    # the handle-header checks without a sync, for the handles a multi-host dispatch returned
-    header = cuda_multihost.recorded_header(handle)
-    if header is not None:
-        V.check_recorded_header(op, buf, header, x_rows)
-
-
 def _multihost_dispatch_static(x, x_scales, topk_idx, topk_weights, group_name, num_experts,
                                expert_alignment, expand, num_sms, exact_wire):
     buf = registry.get(group_name)
@@ -163,15 +156,14 @@ def _multihost_dispatch_static(x, x_scales, topk_idx, topk_weights, group_name, 
 
 def _multihost_cached_dispatch(x, x_scales, handle, group_name, num_sms):
     buf = registry.get(group_name)
-    V.check_cached_dispatch(buf, x, x_scales, handle, num_sms)
-    _check_recorded_handle("cached_dispatch", buf, handle, x.shape[0])
+    V.check_cached_dispatch(buf, x, x_scales, handle, num_sms,
+                            cuda_multihost.recorded_header(handle))
     return cuda_multihost.cached_dispatch(buf, x, x_scales, handle, num_sms)
 
 
 def _multihost_combine(x, handle, weights, group_name, num_sms):
     buf = registry.get(group_name)
-    V.check_combine(buf, x, handle, weights, num_sms)
-    _check_recorded_handle("combine", buf, handle, x.shape[0])
+    V.check_combine(buf, x, handle, weights, num_sms, cuda_multihost.recorded_header(handle))
     return cuda_multihost.combine(buf, x, handle, weights, num_sms)
 
 

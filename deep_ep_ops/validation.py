@@ -80,17 +80,28 @@ def check_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor
 
 
 def check_cached_dispatch(buf: Buffer, x: torch.Tensor, x_scales: Optional[torch.Tensor],
-                          handle: torch.Tensor, num_sms: int) -> None:
+                          handle: torch.Tensor, num_sms: int,
+                          recorded: Optional[list[int]] = None) -> None:
+    """``recorded``: the header facts a multi-host dispatch kept for this handle (checked
+    always, no sync)."""
     _RULES["cached_dispatch"](buf, x, x_scales, handle, num_sms)
-    if wants_value_checks(handle):
-        check_handle_header("cached_dispatch", buf, handle, x.shape[0])
+    _check_header("cached_dispatch", buf, handle, x.shape[0], recorded)
 
 
 def check_combine(buf: Buffer, x: torch.Tensor, handle: torch.Tensor,
-                  weights: Optional[torch.Tensor], num_sms: int) -> None:
+                  weights: Optional[torch.Tensor], num_sms: int,
+                  recorded: Optional[list[int]] = None) -> None:
+    """``recorded``: as for check_cached_dispatch."""
     _RULES["combine"](buf, x, handle, weights, num_sms)
+    _check_header("combine", buf, handle, x.shape[0], recorded)
+
+
+def _check_header(op: str, buf: Buffer, handle: torch.Tensor, x_rows: int,
+                  recorded: Optional[list[int]]) -> None:
+    if recorded is not None:
+        check_recorded_header(op, buf, recorded, x_rows)
     if wants_value_checks(handle):
-        check_handle_header("combine", buf, handle, x.shape[0])
+        check_handle_header(op, buf, handle, x_rows)
 
 
 def check_handle_header(op: str, buf: Buffer, handle: torch.Tensor, x_rows: int) -> None:

@@ -93,10 +93,13 @@ class RailStage:
         # (a CPU stand-in of the extension in the glue tests has no stream)
         return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
-    def _enqueued(self, op: str) -> None:
-        """Follow the transfer just enqueued on the current stream (not while capturing: a
-        captured transfer runs at replay)."""
-        if self.device.type != "cuda" or self._capturing():
+    def _transfer(self, op: str, enqueue, parts) -> None:
+        """Enqueue one transfer of ``parts`` and follow it on the current stream (not while
+        capturing: a captured transfer runs at replay, and no completion test is allowed)."""
+        capturing = self._capturing()
+        self.watch.raise_if_stalled(query=not capturing)
+        enqueue(op, parts)
+        if self.device.type != "cuda" or capturing:
             return
         done = torch.cuda.Event()
         done.record()
@@ -127,18 +130,16 @@ class RailStage:
                       recv_rows: Optional[Sequence[int]] = None) -> None:
         """Dispatch direction: slot h' of every ``send`` tensor to host h''s rail peer. Rows
         None: whole slots (static wire); else the first ``rows[h]`` rows (exact wire)."""
-        self.watch.raise_if_stalled(query=not self._capturing())
-        self._stage.exchange_rows(op, self._parts(send, recv, send_rows, recv_rows))
-        self._enqueued(op)
+        self._transfer(op, self._stage.exchange_rows,
+                       self._parts(send, recv, send_rows, recv_rows))
 
     def return_partials(self, op: str, send: Sequence[torch.Tensor],
                         recv: Sequence[torch.Tensor],
                         send_rows: Optional[Sequence[int]] = None,
                         recv_rows: Optional[Sequence[int]] = None) -> None:
         """Combine direction, same slots and rows as ``exchange_rows``."""
-        self.watch.raise_if_stalled(query=not self._capturing())
-        self._stage.return_partials(op, self._parts(send, recv, send_rows, recv_rows))
-        self._enqueued(op)
+        self._transfer(op, self._stage.return_partials,
+                       self._parts(send, recv, send_rows, recv_rows))
 
     def counts(self, op: str, send_counts: torch.Tensor) -> tuple[list[int], list[int]]:
         """The exact wire's first message: ``send_counts[h']`` (int64 ``[N]`` on the device) to
