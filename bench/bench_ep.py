@@ -62,11 +62,12 @@ def _sum_over_ranks(value: float) -> float:
 class _Calls:
     """A Buffer, the inputs of one workload and its dispatch / combine calls."""
 
-    def __init__(self, rank: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int):
+    def __init__(self, rank: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int,
+                 direct: int = 0):
         import deep_ep_ops
         device = torch.device("cuda", torch.cuda.current_device())
         self.buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=T, hidden=H, num_topk=K,
-                                      num_experts=E, fp8_dispatch=fp8)
+                                      num_experts=E, fp8_dispatch=fp8, direct_outputs=direct)
         self.x, self.scales, self.idx, self.w = _inputs(rank, T, H, E, K, fp8, device)
         self.E, self.num_sms = E, num_sms
         out = self.dispatch()
@@ -105,20 +106,24 @@ def copy_us(buf, num_bytes: int, iters: int) -> float:
 
 
 def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int,
-                 iters: int, decode: bool = False, baseline: bool = True) -> dict:
-    calls = _Calls(rank, T, H, E, K, fp8, num_sms)
+                 iters: int, decode: bool = False, baseline: bool = True,
+                 direct: int = 0) -> dict:
+    calls = _Calls(rank, T, H, E, K, fp8, num_sms, direct)
     buf, dispatch, combine, handle = calls.buf, calls.dispatch, calls.combine, calls.handle
     x, scales, idx = calls.x, calls.scales, calls.idx
     device = x.device
     row_bytes = H * x.element_size() + (scales.shape[1] * 4 if scales is not None else 0)
     valid, local = _row_counts(handle, T, rank)
-    res = {"T": T, "H": H, "E": E, "K": K, "R": R, "fp8": fp8, "num_sms": num_sms}
+    res = {"T": T, "H": H, "E": E, "K": K, "R": R, "fp8": fp8, "num_sms": num_sms,
+           "direct_outputs": direct}
     if decode:
         t_d = graph_replay_us(dispatch, iters=iters)
         t_c = graph_replay_us(combine, iters=iters)
     else:
         t_d = event_median_us(dispatch, iters=iters, calls_per_sample=CALLS_PER_SAMPLE)
         t_c = event_median_us(combine, iters=iters, calls_per_sample=CALLS_PER_SAMPLE)
+        if direct:  # how the timed dispatches placed their outputs (all direct, or say so)
+            res["direct_output_stats"] = dict(buf.ep_state.direct_output_stats)
         res["dispatch_host_us"] = _max_over_ranks(host_overhead_us(dispatch))
         res["combine_host_us"] = _max_over_ranks(host_overhead_us(combine))
     res["dispatch_us"] = _max_over_ranks(t_d)
@@ -162,13 +167,17 @@ def _rank_main(rank: int, R: int, args) -> dict:
     prefill = [(T0, True, 0), (T0, True, 24), (T0, False, 0), (T0, False, 24)]
     if not args.quick:
         prefill.append((8192, True, 0))
+    # --direct-outputs N: each prefill workload also with N direct-output slots (same run)
+    directs = (0, args.direct_outputs) if args.direct_outputs and R > 1 else (0,)
     for T, fp8, num_sms in prefill:
         if num_sms > sms:
             continue
         with_sms = f", {num_sms} SMs" if num_sms else ""
-        results["workloads"].append(
-            dict(name=f"prefill T={T} {'FP8' if fp8 else 'BF16'}{with_sms}",
-                 **run_workload(rank, R, T, H, E, K, fp8, num_sms, iters)))
+        for direct in directs:
+            results["workloads"].append(
+                dict(name=f"prefill T={T} {'FP8' if fp8 else 'BF16'}{with_sms}"
+                          f"{', direct outputs' if direct else ''}",
+                     **run_workload(rank, R, T, H, E, K, fp8, num_sms, iters, direct=direct)))
     results["workloads"].append(
         dict(name="decode T=128 FP8 (CUDA graph)",
              **run_workload(rank, R, 128, H, E, K, True, 0, iters, decode=True)))
@@ -323,6 +332,9 @@ def main() -> None:
     def extra(parser):
         parser.add_argument("--no-sweeps", dest="sweeps", action="store_false",
                             help="skip the SM and token sweeps")
+        parser.add_argument("--direct-outputs", type=int, default=0, metavar="N",
+                            help="also run each prefill workload on a Buffer with N "
+                                 "direct-output slots (R >= 2)")
     args = report_io.parse_args(__doc__.splitlines()[0], extra)
     if args.ranks_per_gpu == 1:  # the links between GPUs; ranks sharing a GPU have none
         limits = baselines.copy_engine_limits(64 << 20 if args.quick else 256 << 20)

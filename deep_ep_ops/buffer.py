@@ -66,6 +66,18 @@ class Buffer:
             On CUDA, several hosts run deep_ep_ops.cuda.multihost (NCCL between hosts, this
             host's sub-Buffer inside it) for dispatch / cached_dispatch / combine; pp / cp /
             engram need a group on one host there (NotImplementedError otherwise).
+        direct_outputs: N >= 0 (CUDA, one host, R >= 2). N slots of peer memory, each the
+            size of one compact dispatch at full capacity (R*M rows of the dispatch dtype:
+            fp8 + scales when ``fp8_dispatch``, else bf16). An eager dispatch whose outputs
+            fit a free slot returns ``recv_x`` / ``recv_scales`` that live in it, and the
+            peers write their rows straight into them: the receiver's copy out of the staging
+            rows disappears (a third of the dispatch's memory traffic). A slot is free again
+            when both tensors are gone; a dispatch that finds no free slot, whose outputs do
+            not fit (wider x, expert-major layout with more rows), or that is captured in a
+            CUDA graph stages its rows as with N = 0. Same results either way. Such outputs
+            stay valid until ``destroy()`` (they are this Buffer's memory), and like any
+            output are safe to drop on the dispatch's stream; one used on another stream
+            must be synchronised before the stream's next dispatch. Default 0.
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, *,
@@ -73,7 +85,7 @@ class Buffer:
                  fp8_dispatch: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
                  pp_max_bytes: Optional[int] = None, pp_slots: Optional[int] = None,
                  cp_max_bytes: Optional[int] = None, transport: str = "auto",
-                 ranks_per_host: Optional[int] = None) -> None:
+                 ranks_per_host: Optional[int] = None, direct_outputs: int = 0) -> None:
         if _is_capturing():
             raise RuntimeError("deep_ep_ops.Buffer cannot be created during CUDA graph capture; "
                                "create it before capturing")
@@ -91,12 +103,15 @@ class Buffer:
                              f"size {self.world_size}")
         if timeout_s <= 0:
             raise ValueError(f"Buffer: timeout_s must be > 0, got {timeout_s}")
+        if not isinstance(direct_outputs, int) or direct_outputs < 0:
+            raise ValueError(f"Buffer: direct_outputs must be an int >= 0, got {direct_outputs!r}")
         self.num_max_tokens_per_rank = num_max_tokens_per_rank
         self.hidden = hidden
         self.num_topk = num_topk
         self.num_experts = num_experts
         self.fp8_dispatch = fp8_dispatch
         self.timeout_s = float(timeout_s)
+        self.direct_outputs = direct_outputs
         self.pp_max_bytes = _DEFAULT_PP_MAX_BYTES if pp_max_bytes is None else int(pp_max_bytes)
         self.pp_slots = _DEFAULT_PP_SLOTS if pp_slots is None else int(pp_slots)
         self.cp_max_bytes = _DEFAULT_CP_MAX_BYTES if cp_max_bytes is None else int(cp_max_bytes)

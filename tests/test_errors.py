@@ -263,6 +263,13 @@ def test_buffer_experts_not_divisible(single_rank_group, monkeypatch):
                            num_topk=K, num_experts=6)
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, "2"])
+def test_buffer_direct_outputs(single_rank_group, bad):
+    with pytest.raises(ValueError, match=r"direct_outputs must be an int >= 0, got "):
+        deep_ep_ops.Buffer(single_rank_group, num_max_tokens_per_rank=M, hidden=HID,
+                           num_topk=K, num_experts=E, direct_outputs=bad)
+
+
 def test_buffer_twice(buf):
     with pytest.raises(RuntimeError, match=r"already has a Buffer"):
         deep_ep_ops.Buffer(buf.group, num_max_tokens_per_rank=M, hidden=HID, num_topk=K,

@@ -14,6 +14,12 @@
 // epilogue: local only. Copies the window rows of the other ranks into fresh outputs
 // (expanding compact rows into expert-major rows when asked) with their handle receive rows,
 // and fills every row that carries no token (padding is always zero).
+//
+// Direct outputs: when this rank's recv_x / recv_scales sit in a direct-output slot of its
+// window (it says so with its count row), the other ranks' pushes write their rows of x and
+// scales straight into them, at the same rows the epilogue would have used; the epilogue then
+// writes only the routing tensors and handle rows. Each destination decides for itself, so a
+// push may write one destination directly and stage for another.
 #include "ep_barrier.cuh"
 #include "topk_loads.cuh"
 #include "fill_rows.cuh"
@@ -42,6 +48,18 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
   pdl_trigger();
   const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
   int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
+  // Where each destination wants its rows of x and scales (its layout kernel published them
+  // before the count barrier, which this grid's pdl_wait follows): a direct-output slot of
+  // its window, or -1: this rank's staging rows in its window.
+  __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
+  if (!p.local_only)
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      const long long* outs =
+          reinterpret_cast<const long long*>(peer_ptr(p.comm, me) + p.comm.outs_off) + 2 * d;
+      out_x_at[d] = __ldcg(outs);
+      out_s_at[d] = __ldcg(outs + 1);
+    }
+  __syncthreads();
   if (blockIdx.x == 0)  // handle header row
     for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
   for (int t = blockIdx.x * warps + warp_id(); t < p.io.T; t += gridDim.x * warps) {
@@ -92,6 +110,7 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
       }
       char* base = peer_ptr(p.comm, d);
       int* meta = reinterpret_cast<int*>(base + p.rows.m_off) + static_cast<int64_t>(row) * p.rows.meta_ints;
+      const long long ox = out_x_at[d], os = out_s_at[d];
       if (lane == 0) {
         meta[0] = me;
         meta[1] = t;
@@ -104,9 +123,17 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
         meta[4 + K + lane] = here ? erow : -1;
         meta[4 + 2 * K + lane] = here ? __float_as_int(wgt) : 0;
       }
-      warp_copy(base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride, xrow, p.io.x_bytes);
-      if (p.io.s_bytes > 0)
-        warp_copy(base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride, srow, p.io.s_bytes);
+      if (ox < 0) {  // staged: the destination's epilogue copies the rows out
+        warp_copy(base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride, xrow, p.io.x_bytes);
+        if (p.io.s_bytes > 0)
+          warp_copy(base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride, srow, p.io.s_bytes);
+      } else if (!p.expand) {  // straight into the destination's recv_x / recv_scales
+        warp_copy(base + ox + static_cast<int64_t>(row) * p.io.x_bytes, xrow, p.io.x_bytes);
+        if (p.io.s_bytes > 0) warp_copy(base + os + static_cast<int64_t>(row) * p.io.s_bytes, srow, p.io.s_bytes);
+      } else {  // every expert-major row of the token there
+        warp_copy_rows(base + ox, erow, at_d, xrow, p.io.x_bytes);
+        if (p.io.s_bytes > 0) warp_copy_rows(base + os, erow, at_d, srow, p.io.s_bytes);
+      }
     }
   }
   if (p.local_only) {
@@ -151,8 +178,10 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
       wgt = __int_as_float(meta[4 + 2 * K + lane]);
     }
     if (!p.expand) {
-      warp_copy(p.io.recv_x + static_cast<int64_t>(i) * p.io.x_bytes, wx, p.io.x_bytes);
-      if (p.io.s_bytes > 0) warp_copy(p.io.recv_s + static_cast<int64_t>(i) * p.io.s_bytes, ws, p.io.s_bytes);
+      if (!p.direct) {
+        warp_copy(p.io.recv_x + static_cast<int64_t>(i) * p.io.x_bytes, wx, p.io.x_bytes);
+        if (p.io.s_bytes > 0) warp_copy(p.io.recv_s + static_cast<int64_t>(i) * p.io.s_bytes, ws, p.io.s_bytes);
+      }
       if (lane < K) {
         idx64[static_cast<int64_t>(i) * K + lane] = j;
         p.io.recv_w[static_cast<int64_t>(i) * K + lane] = wgt;
@@ -161,8 +190,10 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
     } else {
       const unsigned local = __ballot_sync(0xffffffffu, j >= 0);
       warp_write_expand_group(recv_h, W, K, i, src, tok, cslot, j, erow, wgt, idx32, p.io.recv_w);
-      warp_copy_rows(p.io.recv_x, erow, local, wx, p.io.x_bytes);
-      if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, local, ws, p.io.s_bytes);
+      if (!p.direct) {
+        warp_copy_rows(p.io.recv_x, erow, local, wx, p.io.x_bytes);
+        if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, local, ws, p.io.s_bytes);
+      }
     }
   }
   FillArgs a{p.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,

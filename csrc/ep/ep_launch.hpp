@@ -27,6 +27,7 @@ struct Comm {
   int num_ranks;
   int64_t flags_off;
   int64_t counts_off;
+  int64_t outs_off;  // where each rank wants its dispatch rows (EpWindow: [outs])
   int64_t data_off;
 };
 
@@ -76,6 +77,9 @@ struct LayoutParams {
   int T, K, E, E_loc, A, M, expand, W;
   int C;           // rows of the dispatch's outputs (handle header)
   int buffer_id;   // handle header
+  // this rank's recv_x / recv_scales as offsets from its window base when they live in a
+  // direct-output slot (the peers write rows there), else -1 (rows go through the window)
+  int64_t out_x_off, out_s_off;
   int warps;       // warps per count CTA (each warp counts 32 tokens)
   int cta_tokens;  // tokens per count CTA: 32 * warps
   DispatchScratch s;
@@ -126,6 +130,7 @@ struct EpilogueParams {
   DispatchRows rows;
   const int* recv_info;
   int E_loc, expand;
+  int direct;  // the peers wrote their rows of x and scales into io's outputs already
 };
 
 struct CachedParams {

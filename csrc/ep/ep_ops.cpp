@@ -1,6 +1,7 @@
 // Host side of dispatch / cached_dispatch / combine: check what Python cannot cheaply check
-// (window capacity), allocate fresh outputs with torch's allocator on the current stream, and
-// launch the kernels. No host sync.
+// (window capacity), allocate fresh outputs with torch's allocator on the current stream (or,
+// for a dispatch's recv_x / recv_scales, in a direct-output slot of the window: see
+// output_slots.hpp), and launch the kernels. No host sync.
 #include "ep_ops.hpp"
 
 #include "../host/cuda_check.hpp"
@@ -13,6 +14,8 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 
 namespace deep_ep_ops {
 namespace {
@@ -69,9 +72,17 @@ int barrier_ctas_for(const EpState& st, int64_t num_sms, int64_t max_items) {
 
 // Fresh outputs of a dispatch with C receive rows: recv_x [C, H], scales [C, P], topk idx and
 // weights ([C, K] compact, [C] expert-major), tokens_per_expert [E_loc], handle [1 + T + C, W].
+// `rows`: recv_x and scales made already (in a direct-output slot), if defined.
 DispatchOut dispatch_outputs(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
-                             int64_t C, int K, int E_loc, int W, bool expand) {
+                             int64_t C, int K, int E_loc, int W, bool expand,
+                             const std::pair<at::Tensor, at::Tensor>& rows = {}) {
   const at::Device dev = x.device();
+  if (rows.first.defined())
+    return {rows.first, rows.second,
+            expand ? empty({C}, at::kInt, dev) : empty({C, K}, at::kLong, dev),
+            expand ? empty({C}, at::kFloat, dev) : empty({C, K}, at::kFloat, dev),
+            empty({E_loc}, at::kInt, dev),
+            empty({1 + x.size(0) + C, W}, at::kInt, dev)};
   return {empty({C, x.size(1)}, x.scalar_type(), dev),
           x_scales.has_value() ? empty({C, x_scales->size(1)}, x_scales->scalar_type(), dev)
                                : empty({C, 0}, at::kFloat, dev),
@@ -79,6 +90,38 @@ DispatchOut dispatch_outputs(const at::Tensor& x, const std::optional<at::Tensor
           expand ? empty({C}, at::kFloat, dev) : empty({C, K}, at::kFloat, dev),
           empty({E_loc}, at::kInt, dev),
           empty({1 + x.size(0) + C, W}, at::kInt, dev)};
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(stream, &status);
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// A direct-output slot for this dispatch's recv_x / recv_scales, or -1: the Buffer has none,
+// the outputs do not fit one, every slot holds live outputs, or the stream is being captured
+// (a graph's outputs are memory the graph owns, replayed long after this call).
+int take_output_slot(EpState& st, int64_t C, int64_t x_bytes, int64_t s_bytes, cudaStream_t stream) {
+  if (st.slots->size() == 0 || !st.win.slot_fits(C, x_bytes, s_bytes) || capturing(stream)) return -1;
+  return st.slots->acquire(2);  // recv_x and recv_scales each hold it
+}
+
+// recv_x [C, H] and recv_scales [C, P] inside slot `slot` of this rank's window; the slot is
+// free again once both are gone.
+std::pair<at::Tensor, at::Tensor> slot_tensors(EpState& st, int slot, const at::Tensor& x,
+                                               const std::optional<at::Tensor>& x_scales,
+                                               int64_t C) {
+  char* base = st.comm.peer_base[st.cfg.rank] + st.win.slot_off(slot);
+  const int64_t x_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
+  std::shared_ptr<OutputSlots> pool = st.slots;
+  auto release = [pool, slot](void*) { pool->release(slot); };
+  const at::TensorOptions on = at::TensorOptions().device(x.device());
+  at::Tensor rx = at::from_blob(base, {C, x.size(1)}, release, on.dtype(x.scalar_type()));
+  char* sbase = base + EpWindow::slot_scales_at(C, x_bytes);
+  at::Tensor rs = x_scales.has_value()
+                      ? at::from_blob(sbase, {C, x_scales->size(1)}, release, on.dtype(x_scales->scalar_type()))
+                      : at::from_blob(sbase, {C, 0}, release, on.dtype(at::kFloat));
+  return {rx, rs};
 }
 
 // What the kernels that write a dispatch's outputs see of its inputs and outputs.
@@ -175,9 +218,22 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   lp.cta_tokens = lp.warps * 32;
   lp.s = st.scratch;
   lp.comm = st.comm;
-  check_cuda(launch_layout(lp, stream), "launching dispatch layout kernel");
 
-  DispatchOut out = dispatch_outputs(x, x_scales, C, K, E_loc, W, expand);
+  // outputs first: the layout kernel tells the peers where recv_x / recv_scales live when
+  // they sit in a direct-output slot (with one rank nothing crosses a window)
+  const int slot = R > 1 ? take_output_slot(st, C, x_bytes, s_bytes, stream) : -1;
+  DispatchOut out = dispatch_outputs(x, x_scales, C, K, E_loc, W, expand,
+                                     slot >= 0 ? slot_tensors(st, slot, x, x_scales, C)
+                                               : std::pair<at::Tensor, at::Tensor>{});
+  lp.out_x_off = lp.out_s_off = -1;
+  if (slot >= 0) {
+    lp.out_x_off = st.win.slot_off(slot);
+    lp.out_s_off = lp.out_x_off + EpWindow::slot_scales_at(C, x_bytes);
+    ++st.slots->direct;
+  } else if (R > 1) {
+    ++st.slots->staged;
+  }
+  check_cuda(launch_layout(lp, stream), "launching dispatch layout kernel");
 
   // phase 2: final rows, handle header + send part; rows into the other destinations' windows
   // and this rank's own rows straight into the outputs
@@ -207,6 +263,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   ep.recv_info = st.scratch.recv_info;
   ep.E_loc = E_loc;
   ep.expand = expand;
+  ep.direct = slot >= 0;
   check_cuda(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "launching dispatch epilogue");
   return out;
 }

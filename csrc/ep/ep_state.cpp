@@ -25,9 +25,13 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   smem_optin = static_cast<size_t>(optin);
   handle_width = handle::handle_width(K);
 
-  win = EpWindow::plan(R, M, H, K, E, cfg.fp8);
+  if (cfg.direct_slots < 0)
+    throw std::invalid_argument("deep_ep_ops: direct_outputs must be >= 0");
+  win = EpWindow::plan(R, M, H, K, E, cfg.fp8, cfg.direct_slots);
+  slots = std::make_shared<OutputSlots>(cfg.direct_slots);
   comm.flags_off = win.flags_off;
   comm.counts_off = win.counts_off;
+  comm.outs_off = win.outs_off;
   comm.data_off = win.data_off;
 
   window_ = transport_->allocate(win.window_bytes);

@@ -10,6 +10,7 @@
 
 #include "ep_launch.hpp"
 #include "ep_window.hpp"
+#include "output_slots.hpp"
 #include "../transport/peer_memory.hpp"
 
 namespace deep_ep_ops {
@@ -21,6 +22,7 @@ struct EpConfig {
   bool fp8;
   double timeout_s;
   int device;
+  int direct_slots;  // Buffer(direct_outputs=N): dispatch outputs that peers write directly
 };
 
 class EpState {
@@ -43,6 +45,9 @@ class EpState {
   size_t smem_optin = 0;
   int handle_width = 0;
   ErrorRecord* error_host = nullptr;  // same memory as comm.wait.error
+  // shared with the deleters of the output tensors that live in the slots (they may outlive
+  // the state)
+  std::shared_ptr<OutputSlots> slots;
 
  private:
   std::shared_ptr<PeerMemoryTransport> transport_;

@@ -5,8 +5,13 @@
 //
 //   [flags]  uint32 flags[kNumSlots][kMaxRanks]: barrier epochs announced by each rank
 //   [counts] int32 counts[R][E + R]: row s = rank s's per-expert and per-rank send counts
+//   [outs]   int64 outs[kMaxRanks][2]: where rank s wants this dispatch's rows of x and of
+//            scales written (offsets of its output slot from its window base), -1: staged
 //   [data]   dispatch rows / cached-dispatch staging / combine staging (reused by every op;
 //            each op starts behind a barrier so peers are done with the previous one)
+//   [slots]  direct-output slots (Buffer(direct_outputs=N)): N regions that hold a dispatch's
+//            recv_x and recv_scales, handed out as the op's output tensors, so peers write
+//            rows straight into them and the epilogue copies nothing
 #pragma once
 
 #include <algorithm>
@@ -18,8 +23,11 @@
 namespace deep_ep_ops {
 
 struct EpWindow {
-  int64_t flags_off = 0, counts_off = 0, data_off = 0;
+  int64_t flags_off = 0, counts_off = 0, outs_off = 0, data_off = 0;
   int64_t data_bytes = 0;    // size of the data region
+  int64_t slots_off = 0;     // first direct-output slot
+  int64_t slot_bytes = 0;    // size of each
+  int num_slots = 0;
   int64_t window_bytes = 0;  // whole window (2 MiB granules)
 
   // Dispatch rows in the data region: R*M rows of x (x_bytes each), of scales (s_bytes) and of
@@ -62,13 +70,25 @@ struct EpWindow {
 
   bool fits(int64_t end) const { return end - data_off <= data_bytes; }
 
+  // A dispatch's outputs in a direct-output slot: recv_x rows back to back (as torch lays
+  // out [C, H]), then the scale rows from the next 256-byte boundary.
+  static int64_t slot_scales_at(int64_t C, int64_t x_bytes) { return align_up(C * x_bytes, 256); }
+  bool slot_fits(int64_t C, int64_t x_bytes, int64_t s_bytes) const {
+    return num_slots > 0 && slot_scales_at(C, x_bytes) + C * s_bytes <= slot_bytes;
+  }
+  int64_t slot_off(int i) const { return slots_off + static_cast<int64_t>(i) * slot_bytes; }
+
   // The window of a Buffer: the data region holds the widest use of every op (dispatch rows up
-  // to fp32 wide, x may be fp32; bf16 and fp8 + scales are narrower).
-  static EpWindow plan(int R, int M, int H, int K, int E, bool fp8) {
+  // to fp32 wide, x may be fp32; bf16 and fp8 + scales are narrower). Each direct-output slot
+  // holds a compact dispatch at full capacity (R*M rows) in the Buffer's dispatch dtype (fp8
+  // rows with their scale packs, else bf16); wider rows, or expert-major outputs of more rows,
+  // use a slot only where they fit.
+  static EpWindow plan(int R, int M, int H, int K, int E, bool fp8, int direct_slots) {
     EpWindow w;
     w.flags_off = 0;
     w.counts_off = align_up(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
-    w.data_off = w.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
+    w.outs_off = w.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
+    w.data_off = w.outs_off + align_up(static_cast<int64_t>(kMaxRanks) * 2 * 8, 4096);
     const int64_t packs = (H + 31) / 32;  // most 4-byte scale packs a row may carry
     const DispatchRows rows = w.dispatch_rows(R, M, K, 4LL * H, fp8 ? 4 * packs : 0);
     const int64_t need = std::max({dispatch_end(rows, R, M),
@@ -76,7 +96,14 @@ struct EpWindow {
                                    w.combine_stage_off() +
                                        combine_stage_bytes(M, std::min(R, K), H)}) - w.data_off;
     w.data_bytes = align_up(need, 4096);
-    w.window_bytes = align_up(w.data_off + w.data_bytes, 1 << 21);
+    w.slots_off = w.data_off + w.data_bytes;
+    w.num_slots = direct_slots;
+    if (direct_slots > 0) {
+      const int64_t cap = static_cast<int64_t>(R) * M;
+      const int64_t x_row = fp8 ? H : 2LL * H, s_row = fp8 ? 4 * packs : 0;
+      w.slot_bytes = align_up(slot_scales_at(cap, x_row) + cap * s_row, 1 << 21);
+    }
+    w.window_bytes = align_up(w.slots_off + w.slot_bytes * direct_slots, 1 << 21);
     return w;
   }
 };

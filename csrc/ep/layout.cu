@@ -16,6 +16,8 @@
 //   ebase[e]               = aligned block start of e + sum_{s<me} count(s,e)
 // The push kernel adds the three terms per (token, slot), so the rows are the same pure
 // function of the routing as in a one-pass serial count: (source rank, source token) order.
+// With the count row goes where this rank's recv_x / recv_scales live when they sit in a
+// direct-output slot of its window (the push then writes rows straight into them).
 #include "ep_barrier.cuh"
 #include "topk_loads.cuh"
 #include "handle_rows.cuh"
@@ -193,6 +195,13 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
     const int peer = i / NC, c = i % NC;
     int* row = reinterpret_cast<int*>(peer_ptr(p.comm, peer) + p.comm.counts_off) + me * NC;
     row[c] = tot[c];
+  }
+  // where this rank's outputs live (peers write their rows there when it is not -1); the
+  // barrier below publishes it with the counts
+  for (int peer = threadIdx.x; peer < R; peer += blockDim.x) {
+    long long* outs = reinterpret_cast<long long*>(peer_ptr(p.comm, peer) + p.comm.outs_off) + 2 * me;
+    outs[0] = p.out_x_off;
+    outs[1] = p.out_s_off;
   }
   if (threadIdx.x == 0) info[4] = static_cast<int>(global_ns() - t_start);
   cta_barrier(p.comm, kLayoutSlot, kOpDispatchLayout);

@@ -19,7 +19,7 @@ namespace {
 std::shared_ptr<EpState> create_state(std::shared_ptr<PeerMemoryTransport> transport,
                                       int buffer_id, int rank, int num_ranks, int max_tokens,
                                       int hidden, int topk, int num_experts, bool fp8,
-                                      double timeout_s, int device) {
+                                      double timeout_s, int device, int direct_slots) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device).stream(), &status);
   if (status != cudaStreamCaptureStatusNone)
@@ -27,7 +27,7 @@ std::shared_ptr<EpState> create_state(std::shared_ptr<PeerMemoryTransport> trans
         "deep_ep_ops: a Buffer cannot be created during CUDA graph capture (it allocates "
         "peer memory collectively); create it before capturing");
   EpConfig cfg{buffer_id, rank,        num_ranks, max_tokens, hidden,
-               topk,      num_experts, fp8,       timeout_s,  device};
+               topk,      num_experts, fp8,       timeout_s,  device, direct_slots};
   return std::make_shared<EpState>(cfg, std::move(transport));
 }
 
@@ -51,7 +51,15 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
       .def_property_readonly("data_bytes", [](const deo::EpState& s) { return s.win.data_bytes; })
       .def_property_readonly("sm_count", [](const deo::EpState& s) { return s.sm_count; })
       .def_property_readonly("alive", &deo::EpState::alive)
-      .def_property_readonly("transport", &deo::EpState::transport_name);
+      .def_property_readonly("transport", &deo::EpState::transport_name)
+      // direct-output slots: how many, how many hold live outputs, and how the dispatches with
+      // more than one rank placed their rows so far (tests and benchmarks read it)
+      .def_property_readonly("direct_output_stats", [](const deo::EpState& s) {
+        return py::dict(py::arg("slots") = s.slots->size(), py::arg("busy") = s.slots->busy(),
+                        py::arg("slot_bytes") = s.win.slot_bytes,
+                        py::arg("direct") = s.slots->direct.load(),
+                        py::arg("staged") = s.slots->staged.load());
+      });
   m.def("create_state", &deo::create_state);
   m.def("destroy_state", [](deo::EpState& s) { s.destroy(); });
   m.def("ep_last_error", [](const deo::EpState& s) { return deo::error_dict(s.error_host); });

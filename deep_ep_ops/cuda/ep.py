@@ -27,7 +27,7 @@ def create_state(buf: BufferT) -> tuple[Any, Any]:
     state = ext.create_state(peer_memory, buf.id, buf.rank, buf.world_size,
                              buf.num_max_tokens_per_rank, buf.hidden, buf.num_topk,
                              buf.num_experts, bool(buf.fp8_dispatch), float(buf.timeout_s),
-                             buf.device_index)
+                             buf.device_index, buf.direct_outputs)
     return state, peer_memory
 
 
