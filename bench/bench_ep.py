@@ -63,16 +63,19 @@ class _Calls:
     """A Buffer, the inputs of one workload and its dispatch / combine calls."""
 
     def __init__(self, rank: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int,
-                 direct: int = 0):
+                 direct: int = 0, zero_copy_combine: bool = False):
         import deep_ep_ops
         device = torch.device("cuda", torch.cuda.current_device())
         self.buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=T, hidden=H, num_topk=K,
-                                      num_experts=E, fp8_dispatch=fp8, direct_outputs=direct)
+                                      num_experts=E, fp8_dispatch=fp8, direct_outputs=direct,
+                                      zero_copy_combine=zero_copy_combine)
         self.x, self.scales, self.idx, self.w = _inputs(rank, T, H, E, K, fp8, device)
         self.E, self.num_sms = E, num_sms
         out = self.dispatch()
         self.handle = out[5]
         self.y = torch.randn(out[0].shape[0], H, device=device, dtype=torch.bfloat16)
+        if zero_copy_combine:  # the expert outputs in a combine-input slot: read in place
+            self.y = self.buf.combine_input(out[0].shape[0]).copy_(self.y)
 
     def dispatch(self):
         return torch.ops.deep_ep.dispatch(self.x, self.scales, self.idx, self.w,
@@ -107,15 +110,15 @@ def copy_us(buf, num_bytes: int, iters: int) -> float:
 
 def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int,
                  iters: int, decode: bool = False, baseline: bool = True,
-                 direct: int = 0) -> dict:
-    calls = _Calls(rank, T, H, E, K, fp8, num_sms, direct)
+                 direct: int = 0, zero_copy_combine: bool = False) -> dict:
+    calls = _Calls(rank, T, H, E, K, fp8, num_sms, direct, zero_copy_combine)
     buf, dispatch, combine, handle = calls.buf, calls.dispatch, calls.combine, calls.handle
     x, scales, idx = calls.x, calls.scales, calls.idx
     device = x.device
     row_bytes = H * x.element_size() + (scales.shape[1] * 4 if scales is not None else 0)
     valid, local = _row_counts(handle, T, rank)
     res = {"T": T, "H": H, "E": E, "K": K, "R": R, "fp8": fp8, "num_sms": num_sms,
-           "direct_outputs": direct}
+           "direct_outputs": direct, "zero_copy_combine": zero_copy_combine}
     if decode:
         t_d = graph_replay_us(dispatch, iters=iters)
         t_c = graph_replay_us(combine, iters=iters)
@@ -124,6 +127,8 @@ def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, n
         t_c = event_median_us(combine, iters=iters, calls_per_sample=CALLS_PER_SAMPLE)
         if direct:  # how the timed dispatches placed their outputs (all direct, or say so)
             res["direct_output_stats"] = dict(buf.ep_state.direct_output_stats)
+        if zero_copy_combine:  # how the timed combines made their partials available
+            res["combine_input_stats"] = dict(buf.ep_state.combine_input_stats)
         res["dispatch_host_us"] = _max_over_ranks(host_overhead_us(dispatch))
         res["combine_host_us"] = _max_over_ranks(host_overhead_us(combine))
     res["dispatch_us"] = _max_over_ranks(t_d)
@@ -167,17 +172,22 @@ def _rank_main(rank: int, R: int, args) -> dict:
     prefill = [(T0, True, 0), (T0, True, 24), (T0, False, 0), (T0, False, 24)]
     if not args.quick:
         prefill.append((8192, True, 0))
-    # --direct-outputs N: each prefill workload also with N direct-output slots (same run)
-    directs = (0, args.direct_outputs) if args.direct_outputs and R > 1 else (0,)
+    # --direct-outputs N / --zero-copy-combine: each prefill workload also on a Buffer with
+    # N direct-output slots and combine inputs read in place (same run)
+    variants = [(0, False)]
+    if R > 1 and (args.direct_outputs or args.zero_copy_combine):
+        variants.append((args.direct_outputs, args.zero_copy_combine))
     for T, fp8, num_sms in prefill:
         if num_sms > sms:
             continue
         with_sms = f", {num_sms} SMs" if num_sms else ""
-        for direct in directs:
+        for direct, zcc in variants:
+            extras = ([", direct outputs"] if direct else []) + ([", zero-copy combine"]
+                                                                  if zcc else [])
             results["workloads"].append(
-                dict(name=f"prefill T={T} {'FP8' if fp8 else 'BF16'}{with_sms}"
-                          f"{', direct outputs' if direct else ''}",
-                     **run_workload(rank, R, T, H, E, K, fp8, num_sms, iters, direct=direct)))
+                dict(name=f"prefill T={T} {'FP8' if fp8 else 'BF16'}{with_sms}{''.join(extras)}",
+                     **run_workload(rank, R, T, H, E, K, fp8, num_sms, iters, direct=direct,
+                                    zero_copy_combine=zcc)))
     results["workloads"].append(
         dict(name="decode T=128 FP8 (CUDA graph)",
              **run_workload(rank, R, 128, H, E, K, True, 0, iters, decode=True)))
@@ -335,6 +345,9 @@ def main() -> None:
         parser.add_argument("--direct-outputs", type=int, default=0, metavar="N",
                             help="also run each prefill workload on a Buffer with N "
                                  "direct-output slots (R >= 2)")
+        parser.add_argument("--zero-copy-combine", action="store_true",
+                            help="also run each prefill workload with combine's input in a "
+                                 "combine-input slot (R >= 2; with --direct-outputs: together)")
     args = report_io.parse_args(__doc__.splitlines()[0], extra)
     if args.ranks_per_gpu == 1:  # the links between GPUs; ranks sharing a GPU have none
         limits = baselines.copy_engine_limits(64 << 20 if args.quick else 256 << 20)

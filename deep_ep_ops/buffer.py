@@ -78,6 +78,10 @@ class Buffer:
             stay valid until ``destroy()`` (they are this Buffer's memory), and like any
             output are safe to drop on the dispatch's stream; one used on another stream
             must be synchronised before the stream's next dispatch. Default 0.
+        zero_copy_combine: CUDA, one host, R >= 2: two slots of peer memory (each R*M rows of
+            ``hidden`` bf16) that ``combine_input()`` hands out in turn. A ``combine`` whose
+            ``x`` is such a tensor and that has no ``weights`` pushes nothing: the ranks that
+            own the tokens read its rows in place (the same sums, bit for bit). Default False.
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, *,
@@ -85,7 +89,8 @@ class Buffer:
                  fp8_dispatch: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
                  pp_max_bytes: Optional[int] = None, pp_slots: Optional[int] = None,
                  cp_max_bytes: Optional[int] = None, transport: str = "auto",
-                 ranks_per_host: Optional[int] = None, direct_outputs: int = 0) -> None:
+                 ranks_per_host: Optional[int] = None, direct_outputs: int = 0,
+                 zero_copy_combine: bool = False) -> None:
         if _is_capturing():
             raise RuntimeError("deep_ep_ops.Buffer cannot be created during CUDA graph capture; "
                                "create it before capturing")
@@ -112,6 +117,7 @@ class Buffer:
         self.fp8_dispatch = fp8_dispatch
         self.timeout_s = float(timeout_s)
         self.direct_outputs = direct_outputs
+        self.zero_copy_combine = bool(zero_copy_combine)
         self.pp_max_bytes = _DEFAULT_PP_MAX_BYTES if pp_max_bytes is None else int(pp_max_bytes)
         self.pp_slots = _DEFAULT_PP_SLOTS if pp_slots is None else int(pp_slots)
         self.cp_max_bytes = _DEFAULT_CP_MAX_BYTES if cp_max_bytes is None else int(cp_max_bytes)
@@ -204,6 +210,23 @@ class Buffer:
             return torch.empty(tuple(shape), dtype=dtype)
         from deep_ep_ops.cuda import channels
         return channels.cp_input(self, shape, dtype)
+
+    def combine_input(self, num_rows: int, width: Optional[int] = None,
+                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """CUDA (``Buffer(zero_copy_combine=True)``): a ``[num_rows, width]`` tensor (width
+        defaults to ``hidden``) at the start of the next of the Buffer's two combine-input
+        slots. Write the expert outputs there (e.g. ``out=`` of a matmul) and pass it as
+        ``combine``'s ``x`` without ``weights``: the peers read its rows in place instead of
+        receiving pushed partials. A slot is handed out again two calls later: use the tensor
+        in its ``combine`` before asking for the one after next. CPU: a new tensor."""
+        width = self.hidden if width is None else width
+        if not isinstance(num_rows, int) or num_rows < 0 or not isinstance(width, int) or width < 1:
+            raise ValueError(f"Buffer.combine_input: num_rows must be an int >= 0 and width an int "
+                             f">= 1, got {num_rows!r}, {width!r}")
+        if self.device.type != "cuda":
+            return torch.empty(num_rows, width, dtype=dtype)
+        from deep_ep_ops.cuda import ep
+        return ep.combine_input(self, num_rows, width, dtype)
 
     def engram_table(self, num_entries_per_rank: int, hidden: int,
                      dtype: torch.dtype = torch.bfloat16,

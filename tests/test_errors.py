@@ -270,6 +270,18 @@ def test_buffer_direct_outputs(single_rank_group, bad):
                            num_topk=K, num_experts=E, direct_outputs=bad)
 
 
+def test_combine_input(buf):
+    """CPU: a new tensor of the asked shape (CUDA: a combine-input slot,
+    tests/gpu/test_combine_input_gpu.py); bad sizes name the arguments."""
+    t = buf.combine_input(5)
+    assert t.shape == (5, HID) and t.dtype == torch.bfloat16
+    assert buf.combine_input(3, 4, torch.float32).shape == (3, 4)
+    for bad in ((-1,), (2, 0), (1.5,)):
+        with pytest.raises(ValueError, match=r"combine_input: num_rows must be an int >= 0 and "
+                                             r"width an int >= 1"):
+            buf.combine_input(*bad)
+
+
 def test_buffer_twice(buf):
     with pytest.raises(RuntimeError, match=r"already has a Buffer"):
         deep_ep_ops.Buffer(buf.group, num_max_tokens_per_rank=M, hidden=HID, num_topk=K,

@@ -12,6 +12,12 @@
 // forbid fma contraction) and every sum starts from its first term, so results equal the
 // reference bit for bit. When a partial is exactly the row (no weights, one member per group)
 // the row travels as is and is widened at the source.
+//
+// Zero-copy combine (Buffer(zero_copy_combine=True)): a rank whose x is a combine-input slot of
+// its window and that has no weights pushes nothing; it says so to every peer before the push's
+// first barrier, and the sources' reduce forms that rank's partials itself from its rows in
+// place (the same members, in the same order, with the same rounding), so the sum is the same
+// bit for bit. The other ranks push as above; a source mixes both per destination.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -164,11 +170,26 @@ __device__ __forceinline__ int members_to_lanes(int row, unsigned mine, bool exp
   return nm;
 }
 
+// cins[d] (rank d's combine input in place, or -1) and this rank's copy of it (cins_seen)
+__device__ __forceinline__ long long* cins_of(const CombineParams& p, int rank) {
+  return reinterpret_cast<long long*>(peer_ptr(p.comm, rank) + p.cins_off);
+}
+
 template <typename T, int V>
 __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
   pdl_wait();
   pdl_trigger();
+  const int R = p.comm.num_ranks;
+  // Where this rank's x may be read in place, to every peer before the barrier (every CTA
+  // writes the same value, so CTA b of a peer sees its partner's). The peers' reduces of the
+  // last combine are done with cins: they copied it behind that combine's first barrier.
+  if (threadIdx.x < R) cins_of(p, threadIdx.x)[p.comm.rank] = p.x_in_place;
   cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
+  if (threadIdx.x < R) cins_of(p, p.comm.rank)[kMaxRanks + threadIdx.x] = __ldcg(cins_of(p, p.comm.rank) + threadIdx.x);
+  if (p.x_in_place >= 0) {  // the sources read this rank's rows themselves
+    cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
+    return;
+  }
   constexpr int U = chunk_vecs<V>();
   const int W = p.W, K = p.K, me = p.comm.rank;
   const int G = p.handle[handle::kHdrValidGroups];
@@ -213,10 +234,13 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
   const S* win = reinterpret_cast<const S*>(peer_ptr(p.comm, p.comm.rank) + p.stage_off);
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
-  const int me = p.comm.rank, K = p.K;
+  const int me = p.comm.rank, K = p.K, R = p.comm.num_ranks;
   const int warps = blockDim.x / kWarp;
   const int lane = lane_id();
   const int64_t Wd = p.Wd;
+  // lane d < R: where rank d's x may be read in place (-1: it pushed its partials here)
+  const long long in_place = lane < R ? __ldcg(cins_of(p, me) + kMaxRanks + lane) : -1;
+  const bool any_in_place = __any_sync(0xffffffffu, lane != me && in_place >= 0);
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
     const int* srow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
     const int n = srow[handle::kSendNumDst];
@@ -227,13 +251,23 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
     }
     // this rank's own slot: its index among the token's distinct destination ranks
     const unsigned mine = __ballot_sync(0xffffffffu, lane < K && dst == me);
+    const unsigned same = __match_any_sync(0xffffffffu, dst);
+    const bool first = lane < K && dst >= 0 && __ffs(same) - 1 == lane;
     int s_me = -1, nm = 0, mrow = -1;
     float mw = 1.f;
     if (mine != 0) {
-      const unsigned same = __match_any_sync(0xffffffffu, dst);
-      const bool first = __ffs(same) - 1 == lane;
-      s_me = __popc(__ballot_sync(0xffffffffu, first && dst >= 0 && dst < me));
+      s_me = __popc(__ballot_sync(0xffffffffu, first && dst < me));
       nm = members_to_lanes(row, mine, expand, p.weights, &mrow, &mw);
+    }
+    // with peers read in place: the slot of each first lane's rank (rank order)
+    int pos = -1;
+    if (any_in_place) {
+      const unsigned firsts = __ballot_sync(0xffffffffu, first);
+      pos = 0;
+      for (unsigned m = firsts; m != 0; m &= m - 1) {
+        const int d = __shfl_sync(0xffffffffu, dst, __ffs(m) - 1);
+        if (first && d < dst) ++pos;
+      }
     }
     const S* slot0 = win + static_cast<int64_t>(t) * p.num_slots * Wd;
     for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
@@ -241,10 +275,25 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
       if (n == 0) zero_chunk(acc);
       for (int s = 0; s < n; ++s) {
         float v[U][V];
-        if (s == s_me)
+        long long at = -1;
+        int d = -1;
+        if (any_in_place && s != s_me) {
+          const unsigned holder = __ballot_sync(0xffffffffu, first && pos == s);
+          d = __shfl_sync(0xffffffffu, dst, __ffs(holder) - 1);
+          at = __shfl_sync(0xffffffffu, in_place, d);
+        }
+        if (s == s_me) {
           group_partial<T, V, U>(x, Wd, c0, nm, mrow, mw, p.weights != nullptr, v);
-        else
+        } else if (at >= 0) {  // rank d's partial from its rows in place (it has no weights)
+          const unsigned members = __ballot_sync(0xffffffffu, lane < K && dst == d);
+          int drow;
+          float dw;
+          const int dn = members_to_lanes(row, members, expand, nullptr, &drow, &dw);
+          const T* dx = reinterpret_cast<const T*>(peer_ptr(p.comm, d) + at);
+          group_partial<T, V, U>(dx, Wd, c0, dn, drow, 1.f, false, v);
+        } else {
           load_chunk<S, V, U>(slot0 + s * Wd, c0, Wd, v);
+        }
         if (s == 0) {
 #pragma unroll
           for (int u = 0; u < U; ++u)

@@ -156,6 +156,9 @@ struct CombineParams {
   int dtype;           // 0 fp32, 1 bf16, 2 fp16
   int stage_raw;       // 1: no weights; rows then travel as is if the layout is compact
   int Wd, C, T, K, W;
+  // x is this rank's combine-input slot at this offset from its window base: the peers read
+  // its rows in place and it pushes nothing; -1: it pushes partials. Published at cins_off.
+  int64_t x_in_place, cins_off;
   Comm comm;
 };
 

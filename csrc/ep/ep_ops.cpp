@@ -124,6 +124,31 @@ std::pair<at::Tensor, at::Tensor> slot_tensors(EpState& st, int slot, const at::
   return {rx, rs};
 }
 
+// Where combine's x sits in this rank's window when the peers may read its rows in place: x is
+// the start of a combine-input slot (buf.combine_input()), there are no weights (a partial is
+// then the sum of the group's rows, which the reader forms itself) and more than one rank; else
+// -1 (partials are pushed).
+int64_t in_place_offset(const EpState& st, const at::Tensor& x, bool weighted) {
+  if (st.win.num_cin_slots == 0 || weighted || st.cfg.num_ranks == 1 || !x.is_contiguous()) return -1;
+  const char* base = st.comm.peer_base[st.cfg.rank];
+  const int64_t bytes = x.numel() * static_cast<int64_t>(x.element_size());
+  for (int i = 0; i < st.win.num_cin_slots; ++i)
+    if (static_cast<const char*>(x.data_ptr()) == base + st.win.cin_slot_off(i) &&
+        bytes <= st.win.cin_slot_bytes)
+      return st.win.cin_slot_off(i);
+  return -1;
+}
+
+// A combine of the combine-input slot handed out last: combine_input() may hand out the
+// next one (this combine's first barrier keeps that slot's next writer behind the peers'
+// reads of its previous contents).
+void note_combine_input_used(EpState& st, const at::Tensor& x) {
+  const int i = st.cin_pending.load();
+  if (i >= 0 && static_cast<const char*>(x.data_ptr()) ==
+                    st.comm.peer_base[st.cfg.rank] + st.win.cin_slot_off(i))
+    st.cin_pending.store(-1);
+}
+
 // What the kernels that write a dispatch's outputs see of its inputs and outputs.
 DispatchIO dispatch_io(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                        const at::Tensor& topk_idx, const at::Tensor& topk_weights,
@@ -341,6 +366,10 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
   p.handle = handle.data_ptr<int>();
   p.out = out.data_ptr();
   p.stage_raw = w.defined() ? 0 : 1;  // the kernels also require the compact layout
+  p.x_in_place = in_place_offset(st, x, w.defined());
+  note_combine_input_used(st, x);
+  p.cins_off = st.win.cins_off;
+  if (st.cfg.num_ranks > 1) ++(p.x_in_place >= 0 ? st.combine_in_place : st.combine_pushed);
   p.Wd = static_cast<int>(Wd);
   p.C = static_cast<int>(C);
   p.T = static_cast<int>(T);
@@ -355,6 +384,30 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
                              reduce_ctas, stream),
                "launching combine kernels");
   return out;
+}
+
+at::Tensor combine_input(EpState& st, int64_t rows, int64_t width, at::ScalarType dtype) {
+  check_alive(st, "combine_input");
+  if (st.win.num_cin_slots == 0)
+    throw std::invalid_argument("deep_ep_ops.Buffer.combine_input: this Buffer has no combine-input "
+                                "slots; create it with zero_copy_combine=True");
+  const int64_t bytes = rows * width * static_cast<int64_t>(c10::elementSize(dtype));
+  if (rows < 0 || width < 1 || bytes > st.win.cin_slot_bytes)
+    throw std::invalid_argument(
+        "deep_ep_ops.Buffer.combine_input: [" + std::to_string(rows) + ", " + std::to_string(width) +
+        "] " + c10::toString(dtype) + " needs " + std::to_string(bytes) + " bytes; a slot holds " +
+        std::to_string(st.win.cin_slot_bytes) + " (R*M rows of hidden bf16)");
+  // Slots alternate. A slot handed out again may still be read by the peers' reduces of the
+  // combine that used it last, unless another combine ran since (its first barrier waits for
+  // them): so every handed-out tensor must reach combine before the next one is asked for.
+  if (st.cin_pending.load() >= 0)
+    throw std::runtime_error(
+        "deep_ep_ops.Buffer.combine_input: pass the last combine_input() tensor to combine first "
+        "(the slots alternate, and the peers may still read the one this call would hand out)");
+  const int i = st.next_cin.fetch_add(1) % st.win.num_cin_slots;
+  st.cin_pending.store(i);
+  return at::from_blob(st.comm.peer_base[st.cfg.rank] + st.win.cin_slot_off(i), {rows, width},
+                       at::TensorOptions().dtype(dtype).device(at::kCUDA, st.cfg.device));
 }
 
 }  // namespace deep_ep_ops

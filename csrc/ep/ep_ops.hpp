@@ -25,6 +25,11 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch(EpState& st, const at::Tensor
 at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
                    const std::optional<at::Tensor>& weights, int64_t num_sms);
 
+// Buffer(zero_copy_combine=True): a [rows, width] tensor of `dtype` at the start of the next
+// combine-input slot (the two alternate). Passed as combine's x (without weights), the peers
+// read its rows in place.
+at::Tensor combine_input(EpState& st, int64_t rows, int64_t width, at::ScalarType dtype);
+
 // Grid of the barrier kernels: the same on every rank (a function of num_sms and the device).
 int barrier_ctas(const EpState& st, int64_t num_sms);
 

@@ -27,7 +27,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
 
   if (cfg.direct_slots < 0)
     throw std::invalid_argument("deep_ep_ops: direct_outputs must be >= 0");
-  win = EpWindow::plan(R, M, H, K, E, cfg.fp8, cfg.direct_slots);
+  win = EpWindow::plan(R, M, H, K, E, cfg.fp8, cfg.direct_slots, cfg.zero_copy_combine);
   slots = std::make_shared<OutputSlots>(cfg.direct_slots);
   comm.flags_off = win.flags_off;
   comm.counts_off = win.counts_off;

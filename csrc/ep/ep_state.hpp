@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -23,6 +24,7 @@ struct EpConfig {
   double timeout_s;
   int device;
   int direct_slots;  // Buffer(direct_outputs=N): dispatch outputs that peers write directly
+  bool zero_copy_combine;  // Buffer(zero_copy_combine=True): combine inputs peers read in place
 };
 
 class EpState {
@@ -48,6 +50,11 @@ class EpState {
   // shared with the deleters of the output tensors that live in the slots (they may outlive
   // the state)
   std::shared_ptr<OutputSlots> slots;
+  // combine-input slots: the next one buf.combine_input() hands out; how the combines with
+  // more than one rank made their partials available (read in place by the peers, or pushed)
+  std::atomic<int> next_cin{0};
+  std::atomic<int> cin_pending{-1};  // the slot handed out last, until a combine takes it
+  std::atomic<int64_t> combine_in_place{0}, combine_pushed{0};
 
  private:
   std::shared_ptr<PeerMemoryTransport> transport_;

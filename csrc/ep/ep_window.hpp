@@ -6,12 +6,20 @@
 //   [flags]  uint32 flags[kNumSlots][kMaxRanks]: barrier epochs announced by each rank
 //   [counts] int32 counts[R][E + R]: row s = rank s's per-expert and per-rank send counts
 //   [outs]   int64 outs[kMaxRanks][2]: where rank s wants this dispatch's rows of x and of
-//            scales written (offsets of its output slot from its window base), -1: staged
+//            scales written (offsets of its output slot from its window base), -1: staged;
+//            then int64 cins[kMaxRanks]: where rank s's combine input lives when the peers
+//            may read it in place (offset of its combine-input slot), -1: it pushes partials;
+//            then int64 cins_seen[kMaxRanks]: this rank's copy of cins made behind the
+//            combine's first barrier, which its reduce reads (cins itself may already hold
+//            the next combine's values by then)
 //   [data]   dispatch rows / cached-dispatch staging / combine staging (reused by every op;
 //            each op starts behind a barrier so peers are done with the previous one)
 //   [slots]  direct-output slots (Buffer(direct_outputs=N)): N regions that hold a dispatch's
 //            recv_x and recv_scales, handed out as the op's output tensors, so peers write
 //            rows straight into them and the epilogue copies nothing
+//   [cins]   combine-input slots (Buffer(zero_copy_combine=True)): 2 regions, handed out in
+//            turn by buf.combine_input(); a combine whose x is one of them lets the peers
+//            read its rows in place instead of receiving pushed partials
 #pragma once
 
 #include <algorithm>
@@ -28,6 +36,9 @@ struct EpWindow {
   int64_t slots_off = 0;     // first direct-output slot
   int64_t slot_bytes = 0;    // size of each
   int num_slots = 0;
+  int64_t cins_off = 0;      // cins[kMaxRanks] in the outs region, then cins_seen[kMaxRanks]
+  int64_t cin_slots_off = 0, cin_slot_bytes = 0;
+  int num_cin_slots = 0;     // 0 or kCombineInputSlots
   int64_t window_bytes = 0;  // whole window (2 MiB granules)
 
   // Dispatch rows in the data region: R*M rows of x (x_bytes each), of scales (s_bytes) and of
@@ -77,18 +88,23 @@ struct EpWindow {
     return num_slots > 0 && slot_scales_at(C, x_bytes) + C * s_bytes <= slot_bytes;
   }
   int64_t slot_off(int i) const { return slots_off + static_cast<int64_t>(i) * slot_bytes; }
+  int64_t cin_slot_off(int i) const { return cin_slots_off + static_cast<int64_t>(i) * cin_slot_bytes; }
 
   // The window of a Buffer: the data region holds the widest use of every op (dispatch rows up
   // to fp32 wide, x may be fp32; bf16 and fp8 + scales are narrower). Each direct-output slot
   // holds a compact dispatch at full capacity (R*M rows) in the Buffer's dispatch dtype (fp8
   // rows with their scale packs, else bf16); wider rows, or expert-major outputs of more rows,
   // use a slot only where they fit.
-  static EpWindow plan(int R, int M, int H, int K, int E, bool fp8, int direct_slots) {
+  // Each combine-input slot holds R*M rows of H bf16 (a compact combine at full capacity).
+  static constexpr int kCombineInputSlots = 2;
+  static EpWindow plan(int R, int M, int H, int K, int E, bool fp8, int direct_slots,
+                       bool zero_copy_combine) {
     EpWindow w;
     w.flags_off = 0;
     w.counts_off = align_up(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
     w.outs_off = w.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
-    w.data_off = w.outs_off + align_up(static_cast<int64_t>(kMaxRanks) * 2 * 8, 4096);
+    w.cins_off = w.outs_off + static_cast<int64_t>(kMaxRanks) * 2 * 8;
+    w.data_off = w.outs_off + align_up(static_cast<int64_t>(kMaxRanks) * 4 * 8, 4096);
     const int64_t packs = (H + 31) / 32;  // most 4-byte scale packs a row may carry
     const DispatchRows rows = w.dispatch_rows(R, M, K, 4LL * H, fp8 ? 4 * packs : 0);
     const int64_t need = std::max({dispatch_end(rows, R, M),
@@ -103,7 +119,12 @@ struct EpWindow {
       const int64_t x_row = fp8 ? H : 2LL * H, s_row = fp8 ? 4 * packs : 0;
       w.slot_bytes = align_up(slot_scales_at(cap, x_row) + cap * s_row, 1 << 21);
     }
-    w.window_bytes = align_up(w.slots_off + w.slot_bytes * direct_slots, 1 << 21);
+    w.cin_slots_off = w.slots_off + w.slot_bytes * direct_slots;
+    if (zero_copy_combine) {
+      w.num_cin_slots = kCombineInputSlots;
+      w.cin_slot_bytes = align_up(static_cast<int64_t>(R) * M * H * 2, 1 << 21);
+    }
+    w.window_bytes = align_up(w.cin_slots_off + w.cin_slot_bytes * w.num_cin_slots, 1 << 21);
     return w;
   }
 };

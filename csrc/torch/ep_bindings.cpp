@@ -19,7 +19,8 @@ namespace {
 std::shared_ptr<EpState> create_state(std::shared_ptr<PeerMemoryTransport> transport,
                                       int buffer_id, int rank, int num_ranks, int max_tokens,
                                       int hidden, int topk, int num_experts, bool fp8,
-                                      double timeout_s, int device, int direct_slots) {
+                                      double timeout_s, int device, int direct_slots,
+                                      bool zero_copy_combine) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device).stream(), &status);
   if (status != cudaStreamCaptureStatusNone)
@@ -27,7 +28,8 @@ std::shared_ptr<EpState> create_state(std::shared_ptr<PeerMemoryTransport> trans
         "deep_ep_ops: a Buffer cannot be created during CUDA graph capture (it allocates "
         "peer memory collectively); create it before capturing");
   EpConfig cfg{buffer_id, rank,        num_ranks, max_tokens, hidden,
-               topk,      num_experts, fp8,       timeout_s,  device, direct_slots};
+               topk,      num_experts, fp8,       timeout_s,  device, direct_slots,
+               zero_copy_combine};
   return std::make_shared<EpState>(cfg, std::move(transport));
 }
 
@@ -59,6 +61,14 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
                         py::arg("slot_bytes") = s.win.slot_bytes,
                         py::arg("direct") = s.slots->direct.load(),
                         py::arg("staged") = s.slots->staged.load());
+      })
+      // zero-copy combine: combines with more than one rank whose input the peers read in
+      // place, and those that pushed partials
+      .def_property_readonly("combine_input_stats", [](const deo::EpState& s) {
+        return py::dict(py::arg("slots") = s.win.num_cin_slots,
+                        py::arg("slot_bytes") = s.win.cin_slot_bytes,
+                        py::arg("in_place") = s.combine_in_place.load(),
+                        py::arg("pushed") = s.combine_pushed.load());
       });
   m.def("create_state", &deo::create_state);
   m.def("destroy_state", [](deo::EpState& s) { s.destroy(); });
@@ -68,4 +78,5 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
   m.def("dispatch", &deo::dispatch, py::call_guard<py::gil_scoped_release>());
   m.def("cached_dispatch", &deo::cached_dispatch, py::call_guard<py::gil_scoped_release>());
   m.def("combine", &deo::combine, py::call_guard<py::gil_scoped_release>());
+  m.def("combine_input", &deo::combine_input);
 }

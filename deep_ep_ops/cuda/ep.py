@@ -27,8 +27,13 @@ def create_state(buf: BufferT) -> tuple[Any, Any]:
     state = ext.create_state(peer_memory, buf.id, buf.rank, buf.world_size,
                              buf.num_max_tokens_per_rank, buf.hidden, buf.num_topk,
                              buf.num_experts, bool(buf.fp8_dispatch), float(buf.timeout_s),
-                             buf.device_index, buf.direct_outputs)
+                             buf.device_index, buf.direct_outputs, buf.zero_copy_combine)
     return state, peer_memory
+
+
+def combine_input(buf: BufferT, num_rows: int, width: int, dtype) -> torch.Tensor:
+    """The next combine-input slot as a ``[num_rows, width]`` tensor (Buffer.combine_input)."""
+    return extension.module().combine_input(buf.ep_state, num_rows, width, dtype)
 
 
 def destroy_state(state: Any) -> None:
