@@ -140,6 +140,10 @@ class Buffer:
         registry.add(self)
         try:
             if self.device.type == "cuda" and self.hosts.num_hosts > 1:
+                if self.direct_outputs or self.zero_copy_combine:
+                    raise ValueError(
+                        f"Buffer: direct_outputs and zero_copy_combine need a group of one host; "
+                        f"group {self.group_name!r} spans {self.num_hosts} hosts")
                 from deep_ep_ops.cuda import multihost
                 inner = Buffer(multihost.host_group(self), **multihost.sub_buffer_args(self))
                 self.multihost = multihost.create(self, inner)
