@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <utility>
 
 namespace deep_ep_ops {
