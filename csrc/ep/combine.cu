@@ -183,9 +183,10 @@ __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
   // Where this rank's x may be read in place, to every peer before the barrier (every CTA
   // writes the same value, so CTA b of a peer sees its partner's). The peers' reduces of the
   // last combine are done with cins: they copied it behind that combine's first barrier.
-  if (threadIdx.x < R) cins_of(p, threadIdx.x)[p.comm.rank] = p.x_in_place;
+  const bool publish = p.zero_copy && threadIdx.x < R;
+  if (publish) cins_of(p, threadIdx.x)[p.comm.rank] = p.x_in_place;
   cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
-  if (threadIdx.x < R) cins_of(p, p.comm.rank)[kMaxRanks + threadIdx.x] = __ldcg(cins_of(p, p.comm.rank) + threadIdx.x);
+  if (publish) cins_of(p, p.comm.rank)[kMaxRanks + threadIdx.x] = __ldcg(cins_of(p, p.comm.rank) + threadIdx.x);
   if (p.x_in_place >= 0) {  // the sources read this rank's rows themselves
     cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
     return;
@@ -239,7 +240,7 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
   const int lane = lane_id();
   const int64_t Wd = p.Wd;
   // lane d < R: where rank d's x may be read in place (-1: it pushed its partials here)
-  const long long in_place = lane < R ? __ldcg(cins_of(p, me) + kMaxRanks + lane) : -1;
+  const long long in_place = p.zero_copy && lane < R ? __ldcg(cins_of(p, me) + kMaxRanks + lane) : -1;
   const bool any_in_place = __any_sync(0xffffffffu, lane != me && in_place >= 0);
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
     const int* srow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;

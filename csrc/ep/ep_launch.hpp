@@ -157,8 +157,10 @@ struct CombineParams {
   int stage_raw;       // 1: no weights; rows then travel as is if the layout is compact
   int Wd, C, T, K, W;
   // x is this rank's combine-input slot at this offset from its window base: the peers read
-  // its rows in place and it pushes nothing; -1: it pushes partials. Published at cins_off.
+  // its rows in place and it pushes nothing; -1: it pushes partials. Published at cins_off
+  // when the Buffer has combine-input slots (zero_copy, the same on every rank).
   int64_t x_in_place, cins_off;
+  int zero_copy;
   Comm comm;
 };
 

@@ -368,6 +368,7 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
   p.x_in_place = in_place_offset(st, x, w.defined());
   note_combine_input_used(st, x);
   p.cins_off = st.win.cins_off;
+  p.zero_copy = st.win.num_cin_slots > 0;
   if (st.cfg.num_ranks > 1) ++(p.x_in_place >= 0 ? st.combine_in_place : st.combine_pushed);
   p.Wd = static_cast<int>(Wd);
   p.C = static_cast<int>(C);
