@@ -252,17 +252,19 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
     }
     // this rank's own slot: its index among the token's distinct destination ranks
     const unsigned mine = __ballot_sync(0xffffffffu, lane < K && dst == me);
-    const unsigned same = __match_any_sync(0xffffffffu, dst);
-    const bool first = lane < K && dst >= 0 && __ffs(same) - 1 == lane;
     int s_me = -1, nm = 0, mrow = -1;
     float mw = 1.f;
     if (mine != 0) {
-      s_me = __popc(__ballot_sync(0xffffffffu, first && dst < me));
+      const unsigned same = __match_any_sync(0xffffffffu, dst);
+      const bool first = __ffs(same) - 1 == lane;
+      s_me = __popc(__ballot_sync(0xffffffffu, first && dst >= 0 && dst < me));
       nm = members_to_lanes(row, mine, expand, p.weights, &mrow, &mw);
     }
-    // with peers read in place: the slot of each first lane's rank (rank order)
+    // with peers read in place: the slot of each destination rank's first lane (rank order)
+    bool first = false;
     int pos = -1;
     if (any_in_place) {
+      first = lane < K && dst >= 0 && __ffs(__match_any_sync(0xffffffffu, dst)) - 1 == lane;
       const unsigned firsts = __ballot_sync(0xffffffffu, first);
       pos = 0;
       for (unsigned m = firsts; m != 0; m &= m - 1) {
