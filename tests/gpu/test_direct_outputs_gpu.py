@@ -64,6 +64,7 @@ def _check(rank, world, gloo, buf, case, seed, odd_ranks_hold):
             exp = ref.combine(rbuf, cin.cpu(), want[5], cw.cpu() if cw is not None else None)
             _same(got, exp, f"{where} combine")
             del outs, cin, got
+    del held  # the odd ranks' slots are free again
 
 
 def _body(rank, world, gloo):

@@ -1,18 +1,20 @@
 """deep_ep_ops.nn on 1, 2 and 4 ranks (NCCL; several ranks share a GPU under MPS when GPUs are
-fewer): a Mixtral-style model with expert-parallel MoE blocks gives
+fewer), and on 4 ranks as 2 simulated hosts: a Mixtral-style model with expert-parallel MoE blocks gives
 the single-GPU model's logits within bf16 tolerance (grouped-GEMM, windowed and FP8 paths); a
 decode step captured in a CUDA graph and replayed with new tokens equals eager; the decode
 loop's tokens/s is printed next to the unsharded model's on one GPU (run with -s to see it)."""
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from tests.gpu.dist_gpu import capture_graph, rank_device, run_on_gpus
+from deep_ep_ops.local_ranks import MPS_CONTROL
+from tests.gpu.dist_gpu import capture_graph, gpus, rank_device, run_gpus, run_on_gpus
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -32,7 +34,7 @@ def _model(device, dtype=torch.bfloat16):
     return transformers.MixtralForCausalLM(config).to(device, dtype).eval()
 
 
-def _logits_body(rank: int, world: int, gloo) -> None:
+def _logits_body(rank: int, world: int, gloo, ranks_per_host=None) -> None:
     device = rank_device()
     import deep_ep_ops
     from deep_ep_ops.nn import shard_moe_blocks
@@ -53,7 +55,8 @@ def _logits_body(rank: int, world: int, gloo) -> None:
                 refs[dtype] = ref, ref(input_ids=ids, use_cache=False).logits.float()
         ref, want = refs[dtype]
         buf = deep_ep_ops.Buffer(num_max_tokens_per_rank=B * S, hidden=H, num_topk=K,
-                                 num_experts=E, fp8_dispatch=kwargs.get("fp8", False))
+                                 num_experts=E, fp8_dispatch=kwargs.get("fp8", False),
+                                 ranks_per_host=ranks_per_host)
         model = shard_moe_blocks(copy.deepcopy(ref), buf, **kwargs)
         with torch.no_grad():
             got = model(input_ids=ids, use_cache=False).logits.float()
@@ -143,6 +146,15 @@ def _decode_body(rank: int, world: int, gloo) -> None:
 @pytest.mark.parametrize("world", WORLDS)
 def test_swapped_model_logits_match_single_gpu(world: int) -> None:
     run_on_gpus(_logits_body, world)
+
+
+@pytest.mark.parametrize("world,L", [(4, 2)])
+def test_swapped_model_logits_across_hosts(world: int, L: int) -> None:
+    """The same model with its MoE blocks on world ranks split into simulated hosts of L ranks
+    (the multi-host CUDA path: NCCL between hosts, IPC inside), all on one GPU under MPS."""
+    if gpus() == 0 or shutil.which(MPS_CONTROL) is None:
+        pytest.skip("simulated hosts share one GPU under CUDA MPS")
+    run_gpus(_logits_body, world, L, per_gpu=world)
 
 
 @pytest.mark.parametrize("world", WORLDS)
