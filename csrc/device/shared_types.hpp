@@ -81,6 +81,7 @@ struct WaitContext {
   unsigned long long timeout_ns;
   int rank;
   int trap_on_timeout;  // DEEP_EP_OPS_TRAP_ON_TIMEOUT=1: __trap() after reporting
+  unsigned poll_pause_ns;  // DEEP_EP_OPS_POLL_PAUSE_NS: pause between polls of a flag (0: none)
 };
 
 }  // namespace deep_ep_ops

@@ -75,6 +75,7 @@ __device__ __forceinline__ bool timed_wait(const uint32_t* f, Pred pred, const W
   const unsigned long long start = now_ns();
   unsigned iter = 0;
   while (!pred(seen = ld_acquire_sys(f))) {
+    if (w.poll_pause_ns != 0) __nanosleep(w.poll_pause_ns);
     if ((++iter & 1023u) == 0) {
       if (now_ns() - start > w.timeout_ns) {
         record_failure(w, kErrTimeout, op, slot, peer, expected, seen);

@@ -2,6 +2,7 @@
 // host-mapped memory, reading it, and the one text every host error about it is built from.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -29,14 +30,24 @@ inline int trap_on_timeout_requested() {
   return (trap != nullptr && trap[0] == '1') ? 1 : 0;
 }
 
+// DEEP_EP_OPS_POLL_PAUSE_NS=n: a waiting thread pauses ~n ns between polls of a peer's flag
+// (tuning: many CTAs polling without pause may take memory bandwidth from the transfers).
+inline unsigned poll_pause_requested() {
+  const char* v = std::getenv("DEEP_EP_OPS_POLL_PAUSE_NS");
+  if (v == nullptr) return 0;
+  const long n = std::strtol(v, nullptr, 10);
+  return n > 0 ? static_cast<unsigned>(std::min(n, 1000000L)) : 0;
+}
+
 // The wait context of a Buffer's state: a fresh error record (its host address in *host), the
-// rank, the timeout and the trap switch. Free with release_wait_context.
+// rank, the timeout, the trap switch and the poll pause. Free with release_wait_context.
 inline WaitContext make_wait_context(int rank, double timeout_s, ErrorRecord** host) {
   WaitContext w{};
   *host = alloc_error_record(&w.error);
   w.rank = rank;
   w.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
   w.trap_on_timeout = trap_on_timeout_requested();
+  w.poll_pause_ns = poll_pause_requested();
   return w;
 }
 
