@@ -110,7 +110,7 @@ def copy_us(buf, num_bytes: int, iters: int) -> float:
 
 def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int,
                  iters: int, decode: bool = False, baseline: bool = True,
-                 direct: int = 0, zero_copy_combine: bool = False) -> dict:
+                 direct: int = 0, zero_copy_combine: bool = False, line_up: bool = True) -> dict:
     calls = _Calls(rank, T, H, E, K, fp8, num_sms, direct, zero_copy_combine)
     buf, dispatch, combine, handle = calls.buf, calls.dispatch, calls.combine, calls.handle
     x, scales, idx = calls.x, calls.scales, calls.idx
@@ -119,12 +119,20 @@ def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, n
     valid, local = _row_counts(handle, T, rank)
     res = {"T": T, "H": H, "E": E, "K": K, "R": R, "fp8": fp8, "num_sms": num_sms,
            "direct_outputs": direct, "zero_copy_combine": zero_copy_combine}
+    # line_up: a tiny collective right before each sample's start event lines the ranks up on
+    # the GPU, so a sample does not include one rank waiting for another's late start (with
+    # 10 calls per sample that skew was up to tens of us per call); without it the first call
+    # of the sample absorbs the skew (the method of the runs before 2026-12-02's last)
+    tiny = torch.zeros(4, device=device)
+    sync = (lambda: torch.ops.deep_ep.cp_all_gather(tiny, buf.group_name)) if line_up else None
     if decode:
-        t_d = graph_replay_us(dispatch, iters=iters)
-        t_c = graph_replay_us(combine, iters=iters)
+        t_d = graph_replay_us(dispatch, iters=iters, device_sync=sync)
+        t_c = graph_replay_us(combine, iters=iters, device_sync=sync)
     else:
-        t_d = event_median_us(dispatch, iters=iters, calls_per_sample=CALLS_PER_SAMPLE)
-        t_c = event_median_us(combine, iters=iters, calls_per_sample=CALLS_PER_SAMPLE)
+        t_d = event_median_us(dispatch, iters=iters, calls_per_sample=CALLS_PER_SAMPLE,
+                              device_sync=sync)
+        t_c = event_median_us(combine, iters=iters, calls_per_sample=CALLS_PER_SAMPLE,
+                              device_sync=sync)
         if direct:  # how the timed dispatches placed their outputs (all direct, or say so)
             res["direct_output_stats"] = dict(buf.ep_state.direct_output_stats)
         if zero_copy_combine:  # how the timed combines made their partials available
@@ -187,19 +195,22 @@ def _rank_main(rank: int, R: int, args) -> dict:
             results["workloads"].append(
                 dict(name=f"prefill T={T} {'FP8' if fp8 else 'BF16'}{with_sms}{''.join(extras)}",
                      **run_workload(rank, R, T, H, E, K, fp8, num_sms, iters, direct=direct,
-                                    zero_copy_combine=zcc)))
+                                    zero_copy_combine=zcc, line_up=args.line_up)))
     results["workloads"].append(
         dict(name="decode T=128 FP8 (CUDA graph)",
-             **run_workload(rank, R, 128, H, E, K, True, 0, iters, decode=True)))
+             **run_workload(rank, R, 128, H, E, K, True, 0, iters, decode=True,
+                            line_up=args.line_up)))
     if args.sweeps:
         sm_values = [s for s in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 132) if s <= sms]
         for s in (sm_values if not args.quick else [4, 16]):
             results["sm_sweep"].append(run_workload(rank, R, T0, H, E, K, True, s,
-                                                    max(5, iters // 3), baseline=False))
+                                                    max(5, iters // 3), baseline=False,
+                                                    line_up=args.line_up))
         t_values = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192) if not args.quick else (1, 128)
         for T in t_values:
             results["token_sweep"].append(run_workload(rank, R, T, H, E, K, True, 0,
-                                                       max(5, iters // 3)))
+                                                       max(5, iters // 3),
+                                                       line_up=args.line_up))
     # the SM sweep's count is its num_sms
     for w in results["workloads"] + results["token_sweep"]:
         if not w["num_sms"]:
@@ -345,6 +356,9 @@ def main() -> None:
         parser.add_argument("--direct-outputs", type=int, default=0, metavar="N",
                             help="also run each prefill workload on a Buffer with N "
                                  "direct-output slots (R >= 2)")
+        parser.add_argument("--no-line-up", dest="line_up", action="store_false",
+                            help="time samples without lining the ranks up on the GPU first "
+                                 "(the method of the earlier results, for comparisons)")
         parser.add_argument("--zero-copy-combine", action="store_true",
                             help="also run each prefill workload with combine's input in a "
                                  "combine-input slot (R >= 2; with --direct-outputs: together)")
@@ -359,7 +373,11 @@ def main() -> None:
               "ranks_per_gpu": args.ranks_per_gpu, "limits": limits,
               "peers": baselines.optional_peers(), "torch": torch.__version__,
               "timing": f"CUDA events, median of samples of {CALLS_PER_SAMPLE} back-to-back "
-                        "calls, slowest rank; decode: CUDA-graph replay",
+                        "calls, slowest rank"
+                        + ("; ranks lined up on the GPU before each sample" if args.line_up
+                           else "; ranks not lined up (a sample's first call absorbs their "
+                                "start skew)")
+                        + "; decode: CUDA-graph replay",
               **results}
     stem = report_io.save(report, args, "", _markdown)
     if report["sm_sweep"] or report["token_sweep"]:

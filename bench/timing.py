@@ -77,8 +77,10 @@ def host_overhead_us(fn: Callable[[], object], iters: int = 50, group=None) -> f
 
 
 def graph_replay_us(fn: Callable[[], object], ops_per_call: int = 1, iters: int = 30,
-                    replays_per_iter: int = 10, group=None) -> float:
-    """Capture ``fn`` once in a CUDA graph; median replay time divided by ``ops_per_call``."""
+                    replays_per_iter: int = 10, group=None,
+                    device_sync: Callable[[], object] | None = None) -> float:
+    """Capture ``fn`` once in a CUDA graph; median replay time divided by ``ops_per_call``
+    (``device_sync``: as in event_median_us, before each sample's replays)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -94,7 +96,8 @@ def graph_replay_us(fn: Callable[[], object], ops_per_call: int = 1, iters: int 
     def replay():
         for _ in range(replays_per_iter):
             graph.replay()
-    per_iter = event_median_us(replay, iters=iters, warmup=2, group=group)
+    per_iter = event_median_us(replay, iters=iters, warmup=2, group=group,
+                               device_sync=device_sync)
     return per_iter / replays_per_iter / ops_per_call
 
 
