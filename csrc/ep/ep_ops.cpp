@@ -114,12 +114,15 @@ std::pair<at::Tensor, at::Tensor> slot_tensors(EpState& st, int slot, const at::
   const int64_t x_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
   std::shared_ptr<OutputSlots> pool = st.slots;
   auto release = [pool, slot](void*) { pool->release(slot); };
-  const at::TensorOptions on = at::TensorOptions().device(x.device());
-  at::Tensor rx = at::from_blob(base, {C, x.size(1)}, release, on.dtype(x.scalar_type()));
+  // the device given as the target too: from_blob then skips asking the driver where the
+  // pointer lives (a host round trip per tensor)
+  const at::Device dev = x.device();
+  const at::TensorOptions on = at::TensorOptions().device(dev);
+  at::Tensor rx = at::from_blob(base, {C, x.size(1)}, release, on.dtype(x.scalar_type()), dev);
   char* sbase = base + EpWindow::slot_scales_at(C, x_bytes);
-  at::Tensor rs = x_scales.has_value()
-                      ? at::from_blob(sbase, {C, x_scales->size(1)}, release, on.dtype(x_scales->scalar_type()))
-                      : at::from_blob(sbase, {C, 0}, release, on.dtype(at::kFloat));
+  const int64_t P = x_scales.has_value() ? x_scales->size(1) : 0;
+  const at::ScalarType s_type = x_scales.has_value() ? x_scales->scalar_type() : at::kFloat;
+  at::Tensor rs = at::from_blob(sbase, {C, P}, release, on.dtype(s_type), dev);
   return {rx, rs};
 }
 
@@ -406,8 +409,9 @@ at::Tensor combine_input(EpState& st, int64_t rows, int64_t width, at::ScalarTyp
         "(the slots alternate, and the peers may still read the one this call would hand out)");
   const int i = st.next_cin.fetch_add(1) % st.win.num_cin_slots;
   st.cin_pending.store(i);
+  const at::Device dev(at::kCUDA, static_cast<c10::DeviceIndex>(st.cfg.device));
   return at::from_blob(st.comm.peer_base[st.cfg.rank] + st.win.cin_slot_off(i), {rows, width},
-                       at::TensorOptions().dtype(dtype).device(at::kCUDA, st.cfg.device));
+                       [](void*) {}, at::TensorOptions().dtype(dtype).device(dev), dev);
 }
 
 }  // namespace deep_ep_ops
