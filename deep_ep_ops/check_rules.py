@@ -128,7 +128,7 @@ HANDLE_RULE = Rule(
     "handle", HANDLE,
     (HANDLE.dim() != 2) | (HANDLE.size(1) != HANDLE_WIDTH) | ~HANDLE.dtype_in(INT32) |
     (HANDLE.size(0) < HEADER_ROWS),
-    "the int32 [1 + T + C, {width}] handle returned by dispatch on group {group}",
+    "the int32 [1 + T + V + C, {width}] handle returned by dispatch on group {group}",
     {"width": HANDLE_WIDTH, "group": GROUP})
 
 DISPATCH = OpChecks("dispatch", (X, X_SCALES, TOPK_IDX, TOPK_WEIGHTS, NUM_EXPERTS,

@@ -4,10 +4,11 @@ The C++ kernels read the same layout from ``generated/handle_layout.hpp``, which
 ``deep_ep_ops/codegen/handle_layout.py`` renders from this module at build time (every
 upper-case int constant below, and ``send_dst_row`` / ``handle_width`` from their column terms).
 
-The handle is an int32 tensor ``[1 + T + C, W]`` with ``W = handle_width(K)``. It carries every
+The handle is an int32 tensor ``[1 + T + V + C, W]`` with ``W = handle_width(K)`` (``V``: the
+virtual rows of a group on several hosts, 0 on one host; docs/contract.md). It carries every
 fact ``combine`` and ``cached_dispatch`` need, so routing state travels as a tensor (compile,
 export and CUDA graphs see only tensors). ``T`` is recovered by shape arithmetic:
-``T = handle.size(0) - 1 - C`` where ``C`` is the row count of the dispatch output.
+``T = handle.size(0) - 1 - V - C`` where ``C`` is the row count of the dispatch output.
 
 Row 0, the header: ``[num_valid_rows, num_valid_groups, T, R, E, M, expand, A, K, buffer_id,
 C, exact, 0...]``: ``exact`` is 1 when the handle was trimmed by ``exact=True`` (every rank's

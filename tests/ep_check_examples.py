@@ -158,7 +158,7 @@ EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
     "cached_dispatch.handle": (
         "cached_dispatch", lambda d: cached_args(d, handle=_handle(d, 9, 3)),
         _d("cached_dispatch", "handle",
-           "the int32 [1 + T + C, 12] handle returned by dispatch on group {group}",
+           "the int32 [1 + T + V + C, 12] handle returned by dispatch on group {group}",
            "shape (9, 3) torch.int32 on {dev}")),
     "cached_dispatch.x": ("cached_dispatch",
                           lambda d: cached_args(d, x=_t(d, 3, HID, dtype=torch.int32)),
@@ -203,7 +203,7 @@ EXAMPLES: dict[str, tuple[str, Callable[[str], Args], str]] = {
     "combine.handle": (
         "combine", lambda d: combine_args(d, handle=_handle(d, 9, 3)),
         _d("combine", "handle",
-           "the int32 [1 + T + C, 12] handle returned by dispatch on group {group}",
+           "the int32 [1 + T + V + C, 12] handle returned by dispatch on group {group}",
            "shape (9, 3) torch.int32 on {dev}")),
     "combine.x": ("combine", lambda d: combine_args(d, x=_t(d, C, HID, dtype=torch.int32)), _d(
         "combine", "x", "a 2-D [C, H] float tensor (the rows of dispatch's output)",

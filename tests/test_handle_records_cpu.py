@@ -177,7 +177,7 @@ def test_header_read_is_defensive(m):
     for bad in (torch.zeros(0, W, dtype=torch.int32), torch.zeros(4, 5, dtype=torch.int32),
                 torch.zeros(4, W, dtype=torch.int64), torch.zeros(W, dtype=torch.int32)):
         with pytest.raises(ValueError, match=r"deep_ep.combine: handle must be an int32 "
-                                             r"\[1 \+ T \+ C, W\] handle with a header row"):
+                                             r"\[1 \+ T \+ V \+ C, W\] handle with a header row"):
             m.read_handle_header("combine", bad)
 
 

@@ -27,7 +27,7 @@ HandleFacts read_handle_header(HandleUse use, const at::Tensor& handle) {
   // because the reads below index the row blindly.
   if (!handle.defined() || handle.dim() != 2 || handle.size(0) < handle::kHeaderRows ||
       handle.size(1) < handle::kNumHeaderFields || handle.scalar_type() != at::kInt)
-    value_error(std::string("deep_ep.") + op_name(use) + ": handle must be an int32 [1 + T + C, W] "
+    value_error(std::string("deep_ep.") + op_name(use) + ": handle must be an int32 [1 + T + V + C, W] "
                 "handle with a header row of at least " + std::to_string(handle::kNumHeaderFields) +
                 " columns; got shape " + (handle.defined() ? checks::py_tuple(handle.sizes()) : "None"));
   // Only row 0 crosses to the host; contiguous so the pointer walks one row of int32.
