@@ -397,9 +397,7 @@ at::Tensor cp_reduce_scatter(ChannelState& st, const at::Tensor& x_in) {
 static at::Tensor engram_table_impl(ChannelState& st, int64_t n, int64_t hidden, at::ScalarType dtype,
                                     int64_t max_rows, int64_t device) {
   check_channel_state(st, "engram_table");
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device).stream(), &status);
-  if (status != cudaStreamCaptureStatusNone)
+  if (stream_capturing(at::cuda::getCurrentCUDAStream(device).stream()))
     throw std::runtime_error("deep_ep_ops: engram_table allocates symmetric memory "
                              "collectively and cannot run during CUDA graph capture");
   if (n < 1 || hidden < 1)

@@ -69,6 +69,16 @@ int barrier_ctas_for(const EpState& st, int64_t num_sms, int64_t max_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(barrier_ctas(st, num_sms), need)));
 }
 
+// The scale rows of a dispatch's outputs: as x_scales' (P columns), or [C, 0] float32 without.
+struct ScaleRows {
+  int64_t cols;
+  at::ScalarType dtype;
+};
+ScaleRows scale_rows(const std::optional<at::Tensor>& x_scales) {
+  if (!x_scales.has_value()) return {0, at::kFloat};
+  return {x_scales->size(1), x_scales->scalar_type()};
+}
+
 // Fresh outputs of a dispatch with C receive rows: recv_x [C, H], scales [C, P], topk idx and
 // weights ([C, K] compact, [C] expert-major), tokens_per_expert [E_loc], handle [1 + T + C, W].
 // `rows`: recv_x and scales made already (in a direct-output slot), if defined.
@@ -76,32 +86,21 @@ DispatchOut dispatch_outputs(const at::Tensor& x, const std::optional<at::Tensor
                              int64_t C, int K, int E_loc, int W, bool expand,
                              const std::pair<at::Tensor, at::Tensor>& rows = {}) {
   const at::Device dev = x.device();
-  if (rows.first.defined())
-    return {rows.first, rows.second,
-            expand ? empty({C}, at::kInt, dev) : empty({C, K}, at::kLong, dev),
-            expand ? empty({C}, at::kFloat, dev) : empty({C, K}, at::kFloat, dev),
-            empty({E_loc}, at::kInt, dev),
-            empty({1 + x.size(0) + C, W}, at::kInt, dev)};
-  return {empty({C, x.size(1)}, x.scalar_type(), dev),
-          x_scales.has_value() ? empty({C, x_scales->size(1)}, x_scales->scalar_type(), dev)
-                               : empty({C, 0}, at::kFloat, dev),
+  const bool made = rows.first.defined();
+  const ScaleRows sr = scale_rows(x_scales);
+  return {made ? rows.first : empty({C, x.size(1)}, x.scalar_type(), dev),
+          made ? rows.second : empty({C, sr.cols}, sr.dtype, dev),
           expand ? empty({C}, at::kInt, dev) : empty({C, K}, at::kLong, dev),
           expand ? empty({C}, at::kFloat, dev) : empty({C, K}, at::kFloat, dev),
           empty({E_loc}, at::kInt, dev),
           empty({1 + x.size(0) + C, W}, at::kInt, dev)};
 }
 
-bool capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  cudaStreamIsCapturing(stream, &status);
-  return status != cudaStreamCaptureStatusNone;
-}
-
 // A direct-output slot for this dispatch's recv_x / recv_scales, or -1: the Buffer has none,
 // the outputs do not fit one, every slot holds live outputs, or the stream is being captured
 // (a graph's outputs are memory the graph owns, replayed long after this call).
 int take_output_slot(EpState& st, int64_t C, int64_t x_bytes, int64_t s_bytes, cudaStream_t stream) {
-  if (st.slots->size() == 0 || !st.win.slot_fits(C, x_bytes, s_bytes) || capturing(stream)) return -1;
+  if (st.slots->size() == 0 || !st.win.slot_fits(C, x_bytes, s_bytes) || stream_capturing(stream)) return -1;
   return st.slots->acquire(2);  // recv_x and recv_scales each hold it
 }
 
@@ -120,9 +119,8 @@ std::pair<at::Tensor, at::Tensor> slot_tensors(EpState& st, int slot, const at::
   const at::TensorOptions on = at::TensorOptions().device(dev);
   at::Tensor rx = at::from_blob(base, {C, x.size(1)}, release, on.dtype(x.scalar_type()), dev);
   char* sbase = base + EpWindow::slot_scales_at(C, x_bytes);
-  const int64_t P = x_scales.has_value() ? x_scales->size(1) : 0;
-  const at::ScalarType s_type = x_scales.has_value() ? x_scales->scalar_type() : at::kFloat;
-  at::Tensor rs = at::from_blob(sbase, {C, P}, release, on.dtype(s_type), dev);
+  const ScaleRows sr = scale_rows(x_scales);
+  at::Tensor rs = at::from_blob(sbase, {C, sr.cols}, release, on.dtype(sr.dtype), dev);
   return {rx, rs};
 }
 
@@ -169,7 +167,7 @@ DispatchIO dispatch_io(const at::Tensor& x, const std::optional<at::Tensor>& x_s
   io.handle = handle.data_ptr<int>();
   io.idx64 = topk_idx.scalar_type() == at::kLong;
   io.x_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
-  io.s_bytes = x_scales.has_value() ? x_scales->size(1) * 4 : 0;
+  io.s_bytes = scale_rows(x_scales).cols * 4;
   io.T = static_cast<int>(x.size(0));
   io.K = K;
   io.E = E;
@@ -201,8 +199,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
     throw std::invalid_argument("deep_ep.dispatch: the CUDA backend takes float32 topk_weights");
   const bool idx64 = topk_idx.scalar_type() == at::kLong;
   const int64_t x_bytes = H * static_cast<int64_t>(x.element_size());
-  const int64_t P = x_scales.has_value() ? x_scales->size(1) : 0;
-  const int64_t s_bytes = P * 4;
+  const int64_t s_bytes = scale_rows(x_scales).cols * 4;
 
   const int64_t cap = static_cast<int64_t>(R) * M;
   const DispatchRows rows = st.win.dispatch_rows(R, M, K, x_bytes, s_bytes);
@@ -303,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch(EpState& st, const at::Tensor
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const int64_t T = x.size(0), Hx = x.size(1);
   const int64_t C = handle.size(0) - 1 - T;
-  const int64_t P = x_scales.has_value() ? x_scales->size(1) : 0;
+  const ScaleRows sr = scale_rows(x_scales);
   if (C < 0) throw std::invalid_argument("deep_ep.cached_dispatch: handle has fewer rows than 1 + T");
   if (T > st.cfg.max_tokens)
     throw std::invalid_argument("deep_ep.cached_dispatch: more tokens than num_max_tokens_per_rank");
@@ -313,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch(EpState& st, const at::Tensor
   p.scales = x_scales.has_value() ? static_cast<const char*>(x_scales->data_ptr()) : nullptr;
   p.handle = handle.data_ptr<int>();
   p.x_bytes = Hx * static_cast<int64_t>(x.element_size());
-  p.s_bytes = P * 4;
+  p.s_bytes = sr.cols * 4;
   const EpWindow::Staging staging = st.win.cached_staging(st.cfg.max_tokens, p.x_bytes, p.s_bytes);
   p.x_stride = staging.x_stride;
   p.s_stride = staging.s_stride;
@@ -322,8 +319,7 @@ std::tuple<at::Tensor, at::Tensor> cached_dispatch(EpState& st, const at::Tensor
   check_fits(st, "cached_dispatch", staging.end);
 
   at::Tensor out_x = empty({C, Hx}, x.scalar_type(), x.device());
-  at::Tensor out_s = x_scales.has_value() ? empty({C, P}, x_scales->scalar_type(), x.device())
-                                          : empty({C, 0}, at::kFloat, x.device());
+  at::Tensor out_s = empty({C, sr.cols}, sr.dtype, x.device());
   p.out_x = static_cast<char*>(out_x.data_ptr());
   p.out_s = static_cast<char*>(out_s.data_ptr());
   p.T = static_cast<int>(T);

@@ -21,6 +21,13 @@ inline void check_cuda(cudaError_t err, const char* what) {
 
 inline int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
+// Whether `stream` is being captured into a CUDA graph (a failed query counts as not).
+inline bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(stream, &status);
+  return status != cudaStreamCaptureStatusNone;
+}
+
 // Setup must not change the current device behind torch's back.
 class DeviceGuard {
  public:

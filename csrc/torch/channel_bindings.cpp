@@ -11,6 +11,7 @@
 
 #include "../channels/channel_ops.hpp"
 #include "../channels/channel_state.hpp"
+#include "../host/cuda_check.hpp"
 #include "error_dict.hpp"
 
 namespace deep_ep_ops {
@@ -21,9 +22,7 @@ std::shared_ptr<ChannelState> create_channel_state(std::shared_ptr<PeerMemoryTra
                                            int device, double timeout_s, int64_t pp_max_bytes,
                                            int64_t pp_inline_bytes, int64_t pp_slots,
                                            int64_t cp_max_bytes, int64_t cp_inline_bytes) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device).stream(), &status);
-  if (status != cudaStreamCaptureStatusNone)
+  if (stream_capturing(at::cuda::getCurrentCUDAStream(device).stream()))
     throw std::runtime_error("deep_ep_ops: a Buffer cannot be created during CUDA graph capture");
   ChannelConfig cfg{rank,         num_ranks,       device,
                 timeout_s,    pp_max_bytes,    pp_inline_bytes,

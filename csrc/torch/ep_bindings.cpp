@@ -11,6 +11,7 @@
 
 #include "../ep/ep_ops.hpp"
 #include "../ep/ep_state.hpp"
+#include "../host/cuda_check.hpp"
 #include "error_dict.hpp"
 
 namespace deep_ep_ops {
@@ -21,9 +22,7 @@ std::shared_ptr<EpState> create_state(std::shared_ptr<PeerMemoryTransport> trans
                                       int hidden, int topk, int num_experts, bool fp8,
                                       double timeout_s, int device, int direct_slots,
                                       bool zero_copy_combine) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(device).stream(), &status);
-  if (status != cudaStreamCaptureStatusNone)
+  if (stream_capturing(at::cuda::getCurrentCUDAStream(device).stream()))
     throw std::runtime_error(
         "deep_ep_ops: a Buffer cannot be created during CUDA graph capture (it allocates "
         "peer memory collectively); create it before capturing");

@@ -36,6 +36,7 @@
 
 #include "../ep/ep_ops.hpp"
 #include "../ep/ep_state.hpp"
+#include "../host/cuda_check.hpp"  // stream_capturing
 #include "check_text.hpp"
 #include "generated/ep_checks.hpp"  // rendered from deep_ep_ops/check_rules.py (codegen)
 #include "handle_checks.hpp"
@@ -122,9 +123,8 @@ struct ExactWireScope {
 bool value_checks_requested(const at::Tensor& t) {
   const char* v = std::getenv("DEEP_EP_OPS_VALIDATE");
   if (v == nullptr || v[0] != '1' || v[1] != '\0') return false;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(t.get_device()).stream(), &status);
-  return status == cudaStreamCaptureStatusNone;  // the checks copy to the host
+  // the checks copy to the host
+  return !stream_capturing(at::cuda::getCurrentCUDAStream(t.get_device()).stream());
 }
 
 // validation.check_handle_header: the handle was made on this Buffer, x has the rows its
