@@ -96,16 +96,22 @@ def count_sms(rank: int, T: int, H: int, E: int, K: int, fp8: bool) -> dict:
     return res
 
 
+def gpu_line_up(buf):
+    """A tiny all-gather on ``buf``: the ranks leave it together on the GPU (event_median_us's
+    ``device_sync``)."""
+    tiny = torch.zeros(4, device="cuda")
+    return lambda: torch.ops.deep_ep.cp_all_gather(tiny, buf.group_name)
+
+
 def copy_us(buf, num_bytes: int, iters: int) -> float:
     """Every rank copying ``num_bytes`` device-to-device at once (with the SMs it has): the
-    slowest rank's median time of one copy. A tiny all-gather lines the ranks up on the GPU
-    first, so the copies overlap as the op's transfers do."""
+    slowest rank's median time of one copy. The ranks are lined up on the GPU first, so the
+    copies overlap as the op's transfers do."""
     src = torch.randint(0, 255, (max(num_bytes, 1),), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    tiny = torch.zeros(4, device="cuda")
     return _max_over_ranks(event_median_us(
         lambda: dst.copy_(src), iters=iters, calls_per_sample=CALLS_PER_SAMPLE,
-        device_sync=lambda: torch.ops.deep_ep.cp_all_gather(tiny, buf.group_name)))
+        device_sync=gpu_line_up(buf)))
 
 
 def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, num_sms: int,
@@ -123,8 +129,7 @@ def run_workload(rank: int, R: int, T: int, H: int, E: int, K: int, fp8: bool, n
     # the GPU, so a sample does not include one rank waiting for another's late start (with
     # 10 calls per sample that skew was up to tens of us per call); without it the first call
     # of the sample absorbs the skew (the method of the runs before 2026-12-02's last)
-    tiny = torch.zeros(4, device=device)
-    sync = (lambda: torch.ops.deep_ep.cp_all_gather(tiny, buf.group_name)) if line_up else None
+    sync = gpu_line_up(buf) if line_up else None
     if decode:
         t_d = graph_replay_us(dispatch, iters=iters, device_sync=sync)
         t_c = graph_replay_us(combine, iters=iters, device_sync=sync)

@@ -13,12 +13,10 @@ import pytest
 import torch
 
 from tests.gpu.dist_gpu import capture_graph, gpus, rank_device, run_on_gpus
+from tests.gpu.test_moe_ops_gpu import OUT_NAMES as NAMES
 from tests.gpu.test_moe_ops_gpu import _inputs, _ref_buf, _same
 
 pytestmark = pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
-
-NAMES = ("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights", "tokens_per_expert",
-         "handle")
 
 # (name, H, K, E, M, dtype, tokens, skew, drop): fp8 rows + scales at full size, bf16 with
 # -1 entries, rows of 4104 bytes, K = 1 (expert-major outputs then fit a slot too)

@@ -33,6 +33,11 @@ CASES = [
 ]
 
 
+# dispatch's outputs, in order (for the messages of byte comparisons)
+OUT_NAMES = ("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights", "tokens_per_expert",
+             "handle")
+
+
 def _misaligned(t: torch.Tensor) -> torch.Tensor:
     """The same values in a contiguous tensor whose data starts one element past an
     allocation's (16-byte aligned) start."""
@@ -121,9 +126,7 @@ def _check_all(rank, world, gloo, seed):
                     want = ref.dispatch(rbuf, x, s, idx, w, E, A, expand)
                     if exact:
                         want = trim_dispatch(*want)
-                    names = ("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights",
-                             "tokens_per_expert", "handle")
-                    for got, exp, nm in zip(outs, want, names):
+                    for got, exp, nm in zip(outs, want, OUT_NAMES):
                         _same(got, exp, f"{where} {nm}")
                     if not exact and A == aligns[0]:
                         # other grids (1 CTA: many tokens per CTA; 3: uneven tiles) give the
@@ -131,7 +134,7 @@ def _check_all(rank, world, gloo, seed):
                         for ns in (1, 3):
                             again = torch.ops.deep_ep.dispatch(gx, gs, gidx, gw, buf.group_name,
                                                                E, A, expand, False, ns)
-                            for got, exp, nm in zip(again, want, names):
+                            for got, exp, nm in zip(again, want, OUT_NAMES):
                                 _same(got, exp, f"{where} num_sms={ns} {nm}")
                     handle, rhandle = outs[5], want[5]
                     C = outs[0].shape[0]
