@@ -166,6 +166,42 @@ __device__ __forceinline__ void warp_copy_rows(char* dst_base, int row, unsigned
   }
 }
 
+// Copies one row to nd destinations (lane i < nd holds destination i in `dst`; nd is
+// warp-uniform): each round of loads is stored to every destination before the next round, so
+// the row is read once however many ranks receive it. Must be called by the whole warp (the
+// destinations travel by shuffles).
+template <typename V>
+__device__ __forceinline__ void warp_copy_fanout_v(char* dst, int nd, const char* src, int64_t n) {
+  const V* s = reinterpret_cast<const V*>(src);
+  const int64_t count = n / static_cast<int64_t>(sizeof(V));
+  constexpr int kUnroll = 8;
+  for (int64_t round = 0; round < count; round += kUnroll * kWarp) {  // warp-uniform trip count
+    const int64_t base = round + lane_id();
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * kWarp < count) v[u] = s[base + u * kWarp];
+    for (int i = 0; i < nd; ++i) {
+      V* d = reinterpret_cast<V*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(dst), i));
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * kWarp < count) d[base + u * kWarp] = v[u];
+    }
+  }
+}
+
+__device__ __forceinline__ void warp_copy_fanout(char* dst, int nd, const char* src, int64_t n) {
+  // the narrowest access any destination allows (lanes past nd hold no destination)
+  const int mine = lane_id() < nd ? copy_width(dst, src, n) : 16;
+  switch (__reduce_min_sync(0xffffffffu, static_cast<unsigned>(mine))) {
+    case 16: warp_copy_fanout_v<int4>(dst, nd, src, n); break;
+    case 8: warp_copy_fanout_v<int2>(dst, nd, src, n); break;
+    case 4: warp_copy_fanout_v<int>(dst, nd, src, n); break;
+    case 2: warp_copy_fanout_v<short>(dst, nd, src, n); break;
+    default: warp_copy_fanout_v<char>(dst, nd, src, n); break;
+  }
+}
+
 template <typename V>
 __device__ __forceinline__ void warp_zero_v(char* dst, int64_t n) {
   V* d = reinterpret_cast<V*>(dst);

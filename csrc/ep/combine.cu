@@ -228,11 +228,12 @@ __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
   cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
 }
 
-// S: staged element type (float, or T when rows travel as is).
-template <typename T, typename S, int V>
+// Partials staged as fp32 (weights, or the expert-major layout); compact rows without weights
+// take combine_reduce_rows.
+template <typename T, int V>
 __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expand) {
   constexpr int U = chunk_vecs<V>();
-  const S* win = reinterpret_cast<const S*>(peer_ptr(p.comm, p.comm.rank) + p.stage_off);
+  const float* win = reinterpret_cast<const float*>(peer_ptr(p.comm, p.comm.rank) + p.stage_off);
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
   const int me = p.comm.rank, K = p.K, R = p.comm.num_ranks;
@@ -264,7 +265,10 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
     bool first = false;
     int pos = -1;
     if (any_in_place) {
-      first = lane < K && dst >= 0 && __ffs(__match_any_sync(0xffffffffu, dst)) - 1 == lane;
+      // every lane takes part in the match (a sync intrinsic under a short-circuit is
+      // undefined: lanes past K would skip it)
+      const unsigned same_dst = __match_any_sync(0xffffffffu, dst);
+      first = lane < K && dst >= 0 && __ffs(same_dst) - 1 == lane;
       const unsigned firsts = __ballot_sync(0xffffffffu, first);
       pos = 0;
       for (unsigned m = firsts; m != 0; m &= m - 1) {
@@ -272,7 +276,7 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
         if (first && d < dst) ++pos;
       }
     }
-    const S* slot0 = win + static_cast<int64_t>(t) * p.num_slots * Wd;
+    const float* slot0 = win + static_cast<int64_t>(t) * p.num_slots * Wd;
     for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
       float acc[U][V];
       if (n == 0) zero_chunk(acc);
@@ -295,7 +299,7 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
           const T* dx = reinterpret_cast<const T*>(peer_ptr(p.comm, d) + at);
           group_partial<T, V, U>(dx, Wd, c0, dn, drow, 1.f, false, v);
         } else {
-          load_chunk<S, V, U>(slot0 + s * Wd, c0, Wd, v);
+          load_chunk<float, V, U>(slot0 + s * Wd, c0, Wd, v);
         }
         if (s == 0) {
 #pragma unroll
@@ -308,6 +312,82 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
 #pragma unroll
             for (int i = 0; i < V; ++i) acc[u][i] = __fadd_rn(acc[u][i], v[u][i]);
         }
+      }
+      store_chunk<T, V, U>(out + static_cast<int64_t>(t) * Wd, c0, Wd, acc);
+    }
+  }
+}
+
+// Compact layout without weights (the usual inference combine): every term of a token's sum is
+// one row of T (its own row of x here, a peer's row in place, or a row the peer pushed as is),
+// so the warp loads the chunk of up to kTermsInFlight terms before adding any of them: the
+// loads of a token's terms overlap instead of following one another. Same terms, same order,
+// same rounding as combine_reduce.
+constexpr int kTermsInFlight = 4;
+
+template <typename T, int V>
+__device__ __forceinline__ void combine_reduce_rows(const CombineParams& p) {
+  constexpr int U = chunk_vecs<V>();
+  const T* win = reinterpret_cast<const T*>(peer_ptr(p.comm, p.comm.rank) + p.stage_off);
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  const int me = p.comm.rank, K = p.K, R = p.comm.num_ranks;
+  const int warps = blockDim.x / kWarp;
+  const int lane = lane_id();
+  const int64_t Wd = p.Wd;
+  // lane d < R: where rank d's x may be read in place (-1: it pushed its rows here)
+  const long long in_place = p.zero_copy && lane < R ? __ldcg(cins_of(p, me) + kMaxRanks + lane) : -1;
+  for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
+    const int* srow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
+    const int n = srow[handle::kSendNumDst];
+    int dst = -1, row = -1;
+    if (lane < K) {
+      dst = srow[handle::kSendDstRank + lane];
+      row = srow[handle::send_dst_row(K) + lane];
+    }
+    // The first lane of each destination rank owns that rank's term; its index among the
+    // token's destinations (rank order) is the term's place in the sum and its staging slot.
+    const unsigned same_dst = __match_any_sync(0xffffffffu, dst);
+    const bool first = lane < K && dst >= 0 && __ffs(same_dst) - 1 == lane;
+    const unsigned firsts = __ballot_sync(0xffffffffu, first);
+    const long long at = __shfl_sync(0xffffffffu, in_place, dst >= 0 ? dst : 0);
+    int pos = 0;
+    for (unsigned m = firsts; m != 0; m &= m - 1) {
+      const int d = __shfl_sync(0xffffffffu, dst, __ffs(m) - 1);
+      if (first && d < dst) ++pos;
+    }
+    const T* term = nullptr;
+    if (first) {
+      if (dst == me)
+        term = x + static_cast<int64_t>(row) * Wd;
+      else if (at >= 0)  // rank dst's row in place (compact: every slot there names it)
+        term = reinterpret_cast<const T*>(peer_ptr(p.comm, dst) + at) + static_cast<int64_t>(row) * Wd;
+      else
+        term = win + (static_cast<int64_t>(t) * p.num_slots + pos) * Wd;
+    }
+    // lane s < n: term s
+    const T* mine = nullptr;
+    for (unsigned m = firsts; m != 0; m &= m - 1) {
+      const int k = __ffs(m) - 1;
+      const int s = __shfl_sync(0xffffffffu, pos, k);
+      const T* ptr = reinterpret_cast<const T*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(term), k));
+      if (lane == s) mine = ptr;
+    }
+    for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
+      float acc[U][V];
+      if (n == 0) zero_chunk(acc);
+      for (int b = 0; b < n; b += kTermsInFlight) {
+        Pack<T, V> pk[kTermsInFlight][U];
+#pragma unroll
+        for (int j = 0; j < kTermsInFlight; ++j) {
+          const T* r = reinterpret_cast<const T*>(
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine), (b + j) & (kWarp - 1)));
+          if (b + j < n) load_packs<T, V, U>(r, c0, Wd, pk[j]);
+        }
+#pragma unroll
+        for (int j = 0; j < kTermsInFlight; ++j)
+          if (b + j < n) add_term<T, V, U>(acc, pk[j], 1.f, false, b + j == 0);
       }
       store_chunk<T, V, U>(out + static_cast<int64_t>(t) * Wd, c0, Wd, acc);
     }
@@ -373,9 +453,9 @@ __global__ void __launch_bounds__(512) combine_reduce_kernel(CombineParams p) {
   pdl_trigger();
   const bool expand = p.handle[handle::kHdrExpand] != 0;
   if (p.stage_raw && !expand)
-    combine_reduce<T, T, V>(p, expand);
+    combine_reduce_rows<T, V>(p);
   else
-    combine_reduce<T, float, V>(p, expand);
+    combine_reduce<T, V>(p, expand);
 }
 
 template <typename T, int V>

@@ -7,7 +7,8 @@
 // (source rank, source token) holds by construction). Rows for this rank itself skip the
 // window: the push writes them straight into this rank's outputs (every expert-major row of
 // the token here, once loaded), with their routing tensors and handle receive rows. A token
-// goes to each destination rank once, however many of its experts live there. Ends with a
+// goes to each destination rank once, however many of its experts live there; in the compact
+// layout its row is read once and stored to all its destination ranks. Ends with a
 // per-CTA barrier. With one rank nothing crosses a window: no barrier, and the push also does
 // the epilogue's remaining work (rows that carry no token), so dispatch is two kernels.
 //
@@ -81,6 +82,10 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
                         __popc(dmask), edst, p.expand ? erow : crow);
     const char* xrow = p.io.x + static_cast<int64_t>(t) * p.io.x_bytes;
     const char* srow = p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes;
+    // compact layout: lane i < nd gets the i-th destination's row of x and of scales; the
+    // row is then read once and stored to all of them (warp_copy_fanout)
+    char *xd = nullptr, *sd = nullptr;
+    int nd = 0;
     for (unsigned rest = dmask; rest != 0; rest &= rest - 1) {
       const int d = __ffs(rest) - 1;
       const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
@@ -93,8 +98,11 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
         const int j = here ? e - me * p.E_loc : -1;  // local expert of slot `lane`
         int* grow = recv_h + static_cast<int64_t>(row) * W;  // group `row`
         if (!p.expand) {
-          warp_copy(p.io.recv_x + static_cast<int64_t>(row) * p.io.x_bytes, xrow, p.io.x_bytes);
-          if (p.io.s_bytes > 0) warp_copy(p.io.recv_s + static_cast<int64_t>(row) * p.io.s_bytes, srow, p.io.s_bytes);
+          if (lane == nd) {
+            xd = p.io.recv_x + static_cast<int64_t>(row) * p.io.x_bytes;
+            sd = p.io.recv_s + static_cast<int64_t>(row) * p.io.s_bytes;
+          }
+          ++nd;
           if (lane < K) {
             static_cast<int64_t*>(p.io.recv_idx)[static_cast<int64_t>(row) * K + lane] = j;
             p.io.recv_w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
@@ -124,16 +132,32 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
         meta[4 + 2 * K + lane] = here ? __float_as_int(wgt) : 0;
       }
       if (ox < 0) {  // staged: the destination's epilogue copies the rows out
-        warp_copy(base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride, xrow, p.io.x_bytes);
-        if (p.io.s_bytes > 0)
-          warp_copy(base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride, srow, p.io.s_bytes);
+        char* wx = base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride;
+        char* ws = base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride;
+        if (!p.expand) {
+          if (lane == nd) {
+            xd = wx;
+            sd = ws;
+          }
+          ++nd;
+        } else {
+          warp_copy(wx, xrow, p.io.x_bytes);
+          if (p.io.s_bytes > 0) warp_copy(ws, srow, p.io.s_bytes);
+        }
       } else if (!p.expand) {  // straight into the destination's recv_x / recv_scales
-        warp_copy(base + ox + static_cast<int64_t>(row) * p.io.x_bytes, xrow, p.io.x_bytes);
-        if (p.io.s_bytes > 0) warp_copy(base + os + static_cast<int64_t>(row) * p.io.s_bytes, srow, p.io.s_bytes);
+        if (lane == nd) {
+          xd = base + ox + static_cast<int64_t>(row) * p.io.x_bytes;
+          sd = base + os + static_cast<int64_t>(row) * p.io.s_bytes;
+        }
+        ++nd;
       } else {  // every expert-major row of the token there
         warp_copy_rows(base + ox, erow, at_d, xrow, p.io.x_bytes);
         if (p.io.s_bytes > 0) warp_copy_rows(base + os, erow, at_d, srow, p.io.s_bytes);
       }
+    }
+    if (nd > 0) {
+      warp_copy_fanout(xd, nd, xrow, p.io.x_bytes);
+      if (p.io.s_bytes > 0) warp_copy_fanout(sd, nd, srow, p.io.s_bytes);
     }
   }
   if (p.local_only) {
