@@ -9,6 +9,9 @@ each byte once. The same run measures a device-to-device copy (torch copy_ of 25
 reports it the same way (bytes copied, each once; bench/bench_ep.py's d2d_copy_GBps counts
 read + write, i.e. twice this), so "x d2d" is the apples-to-apples ratio of issue 4 target 6.
 
+--direct-outputs N / --zero-copy-combine: the Buffer options of the same names (R >= 2; with
+the latter the compact combines take their input from ``buf.combine_input()``).
+
 --profile: kernel times from torch.profiler. With programmatic dependent launch on (default),
 a kernel is scheduled while its predecessor runs and waits for it on the GPU, so its profiled
 duration includes that wait; DEEP_EP_OPS_PDL=0 gives each kernel's own time.
@@ -69,7 +72,20 @@ def _body(rank, world, gloo, args):
     dev = rank_device()
     T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
     buf = deep_ep_ops.Buffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, num_topk=K,
-                             num_experts=E, fp8_dispatch=True)
+                             num_experts=E, fp8_dispatch=True,
+                             direct_outputs=args.direct_outputs if world > 1 else 0,
+                             zero_copy_combine=args.zero_copy_combine and world > 1)
+
+    def combine_x(out, expand):
+        # the peers read this rank's rows in place: compact, no weights, x in a slot (filled
+        # once; every timed combine reads the same slot, as bench_ep does)
+        recv = out[0].to(torch.bfloat16)
+        if buf.zero_copy_combine and not expand:
+            return buf.combine_input(recv.shape[0]).copy_(recv)
+        return recv
+
+    def comb(recv, handle, cw, num_sms):
+        return torch.ops.deep_ep.combine(recv, handle, cw, buf.group_name, num_sms)
     g = torch.Generator(device=dev).manual_seed(rank)
     x = (torch.randn(T, H, device=dev, generator=g) * 4).to(torch.float8_e4m3fn)
     s = torch.rand(T, (H + 127) // 128, device=dev, generator=g) + 0.5
@@ -83,15 +99,14 @@ def _body(rank, world, gloo, args):
                 return torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, expand,
                                                   False, num_sms)
             out = disp()
-            recv = out[0].to(torch.bfloat16)
+            recv = combine_x(out, expand)
             cw = out[3] if expand else None
             valid = int(out[5][0, 0])
             for _ in range(3):
                 disp()
-                torch.ops.deep_ep.combine(recv, out[5], cw, buf.group_name, num_sms)
+                comb(recv, out[5], cw, num_sms)
             t_d = _median_us(disp, args.iters, gloo)
-            t_c = _median_us(lambda: torch.ops.deep_ep.combine(recv, out[5], cw, buf.group_name,
-                                                               num_sms), args.iters, gloo)
+            t_c = _median_us(lambda: comb(recv, out[5], cw, num_sms), args.iters, gloo)
             groups = int(out[5][0, 1])
             d_bytes = groups * (H + s.shape[1] * 4)
             c_bytes = groups * H * 2
@@ -101,14 +116,14 @@ def _body(rank, world, gloo, args):
         from torch.profiler import ProfilerActivity, profile
         for expand in (False, True):
             out = torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, expand, False, 0)
-            recv = out[0].to(torch.bfloat16)
+            recv = combine_x(out, expand)
             cw = out[3] if expand else None
             dist.barrier(group=gloo)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
                     torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, expand, False, 0)
                 for _ in range(10):
-                    torch.ops.deep_ep.combine(recv, out[5], cw, buf.group_name, 0)
+                    comb(recv, out[5], cw, 0)
                 torch.cuda.synchronize()
             if rank == 0:
                 pdl = os.environ.get("DEEP_EP_OPS_PDL", "1") != "0"
@@ -155,6 +170,10 @@ def main():
     p.add_argument("--num-sms", type=int, nargs="+", default=[0, 16, 64])
     p.add_argument("--world", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="kernel times (torch.profiler)")
+    p.add_argument("--direct-outputs", type=int, default=0, metavar="N",
+                   help="Buffer(direct_outputs=N) (R >= 2)")
+    p.add_argument("--zero-copy-combine", action="store_true",
+                   help="Buffer(zero_copy_combine=True); compact combines read in place (R >= 2)")
     args = p.parse_args()
     run_gpus(_body, args.world or gpus(), args)
 
