@@ -170,6 +170,29 @@ __device__ __forceinline__ int members_to_lanes(int row, unsigned mine, bool exp
   return nm;
 }
 
+// The token's destination ranks in rank order, which is the order of its sum and of its
+// staging slots: `first` on the first of the K lanes naming each rank, `pos` that rank's place
+// (on its first lane), `firsts` the first lanes. Every lane of the warp must call it.
+struct DestOrder {
+  bool first;
+  int pos;
+  unsigned firsts;
+};
+
+__device__ __forceinline__ DestOrder dest_order(int dst, int K) {
+  const int lane = lane_id();
+  const unsigned same = __match_any_sync(0xffffffffu, dst);
+  DestOrder o;
+  o.first = lane < K && dst >= 0 && __ffs(same) - 1 == lane;
+  o.firsts = __ballot_sync(0xffffffffu, o.first);
+  o.pos = 0;
+  for (unsigned m = o.firsts; m != 0; m &= m - 1) {
+    const int d = __shfl_sync(0xffffffffu, dst, __ffs(m) - 1);
+    if (o.first && d < dst) ++o.pos;
+  }
+  return o;
+}
+
 // cins[d] (rank d's combine input in place, or -1) and this rank's copy of it (cins_seen)
 __device__ __forceinline__ long long* cins_of(const CombineParams& p, int rank) {
   return reinterpret_cast<long long*>(peer_ptr(p.comm, rank) + p.cins_off);
@@ -265,16 +288,9 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
     bool first = false;
     int pos = -1;
     if (any_in_place) {
-      // every lane takes part in the match (a sync intrinsic under a short-circuit is
-      // undefined: lanes past K would skip it)
-      const unsigned same_dst = __match_any_sync(0xffffffffu, dst);
-      first = lane < K && dst >= 0 && __ffs(same_dst) - 1 == lane;
-      const unsigned firsts = __ballot_sync(0xffffffffu, first);
-      pos = 0;
-      for (unsigned m = firsts; m != 0; m &= m - 1) {
-        const int d = __shfl_sync(0xffffffffu, dst, __ffs(m) - 1);
-        if (first && d < dst) ++pos;
-      }
+      const DestOrder o = dest_order(dst, K);
+      first = o.first;
+      pos = o.pos;
     }
     const float* slot0 = win + static_cast<int64_t>(t) * p.num_slots * Wd;
     for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
@@ -320,14 +336,13 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
 
 // Compact layout without weights (the usual inference combine): every term of a token's sum is
 // one row of T (its own row of x here, a peer's row in place, or a row the peer pushed as is),
-// so the warp loads the chunk of up to kTermsInFlight terms before adding any of them: the
-// loads of a token's terms overlap instead of following one another. Same terms, same order,
-// same rounding as combine_reduce.
-constexpr int kTermsInFlight = 4;
-
-template <typename T, int V>
+// so the warp loads the chunk of up to TF terms before adding any of them: the loads of a
+// token's terms overlap instead of following one another. A token has at most min(R, K)
+// terms: with two ranks TF = 2 terms of 1.5 chunks each (twice the chunk spills registers),
+// else TF = 4 of one chunk. Same terms, same order, same rounding as combine_reduce.
+template <typename T, int V, int TF>
 __device__ __forceinline__ void combine_reduce_rows(const CombineParams& p) {
-  constexpr int U = chunk_vecs<V>();
+  constexpr int U = TF == 2 ? chunk_vecs<V>() * 3 / 2 : chunk_vecs<V>();
   const T* win = reinterpret_cast<const T*>(peer_ptr(p.comm, p.comm.rank) + p.stage_off);
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
@@ -345,31 +360,24 @@ __device__ __forceinline__ void combine_reduce_rows(const CombineParams& p) {
       dst = srow[handle::kSendDstRank + lane];
       row = srow[handle::send_dst_row(K) + lane];
     }
-    // The first lane of each destination rank owns that rank's term; its index among the
-    // token's destinations (rank order) is the term's place in the sum and its staging slot.
-    const unsigned same_dst = __match_any_sync(0xffffffffu, dst);
-    const bool first = lane < K && dst >= 0 && __ffs(same_dst) - 1 == lane;
-    const unsigned firsts = __ballot_sync(0xffffffffu, first);
+    // The first lane of each destination rank owns that rank's term; its place among the
+    // token's destinations is the term's place in the sum and its staging slot.
+    const DestOrder o = dest_order(dst, K);
     const long long at = __shfl_sync(0xffffffffu, in_place, dst >= 0 ? dst : 0);
-    int pos = 0;
-    for (unsigned m = firsts; m != 0; m &= m - 1) {
-      const int d = __shfl_sync(0xffffffffu, dst, __ffs(m) - 1);
-      if (first && d < dst) ++pos;
-    }
     const T* term = nullptr;
-    if (first) {
+    if (o.first) {
       if (dst == me)
         term = x + static_cast<int64_t>(row) * Wd;
       else if (at >= 0)  // rank dst's row in place (compact: every slot there names it)
         term = reinterpret_cast<const T*>(peer_ptr(p.comm, dst) + at) + static_cast<int64_t>(row) * Wd;
       else
-        term = win + (static_cast<int64_t>(t) * p.num_slots + pos) * Wd;
+        term = win + (static_cast<int64_t>(t) * p.num_slots + o.pos) * Wd;
     }
     // lane s < n: term s
     const T* mine = nullptr;
-    for (unsigned m = firsts; m != 0; m &= m - 1) {
+    for (unsigned m = o.firsts; m != 0; m &= m - 1) {
       const int k = __ffs(m) - 1;
-      const int s = __shfl_sync(0xffffffffu, pos, k);
+      const int s = __shfl_sync(0xffffffffu, o.pos, k);
       const T* ptr = reinterpret_cast<const T*>(
           __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(term), k));
       if (lane == s) mine = ptr;
@@ -377,16 +385,16 @@ __device__ __forceinline__ void combine_reduce_rows(const CombineParams& p) {
     for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
       float acc[U][V];
       if (n == 0) zero_chunk(acc);
-      for (int b = 0; b < n; b += kTermsInFlight) {
-        Pack<T, V> pk[kTermsInFlight][U];
+      for (int b = 0; b < n; b += TF) {
+        Pack<T, V> pk[TF][U];
 #pragma unroll
-        for (int j = 0; j < kTermsInFlight; ++j) {
+        for (int j = 0; j < TF; ++j) {
           const T* r = reinterpret_cast<const T*>(
               __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine), (b + j) & (kWarp - 1)));
           if (b + j < n) load_packs<T, V, U>(r, c0, Wd, pk[j]);
         }
 #pragma unroll
-        for (int j = 0; j < kTermsInFlight; ++j)
+        for (int j = 0; j < TF; ++j)
           if (b + j < n) add_term<T, V, U>(acc, pk[j], 1.f, false, b + j == 0);
       }
       store_chunk<T, V, U>(out + static_cast<int64_t>(t) * Wd, c0, Wd, acc);
@@ -452,10 +460,13 @@ __global__ void __launch_bounds__(512) combine_reduce_kernel(CombineParams p) {
   pdl_wait();
   pdl_trigger();
   const bool expand = p.handle[handle::kHdrExpand] != 0;
-  if (p.stage_raw && !expand)
-    combine_reduce_rows<T, V>(p);
-  else
+  if (!p.stage_raw || expand) {
     combine_reduce<T, V>(p, expand);
+  } else if (p.comm.num_ranks == 2) {
+    combine_reduce_rows<T, V, 2>(p);
+  } else {
+    combine_reduce_rows<T, V, 4>(p);
+  }
 }
 
 template <typename T, int V>
