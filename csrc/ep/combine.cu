@@ -198,6 +198,31 @@ __device__ __forceinline__ long long* cins_of(const CombineParams& p, int rank) 
   return reinterpret_cast<long long*>(peer_ptr(p.comm, rank) + p.cins_off);
 }
 
+// Lane d < R: where rank d's combine input may be read in place (-1: it pushed its partials),
+// from this rank's copy made behind the push's first barrier.
+__device__ __forceinline__ long long in_place_of_lane(const CombineParams& p) {
+  const int lane = lane_id();
+  return p.zero_copy && lane < p.comm.num_ranks ? __ldcg(cins_of(p, p.comm.rank) + kMaxRanks + lane)
+                                                : -1;
+}
+
+// Token t's send part of the handle: its number of destination ranks, and on lane k < K slot
+// k's destination rank and row there (-1 on the other lanes and for dropped slots).
+struct SendSlots {
+  int n, dst, row;
+};
+
+__device__ __forceinline__ SendSlots send_slots(const CombineParams& p, int t) {
+  const int* srow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
+  const int lane = lane_id();
+  SendSlots s{srow[handle::kSendNumDst], -1, -1};
+  if (lane < p.K) {
+    s.dst = srow[handle::kSendDstRank + lane];
+    s.row = srow[handle::send_dst_row(p.K) + lane];
+  }
+  return s;
+}
+
 template <typename T, int V>
 __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
   pdl_wait();
@@ -259,21 +284,15 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
   const float* win = reinterpret_cast<const float*>(peer_ptr(p.comm, p.comm.rank) + p.stage_off);
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
-  const int me = p.comm.rank, K = p.K, R = p.comm.num_ranks;
+  const int me = p.comm.rank, K = p.K;
   const int warps = blockDim.x / kWarp;
   const int lane = lane_id();
   const int64_t Wd = p.Wd;
-  // lane d < R: where rank d's x may be read in place (-1: it pushed its partials here)
-  const long long in_place = p.zero_copy && lane < R ? __ldcg(cins_of(p, me) + kMaxRanks + lane) : -1;
+  const long long in_place = in_place_of_lane(p);
   const bool any_in_place = __any_sync(0xffffffffu, lane != me && in_place >= 0);
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
-    const int* srow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
-    const int n = srow[handle::kSendNumDst];
-    int dst = -1, row = -1;
-    if (lane < K) {
-      dst = srow[handle::kSendDstRank + lane];
-      row = srow[handle::send_dst_row(K) + lane];
-    }
+    const SendSlots ss = send_slots(p, t);
+    const int n = ss.n, dst = ss.dst, row = ss.row;
     // this rank's own slot: its index among the token's distinct destination ranks
     const unsigned mine = __ballot_sync(0xffffffffu, lane < K && dst == me);
     int s_me = -1, nm = 0, mrow = -1;
@@ -346,20 +365,14 @@ __device__ __forceinline__ void combine_reduce_rows(const CombineParams& p) {
   const T* win = reinterpret_cast<const T*>(peer_ptr(p.comm, p.comm.rank) + p.stage_off);
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
-  const int me = p.comm.rank, K = p.K, R = p.comm.num_ranks;
+  const int me = p.comm.rank, K = p.K;
   const int warps = blockDim.x / kWarp;
   const int lane = lane_id();
   const int64_t Wd = p.Wd;
-  // lane d < R: where rank d's x may be read in place (-1: it pushed its rows here)
-  const long long in_place = p.zero_copy && lane < R ? __ldcg(cins_of(p, me) + kMaxRanks + lane) : -1;
+  const long long in_place = in_place_of_lane(p);
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
-    const int* srow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
-    const int n = srow[handle::kSendNumDst];
-    int dst = -1, row = -1;
-    if (lane < K) {
-      dst = srow[handle::kSendDstRank + lane];
-      row = srow[handle::send_dst_row(K) + lane];
-    }
+    const SendSlots ss = send_slots(p, t);
+    const int n = ss.n, dst = ss.dst, row = ss.row;
     // The first lane of each destination rank owns that rank's term; its place among the
     // token's destinations is the term's place in the sum and its staging slot.
     const DestOrder o = dest_order(dst, K);
@@ -418,12 +431,8 @@ __global__ void __launch_bounds__(512) combine_local_kernel(CombineParams p) {
   const int lane = lane_id();
   const int64_t Wd = p.Wd;
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
-    const int* srow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
-    int dst = -1, row = -1;
-    if (lane < K) {
-      dst = srow[handle::kSendDstRank + lane];
-      row = srow[handle::send_dst_row(K) + lane];
-    }
+    const SendSlots ss = send_slots(p, t);
+    const int dst = ss.dst, row = ss.row;
     const unsigned mine = __ballot_sync(0xffffffffu, lane < K && dst == me);
     int nm = 0, mrow = -1;
     float mw = 1.f;
