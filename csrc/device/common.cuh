@@ -125,16 +125,17 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t n)
   }
 }
 
-// Copies one row to the rows dst_base + row_m * n of the lanes set in `lanes` (each lane holds
-// its row in `row`; `lanes` must be warp-uniform): the source is read once, written to every
-// destination. Must be called by the whole warp: the rows travel by shuffles over all 32
-// lanes, so every lane runs the same number of rounds (a row shorter than a round, e.g.
-// 128 bytes of scales = 8 int4, leaves lanes with nothing to copy; they stay in the loop with
-// their accesses predicated off rather than leaving it, which would make the shuffles below
-// diverge: undefined behaviour that scrambles rows and everything shuffled after it).
+// Copies one row to several destinations: each lane set in `lanes` (warp-uniform) holds one
+// in `dst`. Each round of loads is stored to every destination before the next round, so the
+// source is read once however many receive it. Must be called by the whole warp: the
+// destinations travel by shuffles over all 32 lanes, so every lane runs the same number of
+// rounds (a row shorter than a round, e.g. 128 bytes of scales = 8 int4, leaves lanes with
+// nothing to copy; they stay in the loop with their accesses predicated off rather than
+// leaving it, which would make the shuffles diverge: undefined behaviour that scrambles rows
+// and everything shuffled after it).
 template <typename V>
-__device__ __forceinline__ void warp_copy_rows_v(char* dst_base, int row, unsigned lanes,
-                                                 const char* src, int64_t n) {
+__device__ __forceinline__ void warp_copy_fanout_v(char* dst, unsigned lanes, const char* src,
+                                                   int64_t n) {
   const V* s = reinterpret_cast<const V*>(src);
   const int64_t count = n / static_cast<int64_t>(sizeof(V));
   constexpr int kUnroll = 8;
@@ -145,8 +146,8 @@ __device__ __forceinline__ void warp_copy_rows_v(char* dst_base, int row, unsign
     for (int u = 0; u < kUnroll; ++u)
       if (base + u * kWarp < count) v[u] = s[base + u * kWarp];
     for (unsigned m = lanes; m != 0; m &= m - 1) {
-      const int64_t r = __shfl_sync(0xffffffffu, row, __ffs(m) - 1);
-      V* d = reinterpret_cast<V*>(dst_base + r * n);
+      V* d = reinterpret_cast<V*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(dst), __ffs(m) - 1));
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
         if (base + u * kWarp < count) d[base + u * kWarp] = v[u];
@@ -154,52 +155,24 @@ __device__ __forceinline__ void warp_copy_rows_v(char* dst_base, int row, unsign
   }
 }
 
+__device__ __forceinline__ void warp_copy_fanout(char* dst, unsigned lanes, const char* src,
+                                                 int64_t n) {
+  // the narrowest access any destination allows
+  const int mine = (lanes >> lane_id()) & 1u ? copy_width(dst, src, n) : 16;
+  switch (__reduce_min_sync(0xffffffffu, static_cast<unsigned>(mine))) {
+    case 16: warp_copy_fanout_v<int4>(dst, lanes, src, n); break;
+    case 8: warp_copy_fanout_v<int2>(dst, lanes, src, n); break;
+    case 4: warp_copy_fanout_v<int>(dst, lanes, src, n); break;
+    case 2: warp_copy_fanout_v<short>(dst, lanes, src, n); break;
+    default: warp_copy_fanout_v<char>(dst, lanes, src, n); break;
+  }
+}
+
+// Copies one row to the rows dst_base + row_m * n of the lanes set in `lanes` (each lane holds
+// its row in `row`; `lanes` warp-uniform; the whole warp calls it).
 __device__ __forceinline__ void warp_copy_rows(char* dst_base, int row, unsigned lanes,
                                                const char* src, int64_t n) {
-  // every destination row starts at dst_base + r * n: aligned like dst_base and n
-  switch (copy_width(dst_base, src, n)) {
-    case 16: warp_copy_rows_v<int4>(dst_base, row, lanes, src, n); break;
-    case 8: warp_copy_rows_v<int2>(dst_base, row, lanes, src, n); break;
-    case 4: warp_copy_rows_v<int>(dst_base, row, lanes, src, n); break;
-    case 2: warp_copy_rows_v<short>(dst_base, row, lanes, src, n); break;
-    default: warp_copy_rows_v<char>(dst_base, row, lanes, src, n); break;
-  }
-}
-
-// Copies one row to nd destinations (lane i < nd holds destination i in `dst`; nd is
-// warp-uniform): each round of loads is stored to every destination before the next round, so
-// the row is read once however many ranks receive it. Must be called by the whole warp (the
-// destinations travel by shuffles).
-template <typename V>
-__device__ __forceinline__ void warp_copy_fanout_v(char* dst, int nd, const char* src, int64_t n) {
-  const V* s = reinterpret_cast<const V*>(src);
-  const int64_t count = n / static_cast<int64_t>(sizeof(V));
-  constexpr int kUnroll = 8;
-  for (int64_t round = 0; round < count; round += kUnroll * kWarp) {  // warp-uniform trip count
-    const int64_t base = round + lane_id();
-    V v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + u * kWarp < count) v[u] = s[base + u * kWarp];
-    for (int i = 0; i < nd; ++i) {
-      V* d = reinterpret_cast<V*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(dst), i));
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + u * kWarp < count) d[base + u * kWarp] = v[u];
-    }
-  }
-}
-
-__device__ __forceinline__ void warp_copy_fanout(char* dst, int nd, const char* src, int64_t n) {
-  // the narrowest access any destination allows (lanes past nd hold no destination)
-  const int mine = lane_id() < nd ? copy_width(dst, src, n) : 16;
-  switch (__reduce_min_sync(0xffffffffu, static_cast<unsigned>(mine))) {
-    case 16: warp_copy_fanout_v<int4>(dst, nd, src, n); break;
-    case 8: warp_copy_fanout_v<int2>(dst, nd, src, n); break;
-    case 4: warp_copy_fanout_v<int>(dst, nd, src, n); break;
-    case 2: warp_copy_fanout_v<short>(dst, nd, src, n); break;
-    default: warp_copy_fanout_v<char>(dst, nd, src, n); break;
-  }
+  warp_copy_fanout(dst_base + static_cast<int64_t>(row) * n, lanes, src, n);
 }
 
 template <typename V>

@@ -156,8 +156,9 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
       }
     }
     if (nd > 0) {
-      warp_copy_fanout(xd, nd, xrow, p.io.x_bytes);
-      if (p.io.s_bytes > 0) warp_copy_fanout(sd, nd, srow, p.io.s_bytes);
+      const unsigned to = nd >= kWarp ? 0xffffffffu : (1u << nd) - 1u;  // lanes [0, nd)
+      warp_copy_fanout(xd, to, xrow, p.io.x_bytes);
+      if (p.io.s_bytes > 0) warp_copy_fanout(sd, to, srow, p.io.s_bytes);
     }
   }
   if (p.local_only) {
