@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call's worth of checks after a kernel change, each step with its own time limit so
+# one stuck step cannot eat the call: the bitwise suites of the EP kernels, then the R = 2
+# benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
+# bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
+# the build cache comes back too:
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [profile]   (default: all three)
+# KIND labels the bench results (default nvidia-h200-x1; bench_ep appends -R2-2pergpu).
+set -o pipefail
+out="${OUT:-/tmp/device_batch}"
+mkdir -p "$out/logs" "$out/bench"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(verify bench profile)
+
+step() {  # name, limit (s), command...
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" "$@" > "$out/logs/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc ($( [ $rc -eq 124 ] && echo "stopped at ${limit} s" || echo done))"
+  # the summary lines, without the stack frames of a failing rank
+  grep -v "^frame\|^  File\|^E   *File\|^E     " "$out/logs/$name.log" | grep "passed\|failed\|skipped\|FAILED\|Error\|^| " | tail -30
+}
+
+for s in "${steps[@]}"; do
+  case $s in
+    verify)
+      step verify 300 python3 -m pytest -q -rfE --tb=short --timeout 200 \
+        tests/gpu/test_moe_ops_gpu.py tests/gpu/test_combine_input_gpu.py \
+        tests/gpu/test_direct_outputs_gpu.py -k "bitwise and not 8" ;;
+    bench)
+      step bench 240 python3 -m bench.bench_ep --ranks 2 --ranks-per-gpu 2 --no-sweeps \
+        --direct-outputs 2 --zero-copy-combine --kind "${KIND:-nvidia-h200-x1}" --out "$out/bench" ;;
+    profile)
+      DEEP_EP_OPS_PDL=0 step profile 200 python3 tests/gpu/bench_moe_ops.py --world 2 \
+        --num-sms 0 24 --profile --direct-outputs 2 --zero-copy-combine ;;
+    *) echo "unknown step $s (verify, bench, profile)"; exit 2 ;;
+  esac
+done
