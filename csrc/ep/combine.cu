@@ -354,64 +354,133 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
 }
 
 // Compact layout without weights (the usual inference combine): every term of a token's sum is
-// one row of T (its own row of x here, a peer's row in place, or a row the peer pushed as is),
-// so the warp loads the chunk of up to TF terms before adding any of them: the loads of a
-// token's terms overlap instead of following one another. A token has at most min(R, K)
-// terms: with two ranks TF = 2 terms of 1.5 chunks each (twice the chunk spills registers),
-// else TF = 4 of one chunk. Same terms, same order, same rounding as combine_reduce.
+// one row of T (its own row of x here, a peer's row in place, or a row the peer pushed as is).
+// Lane s < n gets the address of term s of token t's sum (its n terms in rank order, which is
+// the order of the sum and of the staging slots); returns n.
+template <typename T>
+__device__ __forceinline__ int token_terms(const CombineParams& p, int t, long long in_place,
+                                           const T* win, const T** mine) {
+  const int64_t Wd = p.Wd;
+  const SendSlots ss = send_slots(p, t);
+  const int dst = ss.dst, row = ss.row;
+  // the first lane of each destination rank owns that rank's term
+  const DestOrder o = dest_order(dst, p.K);
+  const long long at = __shfl_sync(0xffffffffu, in_place, dst >= 0 ? dst : 0);
+  const T* term = nullptr;
+  if (o.first) {
+    if (dst == p.comm.rank)
+      term = static_cast<const T*>(p.x) + static_cast<int64_t>(row) * Wd;
+    else if (at >= 0)  // rank dst's row in place (compact: every slot there names it)
+      term = reinterpret_cast<const T*>(peer_ptr(p.comm, dst) + at) + static_cast<int64_t>(row) * Wd;
+    else
+      term = win + (static_cast<int64_t>(t) * p.num_slots + o.pos) * Wd;
+  }
+  *mine = nullptr;
+  for (unsigned m = o.firsts; m != 0; m &= m - 1) {
+    const int k = __ffs(m) - 1;
+    const int s = __shfl_sync(0xffffffffu, o.pos, k);
+    const T* ptr = reinterpret_cast<const T*>(
+        __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(term), k));
+    if (lane_id() == s) *mine = ptr;
+  }
+  return ss.n;
+}
+
+// out_row = sum of the n rows held by lanes 0..n-1 (`mine`), in lane order. The warp loads the
+// chunk of up to TF terms into registers before adding any of them, so the loads of a token's
+// terms overlap. A token has at most min(R, K) terms: with two ranks TF = 2 terms of 1.5
+// chunks each (twice the chunk spills registers), else TF = 4 of one chunk.
+template <typename T, int V, int TF>
+__device__ __forceinline__ void add_rows_in_registers(const T* mine, int n, T* out_row, int64_t Wd) {
+  constexpr int U = TF == 2 ? chunk_vecs<V>() * 3 / 2 : chunk_vecs<V>();
+  for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
+    float acc[U][V];
+    if (n == 0) zero_chunk(acc);
+    for (int b = 0; b < n; b += TF) {
+      Pack<T, V> pk[TF][U];
+#pragma unroll
+      for (int j = 0; j < TF; ++j) {
+        const T* r = reinterpret_cast<const T*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine), (b + j) & (kWarp - 1)));
+        if (b + j < n) load_packs<T, V, U>(r, c0, Wd, pk[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < TF; ++j)
+        if (b + j < n) add_term<T, V, U>(acc, pk[j], 1.f, false, b + j == 0);
+    }
+    store_chunk<T, V, U>(out_row, c0, Wd, acc);
+  }
+}
+
+// The same sum for n <= TF terms of 16-byte vectors, staged through this warp's shared memory
+// by cp.async (no registers held while the copies fly): UC vectors of every term per lane
+// in flight, TF * UC * 512 bytes a warp. Each lane reads back only what it copied itself, so
+// its own wait is the only ordering needed. Opt-in experiment (DEEP_EP_OPS_COMBINE_SMEM=1),
+// against the register path's latency-bound loads (bench/NOTES.md v10).
+template <typename T, int V, int TF, int UC>
+__device__ __forceinline__ void add_rows_via_smem(const T* mine, int n, T* out_row, int64_t Wd,
+                                                  Pack<T, V>* stage) {
+  static_assert(sizeof(Pack<T, V>) == 16, "cp.async stages 16-byte vectors");
+  const int lane = lane_id();
+  for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * UC) {
+    for (int j = 0; j < n; ++j) {
+      const T* r = reinterpret_cast<const T*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine), j));
+#pragma unroll
+      for (int u = 0; u < UC; ++u) {
+        const int64_t c = c0 + static_cast<int64_t>(u * kWarp + lane) * V;
+        if (c < Wd) cp_async_16(stage + (j * UC + u) * kWarp + lane, r + c);
+      }
+    }
+    cp_async_wait_all();
+#pragma unroll
+    for (int u = 0; u < UC; ++u) {
+      const int64_t c = c0 + static_cast<int64_t>(u * kWarp + lane) * V;
+      if (c >= Wd) continue;
+      float acc[V];
+      if (n == 0) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] = 0.f;
+      }
+      for (int j = 0; j < n; ++j) {
+        const Pack<T, V> pk = stage[(j * UC + u) * kWarp + lane];
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float v = to_acc(pk.v[i]);
+          acc[i] = j == 0 ? v : __fadd_rn(acc[i], v);
+        }
+      }
+      store_from_f32<T, V>(out_row + c, acc);
+    }
+  }
+}
+
+// Shared memory of the staged variant: kSmemTerms * kSmemVecs 16-byte vectors per lane.
+constexpr int kSmemTerms = 4, kSmemVecs = 4;
+constexpr size_t kReduceSmemBytes = static_cast<size_t>(kSmemTerms) * kSmemVecs * kWarp * 16 * (512 / kWarp);
+
 template <typename T, int V, int TF>
 __device__ __forceinline__ void combine_reduce_rows(const CombineParams& p) {
-  constexpr int U = TF == 2 ? chunk_vecs<V>() * 3 / 2 : chunk_vecs<V>();
   const T* win = reinterpret_cast<const T*>(peer_ptr(p.comm, p.comm.rank) + p.stage_off);
-  const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
-  const int me = p.comm.rank, K = p.K;
   const int warps = blockDim.x / kWarp;
-  const int lane = lane_id();
-  const int64_t Wd = p.Wd;
   const long long in_place = in_place_of_lane(p);
+  extern __shared__ int4 reduce_smem[];
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
-    const SendSlots ss = send_slots(p, t);
-    const int n = ss.n, dst = ss.dst, row = ss.row;
-    // The first lane of each destination rank owns that rank's term; its place among the
-    // token's destinations is the term's place in the sum and its staging slot.
-    const DestOrder o = dest_order(dst, K);
-    const long long at = __shfl_sync(0xffffffffu, in_place, dst >= 0 ? dst : 0);
-    const T* term = nullptr;
-    if (o.first) {
-      if (dst == me)
-        term = x + static_cast<int64_t>(row) * Wd;
-      else if (at >= 0)  // rank dst's row in place (compact: every slot there names it)
-        term = reinterpret_cast<const T*>(peer_ptr(p.comm, dst) + at) + static_cast<int64_t>(row) * Wd;
-      else
-        term = win + (static_cast<int64_t>(t) * p.num_slots + o.pos) * Wd;
-    }
-    // lane s < n: term s
-    const T* mine = nullptr;
-    for (unsigned m = o.firsts; m != 0; m &= m - 1) {
-      const int k = __ffs(m) - 1;
-      const int s = __shfl_sync(0xffffffffu, o.pos, k);
-      const T* ptr = reinterpret_cast<const T*>(
-          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(term), k));
-      if (lane == s) mine = ptr;
-    }
-    for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
-      float acc[U][V];
-      if (n == 0) zero_chunk(acc);
-      for (int b = 0; b < n; b += TF) {
-        Pack<T, V> pk[TF][U];
-#pragma unroll
-        for (int j = 0; j < TF; ++j) {
-          const T* r = reinterpret_cast<const T*>(
-              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine), (b + j) & (kWarp - 1)));
-          if (b + j < n) load_packs<T, V, U>(r, c0, Wd, pk[j]);
-        }
-#pragma unroll
-        for (int j = 0; j < TF; ++j)
-          if (b + j < n) add_term<T, V, U>(acc, pk[j], 1.f, false, b + j == 0);
+    const T* mine;
+    const int n = token_terms<T>(p, t, in_place, win, &mine);
+    T* out_row = out + static_cast<int64_t>(t) * p.Wd;
+    if constexpr (sizeof(Pack<T, V>) == 16) {
+      // two ranks: at most two terms, each twice as many vectors in flight
+      constexpr int kTerms = TF == 2 ? 2 : kSmemTerms, kVecs = kSmemTerms * kSmemVecs / kTerms;
+      if (p.reduce_via_smem && n <= kTerms) {
+        auto* stage = reinterpret_cast<Pack<T, V>*>(reduce_smem) +
+                      static_cast<int64_t>(warp_id()) * kSmemTerms * kSmemVecs * kWarp;
+        add_rows_via_smem<T, V, kTerms, kVecs>(mine, n, out_row, p.Wd, stage);
+        continue;
       }
-      store_chunk<T, V, U>(out + static_cast<int64_t>(t) * Wd, c0, Wd, acc);
     }
+    add_rows_in_registers<T, V, TF>(mine, n, out_row, p.Wd);
   }
 }
 
@@ -484,7 +553,16 @@ cudaError_t launch_typed(const CombineParams& p, int ctas, int epi_ctas, cudaStr
   if (p.comm.num_ranks == 1) return launch_pdl(combine_local_kernel<T, V>, epi_ctas, 512, 0, stream, p);
   cudaError_t err = launch_pdl(combine_push_kernel<T, V>, ctas, 512, 0, stream, p);
   if (err != cudaSuccess) return err;
-  return launch_pdl(combine_reduce_kernel<T, V>, epi_ctas, 512, 0, stream, p);
+  size_t smem = 0;
+  if (p.reduce_via_smem) {
+    // raise the kernel's shared-memory limit once (not per call: keeps graph capture clean)
+    static const cudaError_t raised = cudaFuncSetAttribute(
+        combine_reduce_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(kReduceSmemBytes));
+    if (raised != cudaSuccess) return raised;
+    smem = kReduceSmemBytes;
+  }
+  return launch_pdl(combine_reduce_kernel<T, V>, epi_ctas, 512, smem, stream, p);
 }
 
 template <typename T>
