@@ -4,9 +4,7 @@
 # benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
 # bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
 # the build cache comes back too:
-#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [profile] [smem]
-# (default: verify bench profile; smem: the bitwise suites and the bench again with the
-# DEEP_EP_OPS_COMBINE_SMEM=1 experiment).
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [profile]   (default: all three)
 # KIND labels the bench results (default nvidia-h200-x1; bench_ep appends -R2-2pergpu).
 set -o pipefail
 out="${OUT:-/tmp/device_batch}"
@@ -36,14 +34,6 @@ for s in "${steps[@]}"; do
     profile)
       DEEP_EP_OPS_PDL=0 step profile 200 python3 tests/gpu/bench_moe_ops.py --world 2 \
         --num-sms 0 24 --profile --direct-outputs 2 --zero-copy-combine ;;
-    smem)
-      mkdir -p "$out/bench_smem"
-      DEEP_EP_OPS_COMBINE_SMEM=1 step smem_verify 200 python3 -m pytest -q -rfE --tb=short \
-        --timeout 150 tests/gpu/test_moe_ops_gpu.py tests/gpu/test_combine_input_gpu.py \
-        -k "bitwise and (2 or 3 or 4)"
-      DEEP_EP_OPS_COMBINE_SMEM=1 step smem_bench 240 python3 -m bench.bench_ep --ranks 2 \
-        --ranks-per-gpu 2 --no-sweeps --direct-outputs 2 --zero-copy-combine \
-        --kind "${KIND:-nvidia-h200-x1}" --out "$out/bench_smem" ;;
-    *) echo "unknown step $s (verify, bench, profile, smem)"; exit 2 ;;
+    *) echo "unknown step $s (verify, bench, profile)"; exit 2 ;;
   esac
 done

@@ -161,9 +161,6 @@ struct CombineParams {
   // when the Buffer has combine-input slots (zero_copy, the same on every rank).
   int64_t x_in_place, cins_off;
   int zero_copy;
-  // DEEP_EP_OPS_COMBINE_SMEM=1: the reduce of compact rows stages its loads in shared memory
-  // (cp.async) instead of registers; an experiment, off by default
-  int reduce_via_smem;
   Comm comm;
 };
 

@@ -124,15 +124,6 @@ std::pair<at::Tensor, at::Tensor> slot_tensors(EpState& st, int slot, const at::
   return {rx, rs};
 }
 
-// DEEP_EP_OPS_COMBINE_SMEM=1 (read once per process): CombineParams::reduce_via_smem.
-bool combine_reduce_via_smem_requested() {
-  static const bool on = [] {
-    const char* v = std::getenv("DEEP_EP_OPS_COMBINE_SMEM");
-    return v != nullptr && v[0] == '1' && v[1] == '\0';
-  }();
-  return on;
-}
-
 // Where combine's x sits in this rank's window when the peers may read its rows in place: x is
 // the start of a combine-input slot (buf.combine_input()), there are no weights (a partial is
 // then the sum of the group's rows, which the reader forms itself) and more than one rank; else
@@ -377,7 +368,6 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
   note_combine_input_used(st, x);
   p.cins_off = st.win.cins_off;
   p.zero_copy = st.win.num_cin_slots > 0;
-  p.reduce_via_smem = combine_reduce_via_smem_requested();
   if (st.cfg.num_ranks > 1) ++(p.x_in_place >= 0 ? st.combine_in_place : st.combine_pushed);
   p.Wd = static_cast<int>(Wd);
   p.C = static_cast<int>(C);
