@@ -125,17 +125,17 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int64_t n)
   }
 }
 
-// Copies one row to several destinations: each lane set in `lanes` (warp-uniform) holds one
-// in `dst`. Each round of loads is stored to every destination before the next round, so the
-// source is read once however many receive it. Must be called by the whole warp: the
-// destinations travel by shuffles over all 32 lanes, so every lane runs the same number of
-// rounds (a row shorter than a round, e.g. 128 bytes of scales = 8 int4, leaves lanes with
-// nothing to copy; they stay in the loop with their accesses predicated off rather than
-// leaving it, which would make the shuffles diverge: undefined behaviour that scrambles rows
-// and everything shuffled after it).
-template <typename V>
-__device__ __forceinline__ void warp_copy_fanout_v(char* dst, unsigned lanes, const char* src,
-                                                   int64_t n) {
+// Copies one row to several destinations, those of the lanes set in `lanes` (warp-uniform);
+// dest_of(k) gives lane k's (a shuffle from lane k: every lane calls it). Each round of loads
+// is stored to every destination before the next round, so the source is read once however
+// many receive it. Must be called by the whole warp: the destinations travel by shuffles over
+// all 32 lanes, so every lane runs the same number of rounds (a row shorter than a round, e.g.
+// 128 bytes of scales = 8 int4, leaves lanes with nothing to copy; they stay in the loop with
+// their accesses predicated off rather than leaving it, which would make the shuffles diverge:
+// undefined behaviour that scrambles rows and everything shuffled after it).
+template <typename V, typename DestOf>
+__device__ __forceinline__ void warp_copy_to_v(unsigned lanes, const char* src, int64_t n,
+                                               DestOf dest_of) {
   const V* s = reinterpret_cast<const V*>(src);
   const int64_t count = n / static_cast<int64_t>(sizeof(V));
   constexpr int kUnroll = 8;
@@ -146,8 +146,7 @@ __device__ __forceinline__ void warp_copy_fanout_v(char* dst, unsigned lanes, co
     for (int u = 0; u < kUnroll; ++u)
       if (base + u * kWarp < count) v[u] = s[base + u * kWarp];
     for (unsigned m = lanes; m != 0; m &= m - 1) {
-      V* d = reinterpret_cast<V*>(
-          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(dst), __ffs(m) - 1));
+      V* d = reinterpret_cast<V*>(dest_of(__ffs(m) - 1));
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
         if (base + u * kWarp < count) d[base + u * kWarp] = v[u];
@@ -155,24 +154,38 @@ __device__ __forceinline__ void warp_copy_fanout_v(char* dst, unsigned lanes, co
   }
 }
 
+// warp_copy_to_v with the access width (bytes, warp-uniform) chosen at run time.
+template <typename DestOf>
+__device__ __forceinline__ void warp_copy_to(int width, unsigned lanes, const char* src,
+                                             int64_t n, DestOf dest_of) {
+  switch (width) {
+    case 16: warp_copy_to_v<int4>(lanes, src, n, dest_of); break;
+    case 8: warp_copy_to_v<int2>(lanes, src, n, dest_of); break;
+    case 4: warp_copy_to_v<int>(lanes, src, n, dest_of); break;
+    case 2: warp_copy_to_v<short>(lanes, src, n, dest_of); break;
+    default: warp_copy_to_v<char>(lanes, src, n, dest_of); break;
+  }
+}
+
+// One row to the destinations of the lanes set in `lanes`, each lane holding its own in `dst`.
 __device__ __forceinline__ void warp_copy_fanout(char* dst, unsigned lanes, const char* src,
                                                  int64_t n) {
   // the narrowest access any destination allows
   const int mine = (lanes >> lane_id()) & 1u ? copy_width(dst, src, n) : 16;
-  switch (__reduce_min_sync(0xffffffffu, static_cast<unsigned>(mine))) {
-    case 16: warp_copy_fanout_v<int4>(dst, lanes, src, n); break;
-    case 8: warp_copy_fanout_v<int2>(dst, lanes, src, n); break;
-    case 4: warp_copy_fanout_v<int>(dst, lanes, src, n); break;
-    case 2: warp_copy_fanout_v<short>(dst, lanes, src, n); break;
-    default: warp_copy_fanout_v<char>(dst, lanes, src, n); break;
-  }
+  const int width = static_cast<int>(__reduce_min_sync(0xffffffffu, static_cast<unsigned>(mine)));
+  warp_copy_to(width, lanes, src, n, [dst](int k) {
+    return reinterpret_cast<char*>(
+        __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(dst), k));
+  });
 }
 
-// Copies one row to the rows dst_base + row_m * n of the lanes set in `lanes` (each lane holds
-// its row in `row`; `lanes` warp-uniform; the whole warp calls it).
+// One row to the rows dst_base + row_k * n of the lanes k set in `lanes` (each lane holds its
+// row in `row`): only the 32-bit rows travel, and every such row is aligned like dst_base and n.
 __device__ __forceinline__ void warp_copy_rows(char* dst_base, int row, unsigned lanes,
                                                const char* src, int64_t n) {
-  warp_copy_fanout(dst_base + static_cast<int64_t>(row) * n, lanes, src, n);
+  warp_copy_to(copy_width(dst_base, src, n), lanes, src, n, [=](int k) {
+    return dst_base + static_cast<int64_t>(__shfl_sync(0xffffffffu, row, k)) * n;
+  });
 }
 
 template <typename V>
