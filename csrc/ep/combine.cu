@@ -293,23 +293,16 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
     const SendSlots ss = send_slots(p, t);
     const int n = ss.n, dst = ss.dst, row = ss.row;
-    // this rank's own slot: its index among the token's distinct destination ranks
     const unsigned mine = __ballot_sync(0xffffffffu, lane < K && dst == me);
+    // the token's destination ranks in rank order: needed for this rank's own slot (its place
+    // there) and, with peers read in place, for the slot of each of theirs
+    DestOrder o{false, -1, 0u};
+    if (mine != 0 || any_in_place) o = dest_order(dst, K);
     int s_me = -1, nm = 0, mrow = -1;
     float mw = 1.f;
     if (mine != 0) {
-      const unsigned same = __match_any_sync(0xffffffffu, dst);
-      const bool first = __ffs(same) - 1 == lane;
-      s_me = __popc(__ballot_sync(0xffffffffu, first && dst >= 0 && dst < me));
+      s_me = __popc(__ballot_sync(0xffffffffu, o.first && dst < me));
       nm = members_to_lanes(row, mine, expand, p.weights, &mrow, &mw);
-    }
-    // with peers read in place: the slot of each destination rank's first lane (rank order)
-    bool first = false;
-    int pos = -1;
-    if (any_in_place) {
-      const DestOrder o = dest_order(dst, K);
-      first = o.first;
-      pos = o.pos;
     }
     const float* slot0 = win + static_cast<int64_t>(t) * p.num_slots * Wd;
     for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
@@ -320,7 +313,7 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
         long long at = -1;
         int d = -1;
         if (any_in_place && s != s_me) {
-          const unsigned holder = __ballot_sync(0xffffffffu, first && pos == s);
+          const unsigned holder = __ballot_sync(0xffffffffu, o.first && o.pos == s);
           d = __shfl_sync(0xffffffffu, dst, __ffs(holder) - 1);
           at = __shfl_sync(0xffffffffu, in_place, d);
         }

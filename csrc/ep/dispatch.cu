@@ -86,6 +86,13 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
     // row is then read once and stored to all of them (warp_copy_fanout)
     char *xd = nullptr, *sd = nullptr;
     int nd = 0;
+    const auto fan_out_to = [&](char* x_at, char* s_at) {
+      if (lane == nd) {
+        xd = x_at;
+        sd = s_at;
+      }
+      ++nd;
+    };
     for (unsigned rest = dmask; rest != 0; rest &= rest - 1) {
       const int d = __ffs(rest) - 1;
       const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
@@ -98,11 +105,8 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
         const int j = here ? e - me * p.E_loc : -1;  // local expert of slot `lane`
         int* grow = recv_h + static_cast<int64_t>(row) * W;  // group `row`
         if (!p.expand) {
-          if (lane == nd) {
-            xd = p.io.recv_x + static_cast<int64_t>(row) * p.io.x_bytes;
-            sd = p.io.recv_s + static_cast<int64_t>(row) * p.io.s_bytes;
-          }
-          ++nd;
+          fan_out_to(p.io.recv_x + static_cast<int64_t>(row) * p.io.x_bytes,
+                     p.io.recv_s + static_cast<int64_t>(row) * p.io.s_bytes);
           if (lane < K) {
             static_cast<int64_t*>(p.io.recv_idx)[static_cast<int64_t>(row) * K + lane] = j;
             p.io.recv_w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
@@ -135,21 +139,14 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
         char* wx = base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride;
         char* ws = base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride;
         if (!p.expand) {
-          if (lane == nd) {
-            xd = wx;
-            sd = ws;
-          }
-          ++nd;
+          fan_out_to(wx, ws);
         } else {
           warp_copy(wx, xrow, p.io.x_bytes);
           if (p.io.s_bytes > 0) warp_copy(ws, srow, p.io.s_bytes);
         }
       } else if (!p.expand) {  // straight into the destination's recv_x / recv_scales
-        if (lane == nd) {
-          xd = base + ox + static_cast<int64_t>(row) * p.io.x_bytes;
-          sd = base + os + static_cast<int64_t>(row) * p.io.s_bytes;
-        }
-        ++nd;
+        fan_out_to(base + ox + static_cast<int64_t>(row) * p.io.x_bytes,
+                   base + os + static_cast<int64_t>(row) * p.io.s_bytes);
       } else {  // every expert-major row of the token there
         warp_copy_rows(base + ox, erow, at_d, xrow, p.io.x_bytes);
         if (p.io.s_bytes > 0) warp_copy_rows(base + os, erow, at_d, srow, p.io.s_bytes);
