@@ -70,6 +70,16 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
 #endif
 }
 
+// 16 bytes from global (a peer's memory too) into shared memory without holding registers while
+// they fly (sm_80+); cp_async_wait_all() waits for every such copy of the calling thread.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+}
+
 // c.peer_base[i] for a runtime i without indexing a kernel parameter array dynamically (that
 // makes the compiler copy the whole parameter struct to every thread's local memory).
 template <typename View>

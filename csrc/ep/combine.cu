@@ -380,14 +380,12 @@ __device__ __forceinline__ int token_terms(const CombineParams& p, int t, long l
 }
 
 // out_row = sum of the n rows held by lanes 0..n-1 (`mine`), in lane order. The warp loads the
-// chunk of up to kTermsInFlight terms before adding any of them, so the loads of a token's
-// terms overlap instead of following one another. Same terms, same order, same rounding as
-// combine_reduce.
-constexpr int kTermsInFlight = 4;
-
-template <typename T, int V>
+// chunk of up to TF terms into registers before adding any of them, so the loads of a token's
+// terms overlap. A token has at most min(R, K) terms: with two ranks TF = 2 terms of 1.5
+// chunks each (twice the chunk spills registers), else TF = 4 of one chunk.
+template <typename T, int V, int TF>
 __device__ __forceinline__ void add_rows_in_registers(const T* mine, int n, T* out_row, int64_t Wd) {
-  constexpr int U = chunk_vecs<V>(), TF = kTermsInFlight;
+  constexpr int U = TF == 2 ? chunk_vecs<V>() * 3 / 2 : chunk_vecs<V>();
   for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * U) {
     float acc[U][V];
     if (n == 0) zero_chunk(acc);
@@ -407,16 +405,77 @@ __device__ __forceinline__ void add_rows_in_registers(const T* mine, int n, T* o
   }
 }
 
-template <typename T, int V>
+// The same sum for n <= TF terms of 16-byte vectors, staged through this warp's shared memory
+// by cp.async (no registers held while the copies fly): UC vectors of every term per lane
+// in flight, TF * UC * 512 bytes a warp. Each lane reads back only what it copied itself, so
+// its own wait is the only ordering needed. More bytes in flight per warp than the register
+// path holds (its loads are latency bound: bench/NOTES.md v10, v11); the default.
+template <typename T, int V, int TF, int UC>
+__device__ __forceinline__ void add_rows_via_smem(const T* mine, int n, T* out_row, int64_t Wd,
+                                                  Pack<T, V>* stage) {
+  static_assert(sizeof(Pack<T, V>) == 16, "cp.async stages 16-byte vectors");
+  const int lane = lane_id();
+  for (int64_t c0 = 0; c0 < Wd; c0 += kWarp * V * UC) {
+    for (int j = 0; j < n; ++j) {
+      const T* r = reinterpret_cast<const T*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine), j));
+#pragma unroll
+      for (int u = 0; u < UC; ++u) {
+        const int64_t c = c0 + static_cast<int64_t>(u * kWarp + lane) * V;
+        if (c < Wd) cp_async_16(stage + (j * UC + u) * kWarp + lane, r + c);
+      }
+    }
+    cp_async_wait_all();
+#pragma unroll
+    for (int u = 0; u < UC; ++u) {
+      const int64_t c = c0 + static_cast<int64_t>(u * kWarp + lane) * V;
+      if (c >= Wd) continue;
+      float acc[V];
+      if (n == 0) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] = 0.f;
+      }
+      for (int j = 0; j < n; ++j) {
+        const Pack<T, V> pk = stage[(j * UC + u) * kWarp + lane];
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float v = to_acc(pk.v[i]);
+          acc[i] = j == 0 ? v : __fadd_rn(acc[i], v);
+        }
+      }
+      store_from_f32<T, V>(out_row + c, acc);
+    }
+  }
+}
+
+// Shared memory of the staged variant: kSmemTerms * kSmemVecs 16-byte vectors per lane.
+constexpr int kSmemTerms = 4, kSmemVecs = 4;
+static_assert(static_cast<size_t>(kSmemTerms) * kSmemVecs * kWarp * 16 * (512 / kWarp) ==
+                  kCombineReduceSmemBytes,
+              "the staged reduce's shared memory is what the host checks the device grants");
+
+template <typename T, int V, int TF>
 __device__ __forceinline__ void combine_reduce_rows(const CombineParams& p) {
   const T* win = reinterpret_cast<const T*>(peer_ptr(p.comm, p.comm.rank) + p.stage_off);
   T* out = static_cast<T*>(p.out);
   const int warps = blockDim.x / kWarp;
   const long long in_place = in_place_of_lane(p);
+  extern __shared__ int4 reduce_smem[];
   for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
     const T* mine;
     const int n = token_terms<T>(p, t, in_place, win, &mine);
-    add_rows_in_registers<T, V>(mine, n, out + static_cast<int64_t>(t) * p.Wd, p.Wd);
+    T* out_row = out + static_cast<int64_t>(t) * p.Wd;
+    if constexpr (sizeof(Pack<T, V>) == 16) {
+      // two ranks: at most two terms, each twice as many vectors in flight
+      constexpr int kTerms = TF == 2 ? 2 : kSmemTerms, kVecs = kSmemTerms * kSmemVecs / kTerms;
+      if (p.reduce_via_smem && n <= kTerms) {
+        auto* stage = reinterpret_cast<Pack<T, V>*>(reduce_smem) +
+                      static_cast<int64_t>(warp_id()) * kSmemTerms * kSmemVecs * kWarp;
+        add_rows_via_smem<T, V, kTerms, kVecs>(mine, n, out_row, p.Wd, stage);
+        continue;
+      }
+    }
+    add_rows_in_registers<T, V, TF>(mine, n, out_row, p.Wd);
   }
 }
 
@@ -474,10 +533,13 @@ __global__ void __launch_bounds__(512) combine_reduce_kernel(CombineParams p) {
   pdl_wait();
   pdl_trigger();
   const bool expand = p.handle[handle::kHdrExpand] != 0;
-  if (!p.stage_raw || expand)
+  if (!p.stage_raw || expand) {
     combine_reduce<T, V>(p, expand);
-  else
-    combine_reduce_rows<T, V>(p);
+  } else if (p.comm.num_ranks == 2) {
+    combine_reduce_rows<T, V, 2>(p);
+  } else {
+    combine_reduce_rows<T, V, 4>(p);
+  }
 }
 
 template <typename T, int V>
@@ -486,7 +548,16 @@ cudaError_t launch_typed(const CombineParams& p, int ctas, int epi_ctas, cudaStr
   if (p.comm.num_ranks == 1) return launch_pdl(combine_local_kernel<T, V>, epi_ctas, 512, 0, stream, p);
   cudaError_t err = launch_pdl(combine_push_kernel<T, V>, ctas, 512, 0, stream, p);
   if (err != cudaSuccess) return err;
-  return launch_pdl(combine_reduce_kernel<T, V>, epi_ctas, 512, 0, stream, p);
+  size_t smem = 0;
+  if (p.reduce_via_smem) {
+    // raise the kernel's shared-memory limit once (not per call: keeps graph capture clean)
+    static const cudaError_t raised = cudaFuncSetAttribute(
+        combine_reduce_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(kCombineReduceSmemBytes));
+    if (raised != cudaSuccess) return raised;
+    smem = kCombineReduceSmemBytes;
+  }
+  return launch_pdl(combine_reduce_kernel<T, V>, epi_ctas, 512, smem, stream, p);
 }
 
 template <typename T>

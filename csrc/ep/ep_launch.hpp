@@ -146,6 +146,9 @@ struct CachedParams {
   Comm comm;
 };
 
+// Dynamic shared memory of the combine reduce kernel when it stages its loads (reduce_via_smem).
+constexpr size_t kCombineReduceSmemBytes = 128 * 1024;
+
 struct CombineParams {
   const void* x;  // [C, Wd] bf16 / fp16 / fp32
   const float* weights;
@@ -161,6 +164,10 @@ struct CombineParams {
   // when the Buffer has combine-input slots (zero_copy, the same on every rank).
   int64_t x_in_place, cins_off;
   int zero_copy;
+  // The reduce of compact rows stages its loads in shared memory (cp.async) instead of
+  // registers: the default where the device grants kCombineReduceSmemBytes per block;
+  // DEEP_EP_OPS_COMBINE_SMEM=0 keeps the register path (for A/B runs).
+  int reduce_via_smem;
   Comm comm;
 };
 

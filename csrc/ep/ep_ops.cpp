@@ -124,6 +124,16 @@ std::pair<at::Tensor, at::Tensor> slot_tensors(EpState& st, int slot, const at::
   return {rx, rs};
 }
 
+// CombineParams::reduce_via_smem: on unless DEEP_EP_OPS_COMBINE_SMEM=0 (read once per process)
+// or the device grants a block less shared memory than the staged reduce needs.
+bool combine_reduce_via_smem(const EpState& st) {
+  static const bool off = [] {
+    const char* v = std::getenv("DEEP_EP_OPS_COMBINE_SMEM");
+    return v != nullptr && v[0] == '0' && v[1] == '\0';
+  }();
+  return !off && st.smem_optin >= kCombineReduceSmemBytes;
+}
+
 // Where combine's x sits in this rank's window when the peers may read its rows in place: x is
 // the start of a combine-input slot (buf.combine_input()), there are no weights (a partial is
 // then the sum of the group's rows, which the reader forms itself) and more than one rank; else
@@ -368,6 +378,7 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
   note_combine_input_used(st, x);
   p.cins_off = st.win.cins_off;
   p.zero_copy = st.win.num_cin_slots > 0;
+  p.reduce_via_smem = combine_reduce_via_smem(st);
   if (st.cfg.num_ranks > 1) ++(p.x_in_place >= 0 ? st.combine_in_place : st.combine_pushed);
   p.Wd = static_cast<int>(Wd);
   p.C = static_cast<int>(C);
