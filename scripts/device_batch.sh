@@ -4,9 +4,10 @@
 # benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
 # bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
 # the build cache comes back too:
-#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [profile] [regs]
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [profile] [regs] [bulk]
 # (default: verify bench profile; regs: the R = 2-4 bitwise suites and the bench again with
-# DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B).
+# DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B; bulk: the same
+# with DEEP_EP_OPS_DISPATCH_BULK=1, the dispatch push's bulk-copy fan-out).
 # KIND labels the bench results (default nvidia-h200-x1; bench_ep appends -R2-2pergpu).
 set -o pipefail
 out="${OUT:-/tmp/device_batch}"
@@ -44,6 +45,14 @@ for s in "${steps[@]}"; do
       DEEP_EP_OPS_COMBINE_SMEM=0 step regs_bench 240 python3 -m bench.bench_ep --ranks 2 \
         --ranks-per-gpu 2 --no-sweeps --direct-outputs 2 --zero-copy-combine \
         --kind "${KIND:-nvidia-h200-x1}" --out "$out/bench_regs" ;;
-    *) echo "unknown step $s (verify, bench, profile, regs)"; exit 2 ;;
+    bulk)
+      mkdir -p "$out/bench_bulk"
+      DEEP_EP_OPS_DISPATCH_BULK=1 step bulk_verify 240 python3 -m pytest -q -rfE --tb=short \
+        --timeout 150 tests/gpu/test_moe_ops_gpu.py tests/gpu/test_direct_outputs_gpu.py \
+        -k "bitwise and (2 or 3 or 4)"
+      DEEP_EP_OPS_DISPATCH_BULK=1 step bulk_bench 240 python3 -m bench.bench_ep --ranks 2 \
+        --ranks-per-gpu 2 --no-sweeps --direct-outputs 2 --zero-copy-combine \
+        --kind "${KIND:-nvidia-h200-x1}" --out "$out/bench_bulk" ;;
+    *) echo "unknown step $s (verify, bench, profile, regs, bulk)"; exit 2 ;;
   esac
 done

@@ -21,7 +21,13 @@
 // scales straight into them, at the same rows the epilogue would have used; the epilogue then
 // writes only the routing tensors and handle rows. Each destination decides for itself, so a
 // push may write one destination directly and stage for another.
+//
+// Bulk fan-out (DEEP_EP_OPS_DISPATCH_BULK=1, compact rows, R >= 2, 16-byte rows; an experiment
+// not yet run on a GPU): each warp loads its token's row and scales into its shared buffer by
+// bulk copies at the top of the token's iteration, so the load flies while the warp works out
+// rows and metadata, then every destination lane stores the buffer out by bulk stores.
 #include "ep_barrier.cuh"
+#include "../device/bulk_copy.cuh"
 #include "topk_loads.cuh"
 #include "fill_rows.cuh"
 #include "handle_rows.cuh"
@@ -31,9 +37,19 @@ namespace {
 
 using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
 
-__global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
+constexpr int kPushThreads = 512;
+
+// kBulk: the bulk fan-out (its own instantiation, so the default one keeps its registers).
+template <bool kBulk>
+__global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushParams p) {
   const int warps = blockDim.x / kWarp;
   const int lane = lane_id();
+  extern __shared__ __align__(128) char push_rows[];  // bulk fan-out: one row buffer per warp
+  __shared__ unsigned long long row_loaded[kPushThreads / kWarp];
+  __shared__ unsigned long long rows_done_ns;  // latest warp to finish its tokens (profiling)
+  // (stamps are stored at once: none stays in a register across the token loop)
+  unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
+  if (threadIdx.x == 0 && !p.local_only) stamp[0] = global_ns();
   // Before waiting for the layout kernel: pull this warp's first rows of x into L2. x is not
   // the layout's output but its predecessor's, and this grid only starts once every layout
   // CTA has passed its own pdl_wait(), i.e. once x's producer has completed; the copies below
@@ -47,6 +63,10 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
   }
   pdl_wait();
   pdl_trigger();
+  if (threadIdx.x == 0) {
+    rows_done_ns = 0;
+    if (!p.local_only) stamp[1] = global_ns();
+  }
   const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
   int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
   // Where each destination wants its rows of x and scales (its layout kernel published them
@@ -60,10 +80,19 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
       out_x_at[d] = __ldcg(outs);
       out_s_at[d] = __ldcg(outs + 1);
     }
+  const unsigned xb = static_cast<unsigned>(p.io.x_bytes), sb = static_cast<unsigned>(p.io.s_bytes);
+  WarpBulkFanout fan{smem_u32(push_rows) + static_cast<unsigned>(warp_id() * p.bulk_row_bytes),
+                     smem_u32(&row_loaded[warp_id()]), 0u};
+#if DEEP_EP_OPS_HAS_BULK_COPY
+  if (kBulk && lane == 0) mbar_init_single(fan.bar);
+#endif
   __syncthreads();
   if (blockIdx.x == 0)  // handle header row
     for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
   for (int t = blockIdx.x * warps + warp_id(); t < p.io.T; t += gridDim.x * warps) {
+    if constexpr (kBulk)
+      fan.load(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, xb,
+               p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, sb);
     const unsigned dmask = p.s.tok_dmask[t];
     const int64_t tk = static_cast<int64_t>(t) * K + lane;
     int e;
@@ -152,12 +181,24 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
         if (p.io.s_bytes > 0) warp_copy_rows(base + os, erow, at_d, srow, p.io.s_bytes);
       }
     }
-    if (nd > 0) {
-      const unsigned to = nd >= kWarp ? 0xffffffffu : (1u << nd) - 1u;  // lanes [0, nd)
-      warp_copy_fanout(xd, to, xrow, p.io.x_bytes);
-      if (p.io.s_bytes > 0) warp_copy_fanout(sd, to, srow, p.io.s_bytes);
+    const unsigned to = nd >= kWarp ? 0xffffffffu : (1u << nd) - 1u;  // lanes [0, nd)
+    // a destination row off 16 bytes (a peer's direct-output slot) takes the register copy
+    const bool bulk_here =
+        kBulk && nd > 0 &&
+        __ballot_sync(0xffffffffu, lane < nd && ((reinterpret_cast<uintptr_t>(xd) |
+                                                  reinterpret_cast<uintptr_t>(sd)) & 15u)) == 0;
+    if (bulk_here) {
+      fan.store(to, xd, xb, sd, sb, p.comm.wait.timeout_ns);
+    } else {
+      if (kBulk) fan.skip(p.comm.wait.timeout_ns);
+      if (nd > 0) {
+        warp_copy_fanout(xd, to, xrow, p.io.x_bytes);
+        if (p.io.s_bytes > 0) warp_copy_fanout(sd, to, srow, p.io.s_bytes);
+      }
     }
   }
+  if constexpr (kBulk) fan.drain();
+  if (lane == 0) atomicMax(&rows_done_ns, global_ns());
   if (p.local_only) {
     FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
                p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
@@ -165,6 +206,10 @@ __global__ void __launch_bounds__(512, 1) dispatch_push_kernel(PushParams p) {
     return;
   }
   cta_barrier(p.comm, blockIdx.x, kOpDispatchPush);
+  if (threadIdx.x == 0) {  // (rows_done_ns: every warp added it before the barrier's __syncthreads)
+    stamp[2] = rows_done_ns;
+    stamp[3] = global_ns();
+  }
 }
 
 __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p) {
@@ -225,8 +270,34 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
 
 }  // namespace
 
+int dispatch_push_bulk_row_limit() {
+  // Rows up to the shared memory a block may opt in to, less the kernel's static part, split
+  // over its warps; 0 below sm_90 (no bulk copies). The kernel's limit is raised once here.
+  static const int limit = [] {
+    int dev = 0, major = 0, optin = 0;
+    cudaFuncAttributes a{};
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaFuncGetAttributes(&a, dispatch_push_kernel<true>) != cudaSuccess || major < 9) {
+      cudaGetLastError();  // not left for the next launch check to find
+      return 0;
+    }
+    const int dynamic = optin - static_cast<int>(a.sharedSizeBytes);
+    if (cudaFuncSetAttribute(dispatch_push_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             dynamic) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return dynamic / (kPushThreads / kWarp) / 16 * 16;
+  }();
+  return limit;
+}
+
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream) {
-  return launch_pdl(dispatch_push_kernel, ctas, 512, 0, stream, p);
+  if (p.bulk_row_bytes == 0) return launch_pdl(dispatch_push_kernel<false>, ctas, kPushThreads, 0, stream, p);
+  const size_t smem = static_cast<size_t>(p.bulk_row_bytes) * (kPushThreads / kWarp);
+  return launch_pdl(dispatch_push_kernel<true>, ctas, kPushThreads, smem, stream, p);
 }
 
 cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream) {

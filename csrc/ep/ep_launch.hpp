@@ -48,7 +48,12 @@ struct DispatchScratch {
   int* tpe_acc;                     // [E] tokens per expert, summed by every tile; the last
                                     //   tile to finish copies it out and zeroes it
   unsigned* tile_ctr;               // [3] next tile ticket, tiles finished, tag of the last call
+  // push kernel with more than one rank, per CTA of its last launch, for profiling: global
+  // nanoseconds at its start, after its PDL wait, when its last warp finished its tokens, and
+  // after its barrier
+  unsigned long long* push_times;   // [kMaxBarrierCtas][kPushStamps]
 };
+constexpr int kPushStamps = 4;
 constexpr int kMaxLocalTiles = 1024;  // CTAs of the one-rank fused dispatch (<= SMs)
 // Count kernel: one warp per 32 tokens, at least one warp per CTA.
 constexpr int layout_max_ctas(int max_tokens) { return (max_tokens + 31) / 32 + 1; }
@@ -109,6 +114,9 @@ struct PushParams {
   DispatchIO io;
   int E_loc, expand, cta_tokens;
   int local_only;  // 1 rank: no window, no barrier; the push also does the epilogue's work
+  // bytes of a row (x, then scales) in each warp's shared buffer when the compact rows fan out
+  // by bulk copies (DEEP_EP_OPS_DISPATCH_BULK=1; at most dispatch_push_bulk_row_limit()); 0: off
+  int bulk_row_bytes;
   DispatchRows rows;
   DispatchScratch s;
   Comm comm;
@@ -175,6 +183,8 @@ struct CombineParams {
 cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream);
 int layout_warps(int E, int R, size_t smem_limit);
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream);
+// Largest PushParams::bulk_row_bytes this device allows (0: no bulk copies below sm_90).
+int dispatch_push_bulk_row_limit();
 cudaError_t launch_local_dispatch(const LocalDispatchParams& p, int ctas, cudaStream_t stream);
 cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream);
 cudaError_t launch_cached_dispatch(const CachedParams& p, int ctas, int epi_ctas,

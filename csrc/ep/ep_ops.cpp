@@ -124,6 +124,25 @@ std::pair<at::Tensor, at::Tensor> slot_tensors(EpState& st, int slot, const at::
   return {rx, rs};
 }
 
+// PushParams::bulk_row_bytes: DEEP_EP_OPS_DISPATCH_BULK=1 (read once per process) asks for the
+// bulk fan-out, which takes compact rows from two ranks up whose bytes are 16-byte multiples
+// at 16-byte aligned addresses and fit a warp's share of shared memory.
+int dispatch_bulk_row_bytes(const DispatchIO& io, const DispatchRows& rows, int R, bool expand) {
+  static const bool requested = [] {
+    const char* v = std::getenv("DEEP_EP_OPS_DISPATCH_BULK");
+    return v != nullptr && v[0] == '1' && v[1] == '\0';
+  }();
+  if (!requested || R < 2 || expand) return 0;
+  const auto off16 = [](int64_t v) { return (v & 15) != 0; };
+  const auto ptr16 = [&](const void* q) { return off16(static_cast<int64_t>(reinterpret_cast<uintptr_t>(q))); };
+  if (off16(io.x_bytes) || off16(io.s_bytes) || ptr16(io.x) || ptr16(io.recv_x) ||
+      (io.s_bytes > 0 && (ptr16(io.scales) || ptr16(io.recv_s))) || off16(rows.x_off) ||
+      off16(rows.s_off) || off16(rows.x_stride) || off16(rows.s_stride))
+    return 0;
+  const int64_t row = io.x_bytes + io.s_bytes;
+  return row <= dispatch_push_bulk_row_limit() ? static_cast<int>(row) : 0;
+}
+
 // CombineParams::reduce_via_smem: on unless DEEP_EP_OPS_COMBINE_SMEM=0 (read once per process)
 // or the device grants a block less shared memory than the staged reduce needs.
 bool combine_reduce_via_smem(const EpState& st) {
@@ -280,14 +299,16 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.rows = rows;
   pp.s = st.scratch;
   pp.comm = st.comm;
+  pp.bulk_row_bytes = dispatch_bulk_row_bytes(pp.io, rows, R, expand);
+  if (R > 1) ++(pp.bulk_row_bytes > 0 ? st.dispatch_bulk : st.dispatch_register);
   if (R == 1) {
     // one rank: the push writes every output (no window, no barrier, no epilogue)
     check_cuda(launch_dispatch_push(pp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
                  "launching dispatch push kernel");
     return out;
   }
-  check_cuda(launch_dispatch_push(pp, barrier_ctas_for(st, num_sms, M), stream),
-               "launching dispatch push kernel");
+  st.last_push_ctas = barrier_ctas_for(st, num_sms, M);
+  check_cuda(launch_dispatch_push(pp, st.last_push_ctas, stream), "launching dispatch push kernel");
 
   // phase 3: window -> fresh outputs, handle receive part, zero padding
   EpilogueParams ep{};

@@ -52,6 +52,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
       2 * static_cast<int64_t>(kMaxLocalTiles),  // tile_status (uint64)
       E,                                    // tpe_acc
       3,                                    // tile_ctr
+      2 * static_cast<int64_t>(kMaxBarrierCtas) * kPushStamps,  // push_times (uint64)
   };
   constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
   int64_t total = 0, offs[kParts];
@@ -74,6 +75,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   scratch.tile_status = reinterpret_cast<unsigned long long*>(at(9));
   scratch.tpe_acc = reinterpret_cast<int*>(at(10));
   scratch.tile_ctr = reinterpret_cast<unsigned*>(at(11));
+  scratch.push_times = reinterpret_cast<unsigned long long*>(at(12));
 
 
   comm.rank = cfg.rank;

@@ -5,10 +5,12 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <vector>
 
+#include "../ep/ep_launch.hpp"
 #include "../ep/ep_ops.hpp"
 #include "../ep/ep_state.hpp"
 #include "../host/cuda_check.hpp"
@@ -41,6 +43,25 @@ std::vector<int64_t> layout_times(const EpState& st) {
   return {v[3], v[4], v[5], v[6], v[7]};
 }
 
+// The last push kernel with more than one rank, per CTA: [start, after its PDL wait, its last
+// warp done with its tokens, after its barrier] in ns from the earliest CTA's start, for
+// profiling (dispatch.cu).
+std::vector<std::vector<int64_t>> push_times(const EpState& st) {
+  std::vector<unsigned long long> raw(static_cast<size_t>(st.last_push_ctas) * kPushStamps);
+  if (raw.empty()) return {};
+  cudaMemcpy(raw.data(), st.scratch.push_times, raw.size() * sizeof(raw[0]), cudaMemcpyDeviceToHost);
+  unsigned long long first = raw[0];
+  for (int b = 0; b < st.last_push_ctas; ++b) first = std::min(first, raw[b * kPushStamps]);
+  std::vector<std::vector<int64_t>> out;
+  for (int b = 0; b < st.last_push_ctas; ++b) {
+    std::vector<int64_t> row;
+    for (int i = 0; i < kPushStamps; ++i)
+      row.push_back(static_cast<int64_t>(raw[b * kPushStamps + i] - first));
+    out.push_back(row);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace deep_ep_ops
 
@@ -68,11 +89,19 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
                         py::arg("slot_bytes") = s.win.cin_slot_bytes,
                         py::arg("in_place") = s.combine_in_place.load(),
                         py::arg("pushed") = s.combine_pushed.load());
+      })
+      // dispatches with more than one rank: rows fanned out by bulk copies or by registers,
+      // and the largest row the bulk fan-out takes on this device
+      .def_property_readonly("dispatch_push_stats", [](const deo::EpState& s) {
+        return py::dict(py::arg("bulk") = s.dispatch_bulk.load(),
+                        py::arg("register") = s.dispatch_register.load(),
+                        py::arg("bulk_row_limit") = deo::dispatch_push_bulk_row_limit());
       });
   m.def("create_state", &deo::create_state);
   m.def("destroy_state", [](deo::EpState& s) { s.destroy(); });
   m.def("ep_last_error", [](const deo::EpState& s) { return deo::error_dict(s.error_host); });
   m.def("layout_times", &deo::layout_times);
+  m.def("push_times", &deo::push_times);
   m.def("default_ctas", [](const deo::EpState& s, int64_t num_sms) { return deo::barrier_ctas(s, num_sms); });
   m.def("dispatch", &deo::dispatch, py::call_guard<py::gil_scoped_release>());
   m.def("cached_dispatch", &deo::cached_dispatch, py::call_guard<py::gil_scoped_release>());

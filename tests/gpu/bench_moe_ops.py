@@ -67,6 +67,22 @@ def _d2d_once_GBps(dev, nbytes=256 << 20, iters=10):
     return nbytes / times[len(times) // 2] / 1e9
 
 
+def push_phases(stamps: list[list[int]]) -> str:
+    """One line from the last push kernel's per-CTA stamps (ns from its first CTA's start:
+    start, after the PDL wait, last warp done with its tokens, after the barrier)."""
+    if not stamps:
+        return "push kernel: no stamps (one rank)"
+    cols = list(zip(*stamps))
+
+    def spread(i: int) -> str:
+        v = sorted(cols[i])
+        return f"{v[0] / 1e3:.1f}/{v[len(v) // 2] / 1e3:.1f}/{v[-1] / 1e3:.1f}"
+
+    return (f"push kernel, {len(stamps)} CTAs, us from its first CTA's start (min/median/max "
+            f"over CTAs): started {spread(0)}, waited {spread(1)}, rows done {spread(2)}, "
+            f"barrier done {spread(3)}")
+
+
 def _body(rank, world, gloo, args):
     import deep_ep_ops
     dev = rank_device()
@@ -140,6 +156,8 @@ def _body(rank, world, gloo, args):
                 print(f"rank {rank} layout kernel phases (us from start): counted {ts[0]/1e3:.1f}, "
                       f"published {ts[1]/1e3:.1f}, barrier done {ts[2]/1e3:.1f}, offsets "
                       f"{ts[3]/1e3:.1f}, end {ts[4]/1e3:.1f}", flush=True)
+                print(f"rank {rank} {push_phases(extension.module().push_times(buf.ep_state))}",
+                      flush=True)
     all_rows = [None] * world
     dist.all_gather_object(all_rows, rows, group=gloo)
     if rank == 0:

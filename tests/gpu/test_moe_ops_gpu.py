@@ -6,6 +6,7 @@ same inputs, then compares bytes (data, scales, routing tensors, handle, combine
 """
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -169,8 +170,22 @@ def _check_all(rank, world, gloo, seed):
                     _same(got, ref.combine(rbuf, narrow, rhandle, None),
                           f"{where} combine fp32 [C,K]")
         torch.cuda.synchronize()
+        if world > 1 and os.environ.get("DEEP_EP_OPS_DISPATCH_BULK") == "1":
+            _check_bulk_taken(buf, name, x, s, len(aligns) * 2 + 2)  # + the num_sms 1, 3 reruns
         print(f"rank {rank}: {name} ok", flush=True)
         buf.destroy()
+
+
+def _check_bulk_taken(buf, name, x, s, compact_dispatches):
+    """With DEEP_EP_OPS_DISPATCH_BULK=1: the compact dispatches of a case whose rows are 16-byte
+    multiples at 16-byte addresses and fit the device's limit fanned out by bulk copies, the
+    others by registers (so the bitwise checks above covered the path asked for)."""
+    st = buf.ep_state.dispatch_push_stats
+    x_bytes = x.shape[1] * x.element_size()
+    row = x_bytes + (s.shape[1] * s.element_size() if s is not None else 0)
+    takes = (not name.endswith("-misaligned") and x_bytes % 16 == 0 and row % 16 == 0
+             and row <= st["bulk_row_limit"])
+    assert st["bulk"] == (compact_dispatches if takes else 0), (name, row, st)
 
 
 WORLDS = [1, 2, 3, 4, 8]  # more ranks than GPUs: several per GPU under MPS
