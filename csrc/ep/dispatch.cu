@@ -23,9 +23,10 @@
 // push may write one destination directly and stage for another.
 //
 // Bulk fan-out (DEEP_EP_OPS_DISPATCH_BULK=1, compact rows, R >= 2, 16-byte rows; an experiment
-// not yet run on a GPU): each warp loads its token's row and scales into its shared buffer by
-// bulk copies at the top of the token's iteration, so the load flies while the warp works out
-// rows and metadata, then every destination lane stores the buffer out by bulk stores.
+// not yet run on a GPU): each warp loads its next token's row and scales into its shared
+// buffer by bulk copies as soon as the previous row's stores are issued (the first one before
+// the PDL wait), so the load flies while the warp works out rows and metadata; then every
+// destination lane stores the buffer out by bulk stores.
 #include "ep_barrier.cuh"
 #include "../device/bulk_copy.cuh"
 #include "topk_loads.cuh"
@@ -61,6 +62,23 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       if (p.io.s_bytes > 0) prefetch_l2(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes);
     }
   }
+  // Bulk fan-out: the warp's first row starts loading into its buffer before the wait too (for
+  // the same reason); each later row starts as soon as the previous one's stores are issued.
+  const unsigned xb = static_cast<unsigned>(p.io.x_bytes), sb = static_cast<unsigned>(p.io.s_bytes);
+  WarpBulkFanout fan{smem_u32(push_rows) + static_cast<unsigned>(warp_id() * p.bulk_row_bytes),
+                     smem_u32(&row_loaded[warp_id()]), 0u};
+  const auto load_row = [&](int t) {
+    if (t < p.io.T)
+      fan.load(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, xb,
+               p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, sb);
+  };
+  if constexpr (kBulk) {
+#if DEEP_EP_OPS_HAS_BULK_COPY
+    if (lane == 0) mbar_init_single(fan.bar);
+#endif
+    __syncwarp();
+    load_row(blockIdx.x * warps + warp_id());
+  }
   pdl_wait();
   pdl_trigger();
   if (threadIdx.x == 0) {
@@ -80,19 +98,10 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       out_x_at[d] = __ldcg(outs);
       out_s_at[d] = __ldcg(outs + 1);
     }
-  const unsigned xb = static_cast<unsigned>(p.io.x_bytes), sb = static_cast<unsigned>(p.io.s_bytes);
-  WarpBulkFanout fan{smem_u32(push_rows) + static_cast<unsigned>(warp_id() * p.bulk_row_bytes),
-                     smem_u32(&row_loaded[warp_id()]), 0u};
-#if DEEP_EP_OPS_HAS_BULK_COPY
-  if (kBulk && lane == 0) mbar_init_single(fan.bar);
-#endif
   __syncthreads();
   if (blockIdx.x == 0)  // handle header row
     for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
   for (int t = blockIdx.x * warps + warp_id(); t < p.io.T; t += gridDim.x * warps) {
-    if constexpr (kBulk)
-      fan.load(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, xb,
-               p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, sb);
     const unsigned dmask = p.s.tok_dmask[t];
     const int64_t tk = static_cast<int64_t>(t) * K + lane;
     int e;
@@ -196,6 +205,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
         if (p.io.s_bytes > 0) warp_copy_fanout(sd, to, srow, p.io.s_bytes);
       }
     }
+    if constexpr (kBulk) load_row(t + gridDim.x * warps);
   }
   if constexpr (kBulk) fan.drain();
   if (lane == 0) atomicMax(&rows_done_ns, global_ns());
