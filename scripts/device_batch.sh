@@ -25,6 +25,20 @@ step() {  # name, limit (s), command...
   grep -v "^frame\|^  File\|^E   *File\|^E     " "$out/logs/$name.log" | grep "passed\|failed\|skipped\|FAILED\|Error\|^| " | tail -30
 }
 
+# the R = 2 benchmark: prefill with direct outputs and zero-copy combine beside the plain calls
+bench_args=(--ranks 2 --ranks-per-gpu 2 --no-sweeps --direct-outputs 2 --zero-copy-combine
+            --kind "${KIND:-nvidia-h200-x1}")
+
+ab() {  # name, VAR=value, test files...: their bitwise suites at R = 2-4, then the bench, with VAR=value
+  local name=$1 setting=$2
+  shift 2
+  mkdir -p "$out/bench_$name"
+  step "${name}_verify" 240 env "$setting" python3 -m pytest -q -rfE --tb=short --timeout 150 \
+    "$@" -k "bitwise and (2 or 3 or 4)"
+  step "${name}_bench" 240 env "$setting" python3 -m bench.bench_ep "${bench_args[@]}" \
+    --out "$out/bench_$name"
+}
+
 for s in "${steps[@]}"; do
   case $s in
     verify)
@@ -32,27 +46,16 @@ for s in "${steps[@]}"; do
         tests/gpu/test_moe_ops_gpu.py tests/gpu/test_combine_input_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py -k "bitwise and not 8" ;;
     bench)
-      step bench 240 python3 -m bench.bench_ep --ranks 2 --ranks-per-gpu 2 --no-sweeps \
-        --direct-outputs 2 --zero-copy-combine --kind "${KIND:-nvidia-h200-x1}" --out "$out/bench" ;;
+      step bench 240 python3 -m bench.bench_ep "${bench_args[@]}" --out "$out/bench" ;;
     profile)
       DEEP_EP_OPS_PDL=0 step profile 200 python3 tests/gpu/bench_moe_ops.py --world 2 \
         --num-sms 0 24 --profile --direct-outputs 2 --zero-copy-combine ;;
     regs)
-      mkdir -p "$out/bench_regs"
-      DEEP_EP_OPS_COMBINE_SMEM=0 step regs_verify 200 python3 -m pytest -q -rfE --tb=short \
-        --timeout 150 tests/gpu/test_moe_ops_gpu.py tests/gpu/test_combine_input_gpu.py \
-        -k "bitwise and (2 or 3 or 4)"
-      DEEP_EP_OPS_COMBINE_SMEM=0 step regs_bench 240 python3 -m bench.bench_ep --ranks 2 \
-        --ranks-per-gpu 2 --no-sweeps --direct-outputs 2 --zero-copy-combine \
-        --kind "${KIND:-nvidia-h200-x1}" --out "$out/bench_regs" ;;
+      ab regs DEEP_EP_OPS_COMBINE_SMEM=0 tests/gpu/test_moe_ops_gpu.py \
+        tests/gpu/test_combine_input_gpu.py ;;
     bulk)
-      mkdir -p "$out/bench_bulk"
-      DEEP_EP_OPS_DISPATCH_BULK=1 step bulk_verify 240 python3 -m pytest -q -rfE --tb=short \
-        --timeout 150 tests/gpu/test_moe_ops_gpu.py tests/gpu/test_direct_outputs_gpu.py \
-        -k "bitwise and (2 or 3 or 4)"
-      DEEP_EP_OPS_DISPATCH_BULK=1 step bulk_bench 240 python3 -m bench.bench_ep --ranks 2 \
-        --ranks-per-gpu 2 --no-sweeps --direct-outputs 2 --zero-copy-combine \
-        --kind "${KIND:-nvidia-h200-x1}" --out "$out/bench_bulk" ;;
+      ab bulk DEEP_EP_OPS_DISPATCH_BULK=1 tests/gpu/test_moe_ops_gpu.py \
+        tests/gpu/test_direct_outputs_gpu.py ;;
     *) echo "unknown step $s (verify, bench, profile, regs, bulk)"; exit 2 ;;
   esac
 done
