@@ -7,7 +7,7 @@
 #   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [profile] [regs] [bulk]
 # (default: verify bench profile; regs: the R = 2-4 bitwise suites and the bench again with
 # DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B; bulk: the same
-# with DEEP_EP_OPS_DISPATCH_BULK=1, the dispatch push's bulk-copy fan-out).
+# with DEEP_EP_OPS_BULK_COPY=1, rows of the dispatch and combine pushes by bulk copies).
 # KIND labels the bench results (default nvidia-h200-x1; bench_ep appends -R2-2pergpu).
 set -o pipefail
 out="${OUT:-/tmp/device_batch}"
@@ -54,8 +54,8 @@ for s in "${steps[@]}"; do
       ab regs DEEP_EP_OPS_COMBINE_SMEM=0 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_combine_input_gpu.py ;;
     bulk)
-      ab bulk DEEP_EP_OPS_DISPATCH_BULK=1 tests/gpu/test_moe_ops_gpu.py \
-        tests/gpu/test_direct_outputs_gpu.py ;;
+      ab bulk DEEP_EP_OPS_BULK_COPY=1 tests/gpu/test_moe_ops_gpu.py \
+        tests/gpu/test_direct_outputs_gpu.py tests/gpu/test_combine_input_gpu.py ;;
     *) echo "unknown step $s (verify, bench, profile, regs, bulk)"; exit 2 ;;
   esac
 done

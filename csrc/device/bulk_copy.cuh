@@ -8,6 +8,8 @@
 // again only after the stores that read it have read it (bulk_wait_read).
 #pragma once
 
+#include <cstdio>
+
 #include "common.cuh"
 
 namespace deep_ep_ops {

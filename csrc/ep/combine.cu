@@ -18,12 +18,17 @@
 // first barrier, and the sources' reduce forms that rank's partials itself from its rows in
 // place (the same members, in the same order, with the same rounding), so the sum is the same
 // bit for bit. The other ranks push as above; a source mixes both per destination.
+//
+// Bulk rows (DEEP_EP_OPS_BULK_COPY=1, an experiment not yet run on a GPU): a row that travels
+// as is goes by one bulk load into the warp's shared buffer and one bulk store to the peer.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <type_traits>
 
 #include "../device/accumulate.cuh"
+#include "../device/bulk_copy.cuh"
+#include "../host/cuda_check.hpp"
 #include "ep_barrier.cuh"
 
 namespace deep_ep_ops {
@@ -223,7 +228,9 @@ __device__ __forceinline__ SendSlots send_slots(const CombineParams& p, int t) {
   return s;
 }
 
-template <typename T, int V>
+// kBulk: rows that travel as is go by bulk copies (its own instantiation, so the default one
+// keeps its registers).
+template <typename T, int V, bool kBulk>
 __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
   pdl_wait();
   pdl_trigger();
@@ -239,6 +246,14 @@ __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
     cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
     return;
   }
+  extern __shared__ __align__(128) char push_rows[];  // bulk rows: one buffer per warp
+  __shared__ unsigned long long row_loaded[kBulkWarps];
+  WarpBulkFanout fan{smem_u32(push_rows) + static_cast<unsigned>(warp_id() * p.bulk_row_bytes),
+                     smem_u32(&row_loaded[warp_id()]), 0u};
+#if DEEP_EP_OPS_HAS_BULK_COPY
+  if (kBulk && lane_id() == 0) mbar_init_single(fan.bar);
+#endif
+  __syncwarp();
   constexpr int U = chunk_vecs<V>();
   const int W = p.W, K = p.K, me = p.comm.rank;
   const int G = p.handle[handle::kHdrValidGroups];
@@ -259,7 +274,14 @@ __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
     char* dst = peer_ptr(p.comm, src) + p.stage_off +
                 (static_cast<int64_t>(tok) * p.num_slots + cslot) * slot_bytes;
     if (raw) {  // compact, no weights: the partial is the row itself
-      warp_copy(dst, x + static_cast<int64_t>(hrow[handle::kGroupMember]) * p.Wd, slot_bytes);
+      const T* row = x + static_cast<int64_t>(hrow[handle::kGroupMember]) * p.Wd;
+      if (kBulk &&
+          ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(row)) & 15u) == 0) {
+        fan.load(reinterpret_cast<const char*>(row), static_cast<unsigned>(slot_bytes), nullptr, 0);
+        fan.store(1u, dst, static_cast<unsigned>(slot_bytes), nullptr, 0, p.comm.wait.timeout_ns);
+      } else {
+        warp_copy(dst, row, slot_bytes);
+      }
       continue;
     }
     // members (ascending, -1 padded) straight to lanes
@@ -273,6 +295,7 @@ __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
       store_chunk<float, V, U>(out, c0, p.Wd, acc);
     }
   }
+  if constexpr (kBulk) fan.drain();
   cta_barrier(p.comm, blockIdx.x, kOpCombinePush);
 }
 
@@ -546,7 +569,16 @@ template <typename T, int V>
 cudaError_t launch_typed(const CombineParams& p, int ctas, int epi_ctas, cudaStream_t stream) {
   // one rank: nothing crosses a window; one kernel reads x
   if (p.comm.num_ranks == 1) return launch_pdl(combine_local_kernel<T, V>, epi_ctas, 512, 0, stream, p);
-  cudaError_t err = launch_pdl(combine_push_kernel<T, V>, ctas, 512, 0, stream, p);
+  const int push_smem = p.bulk_row_bytes * kBulkWarps;
+  cudaError_t err;
+  if (push_smem > 0) {
+    static const int room =
+        raise_dynamic_smem_limit(reinterpret_cast<const void*>(combine_push_kernel<T, V, true>));
+    if (push_smem > room) return cudaErrorInvalidValue;  // bulk_row_limit() promised too much
+    err = launch_pdl(combine_push_kernel<T, V, true>, ctas, 512, push_smem, stream, p);
+  } else {
+    err = launch_pdl(combine_push_kernel<T, V, false>, ctas, 512, 0, stream, p);
+  }
   if (err != cudaSuccess) return err;
   size_t smem = 0;
   if (p.reduce_via_smem) {

@@ -22,13 +22,14 @@
 // writes only the routing tensors and handle rows. Each destination decides for itself, so a
 // push may write one destination directly and stage for another.
 //
-// Bulk fan-out (DEEP_EP_OPS_DISPATCH_BULK=1, compact rows, R >= 2, 16-byte rows; an experiment
+// Bulk fan-out (DEEP_EP_OPS_BULK_COPY=1, compact rows, R >= 2, 16-byte rows; an experiment
 // not yet run on a GPU): each warp loads its next token's row and scales into its shared
 // buffer by bulk copies as soon as the previous row's stores are issued (the first one before
 // the PDL wait), so the load flies while the warp works out rows and metadata; then every
 // destination lane stores the buffer out by bulk stores.
 #include "ep_barrier.cuh"
 #include "../device/bulk_copy.cuh"
+#include "../host/cuda_check.hpp"
 #include "topk_loads.cuh"
 #include "fill_rows.cuh"
 #include "handle_rows.cuh"
@@ -39,6 +40,7 @@ namespace {
 using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
 
 constexpr int kPushThreads = 512;
+static_assert(kPushThreads / kWarp == kBulkWarps, "one bulk row buffer per push warp");
 
 // kBulk: the bulk fan-out (its own instantiation, so the default one keeps its registers).
 template <bool kBulk>
@@ -280,33 +282,12 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
 
 }  // namespace
 
-int dispatch_push_bulk_row_limit() {
-  // Rows up to the shared memory a block may opt in to, less the kernel's static part, split
-  // over its warps; 0 below sm_90 (no bulk copies). The kernel's limit is raised once here.
-  static const int limit = [] {
-    int dev = 0, major = 0, optin = 0;
-    cudaFuncAttributes a{};
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaFuncGetAttributes(&a, dispatch_push_kernel<true>) != cudaSuccess || major < 9) {
-      cudaGetLastError();  // not left for the next launch check to find
-      return 0;
-    }
-    const int dynamic = optin - static_cast<int>(a.sharedSizeBytes);
-    if (cudaFuncSetAttribute(dispatch_push_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             dynamic) != cudaSuccess) {
-      cudaGetLastError();
-      return 0;
-    }
-    return dynamic / (kPushThreads / kWarp) / 16 * 16;
-  }();
-  return limit;
-}
-
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream) {
   if (p.bulk_row_bytes == 0) return launch_pdl(dispatch_push_kernel<false>, ctas, kPushThreads, 0, stream, p);
-  const size_t smem = static_cast<size_t>(p.bulk_row_bytes) * (kPushThreads / kWarp);
+  static const int room =
+      raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_kernel<true>));
+  const int smem = p.bulk_row_bytes * kBulkWarps;
+  if (smem > room) return cudaErrorInvalidValue;  // bulk_row_limit() promised what is not there
   return launch_pdl(dispatch_push_kernel<true>, ctas, kPushThreads, smem, stream, p);
 }
 

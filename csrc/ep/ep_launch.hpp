@@ -115,7 +115,7 @@ struct PushParams {
   int E_loc, expand, cta_tokens;
   int local_only;  // 1 rank: no window, no barrier; the push also does the epilogue's work
   // bytes of a row (x, then scales) in each warp's shared buffer when the compact rows fan out
-  // by bulk copies (DEEP_EP_OPS_DISPATCH_BULK=1; at most dispatch_push_bulk_row_limit()); 0: off
+  // by bulk copies (DEEP_EP_OPS_BULK_COPY=1, ep_ops.cpp bulk_rows); 0: off
   int bulk_row_bytes;
   DispatchRows rows;
   DispatchScratch s;
@@ -176,6 +176,9 @@ struct CombineParams {
   // registers: the default where the device grants kCombineReduceSmemBytes per block;
   // DEEP_EP_OPS_COMBINE_SMEM=0 keeps the register path (for A/B runs).
   int reduce_via_smem;
+  // bytes of a row in each push warp's shared buffer when compact rows without weights travel
+  // by bulk copies (DEEP_EP_OPS_BULK_COPY=1, ep_ops.cpp bulk_rows); 0: off
+  int bulk_row_bytes;
   Comm comm;
 };
 
@@ -183,8 +186,11 @@ struct CombineParams {
 cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream);
 int layout_warps(int E, int R, size_t smem_limit);
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream);
-// Largest PushParams::bulk_row_bytes this device allows (0: no bulk copies below sm_90).
-int dispatch_push_bulk_row_limit();
+// Rows moved by bulk copies (DEEP_EP_OPS_BULK_COPY=1): each of a push kernel's kBulkWarps warps
+// holds one row in its shared buffer; kBulkStaticReserve bytes of a block's shared memory stay
+// for the kernel's static part.
+constexpr int kBulkWarps = 16;
+constexpr int kBulkStaticReserve = 1024;
 cudaError_t launch_local_dispatch(const LocalDispatchParams& p, int ctas, cudaStream_t stream);
 cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream);
 cudaError_t launch_cached_dispatch(const CachedParams& p, int ctas, int epi_ctas,

@@ -17,6 +17,13 @@
 #include <utility>
 
 namespace deep_ep_ops {
+
+int bulk_row_limit(const EpState& st) {
+  if (st.cc_major < 9) return 0;
+  const int64_t room = static_cast<int64_t>(st.smem_optin) - kBulkStaticReserve;
+  return static_cast<int>(std::max<int64_t>(0, room / kBulkWarps / 16 * 16));
+}
+
 namespace {
 
 constexpr int kDefaultCtas = 64;  // push/pull kernels: enough CTAs to keep NVLink busy
@@ -124,23 +131,31 @@ std::pair<at::Tensor, at::Tensor> slot_tensors(EpState& st, int slot, const at::
   return {rx, rs};
 }
 
-// PushParams::bulk_row_bytes: DEEP_EP_OPS_DISPATCH_BULK=1 (read once per process) asks for the
-// bulk fan-out, which takes compact rows from two ranks up whose bytes are 16-byte multiples
-// at 16-byte aligned addresses and fit a warp's share of shared memory.
-int dispatch_bulk_row_bytes(const DispatchIO& io, const DispatchRows& rows, int R, bool expand) {
+bool off16(int64_t v) { return (v & 15) != 0; }
+bool off16(const void* q) { return off16(static_cast<int64_t>(reinterpret_cast<uintptr_t>(q))); }
+
+// A push kernel's bulk_row_bytes: DEEP_EP_OPS_BULK_COPY=1 (read once per process) asks for rows
+// moved by bulk copies, which take rows of `row` bytes, a 16-byte multiple, up to
+// bulk_row_limit(); `aligned`: the caller's addresses allow it. 0: the register copies.
+int bulk_rows(const EpState& st, int64_t row, bool aligned) {
   static const bool requested = [] {
-    const char* v = std::getenv("DEEP_EP_OPS_DISPATCH_BULK");
+    const char* v = std::getenv("DEEP_EP_OPS_BULK_COPY");
     return v != nullptr && v[0] == '1' && v[1] == '\0';
   }();
-  if (!requested || R < 2 || expand) return 0;
-  const auto off16 = [](int64_t v) { return (v & 15) != 0; };
-  const auto ptr16 = [&](const void* q) { return off16(static_cast<int64_t>(reinterpret_cast<uintptr_t>(q))); };
-  if (off16(io.x_bytes) || off16(io.s_bytes) || ptr16(io.x) || ptr16(io.recv_x) ||
-      (io.s_bytes > 0 && (ptr16(io.scales) || ptr16(io.recv_s))) || off16(rows.x_off) ||
-      off16(rows.s_off) || off16(rows.x_stride) || off16(rows.s_stride))
-    return 0;
-  const int64_t row = io.x_bytes + io.s_bytes;
-  return row <= dispatch_push_bulk_row_limit() ? static_cast<int>(row) : 0;
+  if (!requested || !aligned || off16(row) || row > bulk_row_limit(st)) return 0;
+  return static_cast<int>(row);
+}
+
+// Dispatch: compact rows from two ranks up; x, scales, this rank's outputs and the staging rows
+// at 16-byte multiples (a peer's direct-output rows are checked on the GPU).
+int dispatch_bulk_rows(const EpState& st, const DispatchIO& io, const DispatchRows& rows, int R,
+                       bool expand) {
+  if (R < 2 || expand) return 0;
+  const bool aligned = !(off16(io.x_bytes) || off16(io.s_bytes) || off16(io.x) || off16(io.recv_x) ||
+                         (io.s_bytes > 0 && (off16(io.scales) || off16(io.recv_s))) ||
+                         off16(rows.x_off) || off16(rows.s_off) || off16(rows.x_stride) ||
+                         off16(rows.s_stride));
+  return bulk_rows(st, io.x_bytes + io.s_bytes, aligned);
 }
 
 // CombineParams::reduce_via_smem: on unless DEEP_EP_OPS_COMBINE_SMEM=0 (read once per process)
@@ -299,7 +314,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.rows = rows;
   pp.s = st.scratch;
   pp.comm = st.comm;
-  pp.bulk_row_bytes = dispatch_bulk_row_bytes(pp.io, rows, R, expand);
+  pp.bulk_row_bytes = dispatch_bulk_rows(st, pp.io, rows, R, expand);
   if (R > 1) ++(pp.bulk_row_bytes > 0 ? st.dispatch_bulk : st.dispatch_register);
   if (R == 1) {
     // one rank: the push writes every output (no window, no barrier, no epilogue)
@@ -400,6 +415,9 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
   p.cins_off = st.win.cins_off;
   p.zero_copy = st.win.num_cin_slots > 0;
   p.reduce_via_smem = combine_reduce_via_smem(st);
+  // rows that travel as is (compact layout, no weights: the kernel checks the layout)
+  if (st.cfg.num_ranks > 1 && p.stage_raw && p.x_in_place < 0)
+    p.bulk_row_bytes = bulk_rows(st, Wd * static_cast<int64_t>(x.element_size()), !off16(x.data_ptr()));
   if (st.cfg.num_ranks > 1) ++(p.x_in_place >= 0 ? st.combine_in_place : st.combine_pushed);
   p.Wd = static_cast<int>(Wd);
   p.C = static_cast<int>(C);

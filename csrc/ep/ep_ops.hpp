@@ -32,5 +32,8 @@ at::Tensor combine_input(EpState& st, int64_t rows, int64_t width, at::ScalarTyp
 
 // Grid of the barrier kernels: the same on every rank (a function of num_sms and the device).
 int barrier_ctas(const EpState& st, int64_t num_sms);
+// Largest row (bytes) that push kernels move by bulk copies on this Buffer's device
+// (DEEP_EP_OPS_BULK_COPY=1): 16 warps' rows in a block's shared memory; 0 below sm_90.
+int bulk_row_limit(const EpState& st);
 
 }  // namespace deep_ep_ops

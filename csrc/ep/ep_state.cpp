@@ -23,6 +23,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   int optin = 0;
   DEO_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cfg.device));
   smem_optin = static_cast<size_t>(optin);
+  DEO_CUDA(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, cfg.device));
   handle_width = handle::handle_width(K);
 
   if (cfg.direct_slots < 0)

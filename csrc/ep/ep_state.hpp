@@ -45,6 +45,7 @@ class EpState {
   EpWindow win;  // where everything lives in the window
   int sm_count = 0;
   size_t smem_optin = 0;
+  int cc_major = 0;  // compute capability (bulk copies need 9)
   int handle_width = 0;
   ErrorRecord* error_host = nullptr;  // same memory as comm.wait.error
   // shared with the deleters of the output tensors that live in the slots (they may outlive

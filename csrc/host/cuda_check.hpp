@@ -21,6 +21,28 @@ inline void check_cuda(cudaError_t err, const char* what) {
 
 inline int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
+// Raises `kernel`'s dynamic shared-memory limit to all that a block may opt in to beside the
+// kernel's static part, and returns that many bytes (0 when a query fails, its error cleared
+// so no later launch check reports it). Launchers call it once per kernel (a static), not per
+// launch.
+inline int raise_dynamic_smem_limit(const void* kernel) {
+  int dev = 0, optin = 0;
+  cudaFuncAttributes a{};
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  const int dynamic = optin - static_cast<int>(a.sharedSizeBytes);
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return dynamic;
+}
+
 // Whether `stream` is being captured into a CUDA graph (a failed query counts as not).
 inline bool stream_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;

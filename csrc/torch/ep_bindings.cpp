@@ -95,7 +95,7 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
       .def_property_readonly("dispatch_push_stats", [](const deo::EpState& s) {
         return py::dict(py::arg("bulk") = s.dispatch_bulk.load(),
                         py::arg("register") = s.dispatch_register.load(),
-                        py::arg("bulk_row_limit") = deo::dispatch_push_bulk_row_limit());
+                        py::arg("bulk_row_limit") = deo::bulk_row_limit(s));
       });
   m.def("create_state", &deo::create_state);
   m.def("destroy_state", [](deo::EpState& s) { s.destroy(); });

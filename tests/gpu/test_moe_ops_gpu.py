@@ -170,14 +170,14 @@ def _check_all(rank, world, gloo, seed):
                     _same(got, ref.combine(rbuf, narrow, rhandle, None),
                           f"{where} combine fp32 [C,K]")
         torch.cuda.synchronize()
-        if world > 1 and os.environ.get("DEEP_EP_OPS_DISPATCH_BULK") == "1":
+        if world > 1 and os.environ.get("DEEP_EP_OPS_BULK_COPY") == "1":
             _check_bulk_taken(buf, name, x, s, len(aligns) * 2 + 2)  # + the num_sms 1, 3 reruns
         print(f"rank {rank}: {name} ok", flush=True)
         buf.destroy()
 
 
 def _check_bulk_taken(buf, name, x, s, compact_dispatches):
-    """With DEEP_EP_OPS_DISPATCH_BULK=1: the compact dispatches of a case whose rows are 16-byte
+    """With DEEP_EP_OPS_BULK_COPY=1: the compact dispatches of a case whose rows are 16-byte
     multiples at 16-byte addresses and fit the device's limit fanned out by bulk copies, the
     others by registers (so the bitwise checks above covered the path asked for)."""
     st = buf.ep_state.dispatch_push_stats
