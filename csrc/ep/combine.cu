@@ -453,20 +453,14 @@ __device__ __forceinline__ void add_rows_via_smem(const T* mine, int n, T* out_r
     for (int u = 0; u < UC; ++u) {
       const int64_t c = c0 + static_cast<int64_t>(u * kWarp + lane) * V;
       if (c >= Wd) continue;
-      float acc[V];
-      if (n == 0) {
-#pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] = 0.f;
-      }
+      // one vector per step: the chunk helpers with U = 1 (the same rounding as every path)
+      float acc[1][V];
+      if (n == 0) zero_chunk(acc);
       for (int j = 0; j < n; ++j) {
-        const Pack<T, V> pk = stage[(j * UC + u) * kWarp + lane];
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const float v = to_acc(pk.v[i]);
-          acc[i] = j == 0 ? v : __fadd_rn(acc[i], v);
-        }
+        const Pack<T, V> pk[1] = {stage[(j * UC + u) * kWarp + lane]};
+        add_term<T, V, 1>(acc, pk, 1.f, false, j == 0);
       }
-      store_from_f32<T, V>(out_row + c, acc);
+      store_from_f32<T, V>(out_row + c, acc[0]);
     }
   }
 }
