@@ -4,7 +4,7 @@
 # benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
 # bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
 # the build cache comes back too:
-#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [profile] [regs] [bulk]
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [profile] [timeline] [regs] [bulk]
 # (default: verify bench profile; regs: the R = 2-4 bitwise suites and the bench again with
 # DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B; bulk: the same
 # with DEEP_EP_OPS_BULK_COPY=1, rows of the dispatch and combine pushes by bulk copies).
@@ -50,12 +50,17 @@ for s in "${steps[@]}"; do
     profile)
       DEEP_EP_OPS_PDL=0 step profile 200 python3 tests/gpu/bench_moe_ops.py --world 2 \
         --num-sms 0 24 --profile --direct-outputs 2 --zero-copy-combine ;;
+    timeline)  # when each dispatch phase ran on each rank (the GPU's clock), default then bulk
+      step timeline 200 python3 tests/gpu/bench_moe_ops.py --world 2 --num-sms 0 24 --iters 9 \
+        --timeline --direct-outputs 2
+      step timeline_bulk 200 env DEEP_EP_OPS_BULK_COPY=1 python3 tests/gpu/bench_moe_ops.py \
+        --world 2 --num-sms 0 24 --iters 9 --timeline --direct-outputs 2 ;;
     regs)
       ab regs DEEP_EP_OPS_COMBINE_SMEM=0 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_combine_input_gpu.py ;;
     bulk)
       ab bulk DEEP_EP_OPS_BULK_COPY=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py tests/gpu/test_combine_input_gpu.py ;;
-    *) echo "unknown step $s (verify, bench, profile, regs, bulk)"; exit 2 ;;
+    *) echo "unknown step $s (verify, bench, profile, timeline, regs, bulk)"; exit 2 ;;
   esac
 done

@@ -52,8 +52,13 @@ struct DispatchScratch {
   // nanoseconds at its start, after its PDL wait, when its last warp finished its tokens, and
   // after its barrier
   unsigned long long* push_times;   // [kMaxBarrierCtas][kPushStamps]
+  // the last dispatch with more than one rank, global nanoseconds (profiling; the clock is the
+  // GPU's, so ranks sharing a GPU can be lined up): kLayoutStart, kLayoutLastCta, kLayoutEnd,
+  // kEpilogueStart, kEpilogueEnd
+  unsigned long long* kernel_times;  // [kKernelStamps]
 };
 constexpr int kPushStamps = 4;
+enum KernelStamp { kLayoutStart, kLayoutLastCta, kLayoutEnd, kEpilogueStart, kEpilogueEnd, kKernelStamps };
 constexpr int kMaxLocalTiles = 1024;  // CTAs of the one-rank fused dispatch (<= SMs)
 // Count kernel: one warp per 32 tokens, at least one warp per CTA.
 constexpr int layout_max_ctas(int max_tokens) { return (max_tokens + 31) / 32 + 1; }
@@ -139,6 +144,7 @@ struct EpilogueParams {
   const int* recv_info;
   int E_loc, expand;
   int direct;  // the peers wrote their rows of x and scales into io's outputs already
+  unsigned long long* kernel_times;  // DispatchScratch::kernel_times
 };
 
 struct CachedParams {

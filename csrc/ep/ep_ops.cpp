@@ -334,6 +334,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   ep.E_loc = E_loc;
   ep.expand = expand;
   ep.direct = slot >= 0;
+  ep.kernel_times = st.scratch.kernel_times;
   check_cuda(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "launching dispatch epilogue");
   return out;
 }

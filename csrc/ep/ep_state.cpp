@@ -54,6 +54,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
       E,                                    // tpe_acc
       3,                                    // tile_ctr
       2 * static_cast<int64_t>(kMaxBarrierCtas) * kPushStamps,  // push_times (uint64)
+      2 * static_cast<int64_t>(kKernelStamps),  // kernel_times (uint64)
   };
   constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
   int64_t total = 0, offs[kParts];
@@ -77,7 +78,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   scratch.tpe_acc = reinterpret_cast<int*>(at(10));
   scratch.tile_ctr = reinterpret_cast<unsigned*>(at(11));
   scratch.push_times = reinterpret_cast<unsigned long long*>(at(12));
-
+  scratch.kernel_times = reinterpret_cast<unsigned long long*>(at(13));
 
   comm.rank = cfg.rank;
   comm.num_ranks = R;

@@ -71,6 +71,7 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
   pdl_trigger();
   // Phase timestamps (ns since the last CTA started) for profiling: recv_info[3..7].
   const unsigned long long t_start = global_ns();
+  if (blockIdx.x == 0 && threadIdx.x == 0) p.s.kernel_times[kLayoutStart] = t_start;
   const int E = p.E, R = p.comm.num_ranks, K = p.K, NC = E + R;
   const int me = p.comm.rank;
   const int nw = blockDim.x / kWarp;
@@ -166,6 +167,7 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
   if (threadIdx.x == 0) {
     if (many) *p.s.done = 0u;  // ready for the next call (every CTA of this one has counted)
     info[3] = static_cast<int>(global_ns() - t_start);
+    p.s.kernel_times[kLayoutLastCta] = t_start;
   }
   {
     const int N = gridDim.x;
@@ -260,8 +262,10 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
     write_header_row(p.s.send_handle, p.W,
                      HandleHeader{p.expand ? pairs : misc[0], misc[0], p.T, R, E, p.M, p.expand,
                                   p.A, K, p.buffer_id, p.C});
-    info[6] = static_cast<int>(global_ns() - t_start);
+    const unsigned long long t_end = global_ns();
+    info[6] = static_cast<int>(t_end - t_start);
     info[7] = info[6];
+    p.s.kernel_times[kLayoutEnd] = t_end;
   }
 }
 

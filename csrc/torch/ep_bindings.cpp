@@ -62,6 +62,17 @@ std::vector<std::vector<int64_t>> push_times(const EpState& st) {
   return out;
 }
 
+// The last dispatch with more than one rank in global nanoseconds of the GPU's clock (the same
+// for every rank on one GPU, so their timelines line up): the kernel stamps (KernelStamp
+// order), then each push CTA's kPushStamps.
+std::vector<int64_t> dispatch_timeline(const EpState& st) {
+  std::vector<unsigned long long> raw(kKernelStamps + static_cast<size_t>(st.last_push_ctas) * kPushStamps);
+  cudaMemcpy(raw.data(), st.scratch.kernel_times, kKernelStamps * sizeof(raw[0]), cudaMemcpyDeviceToHost);
+  cudaMemcpy(raw.data() + kKernelStamps, st.scratch.push_times,
+             (raw.size() - kKernelStamps) * sizeof(raw[0]), cudaMemcpyDeviceToHost);
+  return std::vector<int64_t>(raw.begin(), raw.end());
+}
+
 }  // namespace
 }  // namespace deep_ep_ops
 
@@ -102,6 +113,7 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
   m.def("ep_last_error", [](const deo::EpState& s) { return deo::error_dict(s.error_host); });
   m.def("layout_times", &deo::layout_times);
   m.def("push_times", &deo::push_times);
+  m.def("dispatch_timeline", &deo::dispatch_timeline);
   m.def("default_ctas", [](const deo::EpState& s, int64_t num_sms) { return deo::barrier_ctas(s, num_sms); });
   m.def("dispatch", &deo::dispatch, py::call_guard<py::gil_scoped_release>());
   m.def("cached_dispatch", &deo::cached_dispatch, py::call_guard<py::gil_scoped_release>());

@@ -12,6 +12,10 @@ read + write, i.e. twice this), so "x d2d" is the apples-to-apples ratio of issu
 --direct-outputs N / --zero-copy-combine: the Buffer options of the same names (R >= 2; with
 the latter the compact combines take their input from ``buf.combine_input()``).
 
+--timeline: when each phase of a compact dispatch ran on every rank, lined up on the GPU's
+clock (layout kernel, push CTAs, epilogue), one call after the ranks are lined up and the last
+of ten back-to-back calls.
+
 --profile: kernel times from torch.profiler. With programmatic dependent launch on (default),
 a kernel is scheduled while its predecessor runs and waits for it on the GPU, so its profiled
 duration includes that wait; DEEP_EP_OPS_PDL=0 gives each kernel's own time.
@@ -83,6 +87,54 @@ def push_phases(stamps: list[list[int]]) -> str:
             f"barrier done {spread(3)}")
 
 
+# DispatchScratch::kernel_times order (ep_launch.hpp's KernelStamp) and the push CTA stamps
+_KERNEL_STAMPS = ("layout start", "layout last CTA", "layout end", "epilogue start", "epilogue end")
+_PUSH_STAMPS = 4
+
+
+def _timeline_row(raw: list[int]) -> dict:
+    """One rank's dispatch timeline from ``dispatch_timeline``: absolute ns per phase."""
+    k = len(_KERNEL_STAMPS)
+    push = [raw[i:i + _PUSH_STAMPS] for i in range(k, len(raw), _PUSH_STAMPS)]
+    row = dict(zip(_KERNEL_STAMPS, raw[:k]))
+    for j, name in enumerate(("push start", "push waited", "push rows done", "push barrier done")):
+        v = sorted(c[j] for c in push)
+        row[name + " (first)"] = v[0]
+        row[name + " (median)"] = v[len(v) // 2]
+        row[name + " (last)"] = v[-1]
+    return row
+
+
+def dispatch_timeline(disp, buf, gloo, rank, world, iters, back_to_back):
+    """Median over ``iters`` lined-up samples of when each phase of a dispatch happened on
+    each rank, in us from the earliest layout start over the ranks (the GPU's global clock is
+    shared by ranks on one GPU). ``back_to_back``: the stamps of the last of that many calls."""
+    from bench.bench_ep import gpu_line_up
+    from deep_ep_ops.cuda import extension
+    line_up = gpu_line_up(buf)
+    samples = []
+    for _ in range(iters):
+        dist.barrier(group=gloo)
+        torch.cuda.synchronize()
+        hold_gpu()
+        line_up()
+        for _ in range(back_to_back):
+            disp()
+        torch.cuda.synchronize()
+        rows = [None] * world
+        dist.all_gather_object(rows, _timeline_row(extension.module().dispatch_timeline(buf.ep_state)),
+                               group=gloo)
+        t0 = min(r["layout start"] for r in rows)
+        samples.append([{n: (v - t0) / 1e3 for n, v in r.items()} for r in rows])
+    if rank == 0:
+        print(f"dispatch timeline, last of {back_to_back} lined-up call(s), median of {iters}, "
+              f"us from the earliest layout start:")
+        print("phase".ljust(30) + "".join(f"rank {r}".rjust(10) for r in range(world)))
+        for name in samples[0][0]:
+            med = [sorted(s[r][name] for s in samples)[iters // 2] for r in range(world)]
+            print(name.ljust(30) + "".join(f"{m:10.1f}" for m in med))
+
+
 def _body(rank, world, gloo, args):
     import deep_ep_ops
     dev = rank_device()
@@ -128,6 +180,15 @@ def _body(rank, world, gloo, args):
             c_bytes = groups * H * 2
             rows.append((expand, num_sms, valid, t_d, d_bytes / t_d / 1e3, t_c,
                          c_bytes / t_c / 1e3, d2d))
+    if args.timeline and world > 1:
+        for num_sms in args.num_sms:
+            def disp():
+                return torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, False,
+                                                  False, num_sms)
+            if rank == 0:
+                print(f"compact layout, num_sms {num_sms}")
+            for reps in (1, 10):
+                dispatch_timeline(disp, buf, gloo, rank, world, args.iters, reps)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         for expand in (False, True):
@@ -188,6 +249,8 @@ def main():
     p.add_argument("--num-sms", type=int, nargs="+", default=[0, 16, 64])
     p.add_argument("--world", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="kernel times (torch.profiler)")
+    p.add_argument("--timeline", action="store_true",
+                   help="when each dispatch phase ran on each rank (R >= 2, compact layout)")
     p.add_argument("--direct-outputs", type=int, default=0, metavar="N",
                    help="Buffer(direct_outputs=N) (R >= 2)")
     p.add_argument("--zero-copy-combine", action="store_true",
