@@ -81,7 +81,20 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
     __syncwarp();
     load_row(blockIdx.x * warps + warp_id());
   }
-  pdl_wait();
+  // A compact push with peers starts once the layout's last CTA has the compact bases (the
+  // layout's per-expert work and its end come later; the push waits for them before it ends,
+  // so what follows still sees a finished layout). Everything else waits for the layout's end.
+  const bool early = !p.local_only && !p.expand;
+  __shared__ int bases_ok;
+  if (early) {
+    if (threadIdx.x == 0)
+      bases_ok = timed_wait(p.s.bases_ready, [](uint32_t v) { return v != 0u; }, p.comm.wait,
+                            kOpDispatchLayout, kLayoutSlot, p.comm.rank, 1u);
+  } else {
+    pdl_wait();
+    if (threadIdx.x == 0) bases_ok = 1;
+  }
+  __syncthreads();
   pdl_trigger();
   if (threadIdx.x == 0) {
     rows_done_ns = 0;
@@ -90,8 +103,8 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
   const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
   int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
   // Where each destination wants its rows of x and scales (its layout kernel published them
-  // before the count barrier, which this grid's pdl_wait follows): a direct-output slot of
-  // its window, or -1: this rank's staging rows in its window.
+  // before the count barrier, which the bases follow): a direct-output slot of its window, or
+  // -1: this rank's staging rows in its window.
   __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
   if (!p.local_only)
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
@@ -101,9 +114,19 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       out_s_at[d] = __ldcg(outs + 1);
     }
   __syncthreads();
-  if (blockIdx.x == 0)  // handle header row
-    for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
-  for (int t = blockIdx.x * warps + warp_id(); t < p.io.T; t += gridDim.x * warps) {
+  // Each warp's first token is fixed (its row may be in flight already); later ones come from
+  // the ticket when rows cross windows, since a CTA whose SM is taken by another process can
+  // start tens of microseconds late and would otherwise hold its fixed share (and its peers'
+  // barrier) that long. With one rank the fixed stride (no ticket to reset).
+  const int first_round = gridDim.x * warps;
+  const auto next_token = [&](int t) {
+    if (p.local_only) return t + first_round;
+    unsigned ticket = 0;
+    if (lane == 0) ticket = atomicAdd(p.s.push_ticket, 1u);
+    return first_round + static_cast<int>(__shfl_sync(0xffffffffu, ticket, 0));
+  };
+  // (a failed wait for the bases: no rows; the barrier below then fails fast as well)
+  for (int t = bases_ok ? blockIdx.x * warps + warp_id() : p.io.T; t < p.io.T;) {
     const unsigned dmask = p.s.tok_dmask[t];
     const int64_t tk = static_cast<int64_t>(t) * K + lane;
     int e;
@@ -115,7 +138,8 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
     if (e >= 0) {
       const int* pre = p.s.cta_prefix + static_cast<int64_t>(t / p.cta_tokens) * NC;
       const int rk = p.s.tok_rank[tk];
-      erow = p.s.ebase[e] + pre[e] + (rk >> 16);
+      // (compact rows need no expert-major row: ebase may not be written yet, see `early`)
+      if (p.expand) erow = p.s.ebase[e] + pre[e] + (rk >> 16);
       crow = p.s.cbase[edst] + pre[E + edst] + (rk & 0xffff);
     }
     warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
@@ -207,10 +231,14 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
         if (p.io.s_bytes > 0) warp_copy_fanout(sd, to, srow, p.io.s_bytes);
       }
     }
-    if constexpr (kBulk) load_row(t + gridDim.x * warps);
+    t = next_token(t);
+    if constexpr (kBulk) load_row(t);
   }
   if constexpr (kBulk) fan.drain();
   if (lane == 0) atomicMax(&rows_done_ns, global_ns());
+  if (early) pdl_wait();  // the layout's end (the header row, and for the epilogue recv_info)
+  if (blockIdx.x == 0)  // handle header row
+    for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
   if (p.local_only) {
     FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
                p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
@@ -227,7 +255,10 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
 __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p) {
   pdl_wait();
   pdl_trigger();
-  if (blockIdx.x == 0 && threadIdx.x == 0) p.kernel_times[kEpilogueStart] = global_ns();
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    p.kernel_times[kEpilogueStart] = global_ns();
+    *p.bases_ready = 0u;  // the push is done with it (see DispatchScratch::bases_ready)
+  }
   const int K = p.io.K, W = p.io.W;
   const int G = p.recv_info[kRecvG];
   const int local_lo = p.recv_info[recv_local_lo(p.E_loc)];

@@ -52,6 +52,15 @@ struct DispatchScratch {
   // nanoseconds at its start, after its PDL wait, when its last warp finished its tokens, and
   // after its barrier
   unsigned long long* push_times;   // [kMaxBarrierCtas][kPushStamps]
+  // push kernel with more than one rank: tokens after each warp's first are handed out by this
+  // ticket (reset by the layout kernel), so a CTA that starts late (its SM busy with another
+  // process's kernel) finds its share done by the others instead of doubling the push time
+  unsigned* push_ticket;            // [1]
+  // compact dispatch with more than one rank: 1 once the layout's last CTA has the compact
+  // bases (cbase, cta_prefix, tok_rank) and the peers' output places; the push starts on it
+  // instead of on the whole layout kernel's end (its per-expert work is not the push's), and
+  // the epilogue, which runs after the push, sets it back to 0
+  unsigned* bases_ready;            // [1]
   // the last dispatch with more than one rank, global nanoseconds (profiling; the clock is the
   // GPU's, so ranks sharing a GPU can be lined up): kLayoutStart, kLayoutLastCta, kLayoutEnd,
   // kEpilogueStart, kEpilogueEnd
@@ -145,6 +154,7 @@ struct EpilogueParams {
   int E_loc, expand;
   int direct;  // the peers wrote their rows of x and scales into io's outputs already
   unsigned long long* kernel_times;  // DispatchScratch::kernel_times
+  unsigned* bases_ready;             // DispatchScratch::bases_ready (reset here)
 };
 
 struct CachedParams {

@@ -335,6 +335,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   ep.expand = expand;
   ep.direct = slot >= 0;
   ep.kernel_times = st.scratch.kernel_times;
+  ep.bases_ready = st.scratch.bases_ready;
   check_cuda(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "launching dispatch epilogue");
   return out;
 }

@@ -55,6 +55,8 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
       3,                                    // tile_ctr
       2 * static_cast<int64_t>(kMaxBarrierCtas) * kPushStamps,  // push_times (uint64)
       2 * static_cast<int64_t>(kKernelStamps),  // kernel_times (uint64)
+      1,                                    // push_ticket
+      1,                                    // bases_ready
   };
   constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
   int64_t total = 0, offs[kParts];
@@ -79,6 +81,8 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   scratch.tile_ctr = reinterpret_cast<unsigned*>(at(11));
   scratch.push_times = reinterpret_cast<unsigned long long*>(at(12));
   scratch.kernel_times = reinterpret_cast<unsigned long long*>(at(13));
+  scratch.push_ticket = reinterpret_cast<unsigned*>(at(14));
+  scratch.bases_ready = reinterpret_cast<unsigned*>(at(15));
 
   comm.rank = cfg.rank;
   comm.num_ranks = R;

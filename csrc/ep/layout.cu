@@ -71,7 +71,12 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
   pdl_trigger();
   // Phase timestamps (ns since the last CTA started) for profiling: recv_info[3..7].
   const unsigned long long t_start = global_ns();
-  if (blockIdx.x == 0 && threadIdx.x == 0) p.s.kernel_times[kLayoutStart] = t_start;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    p.s.kernel_times[kLayoutStart] = t_start;
+    // the previous push finished (its epilogue, which waited for it, preceded this grid), and
+    // this call's push takes tickets only after waiting for this grid
+    *p.s.push_ticket = 0u;
+  }
   const int E = p.E, R = p.comm.num_ranks, K = p.K, NC = E + R;
   const int me = p.comm.rank;
   const int nw = blockDim.x / kWarp;
@@ -211,8 +216,19 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
 
   // ---- phase 4 (last CTA): bases from the full count matrix ----
   const int* counts = reinterpret_cast<const int*>(peer_ptr(p.comm, me) + p.comm.counts_off);
+  // compact bases first: with them (and the CTA prefixes, the peers' output places) a compact
+  // push can start while this CTA works out the per-expert part
+  for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    int below = 0;
+    for (int s = 0; s < me; ++s) below += ld_cg(counts + s * NC + E + d);
+    p.s.cbase[d] = below;
+  }
   if (threadIdx.x == 0) misc[1] = 0;
   __syncthreads();
+  if (threadIdx.x == 0 && R > 1) {
+    __threadfence();
+    st_release_sys(p.s.bases_ready, 1u);
+  }
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int all = 0, below = 0;
     for (int s = 0; s < R; ++s) {
@@ -226,11 +242,6 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
       info[kRecvTpe + (e - me * p.E_loc)] = all;
       atomicAdd(&misc[1], all);  // integer sum: order does not matter
     }
-  }
-  for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    int below = 0;
-    for (int s = 0; s < me; ++s) below += ld_cg(counts + s * NC + E + d);
-    p.s.cbase[d] = below;
   }
   if (threadIdx.x == 0) {
     int G = 0;
