@@ -121,9 +121,13 @@ def dispatch_timeline(disp, buf, gloo, rank, world, iters, back_to_back):
         for _ in range(back_to_back):
             disp()
         torch.cuda.synchronize()
+        mine = _timeline_row(extension.module().dispatch_timeline(buf.ep_state))
+        # the layout's last CTA: its phases in ns from its start (layout.cu's recv_info stamps)
+        ts = extension.module().layout_times(buf.ep_state)
+        for name, v in zip(("counted", "published", "barrier done", "offsets"), ts):
+            mine["layout " + name] = mine["layout last CTA"] + v
         rows = [None] * world
-        dist.all_gather_object(rows, _timeline_row(extension.module().dispatch_timeline(buf.ep_state)),
-                               group=gloo)
+        dist.all_gather_object(rows, mine, group=gloo)
         t0 = min(r["layout start"] for r in rows)
         samples.append([{n: (v - t0) / 1e3 for n, v in r.items()} for r in rows])
     if rank == 0:
