@@ -14,8 +14,10 @@
 //   cbase[d]               = sum_{s<me} tokens(s->d)
 //   expert-major row at d  = ebase[e] + prefix(CTA of t)[e] + rank of t in its CTA for e
 //   ebase[e]               = aligned block start of e + sum_{s<me} count(s,e)
-// The push kernel adds the three terms per (token, slot), so the rows are the same pure
-// function of the routing as in a one-pass serial count: (source rank, source token) order.
+// Right after that barrier the compact bases are ready and a flag says so (a compact push
+// starts on it; the per-expert part comes after). The push kernel adds the three terms per
+// (token, slot), so the rows are the same pure function of the routing as in a one-pass serial
+// count: (source rank, source token) order.
 // With the count row goes where this rank's recv_x / recv_scales live when they sit in a
 // direct-output slot of its window (the push then writes rows straight into them).
 #include "ep_barrier.cuh"
