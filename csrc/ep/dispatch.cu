@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
   // the layout's output but its predecessor's, and this grid only starts once every layout
   // CTA has passed its own pdl_wait(), i.e. once x's producer has completed; the copies below
   // then mostly read L2 while the layout's latency-bound work runs.
-  if (lane == 0) {
+  if (lane == 0 && p.prefetch) {
     int n = 0;
     for (int t = blockIdx.x * warps + warp_id(); t < p.io.T && n < 2; t += gridDim.x * warps, ++n) {
       prefetch_l2(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes);

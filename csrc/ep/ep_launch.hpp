@@ -131,6 +131,9 @@ struct PushParams {
   // bytes of a row (x, then scales) in each warp's shared buffer when the compact rows fan out
   // by bulk copies (DEEP_EP_OPS_BULK_COPY=1, ep_ops.cpp bulk_rows); 0: off
   int bulk_row_bytes;
+  // pull each warp's first rows of x into L2 before waiting for the layout (default 1;
+  // DEEP_EP_OPS_PUSH_PREFETCH=0 for A/B runs: the pulls compete with the layout's loads)
+  int prefetch;
   DispatchRows rows;
   DispatchScratch s;
   Comm comm;

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -158,6 +159,16 @@ int dispatch_bulk_rows(const EpState& st, const DispatchIO& io, const DispatchRo
   return bulk_rows(st, io.x_bytes + io.s_bytes, aligned);
 }
 
+// An integer experiment knob from the environment (read by the caller once per process), or
+// `fallback` when unset or not a number in [lo, hi].
+int env_knob(const char* name, int fallback, int lo, int hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  return (*end == '\0' && n >= lo && n <= hi) ? static_cast<int>(n) : fallback;
+}
+
 // CombineParams::reduce_via_smem: on unless DEEP_EP_OPS_COMBINE_SMEM=0 (read once per process)
 // or the device grants a block less shared memory than the staged reduce needs.
 bool combine_reduce_via_smem(const EpState& st) {
@@ -282,7 +293,10 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   lp.W = W;
   lp.C = static_cast<int>(C);
   lp.buffer_id = st.cfg.buffer_id;
+  // DEEP_EP_OPS_LAYOUT_WARPS (experiment): fewer warps per count CTA, so more CTAs count
+  static const int layout_warps_asked = env_knob("DEEP_EP_OPS_LAYOUT_WARPS", 0, 1, 8);
   lp.warps = layout_warps(E, R, std::min<size_t>(st.smem_optin, 200 * 1024));
+  if (layout_warps_asked > 0) lp.warps = std::min(lp.warps, layout_warps_asked);
   lp.cta_tokens = lp.warps * 32;
   lp.s = st.scratch;
   lp.comm = st.comm;
@@ -315,6 +329,8 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.s = st.scratch;
   pp.comm = st.comm;
   pp.bulk_row_bytes = dispatch_bulk_rows(st, pp.io, rows, R, expand);
+  static const int prefetch = env_knob("DEEP_EP_OPS_PUSH_PREFETCH", 1, 0, 1);  // (experiment)
+  pp.prefetch = prefetch;
   if (R > 1) ++(pp.bulk_row_bytes > 0 ? st.dispatch_bulk : st.dispatch_register);
   if (R == 1) {
     // one rank: the push writes every output (no window, no barrier, no epilogue)

@@ -165,7 +165,7 @@ def _body(rank, world, gloo, args):
     w = torch.rand(T, K, device=dev, generator=g)
     d2d = _d2d_once_GBps(dev)
     rows = []
-    for expand in (False, True):
+    for expand in () if args.timeline_only else (False, True):
         for num_sms in args.num_sms:
             def disp():
                 return torch.ops.deep_ep.dispatch(x, s, idx, w, buf.group_name, E, 1, expand,
@@ -193,6 +193,9 @@ def _body(rank, world, gloo, args):
                 print(f"compact layout, num_sms {num_sms}")
             for reps in (1, 10):
                 dispatch_timeline(disp, buf, gloo, rank, world, args.iters, reps)
+        if args.timeline_only:
+            buf.destroy()
+            return
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         for expand in (False, True):
@@ -255,11 +258,13 @@ def main():
     p.add_argument("--profile", action="store_true", help="kernel times (torch.profiler)")
     p.add_argument("--timeline", action="store_true",
                    help="when each dispatch phase ran on each rank (R >= 2, compact layout)")
+    p.add_argument("--timeline-only", action="store_true", help="--timeline, nothing else")
     p.add_argument("--direct-outputs", type=int, default=0, metavar="N",
                    help="Buffer(direct_outputs=N) (R >= 2)")
     p.add_argument("--zero-copy-combine", action="store_true",
                    help="Buffer(zero_copy_combine=True); compact combines read in place (R >= 2)")
     args = p.parse_args()
+    args.timeline = args.timeline or args.timeline_only
     run_gpus(_body, args.world or gpus(), args)
 
 
