@@ -577,11 +577,9 @@ cudaError_t launch_typed(const CombineParams& p, int ctas, int epi_ctas, cudaStr
   if (err != cudaSuccess) return err;
   size_t smem = 0;
   if (p.reduce_via_smem) {
-    // raise the kernel's shared-memory limit once (not per call: keeps graph capture clean)
-    static const cudaError_t raised = cudaFuncSetAttribute(
-        combine_reduce_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(kCombineReduceSmemBytes));
-    if (raised != cudaSuccess) return raised;
+    static const int room =
+        raise_dynamic_smem_limit(reinterpret_cast<const void*>(combine_reduce_kernel<T, V>));
+    if (room < static_cast<int>(kCombineReduceSmemBytes)) return cudaErrorInvalidValue;
     smem = kCombineReduceSmemBytes;
   }
   return launch_pdl(combine_reduce_kernel<T, V>, epi_ctas, 512, smem, stream, p);

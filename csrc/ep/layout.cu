@@ -21,6 +21,7 @@
 // With the count row goes where this rank's recv_x / recv_scales live when they sit in a
 // direct-output slot of its window (the push then writes rows straight into them).
 #include "ep_barrier.cuh"
+#include "../host/cuda_check.hpp"
 #include "topk_loads.cuh"
 #include "handle_rows.cuh"
 
@@ -239,7 +240,7 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
       if (s < me) below += v;
     }
     eb[e] = below;
-    sc[e] = static_cast<int>(align_up(all, p.A));
+    sc[e] = static_cast<int>(dev::align_up(all, p.A));
     if (e / p.E_loc == me) {
       info[kRecvTpe + (e - me * p.E_loc)] = all;
       atomicAdd(&misc[1], all);  // integer sum: order does not matter
@@ -296,16 +297,11 @@ int layout_warps(int E, int R, size_t smem_limit) {
 
 cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream) {
   const size_t smem = layout_smem_bytes(p.warps, p.E, p.comm.num_ranks);
-  // Raise the dynamic shared-memory limit once per size (not per call: keeps capture clean).
-  static size_t configured[2] = {48 * 1024, 48 * 1024};
   const bool small = p.K <= 8;
-  if (smem > configured[small]) {
-    cudaError_t err = cudaFuncSetAttribute(
-        small ? layout_kernel<8> : layout_kernel<kMaxTopk>,
-        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    configured[small] = smem;
-  }
+  static const int room_small = raise_dynamic_smem_limit(reinterpret_cast<const void*>(layout_kernel<8>));
+  static const int room_large =
+      raise_dynamic_smem_limit(reinterpret_cast<const void*>(layout_kernel<kMaxTopk>));
+  if (smem > static_cast<size_t>(small ? room_small : room_large)) return cudaErrorInvalidValue;
   const int ctas = p.T > 0 ? (p.T + p.cta_tokens - 1) / p.cta_tokens : 1;
   return launch_pdl(small ? layout_kernel<8> : layout_kernel<kMaxTopk>, ctas,
                     p.warps * dev::kWarp, smem, stream, p);

@@ -17,6 +17,7 @@
 // look-back, not after the copy, so nobody waits for rows to drain) copies them out and
 // resets the tickets. Rows [T, C) never carry a token and are filled by every CTA in parallel.
 #include "ep_barrier.cuh"
+#include "../host/cuda_check.hpp"
 #include "topk_loads.cuh"
 #include "fill_rows.cuh"
 #include "handle_rows.cuh"
@@ -258,15 +259,8 @@ cudaError_t launch_local_dispatch(const LocalDispatchParams& params, int ctas, c
   p.head_loads = (p.io.x_bytes & 15) == 0 &&
                  ((reinterpret_cast<uintptr_t>(p.io.x) | reinterpret_cast<uintptr_t>(p.io.recv_x)) & 15) == 0;
   const size_t smem = static_cast<size_t>(p.io.E + tile_tokens) * sizeof(int);
-  // Raise the dynamic shared-memory limit once per size (not per call: keeps capture clean).
-  static size_t configured = 48 * 1024;
-  if (smem > configured) {
-    cudaError_t err = cudaFuncSetAttribute(local_dispatch_kernel,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    configured = smem;
-  }
+  static const int room = raise_dynamic_smem_limit(reinterpret_cast<const void*>(local_dispatch_kernel));
+  if (smem > static_cast<size_t>(room)) return cudaErrorInvalidValue;
   return launch_pdl(local_dispatch_kernel, ctas, kThreads, smem, stream, p);
 }
 
