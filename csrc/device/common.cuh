@@ -222,6 +222,16 @@ __device__ __forceinline__ void warp_fill_i32(int* dst, int n, int v) {
   for (int i = lane_id(); i < n; i += kWarp) dst[i] = v;
 }
 
+// The next work item of a warp that takes items by ticket after a fixed first round of
+// `first_round` items (one per warp): a CTA that starts late (its SM held by another process's
+// kernel) then finds its share done by the others instead of ending the kernel late. The
+// counter starts at 0 each launch (whoever launches before resets it).
+__device__ __forceinline__ int warp_next_ticket(unsigned* counter, int first_round) {
+  unsigned ticket = 0;
+  if (lane_id() == 0) ticket = atomicAdd(counter, 1u);
+  return first_round + static_cast<int>(__shfl_sync(0xffffffffu, ticket, 0));
+}
+
 __device__ __forceinline__ int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
 }  // namespace dev

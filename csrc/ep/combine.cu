@@ -5,7 +5,8 @@
 // tokens locally in fp32 and stores the partial into the source rank's window at
 // [source token][combine slot]; the slot is the destination's index among the token's
 // destination ranks, so slot order is rank order.
-// reduce: each source adds its slots 0..n-1 in order; its own slot (its own tokens' rows here)
+// reduce (a token per warp, after each warp's first by ticket): each source adds its slots
+// 0..n-1 in order; its own slot (its own tokens' rows here)
 // is never staged: the reduce computes that partial from x itself, in the same order, where
 // the slot comes in the sum. With one rank there is nothing to push: combine is the reduce
 // alone, no barrier. Every product and sum is rounded to fp32 on its own (__fmul_rn/__fadd_rn
@@ -235,6 +236,9 @@ template <typename T, int V, bool kBulk>
 __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
   pdl_wait();
   pdl_trigger();
+  // the previous reduce finished before this grid (every kernel waits for its predecessor);
+  // this combine's reduce takes tickets after waiting for this grid
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.reduce_ticket = 0u;
   const int R = p.comm.num_ranks;
   // Where this rank's x may be read in place, to every peer before the barrier (every CTA
   // writes the same value, so CTA b of a peer sees its partner's). The peers' reduces of the
@@ -314,7 +318,8 @@ __device__ __forceinline__ void combine_reduce(const CombineParams& p, bool expa
   const int64_t Wd = p.Wd;
   const long long in_place = in_place_of_lane(p);
   const bool any_in_place = __any_sync(0xffffffffu, lane != me && in_place >= 0);
-  for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
+  for (int t = blockIdx.x * warps + warp_id(); t < p.T;
+       t = warp_next_ticket(p.reduce_ticket, gridDim.x * warps)) {
     const SendSlots ss = send_slots(p, t);
     const int n = ss.n, dst = ss.dst, row = ss.row;
     const unsigned mine = __ballot_sync(0xffffffffu, lane < K && dst == me);
@@ -479,7 +484,8 @@ __device__ __forceinline__ void combine_reduce_rows(const CombineParams& p) {
   const int warps = blockDim.x / kWarp;
   const long long in_place = in_place_of_lane(p);
   extern __shared__ int4 reduce_smem[];
-  for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
+  for (int t = blockIdx.x * warps + warp_id(); t < p.T;
+       t = warp_next_ticket(p.reduce_ticket, gridDim.x * warps)) {
     const T* mine;
     const int n = token_terms<T>(p, t, in_place, win, &mine);
     T* out_row = out + static_cast<int64_t>(t) * p.Wd;
@@ -512,7 +518,8 @@ __global__ void __launch_bounds__(512) combine_local_kernel(CombineParams p) {
   const int warps = blockDim.x / kWarp;
   const int lane = lane_id();
   const int64_t Wd = p.Wd;
-  for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
+  for (int t = blockIdx.x * warps + warp_id(); t < p.T;
+       t = warp_next_ticket(p.reduce_ticket, gridDim.x * warps)) {
     const SendSlots ss = send_slots(p, t);
     const int dst = ss.dst, row = ss.row;
     const unsigned mine = __ballot_sync(0xffffffffu, lane < K && dst == me);

@@ -122,10 +122,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
   // barrier) that long. With one rank the fixed stride (no ticket to reset).
   const int first_round = gridDim.x * warps;
   const auto next_token = [&](int t) {
-    if (p.local_only) return t + first_round;
-    unsigned ticket = 0;
-    if (lane == 0) ticket = atomicAdd(p.s.push_ticket, 1u);
-    return first_round + static_cast<int>(__shfl_sync(0xffffffffu, ticket, 0));
+    return p.local_only ? t + first_round : warp_next_ticket(p.s.push_ticket, first_round);
   };
   // (a failed wait for the bases: no rows; the barrier below then fails fast as well)
   for (int t = bases_ok ? blockIdx.x * warps + warp_id() : p.io.T; t < p.io.T;) {

@@ -61,6 +61,7 @@ struct DispatchScratch {
   // instead of on the whole layout kernel's end (its per-expert work is not the push's), and
   // the epilogue, which runs after the push, sets it back to 0
   unsigned* bases_ready;            // [1]
+  unsigned* combine_ticket;         // [1] CombineParams::reduce_ticket
   // the last dispatch with more than one rank, global nanoseconds (profiling; the clock is the
   // GPU's, so ranks sharing a GPU can be lined up): kLayoutStart, kLayoutLastCta, kLayoutEnd,
   // kEpilogueStart, kEpilogueEnd
@@ -198,6 +199,9 @@ struct CombineParams {
   // bytes of a row in each push warp's shared buffer when compact rows without weights travel
   // by bulk copies (DEEP_EP_OPS_BULK_COPY=1, ep_ops.cpp bulk_rows); 0: off
   int bulk_row_bytes;
+  // the reduce's tokens after each warp's first, by ticket (dev::warp_next_ticket; the push
+  // kernel resets it)
+  unsigned* reduce_ticket;
   Comm comm;
 };
 

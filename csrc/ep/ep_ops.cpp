@@ -433,6 +433,7 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
   p.cins_off = st.win.cins_off;
   p.zero_copy = st.win.num_cin_slots > 0;
   p.reduce_via_smem = combine_reduce_via_smem(st);
+  p.reduce_ticket = st.scratch.combine_ticket;
   // rows that travel as is (compact layout, no weights: the kernel checks the layout)
   if (st.cfg.num_ranks > 1 && p.stage_raw && p.x_in_place < 0)
     p.bulk_row_bytes = bulk_rows(st, Wd * static_cast<int64_t>(x.element_size()), !off16(x.data_ptr()));

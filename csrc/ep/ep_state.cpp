@@ -57,6 +57,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
       2 * static_cast<int64_t>(kKernelStamps),  // kernel_times (uint64)
       1,                                    // push_ticket
       1,                                    // bases_ready
+      1,                                    // combine_ticket
   };
   constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
   int64_t total = 0, offs[kParts];
@@ -83,6 +84,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   scratch.kernel_times = reinterpret_cast<unsigned long long*>(at(13));
   scratch.push_ticket = reinterpret_cast<unsigned*>(at(14));
   scratch.bases_ready = reinterpret_cast<unsigned*>(at(15));
+  scratch.combine_ticket = reinterpret_cast<unsigned*>(at(16));
 
   comm.rank = cfg.rank;
   comm.num_ranks = R;
