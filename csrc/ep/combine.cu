@@ -21,8 +21,8 @@
 // bit for bit. The other ranks push as above; a source mixes both per destination.
 //
 // Bulk rows (DEEP_EP_OPS_BULK_COPY=1, an experiment, within the spread of the register copies
-// at R = 2, bench/NOTES.md v12): a row that travels
-// as is goes by one bulk load into the warp's shared buffer and one bulk store to the peer.
+// at R = 2, bench/NOTES.md v12): a row that travels as is goes by one bulk load into the warp's
+// shared buffer and one bulk store to the peer.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -1,18 +1,19 @@
 // Dispatch, phases 2 and 3.
 //
 // push: one warp per token (each warp's first token fixed, the rest by ticket, so a CTA that
-// starts late does not hold a share of its own). It adds the count kernel's three terms into the token's final rows
-// (compact row at each destination rank, expert-major row of each slot), writes the handle's
-// header and send part, and writes the token's row, scale packs and a metadata row straight
-// into every other destination rank's window at the token's compact row (so the receive order
-// (source rank, source token) holds by construction). Rows for this rank itself skip the
-// window: the push writes them straight into this rank's outputs (every expert-major row of
-// the token here, once loaded), with their routing tensors and handle receive rows. A token
-// goes to each destination rank once, however many of its experts live there; in the compact
-// layout its row is read once and stored to all its destination ranks. Ends with a
-// per-CTA barrier. A compact push with peers starts as soon as the layout's last CTA has the
-// compact bases (DispatchScratch::bases_ready), not when the layout kernel ends. With one rank nothing crosses a window: no barrier, and the push also does
-// the epilogue's remaining work (rows that carry no token), so dispatch is two kernels.
+// starts late does not hold a share of its own). It adds the count kernel's three terms into
+// the token's final rows (compact row at each destination rank, expert-major row of each slot),
+// writes the handle's header and send part, and writes the token's row, scale packs and a
+// metadata row straight into every other destination rank's window at the token's compact row
+// (so the receive order (source rank, source token) holds by construction). Rows for this rank
+// itself skip the window: the push writes them straight into this rank's outputs (every
+// expert-major row of the token here, once loaded), with their routing tensors and handle
+// receive rows. A token goes to each destination rank once, however many of its experts live
+// there; in the compact layout its row is read once and stored to all its destination ranks.
+// Ends with a per-CTA barrier. A compact push with peers starts as soon as the layout's last
+// CTA has the compact bases (DispatchScratch::bases_ready), not when the layout kernel ends.
+// With one rank nothing crosses a window: no barrier, and the push also does the epilogue's
+// remaining work (rows that carry no token), so dispatch is two kernels.
 //
 // epilogue: local only. Copies the window rows of the other ranks into fresh outputs
 // (expanding compact rows into expert-major rows when asked) with their handle receive rows,
@@ -25,10 +26,11 @@
 // push may write one destination directly and stage for another.
 //
 // Bulk fan-out (DEEP_EP_OPS_BULK_COPY=1, compact rows, R >= 2, 16-byte rows; an experiment,
-// within the spread of the register copies at R = 2, bench/NOTES.md v12): each warp loads its next token's row and scales into its shared
-// buffer by bulk copies as soon as the previous row's stores are issued (the first one before
-// the PDL wait), so the load flies while the warp works out rows and metadata; then every
-// destination lane stores the buffer out by bulk stores.
+// within the spread of the register copies at R = 2, bench/NOTES.md v12): each warp loads its
+// next token's row and scales into its shared buffer by bulk copies as soon as the previous
+// row's stores are issued (the first one before the PDL wait), so the load flies while the warp
+// works out rows and metadata; then every destination lane stores the buffer out by bulk
+// stores.
 #include "ep_barrier.cuh"
 #include "../device/bulk_copy.cuh"
 #include "../host/cuda_check.hpp"

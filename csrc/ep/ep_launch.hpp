@@ -49,8 +49,8 @@ struct DispatchScratch {
                                     //   tile to finish copies it out and zeroes it
   unsigned* tile_ctr;               // [3] next tile ticket, tiles finished, tag of the last call
   // push kernel with more than one rank, per CTA of its last launch, for profiling: global
-  // nanoseconds at its start, after its PDL wait, when its last warp finished its tokens, and
-  // after its barrier
+  // nanoseconds at its start, when it may start on rows (the compact bases, or its PDL wait),
+  // when its last warp finished its tokens, and after its barrier
   unsigned long long* push_times;   // [kMaxBarrierCtas][kPushStamps]
   // push kernel with more than one rank: tokens after each warp's first are handed out by this
   // ticket (reset by the layout kernel), so a CTA that starts late (its SM busy with another

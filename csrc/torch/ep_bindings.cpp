@@ -43,8 +43,8 @@ std::vector<int64_t> layout_times(const EpState& st) {
   return {v[3], v[4], v[5], v[6], v[7]};
 }
 
-// The last push kernel with more than one rank, per CTA: [start, after its PDL wait, its last
-// warp done with its tokens, after its barrier] in ns from the earliest CTA's start, for
+// The last push kernel with more than one rank, per CTA: [start, free to start on rows (the
+// compact bases or its PDL wait), its last warp done with its tokens, after its barrier] in ns from the earliest CTA's start, for
 // profiling (dispatch.cu).
 std::vector<std::vector<int64_t>> push_times(const EpState& st) {
   std::vector<unsigned long long> raw(static_cast<size_t>(st.last_push_ctas) * kPushStamps);

@@ -73,7 +73,8 @@ def _d2d_once_GBps(dev, nbytes=256 << 20, iters=10):
 
 def push_phases(stamps: list[list[int]]) -> str:
     """One line from the last push kernel's per-CTA stamps (ns from its first CTA's start:
-    start, after the PDL wait, last warp done with its tokens, after the barrier)."""
+    start, free to start on rows (the compact bases or the PDL wait), last warp done with its
+    tokens, after the barrier)."""
     if not stamps:
         return "push kernel: no stamps (one rank)"
     cols = list(zip(*stamps))
