@@ -5,7 +5,6 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
-#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -43,31 +42,14 @@ std::vector<int64_t> layout_times(const EpState& st) {
   return {v[3], v[4], v[5], v[6], v[7]};
 }
 
-// The last push kernel with more than one rank, per CTA: [start, free to start on rows (the
-// compact bases or its PDL wait), its last warp done with its tokens, after its barrier] in ns from the earliest CTA's start, for
-// profiling (dispatch.cu).
-std::vector<std::vector<int64_t>> push_times(const EpState& st) {
-  std::vector<unsigned long long> raw(static_cast<size_t>(st.last_push_ctas) * kPushStamps);
-  if (raw.empty()) return {};
-  cudaMemcpy(raw.data(), st.scratch.push_times, raw.size() * sizeof(raw[0]), cudaMemcpyDeviceToHost);
-  unsigned long long first = raw[0];
-  for (int b = 0; b < st.last_push_ctas; ++b) first = std::min(first, raw[b * kPushStamps]);
-  std::vector<std::vector<int64_t>> out;
-  for (int b = 0; b < st.last_push_ctas; ++b) {
-    std::vector<int64_t> row;
-    for (int i = 0; i < kPushStamps; ++i)
-      row.push_back(static_cast<int64_t>(raw[b * kPushStamps + i] - first));
-    out.push_back(row);
-  }
-  return out;
-}
-
 // The last dispatch with more than one rank in global nanoseconds of the GPU's clock (the same
 // for every rank on one GPU, so their timelines line up): the kernel stamps (KernelStamp
 // order), then each push CTA's kPushStamps.
 std::vector<int64_t> dispatch_timeline(const EpState& st) {
-  std::vector<unsigned long long> raw(kKernelStamps + static_cast<size_t>(st.last_push_ctas) * kPushStamps);
-  cudaMemcpy(raw.data(), st.scratch.kernel_times, kKernelStamps * sizeof(raw[0]), cudaMemcpyDeviceToHost);
+  std::vector<unsigned long long> raw(kKernelStamps +
+                                      static_cast<size_t>(st.last_push_ctas) * kPushStamps);
+  cudaMemcpy(raw.data(), st.scratch.kernel_times, kKernelStamps * sizeof(raw[0]),
+             cudaMemcpyDeviceToHost);
   cudaMemcpy(raw.data() + kKernelStamps, st.scratch.push_times,
              (raw.size() - kKernelStamps) * sizeof(raw[0]), cudaMemcpyDeviceToHost);
   return std::vector<int64_t>(raw.begin(), raw.end());
@@ -112,7 +94,6 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
   m.def("destroy_state", [](deo::EpState& s) { s.destroy(); });
   m.def("ep_last_error", [](const deo::EpState& s) { return deo::error_dict(s.error_host); });
   m.def("layout_times", &deo::layout_times);
-  m.def("push_times", &deo::push_times);
   m.def("dispatch_timeline", &deo::dispatch_timeline);
   m.def("default_ctas", [](const deo::EpState& s, int64_t num_sms) { return deo::barrier_ctas(s, num_sms); });
   m.def("dispatch", &deo::dispatch, py::call_guard<py::gil_scoped_release>());

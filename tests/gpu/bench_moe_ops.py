@@ -71,38 +71,45 @@ def _d2d_once_GBps(dev, nbytes=256 << 20, iters=10):
     return nbytes / times[len(times) // 2] / 1e9
 
 
-def push_phases(stamps: list[list[int]]) -> str:
-    """One line from the last push kernel's per-CTA stamps (ns from its first CTA's start:
-    start, free to start on rows (the compact bases or the PDL wait), last warp done with its
-    tokens, after the barrier)."""
-    if not stamps:
-        return "push kernel: no stamps (one rank)"
-    cols = list(zip(*stamps))
-
-    def spread(i: int) -> str:
-        v = sorted(cols[i])
-        return f"{v[0] / 1e3:.1f}/{v[len(v) // 2] / 1e3:.1f}/{v[-1] / 1e3:.1f}"
-
-    return (f"push kernel, {len(stamps)} CTAs, us from its first CTA's start (min/median/max "
-            f"over CTAs): started {spread(0)}, waited {spread(1)}, rows done {spread(2)}, "
-            f"barrier done {spread(3)}")
-
-
-# DispatchScratch::kernel_times order (ep_launch.hpp's KernelStamp) and the push CTA stamps
+# DispatchScratch::kernel_times order (ep_launch.hpp's KernelStamp), then the push CTAs' stamps:
+# start, free to start on rows (the compact bases or the PDL wait), last warp done with its
+# tokens, after the barrier (dispatch.cu)
 _KERNEL_STAMPS = ("layout start", "layout last CTA", "layout end", "epilogue start", "epilogue end")
-_PUSH_STAMPS = 4
+_PUSH_STAMPS = ("start", "waited", "rows done", "barrier done")
+
+
+def _push_ctas(raw: list[int]) -> list[list[int]]:
+    """The push CTAs' stamps (ns, the GPU's clock) of a ``dispatch_timeline`` row."""
+    k, n = len(_KERNEL_STAMPS), len(_PUSH_STAMPS)
+    return [raw[i:i + n] for i in range(k, len(raw), n)]
+
+
+def _spread(values) -> tuple:
+    """(first, median, last) of ``values``."""
+    v = sorted(values)
+    return v[0], v[len(v) // 2], v[-1]
+
+
+def push_phases(raw: list[int]) -> str:
+    """One line from the last push kernel's per-CTA stamps, in us from its first CTA's start."""
+    ctas = _push_ctas(raw)
+    if not ctas:
+        return "push kernel: no stamps (one rank)"
+    first = min(c[0] for c in ctas)
+    cols = ", ".join(
+        name + " " + "/".join(f"{(t - first) / 1e3:.1f}" for t in _spread(c[j] for c in ctas))
+        for j, name in enumerate(_PUSH_STAMPS))
+    return (f"push kernel, {len(ctas)} CTAs, us from its first CTA's start (min/median/max "
+            f"over CTAs): {cols}")
 
 
 def _timeline_row(raw: list[int]) -> dict:
     """One rank's dispatch timeline from ``dispatch_timeline``: absolute ns per phase."""
-    k = len(_KERNEL_STAMPS)
-    push = [raw[i:i + _PUSH_STAMPS] for i in range(k, len(raw), _PUSH_STAMPS)]
-    row = dict(zip(_KERNEL_STAMPS, raw[:k]))
-    for j, name in enumerate(("push start", "push waited", "push rows done", "push barrier done")):
-        v = sorted(c[j] for c in push)
-        row[name + " (first)"] = v[0]
-        row[name + " (median)"] = v[len(v) // 2]
-        row[name + " (last)"] = v[-1]
+    ctas = _push_ctas(raw)
+    row = dict(zip(_KERNEL_STAMPS, raw[:len(_KERNEL_STAMPS)]))
+    for j, name in enumerate(_PUSH_STAMPS):
+        for which, t in zip(("first", "median", "last"), _spread(c[j] for c in ctas)):
+            row[f"push {name} ({which})"] = t
     return row
 
 
@@ -225,8 +232,8 @@ def _body(rank, world, gloo, args):
                 print(f"rank {rank} layout kernel phases (us from start): counted {ts[0]/1e3:.1f}, "
                       f"published {ts[1]/1e3:.1f}, barrier done {ts[2]/1e3:.1f}, offsets "
                       f"{ts[3]/1e3:.1f}, end {ts[4]/1e3:.1f}", flush=True)
-                print(f"rank {rank} {push_phases(extension.module().push_times(buf.ep_state))}",
-                      flush=True)
+                stamps = extension.module().dispatch_timeline(buf.ep_state)
+                print(f"rank {rank} {push_phases(stamps)}", flush=True)
     all_rows = [None] * world
     dist.all_gather_object(all_rows, rows, group=gloo)
     if rank == 0:
