@@ -5,7 +5,7 @@
 // tokens locally in fp32 and stores the partial into the source rank's window at
 // [source token][combine slot]; the slot is the destination's index among the token's
 // destination ranks, so slot order is rank order.
-// reduce (a token per warp, after each warp's first by ticket): each source adds its slots
+// reduce (a token per warp, after each warp's first by ticket, reset by the push): each source adds its slots
 // 0..n-1 in order; its own slot (its own tokens' rows here)
 // is never staged: the reduce computes that partial from x itself, in the same order, where
 // the slot comes in the sum. With one rank there is nothing to push: combine is the reduce
@@ -518,8 +518,9 @@ __global__ void __launch_bounds__(512) combine_local_kernel(CombineParams p) {
   const int warps = blockDim.x / kWarp;
   const int lane = lane_id();
   const int64_t Wd = p.Wd;
-  for (int t = blockIdx.x * warps + warp_id(); t < p.T;
-       t = warp_next_ticket(p.reduce_ticket, gridDim.x * warps)) {
+  // a fixed stride: no push kernel runs before this one to reset a ticket, and no peer waits
+  // for a late CTA
+  for (int t = blockIdx.x * warps + warp_id(); t < p.T; t += gridDim.x * warps) {
     const SendSlots ss = send_slots(p, t);
     const int dst = ss.dst, row = ss.row;
     const unsigned mine = __ballot_sync(0xffffffffu, lane < K && dst == me);
