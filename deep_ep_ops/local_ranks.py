@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -35,11 +36,12 @@ import torch.multiprocessing as mp
 MPS_CONTROL = "nvidia-cuda-mps-control"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for init_method=tcp://...)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def init_single_rank_group(backend: str = "gloo",
+                           device_id: Optional[torch.device] = None) -> None:
+    """The default process group with this process as its only rank. Its store lives in this
+    process (no TCP port to pick, so no race with other processes for one)."""
+    extra = {} if device_id is None else {"device_id": device_id}
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **extra)
 
 
 def gpu_count() -> int:
@@ -203,8 +205,10 @@ def _worker(rank: int, placement: Placement, port: int, reports, fn: Callable,
                                       repeat=True)
     torch.set_num_threads(threads)
     try:
-        init = dict(init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                    world_size=placement.world_size)
+        # a client of the store the parent listens on (see _run)
+        store = dist.TCPStore("127.0.0.1", port, placement.world_size, is_master=False,
+                              timeout=timedelta(seconds=300))
+        init = dict(store=store, rank=rank, world_size=placement.world_size)
         if placement.backend == "nccl":
             device = torch.device("cuda", placement.devices[rank])
             torch.cuda.set_device(device)
@@ -258,7 +262,12 @@ def _run(placement: Placement, fn: Callable, args: tuple, timeout_s: float, thre
          prefix_output: bool, what: str) -> list[Any]:
     ctx = mp.get_context("spawn")
     reports = ctx.SimpleQueue()
-    port = free_port()
+    # The parent listens for the ranks' rendezvous on a port the kernel picks while binding it:
+    # picking a "free" port first and binding it later in a rank raced with other processes
+    # (EADDRINUSE seen on the device). It lives until every rank is gone.
+    store = dist.TCPStore("127.0.0.1", 0, placement.world_size, is_master=True,
+                          wait_for_workers=False, timeout=timedelta(seconds=300))
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(r, placement, port, reports, fn, args, threads,
                                               prefix_output))
              for r in range(placement.world_size)]

@@ -29,7 +29,6 @@ def pytest_configure(config):
 def single_rank_group():
     """The default process group: gloo, world size 1 (for checks that need no peers)."""
     if not dist.is_initialized():
-        from deep_ep_ops.local_ranks import free_port
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
-                                rank=0, world_size=1)
+        from deep_ep_ops.local_ranks import init_single_rank_group
+        init_single_rank_group("gloo")
     yield dist.group.WORLD

@@ -73,12 +73,11 @@ def main() -> None:
     p.add_argument("--no-profile", action="store_true")
     args = p.parse_args()
 
-    from deep_ep_ops.local_ranks import free_port
+    from deep_ep_ops.local_ranks import init_single_rank_group
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1, device_id=dev)
+    init_single_rank_group("nccl", device_id=dev)
     import deep_ep_ops
     from deep_ep_ops import ops as ops_py
     from deep_ep_ops.cuda import ep

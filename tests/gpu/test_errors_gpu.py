@@ -28,13 +28,12 @@ def buf():
     import torch.distributed as dist
 
     import deep_ep_ops
-    from deep_ep_ops.local_ranks import free_port
+    from deep_ep_ops.local_ranks import init_single_rank_group
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                world_size=1, device_id=dev)
+        init_single_rank_group("nccl", device_id=dev)
         group = dist.group.WORLD
     else:  # e.g. the gloo group of tests/conftest.py: a 1-rank NCCL group beside it
         group = dist.new_group([0], backend="nccl")
