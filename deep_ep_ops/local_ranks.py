@@ -216,7 +216,8 @@ def _worker(rank: int, placement: Placement, port: int, reports, fn: Callable,
         else:
             dist.init_process_group("gloo", **init)
         result = fn(rank, placement.world_size, *args)
-        dist.barrier()  # leave together: a peer closing its sockets can abort a waiting rank
+        dist.barrier()  # every rank's collectives are done here...
+        _leave_together(store, placement.world_size)  # ...and no rank exits before all are
         reports.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent
         reports.put((rank, False, traceback.format_exc()))
@@ -225,6 +226,16 @@ def _worker(rank: int, placement: Placement, port: int, reports, fn: Callable,
     # abort ("terminate called without an active exception") and turn a passed rank into a
     # failure; the process ends here either way.
     _flush_and_exit(0)
+
+
+def _leave_together(store, world_size: int) -> None:
+    """Wait on the rendezvous store until every rank got here. A rank that left right after
+    its process group's barrier returned could still owe a peer the barrier's last bytes (the
+    NCCL network transport sends them from a proxy thread, which os._exit kills): the peer then
+    died in that barrier with 'Connection closed by remote peer' (seen at R = 8 on one GPU)."""
+    if store.add("deep_ep_ops/ranks_leaving", 1) == world_size:
+        store.set("deep_ep_ops/all_leaving", "1")
+    store.wait(["deep_ep_ops/all_leaving"])
 
 
 def _flush_and_exit(code: int) -> None:
