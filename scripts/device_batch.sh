@@ -68,7 +68,7 @@ for s in "${steps[@]}"; do
       step comm 330 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_comm_ops_gpu.py tests/gpu/test_errors_gpu.py tests/gpu/test_transport_gpu.py ;;
     suites_b)  # multi-host simulation, autograd, compile, the nn layer
-      step layers 400 python3 -m pytest -q -rfE --tb=short --timeout 200 \
+      step layers 540 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_multihost_gpu.py tests/gpu/test_interhost_gpu.py \
         tests/gpu/test_autograd_gpu.py tests/gpu/test_compile_gpu.py tests/gpu/test_nn_gpu.py ;;
     regs)

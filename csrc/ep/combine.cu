@@ -5,9 +5,9 @@
 // tokens locally in fp32 and stores the partial into the source rank's window at
 // [source token][combine slot]; the slot is the destination's index among the token's
 // destination ranks, so slot order is rank order.
-// reduce (a token per warp, after each warp's first by ticket, reset by the push): each source adds its slots
-// 0..n-1 in order; its own slot (its own tokens' rows here)
-// is never staged: the reduce computes that partial from x itself, in the same order, where
+// reduce (a token per warp; after each warp's first, tokens by ticket, which the push resets):
+// each source adds its slots 0..n-1 in order; its own slot (its own tokens' rows here) is never
+// staged: the reduce computes that partial from x itself, in the same order, where
 // the slot comes in the sum. With one rank there is nothing to push: combine is the reduce
 // alone, no barrier. Every product and sum is rounded to fp32 on its own (__fmul_rn/__fadd_rn
 // forbid fma contraction) and every sum starts from its first term, so results equal the
