@@ -25,8 +25,8 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import timedelta
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -191,8 +191,8 @@ class _PrefixedLines:
         return getattr(self._stream, name)
 
 
-def _worker(rank: int, placement: Placement, port: int, reports, fn: Callable,
-            args: tuple, threads: int, prefix_output: bool) -> None:
+def _worker(rank: int, placement: Placement, port: int, store_timeout: timedelta, reports,
+            fn: Callable, args: tuple, threads: int, prefix_output: bool) -> None:
     os.environ.update(placement.rank_env(rank))  # before CUDA initialises in this process
     if prefix_output:
         sys.stdout = _PrefixedLines(sys.stdout, f"[rank {rank}] ")
@@ -207,7 +207,7 @@ def _worker(rank: int, placement: Placement, port: int, reports, fn: Callable,
     try:
         # a client of the store the parent listens on (see _run)
         store = dist.TCPStore("127.0.0.1", port, placement.world_size, is_master=False,
-                              timeout=timedelta(seconds=300))
+                              timeout=store_timeout)
         init = dict(store=store, rank=rank, world_size=placement.world_size)
         if placement.backend == "nccl":
             device = torch.device("cuda", placement.devices[rank])
@@ -275,12 +275,13 @@ def _run(placement: Placement, fn: Callable, args: tuple, timeout_s: float, thre
     reports = ctx.SimpleQueue()
     # The parent listens for the ranks' rendezvous on a port the kernel picks while binding it:
     # picking a "free" port first and binding it later in a rank raced with other processes
-    # (EADDRINUSE seen on the device). It lives until every rank is gone.
+    # (EADDRINUSE seen on the device). It lives until every rank is gone. No wait on it needs
+    # to outlast the run's own deadline, after which every rank is killed.
+    store_timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore("127.0.0.1", 0, placement.world_size, is_master=True,
-                          wait_for_workers=False, timeout=timedelta(seconds=300))
-    port = store.port
-    procs = [ctx.Process(target=_worker, args=(r, placement, port, reports, fn, args, threads,
-                                              prefix_output))
+                          wait_for_workers=False, timeout=store_timeout)
+    procs = [ctx.Process(target=_worker, args=(r, placement, store.port, store_timeout, reports,
+                                              fn, args, threads, prefix_output))
              for r in range(placement.world_size)]
     for p in procs:
         p.start()
