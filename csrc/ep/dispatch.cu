@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_pipelined_kerne
   const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, &bases_ok);
   const int lane = lane_id(), warps = blockDim.x / kWarp;
   const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
-  // 16-byte pieces of a row held in registers, and what is left for a second pass (rows over
+  // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
   // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
   const int x_vecs = static_cast<int>(p.io.x_bytes / 16), s_vecs = static_cast<int>(p.io.s_bytes / 16);
   const int nx = min(x_vecs, kStageRowVecs * kWarp), ns = min(s_vecs, kStageScaleVecs * kWarp);
