@@ -61,10 +61,11 @@ for s in "${steps[@]}"; do
         step "knob_${setting%%=*}" 120 env "$setting" python3 tests/gpu/bench_moe_ops.py \
           --world 2 --num-sms 0 24 --iters 7 --timeline-only --direct-outputs 2
       done ;;
-    suites_a)  # the EP tests that are not bitwise (graph replay, stalled peer), pp / cp / engram
+    suites_a | ep_rest)  # the EP tests that are not bitwise (graph replay, stalled peer), then pp / cp / engram
       step ep_rest 200 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_moe_ops_gpu.py tests/gpu/test_combine_input_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py -k "not bitwise"
+      [ "$s" = ep_rest ] && continue
       step comm 330 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_comm_ops_gpu.py tests/gpu/test_errors_gpu.py tests/gpu/test_transport_gpu.py ;;
     suites_b)  # multi-host simulation, autograd, compile, the nn layer
@@ -81,6 +82,6 @@ for s in "${steps[@]}"; do
     bulk)
       ab bulk DEEP_EP_OPS_BULK_COPY=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py tests/gpu/test_combine_input_gpu.py ;;
-    *) echo "unknown step $s (verify, bench, before, profile, timeline, knobs, suites_a, suites_b, regs, bulk)"; exit 2 ;;
+    *) echo "unknown step $s (verify, bench, before, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
   esac
 done
