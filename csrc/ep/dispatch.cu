@@ -380,9 +380,11 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_pipelined_kerne
   TokenRouting r;
   if (t < p.io.T) r = load_routing(p, t);
   unsigned asked = 0;  // lane 0: the ticket of the warp's next token, asked one token ahead
-  if (lane == 0 && t < p.io.T) asked = atomicAdd(p.s.push_ticket, 1u);
+  // (p.skip: timing experiments only, the outputs are then wrong; see PushParams::skip)
+  const bool no_meta = p.skip & 1, no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
+  if (lane == 0 && t < p.io.T && !no_ticket) asked = atomicAdd(p.s.push_ticket, 1u);
   while (t < p.io.T) {
-    stage_row(p.io, t, nx, ns, stage);
+    if (!no_loads) stage_row(p.io, t, nx, ns, stage);
     // final compact row of slot `lane`: base + this count-CTA's prefix + rank inside it
     const int edst = r.e >= 0 ? r.e / p.E_loc : -1;
     int crow = -1;
@@ -390,15 +392,16 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_pipelined_kerne
       crow = p.s.cbase[edst] + p.s.cta_prefix[static_cast<int64_t>(t / p.cta_tokens) * NC + E + edst] +
              (r.rank & 0xffff);
     // the next token and its routing, in flight with this token's row
-    const int nt = first_round + static_cast<int>(__shfl_sync(0xffffffffu, asked, 0));
+    const int nt = no_ticket ? t + first_round : first_round + static_cast<int>(__shfl_sync(0xffffffffu, asked, 0));
     TokenRouting rn;
     if (nt < p.io.T) {
-      if (lane == 0) asked = atomicAdd(p.s.push_ticket, 1u);
+      if (lane == 0 && !no_ticket) asked = atomicAdd(p.s.push_ticket, 1u);
       rn = load_routing(p, nt);
     }
     const unsigned dmask = r.dmask;
-    warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
-                        __popc(dmask), edst, crow);
+    if (!no_meta)
+      warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
+                          __popc(dmask), edst, crow);
     char *xd = nullptr, *sd = nullptr;  // lane i < nd: the i-th destination's rows
     int nd = 0;
     for (unsigned rest = dmask; rest != 0; rest &= rest - 1) {
@@ -406,8 +409,12 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_pipelined_kerne
       const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
       const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);
       const int cslot = __popc(dmask & ((1u << d) - 1u));
-      if (d == me) write_own_compact_row(p, row, t, cslot, r.e, r.wgt);
-      else write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, r.e, -1, r.wgt);
+      if (no_meta) {
+      } else if (d == me) {
+        write_own_compact_row(p, row, t, cslot, r.e, r.wgt);
+      } else {
+        write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, r.e, -1, r.wgt);
+      }
       char *x_at, *s_at;
       compact_row_dst(p, d, row, out_x_at, out_s_at, x_at, s_at);
       if (lane == nd) {
@@ -416,6 +423,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_pipelined_kerne
       }
       ++nd;
     }
+    if (no_stores) nd = 0;
     // every destination row at 16 bytes (a peer's slot could in principle be off): stores from
     // the registers; otherwise the row is read again by the copy that takes any alignment
     const bool aligned =

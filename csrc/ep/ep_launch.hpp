@@ -139,6 +139,10 @@ struct PushParams {
   // the pipelined compact loop (dispatch.cu): R >= 2, compact, no bulk fan-out, rows and scale
   // packs at 16-byte multiples and addresses (default; DEEP_EP_OPS_PUSH_PIPELINE=0 for A/B runs)
   int pipelined;
+  // timing experiments on the pipelined loop only (DEEP_EP_OPS_PUSH_SKIP, bits; the outputs are
+  // then wrong): 1 no routing / handle / metadata stores, 2 fixed token stride instead of the
+  // ticket, 4 no row stores, 8 no row loads
+  int skip;
   // pull each warp's first rows of x into L2 before waiting for the layout (default 1;
   // DEEP_EP_OPS_PUSH_PREFETCH=0 for A/B runs: the pulls compete with the layout's loads)
   int prefetch;

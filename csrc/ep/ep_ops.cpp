@@ -336,6 +336,8 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.pipelined = aligned && pp.bulk_row_bytes == 0 && pipeline && pipelined_push_fits(st.smem_optin);
   if (R > 1) ++(pp.bulk_row_bytes > 0 ? st.dispatch_bulk : st.dispatch_register);
   if (pp.pipelined) ++st.dispatch_pipelined;
+  static const int skip = env_knob("DEEP_EP_OPS_PUSH_SKIP", 0, 0, 15);  // (timing experiments)
+  pp.skip = skip;
   if (R == 1) {
     // one rank: the push writes every output (no window, no barrier, no epilogue)
     check_cuda(launch_dispatch_push(pp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
