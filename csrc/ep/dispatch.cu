@@ -334,31 +334,58 @@ __device__ __forceinline__ TokenRouting load_routing(const PushParams& p, int t)
 constexpr int kStageRowVecs = 16;  // 16-byte pieces per lane staged: rows up to 8 KiB at once
 constexpr int kStageScaleVecs = 1;  // scale packs up to 512 bytes
 constexpr int kStageVecs = (kStageRowVecs + kStageScaleVecs) * kWarp;  // per warp
-constexpr int kPipelinedSmemBytes = kStageVecs * 16 * (kPushThreads / kWarp);
+// More warps than the general loop (its rows sit in registers; these in shared memory): a warp's
+// tokens are latency-bound (ticket, routing, bases, then the row), so more of them per SM move
+// more rows at once. 24 warps x 8.5 KiB of stages fit a Hopper SM's shared memory.
+constexpr int kPipelinedThreads = 768;
+constexpr int kPipelinedSmemBytes = kStageVecs * 16 * (kPipelinedThreads / kWarp);
 
-// Lane l stages 16-byte pieces l, l + 32, ... of token t's row (nx of them) and of its scale
-// pack (ns); it later stores the same pieces, so no other lane's copies need waiting for.
-__device__ __forceinline__ void stage_row(const DispatchIO& io, int t, int nx, int ns, int4* stage) {
+// Lane l stages 16-byte pieces l, l + 32, ... (n of them, at most kVecs * 32) of src and later
+// stores the same pieces, so with aligned destinations no lane waits for another's copies.
+template <int kVecs>
+__device__ __forceinline__ void stage_pieces(const char* src, int n, int4* stage) {
   const int lane = lane_id();
-  const int4* xs = reinterpret_cast<const int4*>(io.x + static_cast<int64_t>(t) * io.x_bytes);
+  const int4* v = reinterpret_cast<const int4*>(src);
 #pragma unroll
-  for (int u = 0; u < kStageRowVecs; ++u)
-    if (u * kWarp + lane < nx) cp_async_16(stage + u * kWarp + lane, xs + u * kWarp + lane);
-  if (lane < ns)
-    cp_async_16(stage + kStageRowVecs * kWarp + lane,
-                reinterpret_cast<const int4*>(io.scales + static_cast<int64_t>(t) * io.s_bytes) + lane);
+  for (int u = 0; u < kVecs; ++u)
+    if (u * kWarp + lane < n) cp_async_16(stage + u * kWarp + lane, v + u * kWarp + lane);
 }
 
-__device__ __forceinline__ void store_staged_row(char* x_at, char* s_at, int nx, int ns, const int4* stage) {
+// The staged pieces to dst; a destination off 16 bytes (a peer's slot could in principle be)
+// takes them byte by byte, for which the warp first syncs (lanes then read others' pieces).
+template <int kVecs>
+__device__ __forceinline__ void store_pieces(char* dst, int n, const int4* stage, bool aligned) {
   const int lane = lane_id();
-  int4* xd = reinterpret_cast<int4*>(x_at);
+  if (aligned) {
+    int4* d = reinterpret_cast<int4*>(dst);
 #pragma unroll
-  for (int u = 0; u < kStageRowVecs; ++u)
-    if (u * kWarp + lane < nx) xd[u * kWarp + lane] = stage[u * kWarp + lane];
-  if (lane < ns) reinterpret_cast<int4*>(s_at)[lane] = stage[kStageRowVecs * kWarp + lane];
+    for (int u = 0; u < kVecs; ++u)
+      if (u * kWarp + lane < n) d[u * kWarp + lane] = stage[u * kWarp + lane];
+    return;
+  }
+  __syncwarp();
+  const char* b = reinterpret_cast<const char*>(stage);
+  for (int i = lane; i < n * 16; i += kWarp) dst[i] = b[i];
 }
 
-__global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_pipelined_kernel(PushParams p) {
+// The rest of a row (or scale pack) past what the first stage held, chunk by chunk through
+// the stage, to the destinations of lanes [0, nd) (lane i holds the i-th one in `dst`).
+template <int kVecs>
+__device__ void stage_rest(const char* src, int64_t bytes, char* dst, int nd, int4* stage, bool aligned) {
+  constexpr int64_t kChunk = 16LL * kVecs * kWarp;
+  for (int64_t off = kChunk; off < bytes; off += kChunk) {
+    const int n = static_cast<int>(min(kChunk, bytes - off) / 16);
+    __syncwarp();  // every lane is done with the stage's previous pieces
+    stage_pieces<kVecs>(src + off, n, stage);
+    cp_async_wait_all();
+    for (int i = 0; i < nd; ++i) {
+      char* at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(dst), i));
+      store_pieces<kVecs>(at + off, n, stage, aligned);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_kernel(PushParams p) {
   extern __shared__ __align__(16) int4 row_stages[];  // [warps][kStageVecs]
   __shared__ unsigned long long rows_done_ns;
   __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
@@ -384,7 +411,11 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_pipelined_kerne
   const bool no_meta = p.skip & 1, no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
   if (lane == 0 && t < p.io.T && !no_ticket) asked = atomicAdd(p.s.push_ticket, 1u);
   while (t < p.io.T) {
-    if (!no_loads) stage_row(p.io, t, nx, ns, stage);
+    if (!no_loads) {
+      stage_pieces<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, nx, stage);
+      stage_pieces<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, ns,
+                                    stage + kStageRowVecs * kWarp);
+    }
     // final compact row of slot `lane`: base + this count-CTA's prefix + rank inside it
     const int edst = r.e >= 0 ? r.e / p.E_loc : -1;
     int crow = -1;
@@ -424,27 +455,23 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_pipelined_kerne
       ++nd;
     }
     if (no_stores) nd = 0;
-    // every destination row at 16 bytes (a peer's slot could in principle be off): stores from
-    // the registers; otherwise the row is read again by the copy that takes any alignment
     const bool aligned =
         __ballot_sync(0xffffffffu, lane < nd && ((reinterpret_cast<uintptr_t>(xd) |
                                                   reinterpret_cast<uintptr_t>(sd)) & 15u)) == 0;
-    const unsigned to = nd >= kWarp ? 0xffffffffu : (1u << nd) - 1u;
-    const char* xrow = p.io.x + static_cast<int64_t>(t) * p.io.x_bytes;
-    const char* srow = p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes;
     cp_async_wait_all();
-    if (aligned) {
-      for (int i = 0; i < nd; ++i) {
-        char* x_at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(xd), i));
-        char* s_at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(sd), i));
-        store_staged_row(x_at, s_at, nx, ns, stage);
-      }
-      if (x_rest > 0) warp_copy_fanout(xd + 16LL * nx, to, xrow + 16LL * nx, x_rest);
-      if (s_rest > 0) warp_copy_fanout(sd + 16LL * ns, to, srow + 16LL * ns, s_rest);
-    } else if (nd > 0) {
-      warp_copy_fanout(xd, to, xrow, p.io.x_bytes);
-      if (p.io.s_bytes > 0) warp_copy_fanout(sd, to, srow, p.io.s_bytes);
+    if (!aligned) __syncwarp();
+    for (int i = 0; i < nd; ++i) {
+      char* x_at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(xd), i));
+      char* s_at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(sd), i));
+      store_pieces<kStageRowVecs>(x_at, nx, stage, aligned);
+      store_pieces<kStageScaleVecs>(s_at, ns, stage + kStageRowVecs * kWarp, aligned);
     }
+    if (x_rest > 0)
+      stage_rest<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes, xd, nd, stage, aligned);
+    if (s_rest > 0)
+      stage_rest<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes, sd, nd,
+                                  stage + kStageRowVecs * kWarp, aligned);
+    __syncwarp();  // every lane is done with the stage before the next token's copies
     t = nt;
     r = rn;
   }
@@ -522,7 +549,7 @@ cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t str
     static const int room =
         raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_pipelined_kernel));
     if (kPipelinedSmemBytes > room) return cudaErrorInvalidValue;  // pipelined_push_fits() said so
-    return launch_pdl(dispatch_push_pipelined_kernel, ctas, kPushThreads, kPipelinedSmemBytes, stream, p);
+    return launch_pdl(dispatch_push_pipelined_kernel, ctas, kPipelinedThreads, kPipelinedSmemBytes, stream, p);
   }
   if (p.bulk_row_bytes == 0) return launch_pdl(dispatch_push_kernel<false>, ctas, kPushThreads, 0, stream, p);
   static const int room =
