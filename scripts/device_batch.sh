@@ -4,7 +4,7 @@
 # benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
 # bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
 # the build cache comes back too:
-#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [before] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
 # (default: verify bench profile; suites_a / suites_b: the other GPU tests, all R, in two
 # calls' worth; regs: the R = 2-4 bitwise suites and the bench again with
 # DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B; bulk: the same
@@ -57,26 +57,31 @@ for s in "${steps[@]}"; do
       step timeline_bulk 200 env DEEP_EP_OPS_BULK_COPY=1 python3 tests/gpu/bench_moe_ops.py \
         --world 2 --num-sms 0 24 --iters 9 --timeline --direct-outputs 2 ;;
     knobs)  # the dispatch timeline with each tuning knob against the default (lone calls)
-      for setting in DEEP_EP_OPS_NONE=0 DEEP_EP_OPS_PUSH_PREFETCH=0 DEEP_EP_OPS_LAYOUT_WARPS=2; do
+      for setting in DEEP_EP_OPS_NONE=0 DEEP_EP_OPS_PUSH_PIPELINE=0 DEEP_EP_OPS_LAYOUT_ORDERED=0; do
         step "knob_${setting%%=*}" 120 env "$setting" python3 tests/gpu/bench_moe_ops.py \
           --world 2 --num-sms 0 24 --iters 7 --timeline-only --direct-outputs 2
       done ;;
-    suites_a)  # the EP tests that are not bitwise (graph replay, stalled peer), pp / cp / engram
+    suites_a | ep_rest)  # the EP tests that are not bitwise (graph replay, stalled peer), then pp / cp / engram
       step ep_rest 200 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_moe_ops_gpu.py tests/gpu/test_combine_input_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py -k "not bitwise"
+      [ "$s" = ep_rest ] && continue
       step comm 330 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_comm_ops_gpu.py tests/gpu/test_errors_gpu.py tests/gpu/test_transport_gpu.py ;;
     suites_b)  # multi-host simulation, autograd, compile, the nn layer
       step layers 540 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_multihost_gpu.py tests/gpu/test_interhost_gpu.py \
         tests/gpu/test_autograd_gpu.py tests/gpu/test_compile_gpu.py tests/gpu/test_nn_gpu.py ;;
+    before)  # the R = 2 bench on the paths of before v14 (general push loop, one count barrier)
+      mkdir -p "$out/bench_before"
+      step bench_before 240 env DEEP_EP_OPS_PUSH_PIPELINE=0 DEEP_EP_OPS_LAYOUT_ORDERED=0 \
+        python3 -m bench.bench_ep "${bench_args[@]}" --out "$out/bench_before" ;;
     regs)
       ab regs DEEP_EP_OPS_COMBINE_SMEM=0 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_combine_input_gpu.py ;;
     bulk)
       ab bulk DEEP_EP_OPS_BULK_COPY=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py tests/gpu/test_combine_input_gpu.py ;;
-    *) echo "unknown step $s (verify, bench, profile, timeline, knobs, suites_a, suites_b, regs, bulk)"; exit 2 ;;
+    *) echo "unknown step $s (verify, bench, before, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
   esac
 done

@@ -46,16 +46,12 @@ using namespace dev;  // NOLINT(build/namespaces): .cu file, not a header
 constexpr int kPushThreads = 512;
 static_assert(kPushThreads / kWarp == kBulkWarps, "one bulk row buffer per push warp");
 
-// kBulk: the bulk fan-out (its own instantiation, so the default one keeps its registers).
-template <bool kBulk>
-__global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushParams p) {
+// What both push loops share before their tokens: the profiling stamp, the L2 pulls of each
+// warp's first rows, the wait for what the rows need (the compact bases, or the layout's end),
+// and where each destination wants its rows; this first part runs before the wait.
+__device__ void push_prologue(const PushParams& p, unsigned long long* stamp) {
   const int warps = blockDim.x / kWarp;
   const int lane = lane_id();
-  extern __shared__ __align__(128) char push_rows[];  // bulk fan-out: one row buffer per warp
-  __shared__ unsigned long long row_loaded[kPushThreads / kWarp];
-  __shared__ unsigned long long rows_done_ns;  // latest warp to finish its tokens (profiling)
-  // (stamps are stored at once: none stays in a register across the token loop)
-  unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
   if (threadIdx.x == 0 && !p.local_only) stamp[0] = global_ns();
   // Before waiting for the layout kernel: pull this warp's first rows of x into L2. x is not
   // the layout's output but its predecessor's, and this grid only starts once every layout
@@ -68,6 +64,132 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       if (p.io.s_bytes > 0) prefetch_l2(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes);
     }
   }
+}
+
+// The wait half of the prologue (after the bulk fan-out's first load is in flight). Returns
+// whether the wait succeeded (a failed one: no rows; the barrier at the end then fails fast as
+// well). Every thread must call it. out_x_at / out_s_at: shared [R]; a direct-output slot of
+// destination d's window, or -1: this rank's staging rows there; ok: a shared int.
+__device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stamp,
+                                   long long* out_x_at, long long* out_s_at, int* ok) {
+  // A compact push with peers starts once the layout's last CTA has the compact bases (the
+  // layout's per-expert work and its end come later; the push waits for them before it ends,
+  // so what follows still sees a finished layout). Everything else waits for the layout's end.
+  if (!p.local_only && !p.expand) {
+    if (threadIdx.x == 0)
+      *ok = timed_wait(p.s.bases_ready, [](uint32_t v) { return v != 0u; }, p.comm.wait,
+                       kOpDispatchLayout, kLayoutSlot, p.comm.rank, 1u);
+  } else {
+    pdl_wait();
+    if (threadIdx.x == 0) *ok = 1;
+  }
+  __syncthreads();
+  pdl_trigger();
+  if (threadIdx.x == 0 && !p.local_only) stamp[1] = global_ns();
+  const int R = p.comm.num_ranks;
+  if (!p.local_only)
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      const long long* outs =
+          reinterpret_cast<const long long*>(peer_ptr(p.comm, p.comm.rank) + p.comm.outs_off) + 2 * d;
+      out_x_at[d] = __ldcg(outs);
+      out_s_at[d] = __ldcg(outs + 1);
+    }
+  __syncthreads();
+  return *ok != 0;
+}
+
+// What both push loops do after their tokens: the handle's header row, then with one rank the
+// rows that carry no token, with more the barrier with the peers and the profiling stamps.
+__device__ void push_finish(const PushParams& p, unsigned long long* stamp,
+                            const unsigned long long* rows_done_ns) {
+  if (!p.local_only && !p.expand) pdl_wait();  // the layout's end (the header row, recv_info)
+  const int W = p.io.W, K = p.io.K;
+  if (blockIdx.x == 0)  // handle header row
+    for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
+  if (p.local_only) {
+    int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
+    FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
+               p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
+    fill_empty_rows(a);
+    return;
+  }
+  cta_barrier(p.comm, blockIdx.x, kOpDispatchPush);
+  if (threadIdx.x == 0) {  // (rows_done_ns: every warp added it before the barrier's __syncthreads)
+    stamp[2] = *rows_done_ns;
+    stamp[3] = global_ns();
+  }
+}
+
+// The metadata row of token t at compact row `row` of peer d's window: source rank and token,
+// combine slot, then per slot k (lane k < K) the local expert at d, its expert-major row there
+// and its weight (-1 / 0 for slots elsewhere). The destination's epilogue builds its routing
+// tensors and handle rows from it.
+__device__ __forceinline__ void write_meta_row(const PushParams& p, char* base, int d, int row,
+                                               int t, int cslot, int e, int erow, float wgt) {
+  const int lane = lane_id(), K = p.io.K;
+  int* meta = reinterpret_cast<int*>(base + p.rows.m_off) + static_cast<int64_t>(row) * p.rows.meta_ints;
+  if (lane == 0) {
+    meta[0] = p.comm.rank;
+    meta[1] = t;
+    meta[2] = cslot;
+    meta[3] = 0;
+  }
+  if (lane < K) {
+    const bool here = e >= 0 && e / p.E_loc == d;
+    meta[4 + lane] = here ? e - d * p.E_loc : -1;
+    meta[4 + K + lane] = here ? erow : -1;
+    meta[4 + 2 * K + lane] = here ? __float_as_int(wgt) : 0;
+  }
+}
+
+// This rank's own compact row `row` of token t: its routing tensors (recv_idx, recv_w) and the
+// handle's receive row, which the epilogue writes for the other ranks' tokens.
+__device__ __forceinline__ void write_own_compact_row(const PushParams& p, int row, int t,
+                                                      int cslot, int e, float wgt) {
+  const int lane = lane_id(), K = p.io.K, me = p.comm.rank;
+  const bool here = e >= 0 && e / p.E_loc == me;
+  if (lane < K) {
+    static_cast<int64_t*>(p.io.recv_idx)[static_cast<int64_t>(row) * K + lane] = here ? e - me * p.E_loc : -1;
+    p.io.recv_w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
+  }
+  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * p.io.W;
+  warp_write_compact_recv_row(recv_h + static_cast<int64_t>(row) * p.io.W, p.io.W, me, t, row, cslot);
+}
+
+// Where a compact row goes at destination d: this rank's outputs, the destination's
+// direct-output slot, or this rank's staging rows in its window.
+__device__ __forceinline__ void compact_row_dst(const PushParams& p, int d, int row,
+                                                const long long* out_x_at, const long long* out_s_at,
+                                                char*& x_at, char*& s_at) {
+  if (d == p.comm.rank) {
+    x_at = p.io.recv_x + static_cast<int64_t>(row) * p.io.x_bytes;
+    s_at = p.io.recv_s + static_cast<int64_t>(row) * p.io.s_bytes;
+    return;
+  }
+  char* base = peer_ptr(p.comm, d);
+  const long long ox = out_x_at[d], os = out_s_at[d];
+  if (ox < 0) {
+    x_at = base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride;
+    s_at = base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride;
+  } else {
+    x_at = base + ox + static_cast<int64_t>(row) * p.io.x_bytes;
+    s_at = base + os + static_cast<int64_t>(row) * p.io.s_bytes;
+  }
+}
+
+// kBulk: the bulk fan-out (its own instantiation, so the default one keeps its registers).
+template <bool kBulk>
+__global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushParams p) {
+  const int warps = blockDim.x / kWarp;
+  const int lane = lane_id();
+  extern __shared__ __align__(128) char push_rows[];  // bulk fan-out: one row buffer per warp
+  __shared__ unsigned long long row_loaded[kPushThreads / kWarp];
+  __shared__ unsigned long long rows_done_ns;  // latest warp to finish its tokens (profiling)
+  __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
+  __shared__ int bases_ok;
+  // (stamps are stored at once: none stays in a register across the token loop)
+  unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
+  push_prologue(p, stamp);
   // Bulk fan-out: the warp's first row starts loading into its buffer before the wait too (for
   // the same reason); each later row starts as soon as the previous one's stores are issued.
   const unsigned xb = static_cast<unsigned>(p.io.x_bytes), sb = static_cast<unsigned>(p.io.s_bytes);
@@ -85,39 +207,10 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
     __syncwarp();
     load_row(blockIdx.x * warps + warp_id());
   }
-  // A compact push with peers starts once the layout's last CTA has the compact bases (the
-  // layout's per-expert work and its end come later; the push waits for them before it ends,
-  // so what follows still sees a finished layout). Everything else waits for the layout's end.
-  const bool early = !p.local_only && !p.expand;
-  __shared__ int bases_ok;
-  if (early) {
-    if (threadIdx.x == 0)
-      bases_ok = timed_wait(p.s.bases_ready, [](uint32_t v) { return v != 0u; }, p.comm.wait,
-                            kOpDispatchLayout, kLayoutSlot, p.comm.rank, 1u);
-  } else {
-    pdl_wait();
-    if (threadIdx.x == 0) bases_ok = 1;
-  }
-  __syncthreads();
-  pdl_trigger();
-  if (threadIdx.x == 0) {
-    rows_done_ns = 0;
-    if (!p.local_only) stamp[1] = global_ns();
-  }
+  if (threadIdx.x == 0) rows_done_ns = 0;
+  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, &bases_ok);
   const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
   int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
-  // Where each destination wants its rows of x and scales (its layout kernel published them
-  // before the count barrier, which the bases follow): a direct-output slot of its window, or
-  // -1: this rank's staging rows in its window.
-  __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
-  if (!p.local_only)
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      const long long* outs =
-          reinterpret_cast<const long long*>(peer_ptr(p.comm, me) + p.comm.outs_off) + 2 * d;
-      out_x_at[d] = __ldcg(outs);
-      out_s_at[d] = __ldcg(outs + 1);
-    }
-  __syncthreads();
   // Each warp's first token is fixed (its row may be in flight already); later ones come from
   // the ticket when rows cross windows, since a CTA whose SM is taken by another process can
   // start tens of microseconds late and would otherwise hold its fixed share (and its peers'
@@ -126,8 +219,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
   const auto next_token = [&](int t) {
     return p.local_only ? t + first_round : warp_next_ticket(p.s.push_ticket, first_round);
   };
-  // (a failed wait for the bases: no rows; the barrier below then fails fast as well)
-  for (int t = bases_ok ? blockIdx.x * warps + warp_id() : p.io.T; t < p.io.T;) {
+  for (int t = ok ? blockIdx.x * warps + warp_id() : p.io.T; t < p.io.T;) {
     const unsigned dmask = p.s.tok_dmask[t];
     const int64_t tk = static_cast<int64_t>(t) * K + lane;
     int e;
@@ -151,68 +243,40 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
     // row is then read once and stored to all of them (warp_copy_fanout)
     char *xd = nullptr, *sd = nullptr;
     int nd = 0;
-    const auto fan_out_to = [&](char* x_at, char* s_at) {
-      if (lane == nd) {
-        xd = x_at;
-        sd = s_at;
-      }
-      ++nd;
-    };
     for (unsigned rest = dmask; rest != 0; rest &= rest - 1) {
       const int d = __ffs(rest) - 1;
       const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
       const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);  // compact row at d
       const int cslot = __popc(dmask & ((1u << d) - 1u));
-      if (d == me) {
-        // straight into this rank's outputs, with the routing tensors and handle rows the
-        // epilogue writes for the other ranks' tokens
-        const bool here = edst == me;
-        const int j = here ? e - me * p.E_loc : -1;  // local expert of slot `lane`
-        int* grow = recv_h + static_cast<int64_t>(row) * W;  // group `row`
-        if (!p.expand) {
-          fan_out_to(p.io.recv_x + static_cast<int64_t>(row) * p.io.x_bytes,
-                     p.io.recv_s + static_cast<int64_t>(row) * p.io.s_bytes);
-          if (lane < K) {
-            static_cast<int64_t*>(p.io.recv_idx)[static_cast<int64_t>(row) * K + lane] = j;
-            p.io.recv_w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
-          }
-          warp_write_compact_recv_row(grow, W, me, t, row, cslot);
-        } else {
-          warp_copy_rows(p.io.recv_x, erow, at_d, xrow, p.io.x_bytes);
-          if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, at_d, srow, p.io.s_bytes);
-          warp_write_expand_group(recv_h, W, K, row, me, t, cslot, j, erow, wgt,
-                                  static_cast<int*>(p.io.recv_idx), p.io.recv_w);
+      if (!p.expand) {
+        if (d == me) write_own_compact_row(p, row, t, cslot, e, wgt);
+        else write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, e, erow, wgt);
+        char *x_at, *s_at;
+        compact_row_dst(p, d, row, out_x_at, out_s_at, x_at, s_at);
+        if (lane == nd) {
+          xd = x_at;
+          sd = s_at;
         }
+        ++nd;
+        continue;
+      }
+      // expert-major: every expert-major row of the token at d (or the staging row there)
+      const bool here = edst == d;
+      if (d == me) {
+        warp_copy_rows(p.io.recv_x, erow, at_d, xrow, p.io.x_bytes);
+        if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, at_d, srow, p.io.s_bytes);
+        warp_write_expand_group(recv_h, W, K, row, me, t, cslot, here ? e - me * p.E_loc : -1, erow,
+                                wgt, static_cast<int*>(p.io.recv_idx), p.io.recv_w);
         continue;
       }
       char* base = peer_ptr(p.comm, d);
-      int* meta = reinterpret_cast<int*>(base + p.rows.m_off) + static_cast<int64_t>(row) * p.rows.meta_ints;
+      write_meta_row(p, base, d, row, t, cslot, e, erow, wgt);
       const long long ox = out_x_at[d], os = out_s_at[d];
-      if (lane == 0) {
-        meta[0] = me;
-        meta[1] = t;
-        meta[2] = cslot;
-        meta[3] = 0;
-      }
-      if (lane < K) {
-        const bool here = edst == d;
-        meta[4 + lane] = here ? e - d * p.E_loc : -1;
-        meta[4 + K + lane] = here ? erow : -1;
-        meta[4 + 2 * K + lane] = here ? __float_as_int(wgt) : 0;
-      }
       if (ox < 0) {  // staged: the destination's epilogue copies the rows out
-        char* wx = base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride;
-        char* ws = base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride;
-        if (!p.expand) {
-          fan_out_to(wx, ws);
-        } else {
-          warp_copy(wx, xrow, p.io.x_bytes);
-          if (p.io.s_bytes > 0) warp_copy(ws, srow, p.io.s_bytes);
-        }
-      } else if (!p.expand) {  // straight into the destination's recv_x / recv_scales
-        fan_out_to(base + ox + static_cast<int64_t>(row) * p.io.x_bytes,
-                   base + os + static_cast<int64_t>(row) * p.io.s_bytes);
-      } else {  // every expert-major row of the token there
+        warp_copy(base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride, xrow, p.io.x_bytes);
+        if (p.io.s_bytes > 0)
+          warp_copy(base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride, srow, p.io.s_bytes);
+      } else {
         warp_copy_rows(base + ox, erow, at_d, xrow, p.io.x_bytes);
         if (p.io.s_bytes > 0) warp_copy_rows(base + os, erow, at_d, srow, p.io.s_bytes);
       }
@@ -237,20 +301,182 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
   }
   if constexpr (kBulk) fan.drain();
   if (lane == 0) atomicMax(&rows_done_ns, global_ns());
-  if (early) pdl_wait();  // the layout's end (the header row, and for the epilogue recv_info)
-  if (blockIdx.x == 0)  // handle header row
-    for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
-  if (p.local_only) {
-    FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
-               p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
-    fill_empty_rows(a);
+  push_finish(p, stamp, &rows_done_ns);
+}
+
+// ---- the pipelined compact push (R >= 2, rows and scale packs at 16-byte multiples) ----
+//
+// The push above spends a token in dependent round trips: ticket, routing, the rows' bases,
+// then the row in rounds of 4 KiB per warp (8 loads per lane), then the scale pack. At 24 SMs
+// that made its rows ~1.5x slower than a plain fan-out copy of the same bytes
+// (bench/probes/row_fanout_rate.cu). Here a warp starts copying a token's whole row (up to
+// 8 KiB) and scale pack (up to 512 bytes) into its shared-memory stage at once (cp.async: no
+// registers held while they fly), then, while they fly, loads its rows' bases and the next
+// token's ticket and routing; so a token costs about one round trip.
+
+// A token's routing as the push needs it (lane k < K: slot k; the layout kernel wrote rank only
+// for valid slots, so the value of a -1 slot is unused).
+struct TokenRouting {
+  unsigned dmask = 0;  // destination ranks
+  int e = -1;          // expert of slot `lane`, -1: none
+  float wgt = 0.f;
+  int rank = 0;  // the token's rank among its count-CTA's tokens sent to slot `lane`'s rank
+};
+
+__device__ __forceinline__ TokenRouting load_routing(const PushParams& p, int t) {
+  TokenRouting r;
+  r.dmask = p.s.tok_dmask[t];
+  load_slot(p.io, t, r.e, r.wgt);
+  if (lane_id() < p.io.K) r.rank = p.s.tok_rank[static_cast<int64_t>(t) * p.io.K + lane_id()];
+  return r;
+}
+
+constexpr int kStageRowVecs = 16;  // 16-byte pieces per lane staged: rows up to 8 KiB at once
+constexpr int kStageScaleVecs = 1;  // scale packs up to 512 bytes
+constexpr int kStageVecs = (kStageRowVecs + kStageScaleVecs) * kWarp;  // per warp
+// More warps than the general loop (its rows sit in registers; these in shared memory): a warp's
+// tokens are latency-bound (ticket, routing, bases, then the row), so more of them per SM move
+// more rows at once. 24 warps x 8.5 KiB of stages fit a Hopper SM's shared memory.
+constexpr int kPipelinedThreads = 768;
+constexpr int kPipelinedSmemBytes = kStageVecs * 16 * (kPipelinedThreads / kWarp);
+
+// Lane l stages 16-byte pieces l, l + 32, ... (n of them, at most kVecs * 32) of src and later
+// stores the same pieces, so with aligned destinations no lane waits for another's copies.
+template <int kVecs>
+__device__ __forceinline__ void stage_pieces(const char* src, int n, int4* stage) {
+  const int lane = lane_id();
+  const int4* v = reinterpret_cast<const int4*>(src);
+#pragma unroll
+  for (int u = 0; u < kVecs; ++u)
+    if (u * kWarp + lane < n) cp_async_16(stage + u * kWarp + lane, v + u * kWarp + lane);
+}
+
+// The staged pieces to dst; a destination off 16 bytes (a peer's slot could in principle be)
+// takes them byte by byte, for which the warp first syncs (lanes then read others' pieces).
+template <int kVecs>
+__device__ __forceinline__ void store_pieces(char* dst, int n, const int4* stage, bool aligned) {
+  const int lane = lane_id();
+  if (aligned) {
+    int4* d = reinterpret_cast<int4*>(dst);
+#pragma unroll
+    for (int u = 0; u < kVecs; ++u)
+      if (u * kWarp + lane < n) d[u * kWarp + lane] = stage[u * kWarp + lane];
     return;
   }
-  cta_barrier(p.comm, blockIdx.x, kOpDispatchPush);
-  if (threadIdx.x == 0) {  // (rows_done_ns: every warp added it before the barrier's __syncthreads)
-    stamp[2] = rows_done_ns;
-    stamp[3] = global_ns();
+  __syncwarp();
+  const char* b = reinterpret_cast<const char*>(stage);
+  for (int i = lane; i < n * 16; i += kWarp) dst[i] = b[i];
+}
+
+// The rest of a row (or scale pack) past what the first stage held, chunk by chunk through
+// the stage, to the destinations of lanes [0, nd) (lane i holds the i-th one in `dst`).
+template <int kVecs>
+__device__ void stage_rest(const char* src, int64_t bytes, char* dst, int nd, int4* stage, bool aligned) {
+  constexpr int64_t kChunk = 16LL * kVecs * kWarp;
+  for (int64_t off = kChunk; off < bytes; off += kChunk) {
+    const int n = static_cast<int>(min(kChunk, bytes - off) / 16);
+    __syncwarp();  // every lane is done with the stage's previous pieces
+    stage_pieces<kVecs>(src + off, n, stage);
+    cp_async_wait_all();
+    for (int i = 0; i < nd; ++i) {
+      char* at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(dst), i));
+      store_pieces<kVecs>(at + off, n, stage, aligned);
+    }
   }
+}
+
+__global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_kernel(PushParams p) {
+  extern __shared__ __align__(16) int4 row_stages[];  // [warps][kStageVecs]
+  __shared__ unsigned long long rows_done_ns;
+  __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
+  __shared__ int bases_ok;
+  unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
+  push_prologue(p, stamp);
+  if (threadIdx.x == 0) rows_done_ns = 0;
+  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, &bases_ok);
+  const int lane = lane_id(), warps = blockDim.x / kWarp;
+  const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
+  // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
+  // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
+  const int x_vecs = static_cast<int>(p.io.x_bytes / 16), s_vecs = static_cast<int>(p.io.s_bytes / 16);
+  const int nx = min(x_vecs, kStageRowVecs * kWarp), ns = min(s_vecs, kStageScaleVecs * kWarp);
+  int4* stage = row_stages + warp_id() * kStageVecs;
+  const int64_t x_rest = p.io.x_bytes - 16LL * nx, s_rest = p.io.s_bytes - 16LL * ns;
+  const int first_round = gridDim.x * warps;
+  int t = ok ? blockIdx.x * warps + warp_id() : p.io.T;
+  TokenRouting r;
+  if (t < p.io.T) r = load_routing(p, t);
+  unsigned asked = 0;  // lane 0: the ticket of the warp's next token, asked one token ahead
+  // (p.skip: timing experiments only, the outputs are then wrong; see PushParams::skip)
+  const bool no_meta = p.skip & 1, no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
+  if (lane == 0 && t < p.io.T && !no_ticket) asked = atomicAdd(p.s.push_ticket, 1u);
+  while (t < p.io.T) {
+    if (!no_loads) {
+      stage_pieces<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, nx, stage);
+      stage_pieces<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, ns,
+                                    stage + kStageRowVecs * kWarp);
+    }
+    // final compact row of slot `lane`: base + this count-CTA's prefix + rank inside it
+    const int edst = r.e >= 0 ? r.e / p.E_loc : -1;
+    int crow = -1;
+    if (r.e >= 0)
+      crow = p.s.cbase[edst] + p.s.cta_prefix[static_cast<int64_t>(t / p.cta_tokens) * NC + E + edst] +
+             (r.rank & 0xffff);
+    // the next token and its routing, in flight with this token's row
+    const int nt = no_ticket ? t + first_round : first_round + static_cast<int>(__shfl_sync(0xffffffffu, asked, 0));
+    TokenRouting rn;
+    if (nt < p.io.T) {
+      if (lane == 0 && !no_ticket) asked = atomicAdd(p.s.push_ticket, 1u);
+      rn = load_routing(p, nt);
+    }
+    const unsigned dmask = r.dmask;
+    if (!no_meta)
+      warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
+                          __popc(dmask), edst, crow);
+    char *xd = nullptr, *sd = nullptr;  // lane i < nd: the i-th destination's rows
+    int nd = 0;
+    for (unsigned rest = dmask; rest != 0; rest &= rest - 1) {
+      const int d = __ffs(rest) - 1;
+      const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
+      const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);
+      const int cslot = __popc(dmask & ((1u << d) - 1u));
+      if (no_meta) {
+      } else if (d == me) {
+        write_own_compact_row(p, row, t, cslot, r.e, r.wgt);
+      } else {
+        write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, r.e, -1, r.wgt);
+      }
+      char *x_at, *s_at;
+      compact_row_dst(p, d, row, out_x_at, out_s_at, x_at, s_at);
+      if (lane == nd) {
+        xd = x_at;
+        sd = s_at;
+      }
+      ++nd;
+    }
+    if (no_stores) nd = 0;
+    const bool aligned =
+        __ballot_sync(0xffffffffu, lane < nd && ((reinterpret_cast<uintptr_t>(xd) |
+                                                  reinterpret_cast<uintptr_t>(sd)) & 15u)) == 0;
+    cp_async_wait_all();
+    if (!aligned) __syncwarp();
+    for (int i = 0; i < nd; ++i) {
+      char* x_at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(xd), i));
+      char* s_at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(sd), i));
+      store_pieces<kStageRowVecs>(x_at, nx, stage, aligned);
+      store_pieces<kStageScaleVecs>(s_at, ns, stage + kStageRowVecs * kWarp, aligned);
+    }
+    if (x_rest > 0)
+      stage_rest<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes, xd, nd, stage, aligned);
+    if (s_rest > 0)
+      stage_rest<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes, sd, nd,
+                                  stage + kStageRowVecs * kWarp, aligned);
+    __syncwarp();  // every lane is done with the stage before the next token's copies
+    t = nt;
+    r = rn;
+  }
+  if (lane == 0) atomicMax(&rows_done_ns, global_ns());
+  push_finish(p, stamp, &rows_done_ns);
 }
 
 __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p) {
@@ -319,12 +545,22 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
 }  // namespace
 
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream) {
+  if (p.pipelined) {
+    static const int room =
+        raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_pipelined_kernel));
+    if (kPipelinedSmemBytes > room) return cudaErrorInvalidValue;  // pipelined_push_fits() said so
+    return launch_pdl(dispatch_push_pipelined_kernel, ctas, kPipelinedThreads, kPipelinedSmemBytes, stream, p);
+  }
   if (p.bulk_row_bytes == 0) return launch_pdl(dispatch_push_kernel<false>, ctas, kPushThreads, 0, stream, p);
   static const int room =
       raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_kernel<true>));
   const int smem = p.bulk_row_bytes * kBulkWarps;
   if (smem > room) return cudaErrorInvalidValue;  // bulk_row_limit() promised what is not there
   return launch_pdl(dispatch_push_kernel<true>, ctas, kPushThreads, smem, stream, p);
+}
+
+bool pipelined_push_fits(size_t smem_optin) {
+  return static_cast<size_t>(kPipelinedSmemBytes + kBulkStaticReserve) <= smem_optin;
 }
 
 cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream) {

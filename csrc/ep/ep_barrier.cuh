@@ -44,5 +44,23 @@ __device__ __forceinline__ void cta_barrier(const Comm& c, int slot, int op) {
   if (threadIdx.x == 0) c.epochs[slot] = epoch;
 }
 
+// The two halves of cta_barrier, for a CTA that needs only some peers' data before going on.
+// announce_epoch: one thread, after a __syncthreads() that follows the CTA's stores.
+__device__ __forceinline__ void announce_epoch(const Comm& c, int slot, uint32_t epoch) {
+  __threadfence_system();
+  for (int p = 0; p < c.num_ranks; ++p) st_release_sys(flag_ptr(peer_ptr(c, p), c, slot, c.rank), epoch);
+}
+
+// Every thread of the CTA: until each peer in `peers` (bit p: rank p) announced `epoch` on
+// `slot`. The caller stores the slot's epoch once it is done with it.
+__device__ __forceinline__ void wait_epochs(const Comm& c, int slot, uint32_t epoch, unsigned peers,
+                                            int op) {
+  if (threadIdx.x < c.num_ranks && ((peers >> threadIdx.x) & 1u)) {
+    const int peer = threadIdx.x;
+    wait_epoch(flag_ptr(peer_ptr(c, c.rank), c, slot, peer), epoch, c.wait, op, slot, peer);
+  }
+  __syncthreads();
+}
+
 }  // namespace dev
 }  // namespace deep_ep_ops

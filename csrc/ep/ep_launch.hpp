@@ -15,7 +15,8 @@ namespace deep_ep_ops {
 
 constexpr int kNumSlots = 256;             // barrier slots; CTA b of a barrier kernel uses slot b
 constexpr int kLayoutSlot = kNumSlots - 1; // the one-CTA count exchange of dispatch
-constexpr int kMaxBarrierCtas = kNumSlots - 1;
+constexpr int kEnterSlot = kNumSlots - 2;  // dispatch: a rank entered the call (its output places)
+constexpr int kMaxBarrierCtas = kNumSlots - 2;
 
 // What every EP kernel receives by value: the peers' window bases and the region offsets of
 // ep_window.hpp's EpWindow (the same on every rank), the barrier epochs and the wait context.
@@ -101,6 +102,9 @@ struct LayoutParams {
   // direct-output slot (the peers write rows there), else -1 (rows go through the window)
   int64_t out_x_off, out_s_off;
   int warps;       // warps per count CTA (each warp counts 32 tokens)
+  // 1 (default): the compact bases wait for the count rows of lower ranks only (and every
+  // peer's entry); 0: for every peer's row, one barrier (DEEP_EP_OPS_LAYOUT_ORDERED=0, A/B)
+  int ordered;
   int cta_tokens;  // tokens per count CTA: 32 * warps
   DispatchScratch s;
   Comm comm;
@@ -132,6 +136,13 @@ struct PushParams {
   // bytes of a row (x, then scales) in each warp's shared buffer when the compact rows fan out
   // by bulk copies (DEEP_EP_OPS_BULK_COPY=1, ep_ops.cpp bulk_rows); 0: off
   int bulk_row_bytes;
+  // the pipelined compact loop (dispatch.cu): R >= 2, compact, no bulk fan-out, rows and scale
+  // packs at 16-byte multiples and addresses (default; DEEP_EP_OPS_PUSH_PIPELINE=0 for A/B runs)
+  int pipelined;
+  // timing experiments on the pipelined loop only (DEEP_EP_OPS_PUSH_SKIP, bits; the outputs are
+  // then wrong): 1 no routing / handle / metadata stores, 2 fixed token stride instead of the
+  // ticket, 4 no row stores, 8 no row loads
+  int skip;
   // pull each warp's first rows of x into L2 before waiting for the layout (default 1;
   // DEEP_EP_OPS_PUSH_PREFETCH=0 for A/B runs: the pulls compete with the layout's loads)
   int prefetch;
@@ -209,6 +220,9 @@ struct CombineParams {
 cudaError_t launch_layout(const LayoutParams& p, cudaStream_t stream);
 int layout_warps(int E, int R, size_t smem_limit);
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream);
+// The pipelined push loop's row stages fit a block's shared memory (opt-in bytes) beside the
+// kernel's static part.
+bool pipelined_push_fits(size_t smem_optin);
 // Rows moved by bulk copies (DEEP_EP_OPS_BULK_COPY=1): each of a push kernel's kBulkWarps warps
 // holds one row in its shared buffer; kBulkStaticReserve bytes of a block's shared memory stay
 // for the kernel's static part.

@@ -147,16 +147,14 @@ int bulk_rows(const EpState& st, int64_t row, bool aligned) {
   return static_cast<int>(row);
 }
 
-// Dispatch: compact rows from two ranks up; x, scales, this rank's outputs and the staging rows
-// at 16-byte multiples (a peer's direct-output rows are checked on the GPU).
-int dispatch_bulk_rows(const EpState& st, const DispatchIO& io, const DispatchRows& rows, int R,
-                       bool expand) {
-  if (R < 2 || expand) return 0;
-  const bool aligned = !(off16(io.x_bytes) || off16(io.s_bytes) || off16(io.x) || off16(io.recv_x) ||
-                         (io.s_bytes > 0 && (off16(io.scales) || off16(io.recv_s))) ||
-                         off16(rows.x_off) || off16(rows.s_off) || off16(rows.x_stride) ||
-                         off16(rows.s_stride));
-  return bulk_rows(st, io.x_bytes + io.s_bytes, aligned);
+// Compact rows from two ranks up whose x, scales, this rank's outputs and staging rows sit at
+// 16-byte multiples (a peer's direct-output rows are checked on the GPU): the rows the bulk
+// fan-out and the pipelined push loop take.
+bool dispatch_rows_aligned(const DispatchIO& io, const DispatchRows& rows, int R, bool expand) {
+  if (R < 2 || expand) return false;
+  return !(off16(io.x_bytes) || off16(io.s_bytes) || off16(io.x) || off16(io.recv_x) ||
+           (io.s_bytes > 0 && (off16(io.scales) || off16(io.recv_s))) || off16(rows.x_off) ||
+           off16(rows.s_off) || off16(rows.x_stride) || off16(rows.s_stride));
 }
 
 // An integer experiment knob from the environment (read by the caller once per process), or
@@ -298,6 +296,8 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   lp.warps = layout_warps(E, R, std::min<size_t>(st.smem_optin, 200 * 1024));
   if (layout_warps_asked > 0) lp.warps = std::min(lp.warps, layout_warps_asked);
   lp.cta_tokens = lp.warps * 32;
+  static const int ordered = env_knob("DEEP_EP_OPS_LAYOUT_ORDERED", 1, 0, 1);  // (A/B)
+  lp.ordered = ordered;
   lp.s = st.scratch;
   lp.comm = st.comm;
 
@@ -328,10 +328,16 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.rows = rows;
   pp.s = st.scratch;
   pp.comm = st.comm;
-  pp.bulk_row_bytes = dispatch_bulk_rows(st, pp.io, rows, R, expand);
+  const bool aligned = dispatch_rows_aligned(pp.io, rows, R, expand);
+  pp.bulk_row_bytes = aligned ? bulk_rows(st, pp.io.x_bytes + pp.io.s_bytes, true) : 0;
   static const int prefetch = env_knob("DEEP_EP_OPS_PUSH_PREFETCH", 1, 0, 1);  // (experiment)
+  static const int pipeline = env_knob("DEEP_EP_OPS_PUSH_PIPELINE", 1, 0, 1);  // (A/B)
   pp.prefetch = prefetch;
+  pp.pipelined = aligned && pp.bulk_row_bytes == 0 && pipeline && pipelined_push_fits(st.smem_optin);
   if (R > 1) ++(pp.bulk_row_bytes > 0 ? st.dispatch_bulk : st.dispatch_register);
+  if (pp.pipelined) ++st.dispatch_pipelined;
+  static const int skip = env_knob("DEEP_EP_OPS_PUSH_SKIP", 0, 0, 15);  // (timing experiments)
+  pp.skip = skip;
   if (R == 1) {
     // one rank: the push writes every output (no window, no barrier, no epilogue)
     check_cuda(launch_dispatch_push(pp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),

@@ -56,8 +56,9 @@ class EpState {
   std::atomic<int> next_cin{0};
   std::atomic<int> cin_pending{-1};  // the slot handed out last, until a combine takes it
   std::atomic<int64_t> combine_in_place{0}, combine_pushed{0};
-  // dispatches with more than one rank whose push fanned rows out by bulk copies, and the others
-  std::atomic<int64_t> dispatch_bulk{0}, dispatch_register{0};
+  // dispatches with more than one rank whose push fanned rows out by bulk copies, and the others;
+  // of the others, those that took the pipelined compact loop
+  std::atomic<int64_t> dispatch_bulk{0}, dispatch_register{0}, dispatch_pipelined{0};
   int last_push_ctas = 0;  // grid of the last push kernel with more than one rank (push_times)
 
  private:

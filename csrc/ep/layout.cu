@@ -8,18 +8,21 @@
 // ranks among the CTA's tokens (tok_rank) and gives the CTA's histogram (cta_prefix[b]).
 // The last CTA to finish (atomic ticket; integer sums, so which one it is does not matter)
 // scans the histograms over CTAs in CTA order (exclusive per-CTA prefixes, in place), sends
-// the count row [E per-expert counts, R per-rank token counts] to every peer's window, waits
-// at one barrier and derives the bases at every destination from the full count matrix:
+// the count row [E per-expert counts, R per-rank token counts] to every peer's window and
+// derives the bases at every destination from the count matrix:
 //   compact row at d       = cbase[d] + prefix(CTA of t)[E + d] + rank of t in its CTA to d
 //   cbase[d]               = sum_{s<me} tokens(s->d)
 //   expert-major row at d  = ebase[e] + prefix(CTA of t)[e] + rank of t in its CTA for e
 //   ebase[e]               = aligned block start of e + sum_{s<me} count(s,e)
-// Right after that barrier the compact bases are ready and a flag says so (a compact push
-// starts on it; the per-expert part comes after). The push kernel adds the three terms per
-// (token, slot), so the rows are the same pure function of the routing as in a one-pass serial
-// count: (source rank, source token) order.
-// With the count row goes where this rank's recv_x / recv_scales live when they sit in a
-// direct-output slot of its window (the push then writes rows straight into them).
+// The compact bases need the rows of the lower ranks only: as soon as those are in (and every
+// peer has entered the call, below), the bases are ready and a flag says so (a compact push
+// starts on it), while this CTA waits for the higher ranks' rows for the per-expert part. So
+// rank 0's rows start moving without waiting for anyone's count. The push kernel adds the three
+// terms per (token, slot), so the rows are the same pure function of the routing as in a
+// one-pass serial count: (source rank, source token) order.
+// Entry: CTA 0 tells every peer at once where this rank's recv_x / recv_scales live (a
+// direct-output slot of its window, where the peers' pushes then write rows straight, or -1)
+// and announces that it entered the call, so the peers may write into its window.
 #include "ep_barrier.cuh"
 #include "../host/cuda_check.hpp"
 #include "topk_loads.cuh"
@@ -74,14 +77,27 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
   pdl_trigger();
   // Phase timestamps (ns since the last CTA started) for profiling: recv_info[3..7].
   const unsigned long long t_start = global_ns();
+  const int E = p.E, R = p.comm.num_ranks, K = p.K, NC = E + R;
+  const int me = p.comm.rank;
+  // this call's epoch of the count exchange and of the entry (the last CTA stores it at its end)
+  const uint32_t epoch = *reinterpret_cast<volatile unsigned*>(p.comm.epochs + kLayoutSlot) + 1u;
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     p.s.kernel_times[kLayoutStart] = t_start;
     // the previous push finished (its epilogue, which waited for it, preceded this grid), and
     // this call's push takes tickets only after waiting for this grid
     *p.s.push_ticket = 0u;
+    if (R > 1) {
+      // Entry: where this rank's outputs live (peers write their rows there when it is not -1),
+      // announced at once. Every earlier kernel of this rank is done (pdl_wait above), so the
+      // peers may write into its window and output slot from now on.
+      for (int peer = 0; peer < R; ++peer) {
+        long long* outs = reinterpret_cast<long long*>(peer_ptr(p.comm, peer) + p.comm.outs_off) + 2 * me;
+        outs[0] = p.out_x_off;
+        outs[1] = p.out_s_off;
+      }
+      announce_epoch(p.comm, kEnterSlot, epoch);
+    }
   }
-  const int E = p.E, R = p.comm.num_ranks, K = p.K, NC = E + R;
-  const int me = p.comm.rank;
   const int nw = blockDim.x / kWarp;
   unsigned* emask = reinterpret_cast<unsigned*>(smem);  // [nw][E]
   int* cnt = smem + nw * E;                             // [nw][E + R]
@@ -206,15 +222,17 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
     int* row = reinterpret_cast<int*>(peer_ptr(p.comm, peer) + p.comm.counts_off) + me * NC;
     row[c] = tot[c];
   }
-  // where this rank's outputs live (peers write their rows there when it is not -1); the
-  // barrier below publishes it with the counts
-  for (int peer = threadIdx.x; peer < R; peer += blockDim.x) {
-    long long* outs = reinterpret_cast<long long*>(peer_ptr(p.comm, peer) + p.comm.outs_off) + 2 * me;
-    outs[0] = p.out_x_off;
-    outs[1] = p.out_s_off;
-  }
   if (threadIdx.x == 0) info[4] = static_cast<int>(global_ns() - t_start);
-  cta_barrier(p.comm, kLayoutSlot, kOpDispatchLayout);
+  // Compact rows at d follow those of the lower ranks only: the compact bases wait for their
+  // count rows and for every peer's entry (its output places), not for the higher ranks' rows,
+  // which only the per-expert part below needs (ordered = 0: all rows first, one barrier).
+  const unsigned every_peer = R >= 32 ? 0xffffffffu : (1u << R) - 1u, lower_peers = (1u << me) - 1u;
+  __syncthreads();
+  if (R > 1) {
+    if (threadIdx.x == 0) announce_epoch(p.comm, kLayoutSlot, epoch);
+    wait_epochs(p.comm, kEnterSlot, epoch, every_peer, kOpDispatchLayout);
+    wait_epochs(p.comm, kLayoutSlot, epoch, p.ordered ? lower_peers : every_peer, kOpDispatchLayout);
+  }
   if (threadIdx.x == 0) info[5] = static_cast<int>(global_ns() - t_start);
 
   // ---- phase 4 (last CTA): bases from the full count matrix ----
@@ -232,18 +250,19 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
     __threadfence();
     st_release_sys(p.s.bases_ready, 1u);
   }
+  if (R > 1 && p.ordered) wait_epochs(p.comm, kLayoutSlot, epoch, every_peer & ~lower_peers, kOpDispatchLayout);
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    int all = 0, below = 0;
+    int sum = 0, lower = 0;
     for (int s = 0; s < R; ++s) {
       const int v = ld_cg(counts + s * NC + e);
-      all += v;
-      if (s < me) below += v;
+      sum += v;
+      if (s < me) lower += v;
     }
-    eb[e] = below;
-    sc[e] = static_cast<int>(dev::align_up(all, p.A));
+    eb[e] = lower;
+    sc[e] = static_cast<int>(dev::align_up(sum, p.A));
     if (e / p.E_loc == me) {
-      info[kRecvTpe + (e - me * p.E_loc)] = all;
-      atomicAdd(&misc[1], all);  // integer sum: order does not matter
+      info[kRecvTpe + (e - me * p.E_loc)] = sum;
+      atomicAdd(&misc[1], sum);  // integer sum: order does not matter
     }
   }
   if (threadIdx.x == 0) {
@@ -280,6 +299,7 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
     info[6] = static_cast<int>(t_end - t_start);
     info[7] = info[6];
     p.s.kernel_times[kLayoutEnd] = t_end;
+    p.comm.epochs[kLayoutSlot] = epoch;  // (after every wait of this call on it)
   }
 }
 

@@ -172,6 +172,8 @@ def _check_all(rank, world, gloo, seed):
         torch.cuda.synchronize()
         if world > 1 and os.environ.get("DEEP_EP_OPS_BULK_COPY") == "1":
             _check_bulk_taken(buf, name, x, s, len(aligns) * 2 + 2)  # + the num_sms 1, 3 reruns
+        elif world > 1 and os.environ.get("DEEP_EP_OPS_PUSH_PIPELINE") != "0":
+            _check_pipelined_taken(buf, name, x, s, len(aligns) * 2 + 2)
         print(f"rank {rank}: {name} ok", flush=True)
         buf.destroy()
 
@@ -186,6 +188,17 @@ def _check_bulk_taken(buf, name, x, s, compact_dispatches):
     takes = (not name.endswith("-misaligned") and x_bytes % 16 == 0 and row % 16 == 0
              and row <= st["bulk_row_limit"])
     assert st["bulk"] == (compact_dispatches if takes else 0), (name, row, st)
+
+
+def _check_pipelined_taken(buf, name, x, s, compact_dispatches):
+    """By default the compact dispatches of a case whose rows and scale packs are 16-byte
+    multiples at 16-byte addresses took the pipelined push loop, the others the general one
+    (so the bitwise checks above covered both)."""
+    st = buf.ep_state.dispatch_push_stats
+    x_bytes = x.shape[1] * x.element_size()
+    s_bytes = s.shape[1] * s.element_size() if s is not None else 0
+    takes = not name.endswith("-misaligned") and x_bytes % 16 == 0 and s_bytes % 16 == 0
+    assert st["pipelined"] == (compact_dispatches if takes else 0), (name, x_bytes, s_bytes, st)
 
 
 WORLDS = [1, 2, 3, 4, 8]  # more ranks than GPUs: several per GPU under MPS
