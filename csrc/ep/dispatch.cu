@@ -20,10 +20,17 @@
 // and fills every row that carries no token (padding is always zero).
 //
 // Direct outputs: when this rank's recv_x / recv_scales sit in a direct-output slot of its
-// window (it says so with its count row), the other ranks' pushes write their rows of x and
-// scales straight into them, at the same rows the epilogue would have used; the epilogue then
+// window (it says so as its layout kernel starts), the other ranks' pushes write their rows of
+// x and scales straight into them, at the same rows the epilogue would have used; the epilogue then
 // writes only the routing tensors and handle rows. Each destination decides for itself, so a
 // push may write one destination directly and stage for another.
+//
+// Two push loops: the pipelined one (compact rows with peers, rows and scale packs at 16-byte
+// multiples and addresses: the usual FP8 / BF16 dispatch) stages each token's row in shared
+// memory while it works out the token's rows and the next token, 24 warps per CTA; the general
+// one (everything else: expert-major rows, one rank, odd sizes, the bulk fan-out) holds rows in
+// registers. Both share the prologue (wait for the bases), the per-destination writes and the
+// end (header row, barrier).
 //
 // Bulk fan-out (DEEP_EP_OPS_BULK_COPY=1, compact rows, R >= 2, 16-byte rows; an experiment,
 // within the spread of the register copies at R = 2, bench/NOTES.md v12): each warp loads its
@@ -340,6 +347,11 @@ constexpr int kStageVecs = (kStageRowVecs + kStageScaleVecs) * kWarp;  // per wa
 constexpr int kPipelinedThreads = 768;
 constexpr int kPipelinedSmemBytes = kStageVecs * 16 * (kPipelinedThreads / kWarp);
 
+// Lane `from`'s pointer, on every lane.
+__device__ __forceinline__ char* lane_ptr(char* q, int from) {
+  return reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(q), from));
+}
+
 // Lane l stages 16-byte pieces l, l + 32, ... (n of them, at most kVecs * 32) of src and later
 // stores the same pieces, so with aligned destinations no lane waits for another's copies.
 template <int kVecs>
@@ -379,8 +391,7 @@ __device__ void stage_rest(const char* src, int64_t bytes, char* dst, int nd, in
     stage_pieces<kVecs>(src + off, n, stage);
     cp_async_wait_all();
     for (int i = 0; i < nd; ++i) {
-      char* at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(dst), i));
-      store_pieces<kVecs>(at + off, n, stage, aligned);
+      store_pieces<kVecs>(lane_ptr(dst, i) + off, n, stage, aligned);
     }
   }
 }
@@ -423,7 +434,8 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
       crow = p.s.cbase[edst] + p.s.cta_prefix[static_cast<int64_t>(t / p.cta_tokens) * NC + E + edst] +
              (r.rank & 0xffff);
     // the next token and its routing, in flight with this token's row
-    const int nt = no_ticket ? t + first_round : first_round + static_cast<int>(__shfl_sync(0xffffffffu, asked, 0));
+    const int nt =
+        no_ticket ? t + first_round : first_round + static_cast<int>(__shfl_sync(0xffffffffu, asked, 0));
     TokenRouting rn;
     if (nt < p.io.T) {
       if (lane == 0 && !no_ticket) asked = atomicAdd(p.s.push_ticket, 1u);
@@ -440,11 +452,9 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
       const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
       const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);
       const int cslot = __popc(dmask & ((1u << d) - 1u));
-      if (no_meta) {
-      } else if (d == me) {
-        write_own_compact_row(p, row, t, cslot, r.e, r.wgt);
-      } else {
-        write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, r.e, -1, r.wgt);
+      if (!no_meta) {
+        if (d == me) write_own_compact_row(p, row, t, cslot, r.e, r.wgt);
+        else write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, r.e, -1, r.wgt);
       }
       char *x_at, *s_at;
       compact_row_dst(p, d, row, out_x_at, out_s_at, x_at, s_at);
@@ -461,16 +471,15 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     cp_async_wait_all();
     if (!aligned) __syncwarp();
     for (int i = 0; i < nd; ++i) {
-      char* x_at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(xd), i));
-      char* s_at = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(sd), i));
-      store_pieces<kStageRowVecs>(x_at, nx, stage, aligned);
-      store_pieces<kStageScaleVecs>(s_at, ns, stage + kStageRowVecs * kWarp, aligned);
+      store_pieces<kStageRowVecs>(lane_ptr(xd, i), nx, stage, aligned);
+      store_pieces<kStageScaleVecs>(lane_ptr(sd, i), ns, stage + kStageRowVecs * kWarp, aligned);
     }
     if (x_rest > 0)
-      stage_rest<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes, xd, nd, stage, aligned);
+      stage_rest<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes, xd, nd,
+                                stage, aligned);
     if (s_rest > 0)
-      stage_rest<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes, sd, nd,
-                                  stage + kStageRowVecs * kWarp, aligned);
+      stage_rest<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes, sd,
+                                  nd, stage + kStageRowVecs * kWarp, aligned);
     __syncwarp();  // every lane is done with the stage before the next token's copies
     t = nt;
     r = rn;
