@@ -11,24 +11,11 @@
 //   pull:   the rank reads the peer's rows (IPC) and its own, writing only its own buffer
 // Build and run (device, MPS daemon running):
 //   nvcc -O3 -arch=sm_90 -o /tmp/ipcprobe bench/probes/ipc_fanout_rate.cu && /tmp/ipcprobe 24
-#include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <cuda_runtime.h>
 
-#define CK(x)                                                                             \
-  do {                                                                                    \
-    cudaError_t e_ = (x);                                                                 \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));    \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
-
-constexpr int kRowBytes = 7168;
-constexpr int kVecPerLane = kRowBytes / 16 / 32;  // 14
+#include "probe_common.cuh"
 constexpr int kT = 4096;
 
 // rows r of src0 -> dst0[r], src1 -> ... : each warp copies row r of `a` to `da` and of `b` to

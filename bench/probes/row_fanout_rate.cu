@@ -10,22 +10,9 @@
 //   bulk<S>: one thread per CTA drives a ring of S row buffers in shared memory by bulk copies
 //            (one bulk load per row, two bulk stores), up to S rows in flight per SM
 // Build and run (device): nvcc -O3 -arch=sm_90 -o /tmp/probe bench/probes/row_fanout_rate.cu && /tmp/probe
-#include <cstdio>
-#include <cstdlib>
 #include <vector>
-#include <cuda_runtime.h>
 
-#define CK(x)                                                                      \
-  do {                                                                             \
-    cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
-
-constexpr int kRowBytes = 7168;
-constexpr int kVecPerLane = kRowBytes / 16 / 32;  // 14
+#include "probe_common.cuh"
 
 struct Job {
   const char* src;  // [rows][kRowBytes]

@@ -184,6 +184,28 @@ __device__ __forceinline__ void compact_row_dst(const PushParams& p, int d, int 
   }
 }
 
+// Compact layout, destination d of token t at compact row `row`: the row's routing (this rank's
+// routing tensors and handle row, or the metadata row in d's window; skipped only by timing
+// experiments), then lane nd (the warp's count of destinations so far) takes where the row's x
+// and scales go, and nd grows by one.
+__device__ __forceinline__ void compact_destination(const PushParams& p, int d, int row, int t,
+                                                    int cslot, int e, float wgt,
+                                                    const long long* out_x_at,
+                                                    const long long* out_s_at, bool routing,
+                                                    int& nd, char*& xd, char*& sd) {
+  if (routing) {
+    if (d == p.comm.rank) write_own_compact_row(p, row, t, cslot, e, wgt);
+    else write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, e, -1, wgt);
+  }
+  char *x_at, *s_at;
+  compact_row_dst(p, d, row, out_x_at, out_s_at, x_at, s_at);
+  if (lane_id() == nd) {
+    xd = x_at;
+    sd = s_at;
+  }
+  ++nd;
+}
+
 // kBulk: the bulk fan-out (its own instantiation, so the default one keeps its registers).
 template <bool kBulk>
 __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushParams p) {
@@ -256,15 +278,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);  // compact row at d
       const int cslot = __popc(dmask & ((1u << d) - 1u));
       if (!p.expand) {
-        if (d == me) write_own_compact_row(p, row, t, cslot, e, wgt);
-        else write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, e, erow, wgt);
-        char *x_at, *s_at;
-        compact_row_dst(p, d, row, out_x_at, out_s_at, x_at, s_at);
-        if (lane == nd) {
-          xd = x_at;
-          sd = s_at;
-        }
-        ++nd;
+        compact_destination(p, d, row, t, cslot, e, wgt, out_x_at, out_s_at, true, nd, xd, sd);
         continue;
       }
       // expert-major: every expert-major row of the token at d (or the staging row there)
@@ -452,17 +466,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
       const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
       const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);
       const int cslot = __popc(dmask & ((1u << d) - 1u));
-      if (!no_meta) {
-        if (d == me) write_own_compact_row(p, row, t, cslot, r.e, r.wgt);
-        else write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, r.e, -1, r.wgt);
-      }
-      char *x_at, *s_at;
-      compact_row_dst(p, d, row, out_x_at, out_s_at, x_at, s_at);
-      if (lane == nd) {
-        xd = x_at;
-        sd = s_at;
-      }
-      ++nd;
+      compact_destination(p, d, row, t, cslot, r.e, r.wgt, out_x_at, out_s_at, !no_meta, nd, xd, sd);
     }
     if (no_stores) nd = 0;
     const bool aligned =
