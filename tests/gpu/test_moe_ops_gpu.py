@@ -29,6 +29,8 @@ CASES = [
     ("bf16-h2048-k8-e8-alldrop", 2048, 8, 8, 64, "bf16", None, (1,), False, 1.0),
     ("bf16-h4096-k5-e10", 4096, 5, 10, 200, "bf16", None, (1, 16), False, 0.2),
     ("bf16-h2052-k2-e4-odd", 2052, 2, 4, 300, "bf16", None, (1,), False, 0.2),  # 4104-byte rows
+    # FP8 rows over 16 KiB with 528-byte scale packs: both pass the pipelined push's stage in chunks
+    ("fp8-h16896-k2-e4-wide", 16896, 2, 4, 64, "fp8", None, (1,), False, 0.1),
     # x and scales contiguous but one element past a 16-byte boundary (no vector loads)
     ("fp8-h4096-k4-e16-misaligned", 4096, 4, 16, 300, "fp8", None, (1,), False, 0.1),
 ]
