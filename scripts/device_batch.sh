@@ -4,7 +4,7 @@
 # benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
 # bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
 # the build cache comes back too:
-#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [before] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [before] [probes] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
 # (default: verify bench profile; suites_a / suites_b: the other GPU tests, all R, in two
 # calls' worth; regs: the R = 2-4 bitwise suites and the bench again with
 # DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B; bulk: the same
@@ -72,6 +72,21 @@ for s in "${steps[@]}"; do
       step layers 540 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_multihost_gpu.py tests/gpu/test_interhost_gpu.py \
         tests/gpu/test_autograd_gpu.py tests/gpu/test_compile_gpu.py tests/gpu/test_nn_gpu.py ;;
+    probes)  # the standalone floors (bench/probes): fan-out copy, push skeleton, IPC under MPS
+      for probe in row_fanout_rate push_skeleton ipc_fanout_rate; do
+        nvcc -O3 -arch=sm_90 -o "/tmp/$probe" "bench/probes/$probe.cu" || continue
+      done
+      step probe_rows 60 /tmp/row_fanout_rate
+      step probe_skeleton 120 /tmp/push_skeleton
+      step probe_ipc 120 python3 -c "
+import os, subprocess
+from deep_ep_ops.local_ranks import mps_daemon
+with mps_daemon() as env:
+    os.environ.update(env)
+    for n in ('24', '66'):
+        subprocess.run(['/tmp/ipc_fanout_rate', n], timeout=50, check=True)
+"
+      cat "$out"/logs/probe_*.log ;;
     before)  # the R = 2 bench on the paths of before v14 (general push loop, one count barrier)
       mkdir -p "$out/bench_before"
       step bench_before 240 env DEEP_EP_OPS_PUSH_PIPELINE=0 DEEP_EP_OPS_LAYOUT_ORDERED=0 \
@@ -82,6 +97,6 @@ for s in "${steps[@]}"; do
     bulk)
       ab bulk DEEP_EP_OPS_BULK_COPY=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py tests/gpu/test_combine_input_gpu.py ;;
-    *) echo "unknown step $s (verify, bench, before, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
+    *) echo "unknown step $s (verify, bench, before, probes, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
   esac
 done
