@@ -184,6 +184,14 @@ __device__ __forceinline__ void compact_row_dst(const PushParams& p, int d, int 
   }
 }
 
+// Token t's compact row at destination d (layout.cu): the base of this rank's rows there + the
+// prefix of t's count-CTA + t's rank inside that CTA (`rank`: the low 16 bits of tok_rank).
+__device__ __forceinline__ int compact_row_of(const PushParams& p, int t, int d, int rank) {
+  const int NC = p.io.E + p.comm.num_ranks;
+  return p.s.cbase[d] + p.s.cta_prefix[static_cast<int64_t>(t / p.cta_tokens) * NC + p.io.E + d] +
+         (rank & 0xffff);
+}
+
 // Compact layout, destination d of token t at compact row `row`: the row's routing (this rank's
 // routing tensors and handle row, or the metadata row in d's window; skipped only by timing
 // experiments), then lane nd (the warp's count of destinations so far) takes where the row's x
@@ -260,9 +268,10 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
     if (e >= 0) {
       const int* pre = p.s.cta_prefix + static_cast<int64_t>(t / p.cta_tokens) * NC;
       const int rk = p.s.tok_rank[tk];
-      // (compact rows need no expert-major row: ebase may not be written yet, see `early`)
+      // (compact rows need no expert-major row: ebase may not be written yet when a compact
+      // push starts, see push_wait_for_rows)
       if (p.expand) erow = p.s.ebase[e] + pre[e] + (rk >> 16);
-      crow = p.s.cbase[edst] + pre[E + edst] + (rk & 0xffff);
+      crow = compact_row_of(p, t, edst, rk);
     }
     warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
                         __popc(dmask), edst, p.expand ? erow : crow);
@@ -420,13 +429,12 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   if (threadIdx.x == 0) rows_done_ns = 0;
   const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, &bases_ok);
   const int lane = lane_id(), warps = blockDim.x / kWarp;
-  const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
+  const int K = p.io.K, W = p.io.W;
   // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
   // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
   const int x_vecs = static_cast<int>(p.io.x_bytes / 16), s_vecs = static_cast<int>(p.io.s_bytes / 16);
   const int nx = min(x_vecs, kStageRowVecs * kWarp), ns = min(s_vecs, kStageScaleVecs * kWarp);
   int4* stage = row_stages + warp_id() * kStageVecs;
-  const int64_t x_rest = p.io.x_bytes - 16LL * nx, s_rest = p.io.s_bytes - 16LL * ns;
   const int first_round = gridDim.x * warps;
   int t = ok ? blockIdx.x * warps + warp_id() : p.io.T;
   TokenRouting r;
@@ -443,10 +451,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     }
     // final compact row of slot `lane`: base + this count-CTA's prefix + rank inside it
     const int edst = r.e >= 0 ? r.e / p.E_loc : -1;
-    int crow = -1;
-    if (r.e >= 0)
-      crow = p.s.cbase[edst] + p.s.cta_prefix[static_cast<int64_t>(t / p.cta_tokens) * NC + E + edst] +
-             (r.rank & 0xffff);
+    const int crow = r.e >= 0 ? compact_row_of(p, t, edst, r.rank) : -1;
     // the next token and its routing, in flight with this token's row
     const int nt =
         no_ticket ? t + first_round : first_round + static_cast<int>(__shfl_sync(0xffffffffu, asked, 0));
@@ -473,17 +478,15 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
         __ballot_sync(0xffffffffu, lane < nd && ((reinterpret_cast<uintptr_t>(xd) |
                                                   reinterpret_cast<uintptr_t>(sd)) & 15u)) == 0;
     cp_async_wait_all();
-    if (!aligned) __syncwarp();
     for (int i = 0; i < nd; ++i) {
       store_pieces<kStageRowVecs>(lane_ptr(xd, i), nx, stage, aligned);
       store_pieces<kStageScaleVecs>(lane_ptr(sd, i), ns, stage + kStageRowVecs * kWarp, aligned);
     }
-    if (x_rest > 0)
-      stage_rest<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes, xd, nd,
-                                stage, aligned);
-    if (s_rest > 0)
-      stage_rest<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes, sd,
-                                  nd, stage + kStageRowVecs * kWarp, aligned);
+    // (rows over 8 KiB, scale packs over 512 bytes; nothing for the usual sizes)
+    stage_rest<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes, xd, nd,
+                              stage, aligned);
+    stage_rest<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes, sd,
+                                nd, stage + kStageRowVecs * kWarp, aligned);
     __syncwarp();  // every lane is done with the stage before the next token's copies
     t = nt;
     r = rn;

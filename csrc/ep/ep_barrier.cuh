@@ -23,29 +23,10 @@ __device__ __forceinline__ uint32_t* flag_ptr(char* window_base, const Comm& c, 
   return reinterpret_cast<uint32_t*>(window_base + c.flags_off) + slot * kMaxRanks + from_rank;
 }
 
-// Every thread of the CTA must call this. With one rank there is nobody to announce to or
-// wait for: the CTA-wide sync is the whole barrier (the system fence and the flag round trip
-// cost ~2.4 us on H100 for nothing).
-__device__ __forceinline__ void cta_barrier(const Comm& c, int slot, int op) {
-  __syncthreads();
-  if (c.num_ranks == 1) return;
-  const uint32_t epoch = *reinterpret_cast<volatile unsigned*>(c.epochs + slot) + 1u;
-  if (threadIdx.x == 0) {
-    // Make every store of this CTA (ordered before us by __syncthreads) visible system-wide
-    // before the flag that announces them.
-    __threadfence_system();
-    for (int p = 0; p < c.num_ranks; ++p) st_release_sys(flag_ptr(peer_ptr(c, p), c, slot, c.rank), epoch);
-  }
-  if (threadIdx.x < c.num_ranks) {
-    const int peer = threadIdx.x;
-    wait_epoch(flag_ptr(peer_ptr(c, c.rank), c, slot, peer), epoch, c.wait, op, slot, peer);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) c.epochs[slot] = epoch;
-}
-
-// The two halves of cta_barrier, for a CTA that needs only some peers' data before going on.
-// announce_epoch: one thread, after a __syncthreads() that follows the CTA's stores.
+// The two halves of a barrier, for a CTA that needs only some peers' data before going on
+// (cta_barrier below is both, for every peer).
+// announce_epoch: one thread, after a __syncthreads() that follows the CTA's stores (the system
+// fence makes them visible before the flag that announces them).
 __device__ __forceinline__ void announce_epoch(const Comm& c, int slot, uint32_t epoch) {
   __threadfence_system();
   for (int p = 0; p < c.num_ranks; ++p) st_release_sys(flag_ptr(peer_ptr(c, p), c, slot, c.rank), epoch);
@@ -60,6 +41,18 @@ __device__ __forceinline__ void wait_epochs(const Comm& c, int slot, uint32_t ep
     wait_epoch(flag_ptr(peer_ptr(c, c.rank), c, slot, peer), epoch, c.wait, op, slot, peer);
   }
   __syncthreads();
+}
+
+// Every thread of the CTA must call this. With one rank there is nobody to announce to or
+// wait for: the CTA-wide sync is the whole barrier (the system fence and the flag round trip
+// cost ~2.4 us on H100 for nothing).
+__device__ __forceinline__ void cta_barrier(const Comm& c, int slot, int op) {
+  __syncthreads();
+  if (c.num_ranks == 1) return;
+  const uint32_t epoch = *reinterpret_cast<volatile unsigned*>(c.epochs + slot) + 1u;
+  if (threadIdx.x == 0) announce_epoch(c, slot, epoch);
+  wait_epochs(c, slot, epoch, 0xffffffffu, op);
+  if (threadIdx.x == 0) c.epochs[slot] = epoch;
 }
 
 }  // namespace dev

@@ -329,7 +329,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.s = st.scratch;
   pp.comm = st.comm;
   const bool aligned = dispatch_rows_aligned(pp.io, rows, R, expand);
-  pp.bulk_row_bytes = aligned ? bulk_rows(st, pp.io.x_bytes + pp.io.s_bytes, true) : 0;
+  pp.bulk_row_bytes = bulk_rows(st, pp.io.x_bytes + pp.io.s_bytes, aligned);
   static const int prefetch = env_knob("DEEP_EP_OPS_PUSH_PREFETCH", 1, 0, 1);  // (experiment)
   static const int pipeline = env_knob("DEEP_EP_OPS_PUSH_PIPELINE", 1, 0, 1);  // (A/B)
   pp.prefetch = prefetch;

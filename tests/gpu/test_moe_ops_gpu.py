@@ -172,35 +172,26 @@ def _check_all(rank, world, gloo, seed):
                     _same(got, ref.combine(rbuf, narrow, rhandle, None),
                           f"{where} combine fp32 [C,K]")
         torch.cuda.synchronize()
-        if world > 1 and os.environ.get("DEEP_EP_OPS_BULK_COPY") == "1":
-            _check_bulk_taken(buf, name, x, s, len(aligns) * 2 + 2)  # + the num_sms 1, 3 reruns
-        elif world > 1 and os.environ.get("DEEP_EP_OPS_PUSH_PIPELINE") != "0":
-            _check_pipelined_taken(buf, name, x, s, len(aligns) * 2 + 2)
+        bulk = os.environ.get("DEEP_EP_OPS_BULK_COPY") == "1"
+        if world > 1 and (bulk or os.environ.get("DEEP_EP_OPS_PUSH_PIPELINE") != "0"):
+            # + the num_sms 1, 3 reruns
+            _check_push_loop(buf, name, x, s, len(aligns) * 2 + 2, "bulk" if bulk else "pipelined")
         print(f"rank {rank}: {name} ok", flush=True)
         buf.destroy()
 
 
-def _check_bulk_taken(buf, name, x, s, compact_dispatches):
-    """With DEEP_EP_OPS_BULK_COPY=1: the compact dispatches of a case whose rows are 16-byte
-    multiples at 16-byte addresses and fit the device's limit fanned out by bulk copies, the
-    others by registers (so the bitwise checks above covered the path asked for)."""
-    st = buf.ep_state.dispatch_push_stats
-    x_bytes = x.shape[1] * x.element_size()
-    row = x_bytes + (s.shape[1] * s.element_size() if s is not None else 0)
-    takes = (not name.endswith("-misaligned") and x_bytes % 16 == 0 and row % 16 == 0
-             and row <= st["bulk_row_limit"])
-    assert st["bulk"] == (compact_dispatches if takes else 0), (name, row, st)
-
-
-def _check_pipelined_taken(buf, name, x, s, compact_dispatches):
-    """By default the compact dispatches of a case whose rows and scale packs are 16-byte
-    multiples at 16-byte addresses took the pipelined push loop, the others the general one
-    (so the bitwise checks above covered both)."""
+def _check_push_loop(buf, name, x, s, compact_dispatches, loop):
+    """The compact dispatches of a case whose rows and scale packs are 16-byte multiples at
+    16-byte addresses took `loop` ("pipelined", the default, or "bulk" with
+    DEEP_EP_OPS_BULK_COPY=1, which also needs the row within the device's bulk limit), the
+    others the general register loop (so the bitwise checks above covered the path asked for)."""
     st = buf.ep_state.dispatch_push_stats
     x_bytes = x.shape[1] * x.element_size()
     s_bytes = s.shape[1] * s.element_size() if s is not None else 0
     takes = not name.endswith("-misaligned") and x_bytes % 16 == 0 and s_bytes % 16 == 0
-    assert st["pipelined"] == (compact_dispatches if takes else 0), (name, x_bytes, s_bytes, st)
+    if loop == "bulk":
+        takes = takes and x_bytes + s_bytes <= st["bulk_row_limit"]
+    assert st[loop] == (compact_dispatches if takes else 0), (name, x_bytes, s_bytes, st)
 
 
 WORLDS = [1, 2, 3, 4, 8]  # more ranks than GPUs: several per GPU under MPS
