@@ -4,7 +4,7 @@
 # benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
 # bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
 # the build cache comes back too:
-#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [before] [probes] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [fused] [before] [probes] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
 # (default: verify bench profile; suites_a / suites_b: the other GPU tests, all R, in two
 # calls' worth; regs: the R = 2-4 bitwise suites and the bench again with
 # DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B; bulk: the same
@@ -57,7 +57,8 @@ for s in "${steps[@]}"; do
       step timeline_bulk 200 env DEEP_EP_OPS_BULK_COPY=1 python3 tests/gpu/bench_moe_ops.py \
         --world 2 --num-sms 0 24 --iters 9 --timeline --direct-outputs 2 ;;
     knobs)  # the dispatch timeline with each tuning knob against the default (lone calls)
-      for setting in DEEP_EP_OPS_NONE=0 DEEP_EP_OPS_PUSH_PIPELINE=0 DEEP_EP_OPS_LAYOUT_ORDERED=0; do
+      for setting in DEEP_EP_OPS_NONE=0 DEEP_EP_OPS_DISPATCH_FUSED=1 DEEP_EP_OPS_PUSH_PIPELINE=0 \
+                     DEEP_EP_OPS_LAYOUT_ORDERED=0; do
         step "knob_${setting%%=*}" 120 env "$setting" python3 tests/gpu/bench_moe_ops.py \
           --world 2 --num-sms 0 24 --iters 7 --timeline-only --direct-outputs 2
       done ;;
@@ -87,6 +88,9 @@ with mps_daemon() as env:
         subprocess.run(['/tmp/ipc_fanout_rate', n], timeout=50, check=True)
 "
       cat "$out"/logs/probe_*.log ;;
+    fused)  # the fused compact push (an experiment): its bitwise suites at R = 2-4, then the R = 2 bench
+      ab fused DEEP_EP_OPS_DISPATCH_FUSED=1 tests/gpu/test_moe_ops_gpu.py \
+        tests/gpu/test_direct_outputs_gpu.py ;;
     before)  # the R = 2 bench on the paths of before v14 (general push loop, one count barrier)
       mkdir -p "$out/bench_before"
       step bench_before 240 env DEEP_EP_OPS_PUSH_PIPELINE=0 DEEP_EP_OPS_LAYOUT_ORDERED=0 \
@@ -97,6 +101,6 @@ with mps_daemon() as env:
     bulk)
       ab bulk DEEP_EP_OPS_BULK_COPY=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py tests/gpu/test_combine_input_gpu.py ;;
-    *) echo "unknown step $s (verify, bench, before, probes, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
+    *) echo "unknown step $s (verify, bench, fused, before, probes, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
   esac
 done

@@ -38,12 +38,10 @@
 // row's stores are issued (the first one before the PDL wait), so the load flies while the warp
 // works out rows and metadata; then every destination lane stores the buffer out by bulk
 // stores.
-#include "ep_barrier.cuh"
+#include "layout_phases.cuh"
 #include "../device/bulk_copy.cuh"
 #include "../host/cuda_check.hpp"
-#include "topk_loads.cuh"
 #include "fill_rows.cuh"
-#include "handle_rows.cuh"
 
 namespace deep_ep_ops {
 namespace {
@@ -55,7 +53,8 @@ static_assert(kPushThreads / kWarp == kBulkWarps, "one bulk row buffer per push 
 
 // What both push loops share before their tokens: the profiling stamp, the L2 pulls of each
 // warp's first rows, the wait for what the rows need (the compact bases, or the layout's end),
-// and where each destination wants its rows; this first part runs before the wait.
+// and where each destination wants its rows; this first part runs before the wait (the fused
+// push: after its own PDL wait, since it has no layout kernel before it).
 __device__ void push_prologue(const PushParams& p, unsigned long long* stamp) {
   const int warps = blockDim.x / kWarp;
   const int lane = lane_id();
@@ -111,7 +110,7 @@ __device__ void push_finish(const PushParams& p, unsigned long long* stamp,
                             const unsigned long long* rows_done_ns) {
   if (!p.local_only && !p.expand) pdl_wait();  // the layout's end (the header row, recv_info)
   const int W = p.io.W, K = p.io.K;
-  if (blockIdx.x == 0)  // handle header row
+  if (blockIdx.x == 0 && !p.fused)  // handle header row (the fused push's publisher wrote it)
     for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
   if (p.local_only) {
     int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
@@ -184,12 +183,18 @@ __device__ __forceinline__ void compact_row_dst(const PushParams& p, int d, int 
   }
 }
 
-// Token t's compact row at destination d (layout.cu): the base of this rank's rows there + the
-// prefix of t's count-CTA + t's rank inside that CTA (`rank`: the low 16 bits of tok_rank).
-__device__ __forceinline__ int compact_row_of(const PushParams& p, int t, int d, int rank) {
+// Where this rank's compact rows of count block b start at destination d (layout_phases.cuh):
+// the base of this rank's rows there + the block's prefix. Written by the layout's publisher
+// while this kernel may run: read past L1.
+__device__ __forceinline__ int compact_block_base(const PushParams& p, int b, int d) {
   const int NC = p.io.E + p.comm.num_ranks;
-  return p.s.cbase[d] + p.s.cta_prefix[static_cast<int64_t>(t / p.cta_tokens) * NC + p.io.E + d] +
-         (rank & 0xffff);
+  return ld_cg(p.s.cbase + d) + ld_cg(p.s.cta_prefix + static_cast<int64_t>(b) * NC + p.io.E + d);
+}
+
+// Token t's compact row at destination d: its block's base + t's rank inside that block
+// (`rank`: the low 16 bits of tok_rank).
+__device__ __forceinline__ int compact_row_of(const PushParams& p, int t, int d, int rank) {
+  return compact_block_base(p, t / p.cta_tokens, d) + (rank & 0xffff);
 }
 
 // Compact layout, destination d of token t at compact row `row`: the row's routing (this rank's
@@ -341,23 +346,33 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
 // that made its rows ~1.5x slower than a plain fan-out copy of the same bytes
 // (bench/probes/row_fanout_rate.cu). Here a warp starts copying a token's whole row (up to
 // 8 KiB) and scale pack (up to 512 bytes) into its shared-memory stage at once (cp.async: no
-// registers held while they fly), then, while they fly, loads its rows' bases and the next
-// token's ticket and routing; so a token costs about one round trip.
+// registers held while they fly), then, while they fly, works out its rows from a table of
+// every count block's bases in shared memory and loads the next token's ticket and routing; so
+// a token costs about one round trip. (Routing two tokens ahead cost registers past the 80 a
+// 768-thread CTA has: spills, which with 204 KiB of stages miss the small L1, and the rows took
+// ~15 us longer at R = 2; bench/NOTES.md v15.)
+//
+// Fused (the default for these rows): the kernel is the whole count too, no layout kernel
+// before it. Its CTAs take count blocks by ticket (a CTA whose SM is late takes none), the CTA
+// that counts the last block publishes the counts and raises the bases (layout_phases.cuh),
+// and every CTA then pushes tokens by ticket; so the rows start when the counts are exchanged,
+// not a kernel boundary and a flag round trip later.
 
-// A token's routing as the push needs it (lane k < K: slot k; the layout kernel wrote rank only
-// for valid slots, so the value of a -1 slot is unused).
+// A token's routing as the push needs it (lane k < K: slot k; the count wrote rank only for
+// valid slots, so the value of a -1 slot is unused).
 struct TokenRouting {
   unsigned dmask = 0;  // destination ranks
   int e = -1;          // expert of slot `lane`, -1: none
   float wgt = 0.f;
-  int rank = 0;  // the token's rank among its count-CTA's tokens sent to slot `lane`'s rank
+  int rank = 0;  // the token's rank among its count block's tokens sent to slot `lane`'s rank
 };
 
+// (tok_dmask / tok_rank: written by other CTAs of the fused kernel, read past L1)
 __device__ __forceinline__ TokenRouting load_routing(const PushParams& p, int t) {
   TokenRouting r;
-  r.dmask = p.s.tok_dmask[t];
+  r.dmask = __ldcg(p.s.tok_dmask + t);
   load_slot(p.io, t, r.e, r.wgt);
-  if (lane_id() < p.io.K) r.rank = p.s.tok_rank[static_cast<int64_t>(t) * p.io.K + lane_id()];
+  if (lane_id() < p.io.K) r.rank = __ldcg(p.s.tok_rank + static_cast<int64_t>(t) * p.io.K + lane_id());
   return r;
 }
 
@@ -368,7 +383,8 @@ constexpr int kStageVecs = (kStageRowVecs + kStageScaleVecs) * kWarp;  // per wa
 // tokens are latency-bound (ticket, routing, bases, then the row), so more of them per SM move
 // more rows at once. 24 warps x 8.5 KiB of stages fit a Hopper SM's shared memory.
 constexpr int kPipelinedThreads = 768;
-constexpr int kPipelinedSmemBytes = kStageVecs * 16 * (kPipelinedThreads / kWarp);
+constexpr int kPipelinedWarps = kPipelinedThreads / kWarp;
+constexpr int kPipelinedSmemBytes = kStageVecs * 16 * kPipelinedWarps;
 
 // Lane `from`'s pointer, on every lane.
 __device__ __forceinline__ char* lane_ptr(char* q, int from) {
@@ -419,47 +435,113 @@ __device__ void stage_rest(const char* src, int64_t bytes, char* dst, int nd, in
   }
 }
 
+// The count of the fused push (every thread; after its PDL wait): count blocks by ticket; the
+// CTA that counts the last one publishes the counts, the compact bases and the per-expert part
+// (with the handle's header row). The kernel then waits for the bases as the unfused push does.
+template <int KMAX>
+__device__ __forceinline__ void fused_count(const PushParams& p, int* count_smem, int* shared_int) {
+  const LayoutParams& lp = p.lay;
+  const unsigned long long t_start = global_ns();
+  const uint32_t epoch = layout_epoch(p.comm);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    p.s.kernel_times[kLayoutStart] = t_start;
+    announce_entry(lp, epoch);
+  }
+  const CountSmem m = carve_count_smem(count_smem, lp.warps, lp.E, p.comm.num_ranks);
+  const int blocks = count_blocks(p.io.T, p.cta_tokens);
+  for (;;) {
+    __syncthreads();  // every thread read *shared_int of the previous round
+    if (threadIdx.x == 0) *shared_int = static_cast<int>(atomicAdd(p.s.count_ticket, 1u));
+    __syncthreads();
+    const int b = *shared_int;
+    if (b >= blocks) return;
+    count_block<KMAX>(lp, b, lp.warps, m);
+    if (blocks > 1) {  // the threadFenceReduction pattern, as the layout kernel's CTAs
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) *shared_int = atomicAdd(p.s.done, 1u) == static_cast<unsigned>(blocks - 1);
+      __syncthreads();
+      if (*shared_int == 0) continue;
+      __threadfence();
+    } else {
+      __syncthreads();
+    }
+    publish_counts(lp, blocks, epoch, m, t_start);
+    expert_part(lp, epoch, m, t_start, p.io.handle);
+    return;
+  }
+}
+
+// kFused: p.fused, as its own instantiation (the unfused one keeps the loop's registers free
+// of the count's: 74 without spills).
+template <int KMAX, bool kFused>
 __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_kernel(PushParams p) {
-  extern __shared__ __align__(16) int4 row_stages[];  // [warps][kStageVecs]
+  // [warps][kStageVecs] stages, then the base table; the fused count uses the stages first
+  extern __shared__ __align__(16) int4 row_stages[];
   __shared__ unsigned long long rows_done_ns;
   __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
-  __shared__ int bases_ok;
-  unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
-  push_prologue(p, stamp);
+  __shared__ int bases_ok, count_at;
+  // (nothing is computed before the fused count that lives past it: its registers and the
+  // loop's are the same 80)
+  if (kFused) pdl_wait();  // x and the routing are ready; the last epilogue reset the tickets
+  push_prologue(p, p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps);
   if (threadIdx.x == 0) rows_done_ns = 0;
+  if (kFused) fused_count<KMAX>(p, reinterpret_cast<int*>(row_stages), &count_at);
+  unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
   const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, &bases_ok);
   const int lane = lane_id(), warps = blockDim.x / kWarp;
-  const int K = p.io.K, W = p.io.W;
+  const int K = p.io.K, W = p.io.W, R = p.comm.num_ranks, T = p.io.T;
+  // every count block's compact bases at every destination
+  int* base_table = reinterpret_cast<int*>(row_stages + warps * kStageVecs);
+  const int blocks = count_blocks(p.io.T, p.cta_tokens);
+  if (p.base_table)
+    for (int i = threadIdx.x; i < blocks * R; i += blockDim.x) base_table[i] = compact_block_base(p, i / R, i % R);
+  __syncthreads();
+  const auto compact_row = [&](int t, int d, int rank) {
+    const int b = t / p.cta_tokens;
+    return (p.base_table ? base_table[b * R + d] : compact_block_base(p, b, d)) + (rank & 0xffff);
+  };
   // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
   // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
   const int x_vecs = static_cast<int>(p.io.x_bytes / 16), s_vecs = static_cast<int>(p.io.s_bytes / 16);
   const int nx = min(x_vecs, kStageRowVecs * kWarp), ns = min(s_vecs, kStageScaleVecs * kWarp);
   int4* stage = row_stages + warp_id() * kStageVecs;
-  const int first_round = gridDim.x * warps;
-  int t = ok ? blockIdx.x * warps + warp_id() : p.io.T;
-  TokenRouting r;
-  if (t < p.io.T) r = load_routing(p, t);
-  unsigned asked = 0;  // lane 0: the ticket of the warp's next token, asked one token ahead
   // (p.skip: timing experiments only, the outputs are then wrong; see PushParams::skip)
   const bool no_meta = p.skip & 1, no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
-  if (lane == 0 && t < p.io.T && !no_ticket) asked = atomicAdd(p.s.push_ticket, 1u);
-  while (t < p.io.T) {
+  // Tokens: by ticket (lane 0 asks, every lane gets it), the unfused push's first one per warp
+  // fixed (its row may be in L2 already); the fused push's CTAs start their rows at different
+  // times (the publisher last), so all of its tokens come by ticket.
+  const bool first_by_ticket = kFused && !no_ticket;
+  const int stride = gridDim.x * warps, first_round = first_by_ticket ? 0 : stride;
+  const auto ask = [&]() { return lane == 0 ? atomicAdd(p.s.push_ticket, 1u) : 0u; };
+  const auto token_of = [&](unsigned ticket) {
+    return first_round + static_cast<int>(__shfl_sync(0xffffffffu, ticket, 0));
+  };
+  int t = !ok ? T : first_by_ticket ? token_of(ask()) : blockIdx.x * warps + warp_id();
+  // t's routing; lane 0's ticket for the next token is outstanding exactly when t < T (a ticket
+  // below T is never dropped)
+  TokenRouting r;
+  unsigned asked = 0;
+  if (t < T) {
+    r = load_routing(p, t);
+    if (!no_ticket) asked = ask();
+  }
+  while (t < T) {
     if (!no_loads) {
       stage_pieces<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, nx, stage);
       stage_pieces<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, ns,
                                     stage + kStageRowVecs * kWarp);
     }
-    // final compact row of slot `lane`: base + this count-CTA's prefix + rank inside it
-    const int edst = r.e >= 0 ? r.e / p.E_loc : -1;
-    const int crow = r.e >= 0 ? compact_row_of(p, t, edst, r.rank) : -1;
     // the next token and its routing, in flight with this token's row
-    const int nt =
-        no_ticket ? t + first_round : first_round + static_cast<int>(__shfl_sync(0xffffffffu, asked, 0));
+    const int nt = no_ticket ? t + stride : token_of(asked);
     TokenRouting rn;
-    if (nt < p.io.T) {
-      if (lane == 0 && !no_ticket) asked = atomicAdd(p.s.push_ticket, 1u);
+    if (nt < T) {
       rn = load_routing(p, nt);
+      if (!no_ticket) asked = ask();
     }
+    // final compact row of slot `lane`
+    const int edst = r.e >= 0 ? r.e / p.E_loc : -1;
+    const int crow = r.e >= 0 ? compact_row(t, edst, r.rank) : -1;
     const unsigned dmask = r.dmask;
     if (!no_meta)
       warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
@@ -499,13 +581,17 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
   pdl_wait();
   pdl_trigger();
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    p.kernel_times[kEpilogueStart] = global_ns();
-    *p.bases_ready = 0u;  // the push is done with it (see DispatchScratch::bases_ready)
+    p.s.kernel_times[kEpilogueStart] = global_ns();
+    // the push is done with them (the next dispatch's first kernel waits for this grid)
+    *p.s.bases_ready = 0u;
+    *p.s.push_ticket = 0u;
+    *p.s.count_ticket = 0u;
   }
   const int K = p.io.K, W = p.io.W;
-  const int G = p.recv_info[kRecvG];
-  const int local_lo = p.recv_info[recv_local_lo(p.E_loc)];
-  const int local_n = p.recv_info[recv_local_n(p.E_loc)];
+  const int* info = p.s.recv_info;
+  const int G = info[kRecvG];
+  const int local_lo = info[recv_local_lo(p.E_loc)];
+  const int local_n = info[recv_local_n(p.E_loc)];
   const int lane = lane_id();
   const int warps = blockDim.x / kWarp;
   const int gwarp = blockIdx.x * warps + warp_id();
@@ -550,22 +636,31 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
       }
     }
   }
-  FillArgs a{p.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
+  FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
              p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
   fill_empty_rows(a);
   // the clock only grows, so the latest CTA's end wins without a reset between calls
   __syncthreads();
-  if (threadIdx.x == 0) atomicMax(p.kernel_times + kEpilogueEnd, global_ns());
+  if (threadIdx.x == 0) atomicMax(p.s.kernel_times + kEpilogueEnd, global_ns());
 }
 
 }  // namespace
 
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream) {
   if (p.pipelined) {
-    static const int room =
-        raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_pipelined_kernel));
-    if (kPipelinedSmemBytes > room) return cudaErrorInvalidValue;  // pipelined_push_fits() said so
-    return launch_pdl(dispatch_push_pipelined_kernel, ctas, kPipelinedThreads, kPipelinedSmemBytes, stream, p);
+    // (the fused count keeps K topk entries per lane in registers: 8 for the usual K)
+    const auto kernel = !p.fused        ? dispatch_push_pipelined_kernel<8, false>
+                        : p.io.K <= 8   ? dispatch_push_pipelined_kernel<8, true>
+                                        : dispatch_push_pipelined_kernel<kMaxTopk, true>;
+    static const int room[3] = {
+        raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_pipelined_kernel<8, false>)),
+        raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_pipelined_kernel<8, true>)),
+        raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_pipelined_kernel<kMaxTopk, true>))};
+    const int which = !p.fused ? 0 : p.io.K <= 8 ? 1 : 2;
+    const int64_t table = p.base_table ? int64_t{count_blocks(p.io.T, p.cta_tokens)} * p.comm.num_ranks : 0;
+    const int64_t smem = kPipelinedSmemBytes + table * static_cast<int64_t>(sizeof(int));
+    if (smem > room[which]) return cudaErrorInvalidValue;  // the fits() said so
+    return launch_pdl(kernel, ctas, kPipelinedThreads, static_cast<size_t>(smem), stream, p);
   }
   if (p.bulk_row_bytes == 0) return launch_pdl(dispatch_push_kernel<false>, ctas, kPushThreads, 0, stream, p);
   static const int room =
@@ -577,6 +672,17 @@ cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t str
 
 bool pipelined_push_fits(size_t smem_optin) {
   return static_cast<size_t>(kPipelinedSmemBytes + kBulkStaticReserve) <= smem_optin;
+}
+
+int fused_count_warps(int E, int R) {
+  for (int w = kPipelinedWarps; w > 0; --w)
+    if (count_smem_ints(w, E, R) * sizeof(int) <= static_cast<size_t>(kPipelinedSmemBytes)) return w;
+  return 0;
+}
+
+bool base_table_fits(size_t smem_optin, int64_t ints) {
+  return kPipelinedSmemBytes + kBulkStaticReserve + ints * static_cast<int64_t>(sizeof(int)) <=
+         static_cast<int64_t>(smem_optin);
 }
 
 cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream) {

@@ -53,10 +53,14 @@ struct DispatchScratch {
   // nanoseconds at its start, when it may start on rows (the compact bases, or its PDL wait),
   // when its last warp finished its tokens, and after its barrier
   unsigned long long* push_times;   // [kMaxBarrierCtas][kPushStamps]
-  // push kernel with more than one rank: tokens after each warp's first are handed out by this
-  // ticket (reset by the layout kernel), so a CTA that starts late (its SM busy with another
+  // push kernel with more than one rank: tokens after each warp's first (the fused push: every
+  // token) are handed out by this ticket, so a CTA that starts late (its SM busy with another
   // process's kernel) finds its share done by the others instead of doubling the push time
   unsigned* push_ticket;            // [1]
+  // the fused compact push: count blocks are handed out by this ticket (a CTA that starts late
+  // counts none). Both tickets are reset by the epilogue, which runs after every push with more
+  // than one rank.
+  unsigned* count_ticket;           // [1]
   // compact dispatch with more than one rank: 1 once the layout's last CTA has the compact
   // bases (cbase, cta_prefix, tok_rank) and the peers' output places; the push starts on it
   // instead of on the whole layout kernel's end (its per-expert work is not the push's), and
@@ -73,6 +77,10 @@ enum KernelStamp { kLayoutStart, kLayoutLastCta, kLayoutEnd, kEpilogueStart, kEp
 constexpr int kMaxLocalTiles = 1024;  // CTAs of the one-rank fused dispatch (<= SMs)
 // Count kernel: one warp per 32 tokens, at least one warp per CTA.
 constexpr int layout_max_ctas(int max_tokens) { return (max_tokens + 31) / 32 + 1; }
+// Count blocks of a dispatch of T tokens (one even for T = 0: its CTA still exchanges counts).
+__host__ __device__ constexpr int count_blocks(int T, int cta_tokens) {
+  return T > 0 ? (T + cta_tokens - 1) / cta_tokens : 1;
+}
 constexpr int kRecvG = 0;           // groups (compact rows) received
 constexpr int kRecvPairs = 1;       // (token, local expert) pairs received
 constexpr int kRecvAligned = 2;     // sum of aligned per-expert counts
@@ -139,6 +147,14 @@ struct PushParams {
   // the pipelined compact loop (dispatch.cu): R >= 2, compact, no bulk fan-out, rows and scale
   // packs at 16-byte multiples and addresses (default; DEEP_EP_OPS_PUSH_PIPELINE=0 for A/B runs)
   int pipelined;
+  // the pipelined loop counts too (no layout kernel before it; `lay` is what the count needs,
+  // with lay.warps counting warps per CTA): an experiment, DEEP_EP_OPS_DISPATCH_FUSED=1, where
+  // the count's shared memory fits in the stages (bench/NOTES.md v15: not faster yet)
+  int fused;
+  LayoutParams lay;
+  // the pipelined loop keeps every count block's compact bases in shared memory
+  // (count_blocks(T, cta_tokens) * R ints after the stages; 0: read them per token)
+  int base_table;
   // timing experiments on the pipelined loop only (DEEP_EP_OPS_PUSH_SKIP, bits; the outputs are
   // then wrong): 1 no routing / handle / metadata stores, 2 fixed token stride instead of the
   // ticket, 4 no row stores, 8 no row loads
@@ -165,11 +181,10 @@ struct EpilogueParams {
   DispatchIO io;    // the same as the push kernel's (inputs unused)
   const char* win;  // local window base
   DispatchRows rows;
-  const int* recv_info;
   int E_loc, expand;
   int direct;  // the peers wrote their rows of x and scales into io's outputs already
-  unsigned long long* kernel_times;  // DispatchScratch::kernel_times
-  unsigned* bases_ready;             // DispatchScratch::bases_ready (reset here)
+  // recv_info and kernel_times; bases_ready and the tickets are reset here (the push is done)
+  DispatchScratch s;
 };
 
 struct CachedParams {
@@ -223,6 +238,11 @@ cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t str
 // The pipelined push loop's row stages fit a block's shared memory (opt-in bytes) beside the
 // kernel's static part.
 bool pipelined_push_fits(size_t smem_optin);
+// Counting warps per CTA of the fused compact push (the count's shared memory fits in its
+// stages), 0: the count does not fit and the layout kernel counts.
+int fused_count_warps(int E, int R);
+// The pipelined loop's table of compact bases (ints) fits beside its stages.
+bool base_table_fits(size_t smem_optin, int64_t ints);
 // Rows moved by bulk copies (DEEP_EP_OPS_BULK_COPY=1): each of a push kernel's kBulkWarps warps
 // holds one row in its shared buffer; kBulkStaticReserve bytes of a block's shared memory stay
 // for the kernel's static part.

@@ -292,7 +292,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   lp.C = static_cast<int>(C);
   lp.buffer_id = st.cfg.buffer_id;
   // DEEP_EP_OPS_LAYOUT_WARPS (experiment): fewer warps per count CTA, so more CTAs count
-  static const int layout_warps_asked = env_knob("DEEP_EP_OPS_LAYOUT_WARPS", 0, 1, 8);
+  static const int layout_warps_asked = env_knob("DEEP_EP_OPS_LAYOUT_WARPS", 0, 1, 32);
   lp.warps = layout_warps(E, R, std::min<size_t>(st.smem_optin, 200 * 1024));
   if (layout_warps_asked > 0) lp.warps = std::min(lp.warps, layout_warps_asked);
   lp.cta_tokens = lp.warps * 32;
@@ -315,7 +315,6 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   } else if (R > 1) {
     ++st.slots->staged;
   }
-  check_cuda(launch_layout(lp, stream), "launching dispatch layout kernel");
 
   // phase 2: final rows, handle header + send part; rows into the other destinations' windows
   // and this rank's own rows straight into the outputs
@@ -323,7 +322,6 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.io = dispatch_io(x, x_scales, topk_idx, topk_weights, out, K, E, W);
   pp.E_loc = E_loc;
   pp.expand = expand;
-  pp.cta_tokens = lp.cta_tokens;
   pp.local_only = R == 1;
   pp.rows = rows;
   pp.s = st.scratch;
@@ -332,12 +330,27 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.bulk_row_bytes = bulk_rows(st, pp.io.x_bytes + pp.io.s_bytes, aligned);
   static const int prefetch = env_knob("DEEP_EP_OPS_PUSH_PREFETCH", 1, 0, 1);  // (experiment)
   static const int pipeline = env_knob("DEEP_EP_OPS_PUSH_PIPELINE", 1, 0, 1);  // (A/B)
+  static const int fuse = env_knob("DEEP_EP_OPS_DISPATCH_FUSED", 0, 0, 1);     // (experiment)
   pp.prefetch = prefetch;
   pp.pipelined = aligned && pp.bulk_row_bytes == 0 && pipeline && pipelined_push_fits(st.smem_optin);
+  // The fused push counts with its own CTAs (no layout kernel): count blocks of its warps (at
+  // most DEEP_EP_OPS_LAYOUT_WARPS of them when set)
+  const int fused_warps = pp.pipelined && fuse ? fused_count_warps(E, R) : 0;
+  pp.fused = fused_warps > 0;
+  if (pp.fused) {
+    lp.warps = layout_warps_asked > 0 ? std::min(fused_warps, layout_warps_asked) : fused_warps;
+    lp.cta_tokens = lp.warps * 32;
+    pp.lay = lp;
+  }
+  pp.cta_tokens = lp.cta_tokens;
+  pp.base_table = pp.pipelined &&
+                  base_table_fits(st.smem_optin, int64_t{count_blocks(static_cast<int>(T), lp.cta_tokens)} * R);
   if (R > 1) ++(pp.bulk_row_bytes > 0 ? st.dispatch_bulk : st.dispatch_register);
   if (pp.pipelined) ++st.dispatch_pipelined;
+  if (pp.fused) ++st.dispatch_fused;
   static const int skip = env_knob("DEEP_EP_OPS_PUSH_SKIP", 0, 0, 15);  // (timing experiments)
   pp.skip = skip;
+  if (!pp.fused) check_cuda(launch_layout(lp, stream), "launching dispatch layout kernel");
   if (R == 1) {
     // one rank: the push writes every output (no window, no barrier, no epilogue)
     check_cuda(launch_dispatch_push(pp, local_ctas(st, num_sms, std::max<int64_t>(T, C)), stream),
@@ -352,12 +365,10 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   ep.io = pp.io;
   ep.win = st.comm.peer_base[st.cfg.rank];
   ep.rows = rows;
-  ep.recv_info = st.scratch.recv_info;
   ep.E_loc = E_loc;
   ep.expand = expand;
   ep.direct = slot >= 0;
-  ep.kernel_times = st.scratch.kernel_times;
-  ep.bases_ready = st.scratch.bases_ready;
+  ep.s = st.scratch;
   check_cuda(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "launching dispatch epilogue");
   return out;
 }

@@ -59,6 +59,7 @@ class EpState {
   // dispatches with more than one rank whose push fanned rows out by bulk copies, and the others;
   // of the others, those that took the pipelined compact loop
   std::atomic<int64_t> dispatch_bulk{0}, dispatch_register{0}, dispatch_pipelined{0};
+  std::atomic<int64_t> dispatch_fused{0};  // of those, the ones that counted in the push (no layout kernel)
   int last_push_ctas = 0;  // grid of the last push kernel with more than one rank (push_times)
 
  private:

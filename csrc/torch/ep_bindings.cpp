@@ -84,12 +84,13 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
                         py::arg("pushed") = s.combine_pushed.load());
       })
       // dispatches with more than one rank: rows fanned out by bulk copies or by registers (of
-      // those, how many by the pipelined compact loop), and the largest row the bulk fan-out
-      // takes on this device
+      // those, how many by the pipelined compact loop, and of these how many counted in the
+      // push itself), and the largest row the bulk fan-out takes on this device
       .def_property_readonly("dispatch_push_stats", [](const deo::EpState& s) {
         return py::dict(py::arg("bulk") = s.dispatch_bulk.load(),
                         py::arg("register") = s.dispatch_register.load(),
                         py::arg("pipelined") = s.dispatch_pipelined.load(),
+                        py::arg("fused") = s.dispatch_fused.load(),
                         py::arg("bulk_row_limit") = deo::bulk_row_limit(s));
       });
   m.def("create_state", &deo::create_state);

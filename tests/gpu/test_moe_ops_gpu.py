@@ -192,6 +192,9 @@ def _check_push_loop(buf, name, x, s, compact_dispatches, loop):
     if loop == "bulk":
         takes = takes and x_bytes + s_bytes <= st["bulk_row_limit"]
     assert st[loop] == (compact_dispatches if takes else 0), (name, x_bytes, s_bytes, st)
+    # the pipelined loop counts in the push itself when asked to (an experiment)
+    fused = loop == "pipelined" and os.environ.get("DEEP_EP_OPS_DISPATCH_FUSED") == "1"
+    assert st["fused"] == (st["pipelined"] if fused else 0), (name, st)
 
 
 WORLDS = [1, 2, 3, 4, 8]  # more ranks than GPUs: several per GPU under MPS

@@ -1,0 +1,324 @@
+// The phases of dispatch's count and count exchange, as device functions: the layout kernel
+// (layout.cu: many count CTAs, the last one publishes) and the fused compact push
+// (dispatch.cu: its CTAs count blocks by ticket, the one that counts the last block publishes,
+// then every CTA pushes rows) run the same code, so the rows come out the same either way.
+//
+// Block b counts tokens [b*cta_tokens, (b+1)*cta_tokens), one warp per 32 tokens (lane =
+// token). For each expert, the lanes holding it OR their bit into a warp-private mask word, so
+// a token's rank among the warp's tokens of that expert is the popcount of the lower lanes;
+// ballots do the same per destination rank. A scan over the block's warps turns these into
+// ranks among the block's tokens (tok_rank) and gives the block's histogram (cta_prefix[b]).
+// The CTA that counts the last block (atomic ticket; integer sums, so which one it is does not
+// matter) scans the histograms over blocks in block order (exclusive per-block prefixes, in
+// place), sends the count row [E per-expert counts, R per-rank token counts] to every peer's
+// window and derives the bases at every destination from the count matrix:
+//   compact row at d       = cbase[d] + prefix(block of t)[E + d] + rank of t in its block to d
+//   cbase[d]               = sum_{s<me} tokens(s->d)
+//   expert-major row at d  = ebase[e] + prefix(block of t)[e] + rank of t in its block for e
+//   ebase[e]               = aligned block start of e + sum_{s<me} count(s,e)
+// The compact bases need the rows of the lower ranks only: as soon as those are in (and every
+// peer has entered the call, below), the bases are ready and a flag says so (a compact push
+// starts on it), while this CTA waits for the higher ranks' rows for the per-expert part. So
+// rank 0's rows start moving without waiting for anyone's count. The push adds the three terms
+// per (token, slot), so the rows are the same pure function of the routing as in a one-pass
+// serial count: (source rank, source token) order.
+// Entry: CTA 0 tells every peer at once where this rank's recv_x / recv_scales live (a
+// direct-output slot of its window, where the peers' pushes then write rows straight, or -1)
+// and announces that it entered the call, so the peers may write into its window.
+#pragma once
+
+#include "ep_barrier.cuh"
+#include "topk_loads.cuh"
+#include "handle_rows.cuh"
+
+namespace deep_ep_ops {
+namespace dev {
+
+// Ints of shared memory the count phases take with nw counting warps.
+__host__ __device__ constexpr size_t count_smem_ints(int nw, int E, int R) {
+  return static_cast<size_t>(nw) * (2 * E + R) + (3 * E + R + 40);
+}
+
+// The count phases' shared memory (carved from count_smem_ints(nw, E, R) ints).
+struct CountSmem {
+  unsigned* emask;  // [nw][E] which lanes of warp w hold expert e
+  int* cnt;         // [nw][E + R] warp histograms, then their exclusive scan over warps
+  int* tot;         // [E + R] this rank's totals
+  int* sc;          // [E] aligned totals, then their scan
+  int* eb;          // [E] sum_{s<me} count(s, e)
+  int* wsum;        // [32]
+  int* misc;        // [8]
+};
+
+__device__ __forceinline__ CountSmem carve_count_smem(int* smem, int nw, int E, int R) {
+  CountSmem m;
+  const int NC = E + R;
+  m.emask = reinterpret_cast<unsigned*>(smem);
+  m.cnt = smem + nw * E;
+  m.tot = m.cnt + nw * NC;
+  m.sc = m.tot + NC;
+  m.eb = m.sc + E;
+  m.wsum = m.eb + E;
+  m.misc = m.wsum + kWarp;
+  return m;
+}
+
+// Exclusive scan of a[0..n) in place by the whole CTA; returns the total. wsum: 32 ints of
+// shared memory. Every thread of the CTA must call it.
+__device__ inline int block_exclusive_scan(int* a, int n, int* wsum) {
+  const int lane = lane_id(), w = warp_id(), nw = blockDim.x / kWarp;
+  int carry = 0;
+  for (int base = 0; base < n; base += blockDim.x) {
+    const int i = base + threadIdx.x;
+    const int v = i < n ? a[i] : 0;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < kWarp; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    if (lane == kWarp - 1) wsum[w] = x;
+    __syncthreads();
+    if (w == 0) {
+      int s = lane < nw ? wsum[lane] : 0;
+#pragma unroll
+      for (int o = 1; o < kWarp; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, s, o);
+        if (lane >= o) s += y;
+      }
+      wsum[lane] = s;  // inclusive over warps
+    }
+    __syncthreads();
+    if (i < n) a[i] = carry + (w > 0 ? wsum[w - 1] : 0) + x - v;
+    carry += wsum[nw - 1];
+    __syncthreads();
+  }
+  return carry;
+}
+
+// This call's epoch of the count exchange and of the entry (the publisher stores it at its end,
+// after every wait on it; only CTA 0 and the publisher use it, both before that store).
+__device__ __forceinline__ uint32_t layout_epoch(const Comm& c) {
+  return *reinterpret_cast<volatile unsigned*>(c.epochs + kLayoutSlot) + 1u;
+}
+
+// Entry (one thread of CTA 0, once every earlier kernel of this rank is done): where this
+// rank's outputs live (the peers write their rows there when it is not -1), announced at once,
+// so the peers may write into its window and output slot from now on.
+__device__ __forceinline__ void announce_entry(const LayoutParams& p, uint32_t epoch) {
+  const int R = p.comm.num_ranks, me = p.comm.rank;
+  if (R == 1) return;
+  for (int peer = 0; peer < R; ++peer) {
+    long long* outs = reinterpret_cast<long long*>(peer_ptr(p.comm, peer) + p.comm.outs_off) + 2 * me;
+    outs[0] = p.out_x_off;
+    outs[1] = p.out_s_off;
+  }
+  announce_epoch(p.comm, kEnterSlot, epoch);
+}
+
+// Counts block b with warps [0, nw) (the CTA's other warps only join its barriers): tok_rank
+// and tok_dmask of its tokens and its histogram cta_prefix[b]. KMAX bounds the per-lane topk
+// arrays: 8 keeps them in registers for the usual K <= 8. Every thread of the CTA calls it.
+template <int KMAX>
+__device__ __forceinline__ void count_block(const LayoutParams& p, int b, int nw, const CountSmem& m) {
+  const int E = p.E, R = p.comm.num_ranks, K = p.K, NC = E + R;
+  const int w = warp_id(), lane = lane_id();
+  const bool counts = w < nw;
+  const int t = b * p.cta_tokens + w * kWarp + lane;
+  const bool valid = counts && t < p.T;
+  unsigned* my_mask = m.emask + w * E;
+  int* my_cnt = m.cnt + w * NC;
+  if (counts) {
+    for (int e = lane; e < E; e += kWarp) my_mask[e] = 0u;
+  }
+  __syncwarp();
+
+  // ---- ranks among this warp's 32 tokens ----
+  // (a slot's destination rank is recomputed from its expert where needed: the registers matter
+  // where this runs inside the pipelined push)
+  int ex[KMAX], rk[KMAX];
+  unsigned dmask = 0;
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k) {
+    ex[k] = -1;
+    rk[k] = 0;
+    if (k < K && valid) ex[k] = load_expert(p.topk_idx, p.idx64, static_cast<int64_t>(t) * K + k);
+    if (ex[k] >= 0) {
+      dmask |= 1u << (ex[k] / p.E_loc);
+      atomicOr(&my_mask[ex[k]], 1u << lane);  // OR commutes: deterministic
+    }
+  }
+  __syncwarp();
+  if (counts) {
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k)
+      if (ex[k] >= 0) rk[k] = __popc(my_mask[ex[k]] & lanemask_lt()) << 16;
+    unsigned mybal = 0;  // lane d < R: which lanes send to rank d
+    for (int d = 0; d < R; ++d) {
+      const unsigned bal = __ballot_sync(0xffffffffu, (dmask >> d) & 1u);
+      if (lane == d) mybal = bal;
+    }
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+      if (k >= K) break;  // K is warp-uniform: the shuffle stays converged
+      const unsigned bal = __shfl_sync(0xffffffffu, mybal, ex[k] >= 0 ? ex[k] / p.E_loc : 0);
+      if (ex[k] >= 0) rk[k] |= __popc(bal & lanemask_lt());
+    }
+    for (int e = lane; e < E; e += kWarp) my_cnt[e] = __popc(my_mask[e]);
+    if (lane < R) my_cnt[E + lane] = __popc(mybal);
+  }
+  __syncthreads();
+
+  // ---- scan over the counting warps; the block's histogram; ranks among the block ----
+  int* agg = p.s.cta_prefix + static_cast<int64_t>(b) * NC;
+  for (int c = threadIdx.x; c < NC; c += blockDim.x) {
+    int run = 0;
+    for (int v = 0; v < nw; ++v) {
+      const int x = m.cnt[v * NC + c];
+      m.cnt[v * NC + c] = run;
+      run += x;
+    }
+    agg[c] = run;
+  }
+  __syncthreads();
+  if (valid) {
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k)
+      if (ex[k] >= 0)  // both ranks < cta_tokens <= 32 * 32: 16 bits each
+        p.s.tok_rank[static_cast<int64_t>(t) * K + k] =
+            rk[k] + (my_cnt[ex[k]] << 16) + my_cnt[E + ex[k] / p.E_loc];
+    p.s.tok_dmask[t] = dmask;
+  }
+}
+
+// The CTA that counted the last of `blocks` blocks (its counts and every other block's are
+// visible to it): the scan over blocks, this rank's count row to every peer, then, once the
+// lower ranks' rows and every peer's entry are in, the compact bases (cbase) and the flag that
+// says so (bases_ready). info[3..5]: ns from t_start when counted, published, bases done.
+// Every thread of the CTA.
+__device__ __forceinline__ void publish_counts(const LayoutParams& p, int blocks, uint32_t epoch,
+                                      const CountSmem& m, unsigned long long t_start) {
+  const int E = p.E, R = p.comm.num_ranks, NC = E + R, me = p.comm.rank;
+  int* info = p.s.recv_info;
+  if (threadIdx.x == 0) {
+    if (blocks > 1) *p.s.done = 0u;  // ready for the next call (every block of this one counted)
+    info[3] = static_cast<int>(global_ns() - t_start);
+    p.s.kernel_times[kLayoutLastCta] = t_start;
+  }
+  int* pre = p.s.cta_prefix;
+  for (int c = threadIdx.x; c < NC; c += blockDim.x) {
+    int run = 0, b = 0;
+    for (; b + 8 <= blocks; b += 8) {
+      int v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = ld_cg(pre + static_cast<int64_t>(b + u) * NC + c);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        pre[static_cast<int64_t>(b + u) * NC + c] = run;
+        run += v[u];
+      }
+    }
+    for (; b < blocks; ++b) {
+      const int x = ld_cg(pre + static_cast<int64_t>(b) * NC + c);
+      pre[static_cast<int64_t>(b) * NC + c] = run;
+      run += x;
+    }
+    m.tot[c] = run;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < R * NC; i += blockDim.x) {
+    const int peer = i / NC, c = i % NC;
+    int* row = reinterpret_cast<int*>(peer_ptr(p.comm, peer) + p.comm.counts_off) + me * NC;
+    row[c] = m.tot[c];
+  }
+  if (threadIdx.x == 0) info[4] = static_cast<int>(global_ns() - t_start);
+  // Compact rows at d follow those of the lower ranks only: the compact bases wait for their
+  // count rows and for every peer's entry (its output places), not for the higher ranks' rows,
+  // which only the per-expert part needs (ordered = 0: all rows first, one barrier).
+  const unsigned every_peer = R >= 32 ? 0xffffffffu : (1u << R) - 1u, lower_peers = (1u << me) - 1u;
+  __syncthreads();
+  if (R > 1) {
+    if (threadIdx.x == 0) announce_epoch(p.comm, kLayoutSlot, epoch);
+    wait_epochs(p.comm, kEnterSlot, epoch, every_peer, kOpDispatchLayout);
+    wait_epochs(p.comm, kLayoutSlot, epoch, p.ordered ? lower_peers : every_peer, kOpDispatchLayout);
+  }
+  if (threadIdx.x == 0) info[5] = static_cast<int>(global_ns() - t_start);
+  const int* counts = reinterpret_cast<const int*>(peer_ptr(p.comm, me) + p.comm.counts_off);
+  for (int d = threadIdx.x; d < R; d += blockDim.x) {
+    int below = 0;
+    for (int s = 0; s < me; ++s) below += ld_cg(counts + s * NC + E + d);
+    p.s.cbase[d] = below;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && R > 1) {
+    __threadfence();
+    st_release_sys(p.s.bases_ready, 1u);
+  }
+}
+
+// The publisher, after publish_counts: once every peer's count row is in, the per-expert part
+// (ebase, tokens per expert and block starts in recv_info, the received totals), the handle's
+// header row into `header` (W ints), the end stamps, and this call's epoch. Every thread of
+// the CTA.
+__device__ __forceinline__ void expert_part(const LayoutParams& p, uint32_t epoch, const CountSmem& m,
+                                   unsigned long long t_start, int* header) {
+  const int E = p.E, R = p.comm.num_ranks, NC = E + R, me = p.comm.rank;
+  int* info = p.s.recv_info;
+  const unsigned every_peer = R >= 32 ? 0xffffffffu : (1u << R) - 1u, lower_peers = (1u << me) - 1u;
+  const int* counts = reinterpret_cast<const int*>(peer_ptr(p.comm, me) + p.comm.counts_off);
+  if (threadIdx.x == 0) m.misc[1] = 0;
+  __syncthreads();
+  if (R > 1 && p.ordered) wait_epochs(p.comm, kLayoutSlot, epoch, every_peer & ~lower_peers, kOpDispatchLayout);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int sum = 0, lower = 0;
+    for (int s = 0; s < R; ++s) {
+      const int v = ld_cg(counts + s * NC + e);
+      sum += v;
+      if (s < me) lower += v;
+    }
+    m.eb[e] = lower;
+    m.sc[e] = static_cast<int>(align_up(sum, p.A));
+    if (e / p.E_loc == me) {
+      info[kRecvTpe + (e - me * p.E_loc)] = sum;
+      atomicAdd(&m.misc[1], sum);  // integer sum: order does not matter
+    }
+  }
+  if (threadIdx.x == 0) {
+    int G = 0;
+    for (int s = 0; s < R; ++s) G += ld_cg(counts + s * NC + E + me);
+    m.misc[0] = G;
+    info[kRecvG] = G;
+  }
+  __syncthreads();
+  // Block starts: exclusive scan of the aligned totals, relative to each destination's range.
+  const int total = block_exclusive_scan(m.sc, E, m.wsum);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int d = e / p.E_loc;
+    const int start = m.sc[d * p.E_loc];
+    p.s.ebase[e] = m.eb[e] + m.sc[e] - start;
+    if (d == me) info[kRecvTpe + p.E_loc + (e - me * p.E_loc)] = m.sc[e] - start;
+  }
+  if (threadIdx.x == 0) {
+    const int lo = m.sc[me * p.E_loc];
+    const int hi = (me + 1) * p.E_loc < E ? m.sc[(me + 1) * p.E_loc] : total;
+    info[kRecvTpe + 2 * p.E_loc] = hi - lo;
+    info[kRecvAligned] = hi - lo;
+    int below = 0;  // my own tokens' compact rows here: [below, below + tot[E + me])
+    for (int s = 0; s < me; ++s) below += ld_cg(counts + s * NC + E + me);
+    info[recv_local_lo(p.E_loc)] = below;
+    info[recv_local_n(p.E_loc)] = m.tot[E + me];
+    const int pairs = m.misc[1];
+    info[kRecvPairs] = pairs;
+    write_header_row(header, p.W,
+                     HandleHeader{p.expand ? pairs : m.misc[0], m.misc[0], p.T, R, E, p.M, p.expand,
+                                  p.A, p.K, p.buffer_id, p.C});
+    const unsigned long long t_end = global_ns();
+    info[6] = static_cast<int>(t_end - t_start);
+    info[7] = info[6];
+    p.s.kernel_times[kLayoutEnd] = t_end;
+    p.comm.epochs[kLayoutSlot] = epoch;  // (after every wait of this call on it)
+  }
+}
+
+}  // namespace dev
+}  // namespace deep_ep_ops
