@@ -1,4 +1,4 @@
-// Dispatch, phases 2 and 3.
+// Dispatch, phases 2 and 3 (phase 1, the count: layout.cu, or inside the push when fused).
 //
 // push: one warp per token (each warp's first token fixed, the rest by ticket, so a CTA that
 // starts late does not hold a share of its own). It adds the count kernel's three terms into
@@ -352,11 +352,13 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
 // 768-thread CTA has: spills, which with 204 KiB of stages miss the small L1, and the rows took
 // ~15 us longer at R = 2; bench/NOTES.md v15.)
 //
-// Fused (the default for these rows): the kernel is the whole count too, no layout kernel
-// before it. Its CTAs take count blocks by ticket (a CTA whose SM is late takes none), the CTA
-// that counts the last block publishes the counts and raises the bases (layout_phases.cuh),
-// and every CTA then pushes tokens by ticket; so the rows start when the counts are exchanged,
-// not a kernel boundary and a flag round trip later.
+// Fused (an experiment, DEEP_EP_OPS_DISPATCH_FUSED=1): the kernel is the whole count too, no
+// layout kernel before it. Its CTAs take count blocks by ticket (a CTA whose SM is late takes
+// none), the CTA that counts the last block publishes the counts and raises the bases
+// (layout_phases.cuh), and every CTA then pushes tokens by ticket. Meant to start the rows a
+// kernel boundary and a flag round trip sooner; measured, the rows waited as long (the count
+// itself is the wait) and ran slower (the count's code costs the loop registers: spills), so
+// it stays off (bench/NOTES.md v15).
 
 // A token's routing as the push needs it (lane k < K: slot k; the count wrote rank only for
 // valid slots, so the value of a -1 slot is unused).
