@@ -483,8 +483,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   __shared__ unsigned long long rows_done_ns;
   __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
   __shared__ int bases_ok, count_at;
-  // (nothing is computed before the fused count that lives past it: its registers and the
-  // loop's are the same 80)
+  // (what the loop needs is computed after the fused count: the two share 80 registers)
   if (kFused) pdl_wait();  // x and the routing are ready; the last epilogue reset the tickets
   push_prologue(p, p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps);
   if (threadIdx.x == 0) rows_done_ns = 0;
@@ -650,19 +649,20 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
 
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream) {
   if (p.pipelined) {
-    // (the fused count keeps K topk entries per lane in registers: 8 for the usual K)
-    const auto kernel = !p.fused        ? dispatch_push_pipelined_kernel<8, false>
-                        : p.io.K <= 8   ? dispatch_push_pipelined_kernel<8, true>
-                                        : dispatch_push_pipelined_kernel<kMaxTopk, true>;
-    static const int room[3] = {
-        raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_pipelined_kernel<8, false>)),
-        raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_pipelined_kernel<8, true>)),
-        raise_dynamic_smem_limit(reinterpret_cast<const void*>(dispatch_push_pipelined_kernel<kMaxTopk, true>))};
+    // unfused, fused with K <= 8, fused with more (the count keeps K experts per lane in
+    // registers: 8 for the usual K)
+    using Kernel = void (*)(PushParams);
+    static const Kernel kernels[3] = {dispatch_push_pipelined_kernel<8, false>,
+                                      dispatch_push_pipelined_kernel<8, true>,
+                                      dispatch_push_pipelined_kernel<kMaxTopk, true>};
+    static const int room[3] = {raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[0])),
+                                raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[1])),
+                                raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[2]))};
     const int which = !p.fused ? 0 : p.io.K <= 8 ? 1 : 2;
     const int64_t table = p.base_table ? int64_t{count_blocks(p.io.T, p.cta_tokens)} * p.comm.num_ranks : 0;
     const int64_t smem = kPipelinedSmemBytes + table * static_cast<int64_t>(sizeof(int));
     if (smem > room[which]) return cudaErrorInvalidValue;  // the fits() said so
-    return launch_pdl(kernel, ctas, kPipelinedThreads, static_cast<size_t>(smem), stream, p);
+    return launch_pdl(kernels[which], ctas, kPipelinedThreads, static_cast<size_t>(smem), stream, p);
   }
   if (p.bulk_row_bytes == 0) return launch_pdl(dispatch_push_kernel<false>, ctas, kPushThreads, 0, stream, p);
   static const int room =
