@@ -168,6 +168,8 @@ __device__ __forceinline__ void count_block(const LayoutParams& p, int b, int nw
     if (lane < R) my_cnt[E + lane] = __popc(mybal);
   }
   __syncthreads();
+  // (profiling; the clock only grows, so the latest block of the latest call wins, no reset)
+  if (threadIdx.x == 0) atomicMax(p.s.kernel_times + kCountLoaded, global_ns());
 
   // ---- scan over the counting warps; the block's histogram; ranks among the block ----
   int* agg = p.s.cta_prefix + static_cast<int64_t>(b) * NC;
@@ -189,6 +191,8 @@ __device__ __forceinline__ void count_block(const LayoutParams& p, int b, int nw
             rk[k] + (my_cnt[ex[k]] << 16) + my_cnt[E + ex[k] / p.E_loc];
     p.s.tok_dmask[t] = dmask;
   }
+  __syncthreads();
+  if (threadIdx.x == 0) atomicMax(p.s.kernel_times + kCountStored, global_ns());
 }
 
 // The CTA that counted the last of `blocks` blocks (its counts and every other block's are
