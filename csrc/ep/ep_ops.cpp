@@ -301,8 +301,9 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   lp.s = st.scratch;
   lp.comm = st.comm;
 
-  // outputs first: the layout kernel tells the peers where recv_x / recv_scales live when
-  // they sit in a direct-output slot (with one rank nothing crosses a window)
+  // outputs first: the count's entry (the layout kernel, or the fused push) tells the peers
+  // where recv_x / recv_scales live when they sit in a direct-output slot (with one rank
+  // nothing crosses a window)
   const int slot = R > 1 ? take_output_slot(st, C, x_bytes, s_bytes, stream) : -1;
   DispatchOut out = dispatch_outputs(x, x_scales, C, K, E_loc, W, expand,
                                      slot >= 0 ? slot_tensors(st, slot, x, x_scales, C)
