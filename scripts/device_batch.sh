@@ -73,12 +73,13 @@ for s in "${steps[@]}"; do
       step layers 540 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_multihost_gpu.py tests/gpu/test_interhost_gpu.py \
         tests/gpu/test_autograd_gpu.py tests/gpu/test_compile_gpu.py tests/gpu/test_nn_gpu.py ;;
-    probes)  # the standalone floors (bench/probes): fan-out copy, push skeleton, IPC under MPS
-      for probe in row_fanout_rate push_skeleton ipc_fanout_rate; do
+    probes)  # the standalone probes (bench/probes): fan-out copy, push skeleton, IPC under MPS, the count
+      for probe in row_fanout_rate push_skeleton ipc_fanout_rate count_phase; do
         nvcc -O3 -arch=sm_90 -o "/tmp/$probe" "bench/probes/$probe.cu" || continue
       done
       step probe_rows 60 /tmp/row_fanout_rate
       step probe_skeleton 120 /tmp/push_skeleton
+      step probe_count 60 /tmp/count_phase
       step probe_ipc 120 python3 -c "
 import os, subprocess
 from deep_ep_ops.local_ranks import mps_daemon
