@@ -128,6 +128,8 @@ __device__ __forceinline__ void count_block(const LayoutParams& p, int b, int nw
   const bool valid = counts && t < p.T;
   unsigned* my_mask = m.emask + w * E;
   int* my_cnt = m.cnt + w * NC;
+  // (profiling; the clock only grows, so the latest block of the latest call wins, no reset)
+  if (threadIdx.x == 0) atomicMax(p.s.kernel_times + kCountStarted, global_ns());
   if (counts) {
     for (int e = lane; e < E; e += kWarp) my_mask[e] = 0u;
   }
@@ -168,7 +170,6 @@ __device__ __forceinline__ void count_block(const LayoutParams& p, int b, int nw
     if (lane < R) my_cnt[E + lane] = __popc(mybal);
   }
   __syncthreads();
-  // (profiling; the clock only grows, so the latest block of the latest call wins, no reset)
   if (threadIdx.x == 0) atomicMax(p.s.kernel_times + kCountLoaded, global_ns());
 
   // ---- scan over the counting warps; the block's histogram; ranks among the block ----
