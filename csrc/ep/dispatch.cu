@@ -458,16 +458,7 @@ __device__ __forceinline__ void fused_count(const PushParams& p, int* count_smem
     const int b = *shared_int;
     if (b >= blocks) return;
     count_block<KMAX>(lp, b, lp.warps, m);
-    if (blocks > 1) {  // the threadFenceReduction pattern, as the layout kernel's CTAs
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) *shared_int = atomicAdd(p.s.done, 1u) == static_cast<unsigned>(blocks - 1);
-      __syncthreads();
-      if (*shared_int == 0) continue;
-      __threadfence();
-    } else {
-      __syncthreads();
-    }
+    if (!counted_last_block(lp, blocks, shared_int)) continue;
     publish_counts(lp, blocks, epoch, m, t_start);
     expert_part(lp, epoch, m, t_start, p.io.handle);
     return;
@@ -483,24 +474,21 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   __shared__ unsigned long long rows_done_ns;
   __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
   __shared__ int bases_ok, count_at;
-  // (what the loop needs is computed after the fused count: the two share 80 registers)
+  unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
   if (kFused) pdl_wait();  // x and the routing are ready; the last epilogue reset the tickets
-  push_prologue(p, p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps);
+  push_prologue(p, stamp);
   if (threadIdx.x == 0) rows_done_ns = 0;
   if (kFused) fused_count<KMAX>(p, reinterpret_cast<int*>(row_stages), &count_at);
-  unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
   const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, &bases_ok);
   const int lane = lane_id(), warps = blockDim.x / kWarp;
   const int K = p.io.K, W = p.io.W, R = p.comm.num_ranks, T = p.io.T;
-  // every count block's compact bases at every destination
+  // every count block's compact bases at every destination ([block][R], p.base_table ints)
   int* base_table = reinterpret_cast<int*>(row_stages + warps * kStageVecs);
-  const int blocks = count_blocks(p.io.T, p.cta_tokens);
-  if (p.base_table)
-    for (int i = threadIdx.x; i < blocks * R; i += blockDim.x) base_table[i] = compact_block_base(p, i / R, i % R);
+  for (int i = threadIdx.x; i < p.base_table; i += blockDim.x) base_table[i] = compact_block_base(p, i / R, i % R);
   __syncthreads();
   const auto compact_row = [&](int t, int d, int rank) {
-    const int b = t / p.cta_tokens;
-    return (p.base_table ? base_table[b * R + d] : compact_block_base(p, b, d)) + (rank & 0xffff);
+    return p.base_table > 0 ? base_table[t / p.cta_tokens * R + d] + (rank & 0xffff)
+                            : compact_row_of(p, t, d, rank);
   };
   // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
   // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
@@ -659,8 +647,7 @@ cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t str
                                 raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[1])),
                                 raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[2]))};
     const int which = !p.fused ? 0 : p.io.K <= 8 ? 1 : 2;
-    const int64_t table = p.base_table ? int64_t{count_blocks(p.io.T, p.cta_tokens)} * p.comm.num_ranks : 0;
-    const int64_t smem = kPipelinedSmemBytes + table * static_cast<int64_t>(sizeof(int));
+    const int64_t smem = kPipelinedSmemBytes + int64_t{p.base_table} * static_cast<int64_t>(sizeof(int));
     if (smem > room[which]) return cudaErrorInvalidValue;  // the fits() said so
     return launch_pdl(kernels[which], ctas, kPipelinedThreads, static_cast<size_t>(smem), stream, p);
   }

@@ -157,8 +157,8 @@ struct PushParams {
   // the count's shared memory fits in the stages (bench/NOTES.md v15: not faster yet)
   int fused;
   LayoutParams lay;
-  // the pipelined loop keeps every count block's compact bases in shared memory
-  // (count_blocks(T, cta_tokens) * R ints after the stages; 0: read them per token)
+  // ints of the pipelined loop's table of every count block's compact bases in shared memory
+  // (count_blocks(T, cta_tokens) * R, after the stages; 0: no table, read them per token)
   int base_table;
   // timing experiments on the pipelined loop only (DEEP_EP_OPS_PUSH_SKIP, bits; the outputs are
   // then wrong): 1 no routing / handle / metadata stores, 2 fixed token stride instead of the

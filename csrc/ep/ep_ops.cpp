@@ -344,8 +344,8 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
     pp.lay = lp;
   }
   pp.cta_tokens = lp.cta_tokens;
-  pp.base_table = pp.pipelined &&
-                  base_table_fits(st.smem_optin, int64_t{count_blocks(static_cast<int>(T), lp.cta_tokens)} * R);
+  const int table_ints = count_blocks(static_cast<int>(T), lp.cta_tokens) * R;
+  pp.base_table = pp.pipelined && base_table_fits(st.smem_optin, table_ints) ? table_ints : 0;
   if (R > 1) ++(pp.bulk_row_bytes > 0 ? st.dispatch_bulk : st.dispatch_register);
   if (pp.pipelined) ++st.dispatch_pipelined;
   if (pp.fused) ++st.dispatch_fused;

@@ -29,20 +29,9 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
   const int nw = blockDim.x / kWarp;
   const CountSmem m = carve_count_smem(smem, nw, p.E, p.comm.num_ranks);
   count_block<KMAX>(p, blockIdx.x, nw, m);
-  // Last CTA to finish goes on (threadFenceReduction pattern). A lone CTA (T <= cta_tokens:
-  // every decode batch) skips the fence and the ticket, ~2 us of round trips: its own
-  // histogram writes are visible to its threads after the barrier.
+  // the last CTA to finish goes on (a lone one, T <= cta_tokens: every decode batch, at once)
   const int blocks = gridDim.x;
-  if (blocks > 1) {
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(p.s.done, 1u) == blocks - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-  } else {
-    __syncthreads();
-  }
+  if (!counted_last_block(p, blocks, &is_last)) return;
   publish_counts(p, blocks, epoch, m, t_start);
   expert_part(p, epoch, m, t_start, p.s.send_handle);
 }

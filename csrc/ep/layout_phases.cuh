@@ -196,6 +196,25 @@ __device__ __forceinline__ void count_block(const LayoutParams& p, int b, int nw
   if (threadIdx.x == 0) atomicMax(p.s.kernel_times + kCountStored, global_ns());
 }
 
+// After count_block: whether this CTA's block was the last of `blocks` to be counted, by the
+// threadFenceReduction pattern (integer sums, so which CTA it is does not matter); when it was,
+// every block's counts are visible to it. A lone block skips the fence and the ticket (~2 us of
+// round trips: its own histogram is visible to its threads after the barrier). flag: a shared
+// int. Every thread of the CTA.
+__device__ __forceinline__ bool counted_last_block(const LayoutParams& p, int blocks, int* flag) {
+  if (blocks == 1) {
+    __syncthreads();
+    return true;
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = atomicAdd(p.s.done, 1u) == static_cast<unsigned>(blocks - 1);
+  __syncthreads();
+  const bool last = *flag != 0;
+  if (last) __threadfence();
+  return last;
+}
+
 // The CTA that counted the last of `blocks` blocks (its counts and every other block's are
 // visible to it): the scan over blocks, this rank's count row to every peer, then, once the
 // lower ranks' rows and every peer's entry are in, the compact bases (cbase) and the flag that
