@@ -58,8 +58,8 @@ for s in "${steps[@]}"; do
         --world 2 --num-sms 0 24 --iters 9 --timeline --direct-outputs 2 ;;
     knobs)  # the dispatch timeline with each tuning knob against the default (lone calls)
       for setting in DEEP_EP_OPS_NONE=0 DEEP_EP_OPS_DISPATCH_FUSED=1 DEEP_EP_OPS_PUSH_PIPELINE=0 \
-                     DEEP_EP_OPS_LAYOUT_ORDERED=0; do
-        step "knob_${setting%%=*}" 120 env "$setting" python3 tests/gpu/bench_moe_ops.py \
+                     DEEP_EP_OPS_PUSH_PREFETCH=1 DEEP_EP_OPS_PUSH_SKIP=1 DEEP_EP_OPS_PUSH_SKIP=3; do
+        step "knob_${setting//[=]/_}" 120 env "$setting" python3 tests/gpu/bench_moe_ops.py \
           --world 2 --num-sms 0 24 --iters 7 --timeline-only --direct-outputs 2
       done ;;
     suites_a | ep_rest)  # the EP tests that are not bitwise (graph replay, stalled peer), then pp / cp / engram
@@ -92,9 +92,9 @@ with mps_daemon() as env:
     fused)  # the fused compact push (an experiment): its bitwise suites at R = 2-4, then the R = 2 bench
       ab fused DEEP_EP_OPS_DISPATCH_FUSED=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py ;;
-    before)  # the R = 2 bench on the paths of before v14 (general push loop, one count barrier)
+    before)  # the R = 2 bench with the general push loop (the loop of before v14)
       mkdir -p "$out/bench_before"
-      step bench_before 240 env DEEP_EP_OPS_PUSH_PIPELINE=0 DEEP_EP_OPS_LAYOUT_ORDERED=0 \
+      step bench_before 240 env DEEP_EP_OPS_PUSH_PIPELINE=0 \
         python3 -m bench.bench_ep "${bench_args[@]}" --out "$out/bench_before" ;;
     regs)
       ab regs DEEP_EP_OPS_COMBINE_SMEM=0 tests/gpu/test_moe_ops_gpu.py \

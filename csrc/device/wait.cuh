@@ -64,13 +64,17 @@ static __device__ __noinline__ void record_failure(WaitContext w, int code, int 
   if (w.trap_on_timeout) __trap();
 }
 
-// One thread: spin until pred(*f); false (and the record filled) after the timeout, or at once
-// when another wait of this Buffer already failed (no second full timeout). `load` reads the
-// flag (acquire, system scope, by default).
-template <typename Pred>
-__device__ __forceinline__ bool timed_wait(const uint32_t* f, Pred pred, const WaitContext& w,
-                                           int op, int slot, int peer, uint32_t expected) {
-  uint32_t seen = ld_acquire_sys(f);
+// One thread: spin until pred(*f) (a 4-byte flag, or an 8-byte word whose high half says
+// whether its low half is there yet); false (and the record filled, with the flag or the word's
+// high half as seen) after the timeout, or at once when another wait of this Buffer already
+// failed (no second full timeout). Reads are acquires at system scope; `last`: what the
+// final read saw.
+template <typename Word, typename Pred>
+__device__ __forceinline__ bool timed_wait(const Word* f, Pred pred, const WaitContext& w,
+                                           int op, int slot, int peer, uint32_t expected,
+                                           Word* last = nullptr) {
+  Word seen = ld_acquire_sys(f);
+  if (last != nullptr) *last = seen;
   if (pred(seen)) return true;
   const unsigned long long start = now_ns();
   unsigned iter = 0;
@@ -78,12 +82,14 @@ __device__ __forceinline__ bool timed_wait(const uint32_t* f, Pred pred, const W
     if (w.poll_pause_ns != 0) __nanosleep(w.poll_pause_ns);
     if ((++iter & 1023u) == 0) {
       if (now_ns() - start > w.timeout_ns) {
-        record_failure(w, kErrTimeout, op, slot, peer, expected, seen);
+        record_failure(w, kErrTimeout, op, slot, peer, expected,
+                       static_cast<uint32_t>(seen >> (sizeof(Word) > 4 ? 32 : 0)));
         return false;
       }
       if (failed(w)) return false;
     }
   }
+  if (last != nullptr) *last = seen;
   return true;
 }
 
@@ -92,6 +98,17 @@ __device__ __forceinline__ bool wait_epoch(const uint32_t* f, uint32_t want, con
                                            int op, int slot, int peer) {
   return timed_wait(f, [want](uint32_t v) { return static_cast<int>(v - want) >= 0; }, w, op,
                     slot, peer, want);
+}
+
+// Until the 8-byte word at f carries `epoch` in its high half (its writer stored the value and
+// the epoch as one word: no fence or flag of its own); the low half, or -1 after a failed wait.
+__device__ __forceinline__ long long wait_epoch_word(const unsigned long long* f, uint32_t epoch,
+                                                     const WaitContext& w, int op, int slot,
+                                                     int peer) {
+  unsigned long long v = 0;
+  const bool ok = timed_wait(f, [epoch](unsigned long long x) { return (x >> 32) == epoch; }, w,
+                             op, slot, peer, epoch, &v);
+  return ok ? static_cast<long long>(static_cast<uint32_t>(v)) : -1;
 }
 
 }  // namespace dev

@@ -11,7 +11,8 @@
 // receive rows. A token goes to each destination rank once, however many of its experts live
 // there; in the compact layout its row is read once and stored to all its destination ranks.
 // Ends with a per-CTA barrier. A compact push with peers starts as soon as the layout's last
-// CTA has the compact bases (DispatchScratch::bases_ready), not when the layout kernel ends.
+// CTA has scanned the count blocks (DispatchScratch::bases_ready) and the lower ranks' token
+// counts are in (it sums its compact bases itself), not when the layout kernel ends.
 // With one rank nothing crosses a window: no barrier, and the push also does the epilogue's
 // remaining work (rows that carry no token), so dispatch is two kernels.
 //
@@ -73,30 +74,53 @@ __device__ void push_prologue(const PushParams& p, unsigned long long* stamp) {
 }
 
 // The wait half of the prologue (after the bulk fan-out's first load is in flight). Returns
-// whether the wait succeeded (a failed one: no rows; the barrier at the end then fails fast as
+// whether the waits succeeded (a failed one: no rows; the barrier at the end then fails fast as
 // well). Every thread must call it. out_x_at / out_s_at: shared [R]; a direct-output slot of
-// destination d's window, or -1: this rank's staging rows there; ok: a shared int.
+// destination d's window, or -1: this rank's staging rows there; cbase: shared [R], the
+// compact row of this rank's first token at each destination; ok: a shared int.
 __device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stamp,
-                                   long long* out_x_at, long long* out_s_at, int* ok) {
-  // A compact push with peers starts once the layout's last CTA has the compact bases (the
-  // layout's per-expert work and its end come later; the push waits for them before it ends,
-  // so what follows still sees a finished layout). Everything else waits for the layout's end.
-  if (!p.local_only && !p.expand) {
-    if (threadIdx.x == 0)
-      *ok = timed_wait(p.s.bases_ready, [](uint32_t v) { return v != 0u; }, p.comm.wait,
-                       kOpDispatchLayout, kLayoutSlot, p.comm.rank, 1u);
-  } else {
-    pdl_wait();
-    if (threadIdx.x == 0) *ok = 1;
+                                   long long* out_x_at, long long* out_s_at, int* cbase, int* ok) {
+  // A compact push with peers starts once this rank's layout has scanned its count blocks
+  // (bases_ready) and the lower ranks' token counts are in (the layout's per-expert work and
+  // its end come later; the push waits for them before it ends, so what follows still sees a
+  // finished layout). Everything else waits for the layout's end first.
+  const int R = p.comm.num_ranks, me = p.comm.rank;
+  __shared__ uint32_t epoch;
+  if (p.local_only || p.expand) pdl_wait();
+  if (threadIdx.x == 0) {
+    *ok = 1;
+    if (!p.local_only && !timed_wait(p.s.bases_ready, [](uint32_t v) { return v != 0u; },
+                                     p.comm.wait, kOpDispatchLayout, kLayoutSlot, me, 1u, &epoch))
+      *ok = 0;
+  }
+  __syncthreads();
+  if (*ok) {
+    // thread d < R: the lower ranks' token counts to d (none with one rank); warp 1's lanes:
+    // each peer's entry, after which its output places (read below) are published and its
+    // window may be written
+    if (threadIdx.x < R) {
+      int below = 0;
+      for (int s = 0; s < me; ++s) {
+        const long long n = wait_epoch_word(tokens_word(p.comm, me, s, threadIdx.x), epoch,
+                                            p.comm.wait, kOpDispatchLayout, kLayoutSlot, s);
+        if (n < 0) *ok = 0;
+        below += static_cast<int>(n);
+      }
+      cbase[threadIdx.x] = below;
+    }
+    const int peer = static_cast<int>(threadIdx.x) - kWarp;
+    if (!p.local_only && peer >= 0 && peer < R && peer != me &&
+        !wait_epoch(flag_ptr(peer_ptr(p.comm, me), p.comm, kEnterSlot, peer), epoch, p.comm.wait,
+                    kOpDispatchLayout, kEnterSlot, peer))
+      *ok = 0;
   }
   __syncthreads();
   pdl_trigger();
   if (threadIdx.x == 0 && !p.local_only) stamp[1] = global_ns();
-  const int R = p.comm.num_ranks;
   if (!p.local_only)
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
       const long long* outs =
-          reinterpret_cast<const long long*>(peer_ptr(p.comm, p.comm.rank) + p.comm.outs_off) + 2 * d;
+          reinterpret_cast<const long long*>(peer_ptr(p.comm, me) + p.comm.outs_off) + 2 * d;
       out_x_at[d] = __ldcg(outs);
       out_s_at[d] = __ldcg(outs + 1);
     }
@@ -184,17 +208,18 @@ __device__ __forceinline__ void compact_row_dst(const PushParams& p, int d, int 
 }
 
 // Where this rank's compact rows of count block b start at destination d (layout_phases.cuh):
-// the base of this rank's rows there + the block's prefix. Written by the layout's publisher
-// while this kernel may run: read past L1.
-__device__ __forceinline__ int compact_block_base(const PushParams& p, int b, int d) {
+// the base of this rank's rows there (cbase: push_wait_for_rows) + the block's prefix, which
+// the layout's publisher wrote while this kernel may run: read past L1.
+__device__ __forceinline__ int compact_block_base(const PushParams& p, const int* cbase, int b, int d) {
   const int NC = p.io.E + p.comm.num_ranks;
-  return ld_cg(p.s.cbase + d) + ld_cg(p.s.cta_prefix + static_cast<int64_t>(b) * NC + p.io.E + d);
+  return cbase[d] + ld_cg(p.s.cta_prefix + static_cast<int64_t>(b) * NC + p.io.E + d);
 }
 
 // Token t's compact row at destination d: its block's base + t's rank inside that block
 // (`rank`: the low 16 bits of tok_rank).
-__device__ __forceinline__ int compact_row_of(const PushParams& p, int t, int d, int rank) {
-  return compact_block_base(p, t / p.cta_tokens, d) + (rank & 0xffff);
+__device__ __forceinline__ int compact_row_of(const PushParams& p, const int* cbase, int t, int d,
+                                              int rank) {
+  return compact_block_base(p, cbase, t / p.cta_tokens, d) + (rank & 0xffff);
 }
 
 // Compact layout, destination d of token t at compact row `row`: the row's routing (this rank's
@@ -228,7 +253,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
   __shared__ unsigned long long row_loaded[kPushThreads / kWarp];
   __shared__ unsigned long long rows_done_ns;  // latest warp to finish its tokens (profiling)
   __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
-  __shared__ int bases_ok;
+  __shared__ int cbase[kMaxRanks], bases_ok;
   // (stamps are stored at once: none stays in a register across the token loop)
   unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
   push_prologue(p, stamp);
@@ -250,7 +275,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
     load_row(blockIdx.x * warps + warp_id());
   }
   if (threadIdx.x == 0) rows_done_ns = 0;
-  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, &bases_ok);
+  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok);
   const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
   int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
   // Each warp's first token is fixed (its row may be in flight already); later ones come from
@@ -276,7 +301,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       // (compact rows need no expert-major row: ebase may not be written yet when a compact
       // push starts, see push_wait_for_rows)
       if (p.expand) erow = p.s.ebase[e] + pre[e] + (rk >> 16);
-      crow = compact_row_of(p, t, edst, rk);
+      crow = compact_row_of(p, cbase, t, edst, rk);
     }
     warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
                         __popc(dmask), edst, p.expand ? erow : crow);
@@ -473,22 +498,22 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   extern __shared__ __align__(16) int4 row_stages[];
   __shared__ unsigned long long rows_done_ns;
   __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
-  __shared__ int bases_ok, count_at;
+  __shared__ int cbase[kMaxRanks], bases_ok, count_at;
   unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
   if (kFused) pdl_wait();  // x and the routing are ready; the last epilogue reset the tickets
   push_prologue(p, stamp);
   if (threadIdx.x == 0) rows_done_ns = 0;
   if (kFused) fused_count<KMAX>(p, reinterpret_cast<int*>(row_stages), &count_at);
-  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, &bases_ok);
+  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok);
   const int lane = lane_id(), warps = blockDim.x / kWarp;
   const int K = p.io.K, W = p.io.W, R = p.comm.num_ranks, T = p.io.T;
   // every count block's compact bases at every destination ([block][R], p.base_table ints)
   int* base_table = reinterpret_cast<int*>(row_stages + warps * kStageVecs);
-  for (int i = threadIdx.x; i < p.base_table; i += blockDim.x) base_table[i] = compact_block_base(p, i / R, i % R);
+  for (int i = threadIdx.x; i < p.base_table; i += blockDim.x) base_table[i] = compact_block_base(p, cbase, i / R, i % R);
   __syncthreads();
   const auto compact_row = [&](int t, int d, int rank) {
     return p.base_table > 0 ? base_table[t / p.cta_tokens * R + d] + (rank & 0xffff)
-                            : compact_row_of(p, t, d, rank);
+                            : compact_row_of(p, cbase, t, d, rank);
   };
   // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
   // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
@@ -566,6 +591,9 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   push_finish(p, stamp, &rows_done_ns);
 }
 
+// kDirect: p.direct, as its own instantiation: without the row copies the kernel needs a
+// fraction of the copies' registers (128), so more of its CTAs fit an SM at once.
+template <bool kDirect>
 __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p) {
   pdl_wait();
   pdl_trigger();
@@ -607,7 +635,7 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
       wgt = __int_as_float(meta[4 + 2 * K + lane]);
     }
     if (!p.expand) {
-      if (!p.direct) {
+      if (!kDirect) {
         warp_copy(p.io.recv_x + static_cast<int64_t>(i) * p.io.x_bytes, wx, p.io.x_bytes);
         if (p.io.s_bytes > 0) warp_copy(p.io.recv_s + static_cast<int64_t>(i) * p.io.s_bytes, ws, p.io.s_bytes);
       }
@@ -619,7 +647,7 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
     } else {
       const unsigned local = __ballot_sync(0xffffffffu, j >= 0);
       warp_write_expand_group(recv_h, W, K, i, src, tok, cslot, j, erow, wgt, idx32, p.io.recv_w);
-      if (!p.direct) {
+      if (!kDirect) {
         warp_copy_rows(p.io.recv_x, erow, local, wx, p.io.x_bytes);
         if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, local, ws, p.io.s_bytes);
       }
@@ -675,7 +703,8 @@ bool base_table_fits(size_t smem_optin, int64_t ints) {
 }
 
 cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream) {
-  return launch_pdl(dispatch_epilogue_kernel, ctas, 512, 0, stream, p);
+  return p.direct ? launch_pdl(dispatch_epilogue_kernel<true>, ctas, 512, 0, stream, p)
+                  : launch_pdl(dispatch_epilogue_kernel<false>, ctas, 512, 0, stream, p);
 }
 
 }  // namespace deep_ep_ops

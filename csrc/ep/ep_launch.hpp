@@ -28,7 +28,8 @@ struct Comm {
   int num_ranks;
   int64_t flags_off;
   int64_t counts_off;
-  int64_t outs_off;  // where each rank wants its dispatch rows (EpWindow: [outs])
+  int64_t outs_off;    // where each rank wants its dispatch rows (EpWindow: [outs])
+  int64_t tokens_off;  // dispatch: tokens each lower rank sends to each rank (EpWindow: [tokens])
   int64_t data_off;
 };
 
@@ -40,7 +41,6 @@ struct DispatchScratch {
   int* cta_prefix;      // [layout_max_ctas(M) * (E+R)]: per count-CTA histograms, scanned in
                         //   place into exclusive per-CTA prefixes by the last CTA
   int* ebase;           // [E] expert-major row of the first of my tokens of expert e at e's rank
-  int* cbase;           // [R] compact row of the first of my tokens at rank d
   unsigned* done;       // [1] count CTAs finished (the last one resets it to 0)
   int* send_handle;     // [W] handle header row (copied into the handle by the push kernel)
   int* recv_info;       // kRecvInfo* fields, then tokens_per_expert[E_loc], block_start[E_loc+1]
@@ -61,10 +61,11 @@ struct DispatchScratch {
   // counts none). Both tickets are reset by the epilogue, which runs after every push with more
   // than one rank.
   unsigned* count_ticket;           // [1]
-  // compact dispatch with more than one rank: 1 once the layout's last CTA has the compact
-  // bases (cbase, cta_prefix, tok_rank) and the peers' output places; the push starts on it
-  // instead of on the whole layout kernel's end (its per-expert work is not the push's), and
-  // the epilogue, which runs after the push, sets it back to 0
+  // dispatch with more than one rank: the call's layout epoch once the layout's last CTA has
+  // scanned the count blocks (cta_prefix, tok_rank are final) and sent its token counts to the
+  // peers; a compact push starts on it instead of on the whole layout kernel's end (the
+  // per-expert work is not the push's), and the epilogue, which runs after the push, sets it
+  // back to 0
   unsigned* bases_ready;            // [1]
   unsigned* combine_ticket;         // [1] CombineParams::reduce_ticket
   // the last dispatch with more than one rank, global nanoseconds (profiling; the clock is the
@@ -115,9 +116,6 @@ struct LayoutParams {
   // direct-output slot (the peers write rows there), else -1 (rows go through the window)
   int64_t out_x_off, out_s_off;
   int warps;       // warps per count CTA (each warp counts 32 tokens)
-  // 1 (default): the compact bases wait for the count rows of lower ranks only (and every
-  // peer's entry); 0: for every peer's row, one barrier (DEEP_EP_OPS_LAYOUT_ORDERED=0, A/B)
-  int ordered;
   int cta_tokens;  // tokens per count CTA: 32 * warps
   DispatchScratch s;
   Comm comm;
@@ -164,8 +162,9 @@ struct PushParams {
   // then wrong): 1 no routing / handle / metadata stores, 2 fixed token stride instead of the
   // ticket, 4 no row stores, 8 no row loads
   int skip;
-  // pull each warp's first rows of x into L2 before waiting for the layout (default 1;
-  // DEEP_EP_OPS_PUSH_PREFETCH=0 for A/B runs: the pulls compete with the layout's loads)
+  // pull each warp's first rows of x into L2 before waiting for the layout (an experiment,
+  // DEEP_EP_OPS_PUSH_PREFETCH=1; off by default: the pulls compete with the count's loads, and
+  // the pipelined loop stages rows itself, bench/NOTES.md v16)
   int prefetch;
   DispatchRows rows;
   DispatchScratch s;

@@ -296,8 +296,6 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   lp.warps = layout_warps(E, R, std::min<size_t>(st.smem_optin, 200 * 1024));
   if (layout_warps_asked > 0) lp.warps = std::min(lp.warps, layout_warps_asked);
   lp.cta_tokens = lp.warps * 32;
-  static const int ordered = env_knob("DEEP_EP_OPS_LAYOUT_ORDERED", 1, 0, 1);  // (A/B)
-  lp.ordered = ordered;
   lp.s = st.scratch;
   lp.comm = st.comm;
 
@@ -329,7 +327,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.comm = st.comm;
   const bool aligned = dispatch_rows_aligned(pp.io, rows, R, expand);
   pp.bulk_row_bytes = bulk_rows(st, pp.io.x_bytes + pp.io.s_bytes, aligned);
-  static const int prefetch = env_knob("DEEP_EP_OPS_PUSH_PREFETCH", 1, 0, 1);  // (experiment)
+  static const int prefetch = env_knob("DEEP_EP_OPS_PUSH_PREFETCH", 0, 0, 1);  // (experiment)
   static const int pipeline = env_knob("DEEP_EP_OPS_PUSH_PIPELINE", 1, 0, 1);  // (A/B)
   static const int fuse = env_knob("DEEP_EP_OPS_DISPATCH_FUSED", 0, 0, 1);     // (experiment)
   pp.prefetch = prefetch;

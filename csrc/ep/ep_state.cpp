@@ -33,6 +33,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   comm.flags_off = win.flags_off;
   comm.counts_off = win.counts_off;
   comm.outs_off = win.outs_off;
+  comm.tokens_off = win.tokens_off;
   comm.data_off = win.data_off;
 
   window_ = transport_->allocate(win.window_bytes);
@@ -46,7 +47,6 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
       static_cast<int64_t>(M) * K,          // tok_rank
       static_cast<int64_t>(layout_max_ctas(M)) * (E + R),  // cta_prefix
       E,                                    // ebase
-      R,                                    // cbase
       1,                                    // done
       handle_width,                         // send_handle (header row)
       recv_info_ints(static_cast<int>(e_loc)),  // recv_info
@@ -74,19 +74,18 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   scratch.tok_rank = reinterpret_cast<int*>(at(2));
   scratch.cta_prefix = reinterpret_cast<int*>(at(3));
   scratch.ebase = reinterpret_cast<int*>(at(4));
-  scratch.cbase = reinterpret_cast<int*>(at(5));
-  scratch.done = reinterpret_cast<unsigned*>(at(6));
-  scratch.send_handle = reinterpret_cast<int*>(at(7));
-  scratch.recv_info = reinterpret_cast<int*>(at(8));
-  scratch.tile_status = reinterpret_cast<unsigned long long*>(at(9));
-  scratch.tpe_acc = reinterpret_cast<int*>(at(10));
-  scratch.tile_ctr = reinterpret_cast<unsigned*>(at(11));
-  scratch.push_times = reinterpret_cast<unsigned long long*>(at(12));
-  scratch.kernel_times = reinterpret_cast<unsigned long long*>(at(13));
-  scratch.push_ticket = reinterpret_cast<unsigned*>(at(14));
-  scratch.bases_ready = reinterpret_cast<unsigned*>(at(15));
-  scratch.combine_ticket = reinterpret_cast<unsigned*>(at(16));
-  scratch.count_ticket = reinterpret_cast<unsigned*>(at(17));
+  scratch.done = reinterpret_cast<unsigned*>(at(5));
+  scratch.send_handle = reinterpret_cast<int*>(at(6));
+  scratch.recv_info = reinterpret_cast<int*>(at(7));
+  scratch.tile_status = reinterpret_cast<unsigned long long*>(at(8));
+  scratch.tpe_acc = reinterpret_cast<int*>(at(9));
+  scratch.tile_ctr = reinterpret_cast<unsigned*>(at(10));
+  scratch.push_times = reinterpret_cast<unsigned long long*>(at(11));
+  scratch.kernel_times = reinterpret_cast<unsigned long long*>(at(12));
+  scratch.push_ticket = reinterpret_cast<unsigned*>(at(13));
+  scratch.bases_ready = reinterpret_cast<unsigned*>(at(14));
+  scratch.combine_ticket = reinterpret_cast<unsigned*>(at(15));
+  scratch.count_ticket = reinterpret_cast<unsigned*>(at(16));
 
   comm.rank = cfg.rank;
   comm.num_ranks = R;

@@ -31,7 +31,7 @@
 namespace deep_ep_ops {
 
 struct EpWindow {
-  int64_t flags_off = 0, counts_off = 0, outs_off = 0, data_off = 0;
+  int64_t flags_off = 0, counts_off = 0, outs_off = 0, tokens_off = 0, data_off = 0;
   int64_t data_bytes = 0;    // size of the data region
   int64_t slots_off = 0;     // first direct-output slot
   int64_t slot_bytes = 0;    // size of each
@@ -104,7 +104,8 @@ struct EpWindow {
     w.counts_off = align_up(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
     w.outs_off = w.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
     w.cins_off = w.outs_off + static_cast<int64_t>(kMaxRanks) * 2 * 8;
-    w.data_off = w.outs_off + align_up(static_cast<int64_t>(kMaxRanks) * 4 * 8, 4096);
+    w.tokens_off = w.outs_off + align_up(static_cast<int64_t>(kMaxRanks) * 4 * 8, 4096);
+    w.data_off = w.tokens_off + align_up(static_cast<int64_t>(kMaxRanks) * kMaxRanks * 8, 4096);
     const int64_t packs = (H + 31) / 32;  // most 4-byte scale packs a row may carry
     const DispatchRows rows = w.dispatch_rows(R, M, K, 4LL * H, fp8 ? 4 * packs : 0);
     const int64_t need = std::max({dispatch_end(rows, R, M),

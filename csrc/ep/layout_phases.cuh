@@ -10,21 +10,26 @@
 // ranks among the block's tokens (tok_rank) and gives the block's histogram (cta_prefix[b]).
 // The CTA that counts the last block (atomic ticket; integer sums, so which one it is does not
 // matter) scans the histograms over blocks in block order (exclusive per-block prefixes, in
-// place), sends the count row [E per-expert counts, R per-rank token counts] to every peer's
-// window and derives the bases at every destination from the count matrix:
+// place). The bases at every destination follow from the count matrix:
 //   compact row at d       = cbase[d] + prefix(block of t)[E + d] + rank of t in its block to d
 //   cbase[d]               = sum_{s<me} tokens(s->d)
 //   expert-major row at d  = ebase[e] + prefix(block of t)[e] + rank of t in its block for e
 //   ebase[e]               = aligned block start of e + sum_{s<me} count(s,e)
-// The compact bases need the rows of the lower ranks only: as soon as those are in (and every
-// peer has entered the call, below), the bases are ready and a flag says so (a compact push
-// starts on it), while this CTA waits for the higher ranks' rows for the per-expert part. So
-// rank 0's rows start moving without waiting for anyone's count. The push adds the three terms
-// per (token, slot), so the rows are the same pure function of the routing as in a one-pass
+// The compact bases need only the lower ranks' token counts: right after its scan the
+// publisher stores its R token counts into every higher rank's window, each as one 8-byte word
+// with the call's epoch in its other half (the word is its own flag: no fence, no relay), and
+// raises a local flag; a compact push starts once that flag and the lower ranks' words are in
+// and sums cbase itself. So rank 0's rows start moving without waiting for anyone's count, and
+// rank s's after one store from each lower rank. The publisher then sends its whole count row
+// [E per-expert counts, R per-rank token counts] to every peer and, once every peer's row is
+// in, does the per-expert part (ebase, tokens per expert). The push adds the three terms per
+// (token, slot), so the rows are the same pure function of the routing as in a one-pass
 // serial count: (source rank, source token) order.
-// Entry: CTA 0 tells every peer at once where this rank's recv_x / recv_scales live (a
-// direct-output slot of its window, where the peers' pushes then write rows straight, or -1)
-// and announces that it entered the call, so the peers may write into its window.
+// Entry: one thread (the layout kernel's extra CTA, so no count block waits behind its system
+// fence; CTA 0 of the fused push) tells every peer at once where this rank's recv_x /
+// recv_scales live (a direct-output slot of its window, where the peers' pushes then write rows
+// straight, or -1) and announces that it entered the call; a peer's push writes into this
+// rank's window only after seeing that.
 #pragma once
 
 #include "ep_barrier.cuh"
@@ -102,7 +107,7 @@ __device__ __forceinline__ uint32_t layout_epoch(const Comm& c) {
   return *reinterpret_cast<volatile unsigned*>(c.epochs + kLayoutSlot) + 1u;
 }
 
-// Entry (one thread of CTA 0, once every earlier kernel of this rank is done): where this
+// Entry (one thread, once every earlier kernel of this rank is done): where this
 // rank's outputs live (the peers write their rows there when it is not -1), announced at once,
 // so the peers may write into its window and output slot from now on.
 __device__ __forceinline__ void announce_entry(const LayoutParams& p, uint32_t epoch) {
@@ -215,11 +220,18 @@ __device__ __forceinline__ bool counted_last_block(const LayoutParams& p, int bl
   return last;
 }
 
+// Where rank s's token count to rank d is announced in rank `at`'s window (EpWindow: [tokens]).
+__device__ __forceinline__ unsigned long long* tokens_word(const Comm& c, int at, int s, int d) {
+  return reinterpret_cast<unsigned long long*>(peer_ptr(c, at) + c.tokens_off) + s * kMaxRanks + d;
+}
+
 // The CTA that counted the last of `blocks` blocks (its counts and every other block's are
-// visible to it): the scan over blocks, this rank's count row to every peer, then, once the
-// lower ranks' rows and every peer's entry are in, the compact bases (cbase) and the flag that
-// says so (bases_ready). info[3..5]: ns from t_start when counted, published, bases done.
-// Every thread of the CTA.
+// visible to it): the scan over blocks, this rank's token count to each rank as one word with
+// the epoch to every peer (the pushes of higher ranks start their compact rows after them),
+// the flag that says the scan is done (bases_ready = epoch: the push starts on it and on the
+// lower ranks' words), then this rank's count row to every peer, announced on the layout slot
+// (the per-expert part waits for every peer's row). info[3..4]: ns from t_start when counted,
+// published. Every thread of the CTA.
 __device__ __forceinline__ void publish_counts(const LayoutParams& p, int blocks, uint32_t epoch,
                                       const CountSmem& m, unsigned long long t_start) {
   const int E = p.E, R = p.comm.num_ranks, NC = E + R, me = p.comm.rank;
@@ -229,70 +241,73 @@ __device__ __forceinline__ void publish_counts(const LayoutParams& p, int blocks
     info[3] = static_cast<int>(global_ns() - t_start);
     p.s.kernel_times[kLayoutLastCta] = t_start;
   }
+  // (one batch of loads per column covers the usual 16 blocks: one round trip, not two)
+  constexpr int kBatch = 16;
   int* pre = p.s.cta_prefix;
   for (int c = threadIdx.x; c < NC; c += blockDim.x) {
     int run = 0, b = 0;
-    for (; b + 8 <= blocks; b += 8) {
-      int v[8];
+    for (; b + kBatch <= blocks; b += kBatch) {
+      int v[kBatch];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) v[u] = ld_cg(pre + static_cast<int64_t>(b + u) * NC + c);
+      for (int u = 0; u < kBatch; ++u) v[u] = ld_cg(pre + static_cast<int64_t>(b + u) * NC + c);
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
+      for (int u = 0; u < kBatch; ++u) {
         pre[static_cast<int64_t>(b + u) * NC + c] = run;
         run += v[u];
       }
     }
-    for (; b < blocks; ++b) {
-      const int x = ld_cg(pre + static_cast<int64_t>(b) * NC + c);
-      pre[static_cast<int64_t>(b) * NC + c] = run;
-      run += x;
-    }
+    int v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (b + u < blocks) v[u] = ld_cg(pre + static_cast<int64_t>(b + u) * NC + c);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (b + u < blocks) {
+        pre[static_cast<int64_t>(b + u) * NC + c] = run;
+        run += v[u];
+      }
     m.tot[c] = run;
   }
   __syncthreads();
+  for (int i = threadIdx.x; i < R * R; i += blockDim.x) {
+    const int peer = i / R, d = i % R;
+    if (peer > me)  // only higher ranks' rows follow this rank's
+      st_relaxed_sys(tokens_word(p.comm, peer, me, d),
+                     (static_cast<unsigned long long>(epoch) << 32) | static_cast<uint32_t>(m.tot[E + d]));
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && R > 1) {
+    __threadfence();  // the scanned prefixes before the flag (read by this rank's push only)
+    st_release_sys(p.s.bases_ready, epoch);
+  }
   for (int i = threadIdx.x; i < R * NC; i += blockDim.x) {
     const int peer = i / NC, c = i % NC;
     int* row = reinterpret_cast<int*>(peer_ptr(p.comm, peer) + p.comm.counts_off) + me * NC;
     row[c] = m.tot[c];
   }
   if (threadIdx.x == 0) info[4] = static_cast<int>(global_ns() - t_start);
-  // Compact rows at d follow those of the lower ranks only: the compact bases wait for their
-  // count rows and for every peer's entry (its output places), not for the higher ranks' rows,
-  // which only the per-expert part needs (ordered = 0: all rows first, one barrier).
-  const unsigned every_peer = R >= 32 ? 0xffffffffu : (1u << R) - 1u, lower_peers = (1u << me) - 1u;
   __syncthreads();
-  if (R > 1) {
-    if (threadIdx.x == 0) announce_epoch(p.comm, kLayoutSlot, epoch);
-    wait_epochs(p.comm, kEnterSlot, epoch, every_peer, kOpDispatchLayout);
-    wait_epochs(p.comm, kLayoutSlot, epoch, p.ordered ? lower_peers : every_peer, kOpDispatchLayout);
-  }
-  if (threadIdx.x == 0) info[5] = static_cast<int>(global_ns() - t_start);
-  const int* counts = reinterpret_cast<const int*>(peer_ptr(p.comm, me) + p.comm.counts_off);
-  for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    int below = 0;
-    for (int s = 0; s < me; ++s) below += ld_cg(counts + s * NC + E + d);
-    p.s.cbase[d] = below;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0 && R > 1) {
-    __threadfence();
-    st_release_sys(p.s.bases_ready, 1u);
-  }
+  if (R > 1 && threadIdx.x == 0) announce_epoch(p.comm, kLayoutSlot, epoch);
 }
 
 // The publisher, after publish_counts: once every peer's count row is in, the per-expert part
 // (ebase, tokens per expert and block starts in recv_info, the received totals), the handle's
-// header row into `header` (W ints), the end stamps, and this call's epoch. Every thread of
-// the CTA.
+// header row into `header` (W ints), the end stamps, and this call's epoch, which it stores
+// only once this rank's own entry is announced too (whichever CTA announces it must read the
+// old epoch). info[5]: ns from t_start when every row was in. Every thread of the CTA.
 __device__ __forceinline__ void expert_part(const LayoutParams& p, uint32_t epoch, const CountSmem& m,
                                    unsigned long long t_start, int* header) {
   const int E = p.E, R = p.comm.num_ranks, NC = E + R, me = p.comm.rank;
   int* info = p.s.recv_info;
-  const unsigned every_peer = R >= 32 ? 0xffffffffu : (1u << R) - 1u, lower_peers = (1u << me) - 1u;
+  const unsigned every_peer = R >= 32 ? 0xffffffffu : (1u << R) - 1u;
   const int* counts = reinterpret_cast<const int*>(peer_ptr(p.comm, me) + p.comm.counts_off);
   if (threadIdx.x == 0) m.misc[1] = 0;
   __syncthreads();
-  if (R > 1 && p.ordered) wait_epochs(p.comm, kLayoutSlot, epoch, every_peer & ~lower_peers, kOpDispatchLayout);
+  if (R > 1) {
+    wait_epochs(p.comm, kLayoutSlot, epoch, every_peer, kOpDispatchLayout);
+    wait_epochs(p.comm, kEnterSlot, epoch, 1u << me, kOpDispatchLayout);
+  }
+  if (threadIdx.x == 0) info[5] = static_cast<int>(global_ns() - t_start);
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int sum = 0, lower = 0;
     for (int s = 0; s < R; ++s) {

@@ -133,7 +133,7 @@ def dispatch_timeline(disp, buf, gloo, rank, world, iters, back_to_back):
         mine = _timeline_row(extension.module().dispatch_timeline(buf.ep_state))
         # the layout's last CTA: its phases in ns from its start (layout.cu's recv_info stamps)
         ts = extension.module().layout_times(buf.ep_state)
-        for name, v in zip(("counted", "published", "barrier done", "offsets"), ts):
+        for name, v in zip(("counted", "published", "peer rows in", "offsets"), ts):
             mine["layout " + name] = mine["layout last CTA"] + v
         rows = [None] * world
         dist.all_gather_object(rows, mine, group=gloo)
