@@ -33,6 +33,10 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long
 __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// GPU-scope release: a flag only this GPU's threads read (no system-scope fence).
+__device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
 // One 8-byte word that is its own flag (data in one half, an epoch in the other): a single
 // store, so a reader sees both halves of it or neither; no ordering with other stores needed.
 __device__ __forceinline__ void st_relaxed_sys(unsigned long long* p, unsigned long long v) {

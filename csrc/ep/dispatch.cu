@@ -158,12 +158,7 @@ __device__ __forceinline__ void write_meta_row(const PushParams& p, char* base, 
                                                int t, int cslot, int e, int erow, float wgt) {
   const int lane = lane_id(), K = p.io.K;
   int* meta = reinterpret_cast<int*>(base + p.rows.m_off) + static_cast<int64_t>(row) * p.rows.meta_ints;
-  if (lane == 0) {
-    meta[0] = p.comm.rank;
-    meta[1] = t;
-    meta[2] = cslot;
-    meta[3] = 0;
-  }
+  if (lane == 0) *reinterpret_cast<int4*>(meta) = make_int4(p.comm.rank, t, cslot, 0);  // 16-byte rows
   if (lane < K) {
     const bool here = e >= 0 && e / p.E_loc == d;
     meta[4 + lane] = here ? e - d * p.E_loc : -1;
@@ -618,41 +613,69 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
   int64_t* idx64 = static_cast<int64_t*>(p.io.recv_idx);
   int* idx32 = static_cast<int*>(p.io.recv_idx);
   // groups from the other ranks: [0, G) without this rank's own [local_lo, local_lo + local_n)
-  for (int q = gwarp; q < G - local_n; q += nwarps) {
-    const int i = q < local_lo ? q : q + local_n;
-    int* hrow = recv_h + static_cast<int64_t>(i) * W;
-    // ---- group i (compact row i in the window) ----
+  const int others = G - local_n;
+  const auto group_row = [&](int q) { return q < local_lo ? q : q + local_n; };
+  // group i's metadata row (compact row i in the window): lane k < K holds slot k
+  struct Meta {
+    int src, tok, cslot, j = -1, erow = -1;
+    float wgt = 0.f;
+  };
+  const auto load_meta = [&](int i) {
     const int* meta =
         reinterpret_cast<const int*>(p.win + p.rows.m_off) + static_cast<int64_t>(i) * p.rows.meta_ints;
-    const int src = meta[0], tok = meta[1], cslot = meta[2];
-    const char* wx = p.win + p.rows.x_off + static_cast<int64_t>(i) * p.rows.x_stride;
-    const char* ws = p.win + p.rows.s_off + static_cast<int64_t>(i) * p.rows.s_stride;
-    int j = -1, erow = -1;
-    float wgt = 0.f;
+    Meta m;
+    m.src = meta[0];
+    m.tok = meta[1];
+    m.cslot = meta[2];
     if (lane < K) {
-      j = meta[4 + lane];
-      erow = meta[4 + K + lane];
-      wgt = __int_as_float(meta[4 + 2 * K + lane]);
+      m.j = meta[4 + lane];
+      m.erow = meta[4 + K + lane];
+      m.wgt = __int_as_float(meta[4 + 2 * K + lane]);
     }
-    if (!p.expand) {
-      if (!kDirect) {
-        warp_copy(p.io.recv_x + static_cast<int64_t>(i) * p.io.x_bytes, wx, p.io.x_bytes);
-        if (p.io.s_bytes > 0) warp_copy(p.io.recv_s + static_cast<int64_t>(i) * p.io.s_bytes, ws, p.io.s_bytes);
+    return m;
+  };
+  const auto window_x = [&](int i) { return p.win + p.rows.x_off + static_cast<int64_t>(i) * p.rows.x_stride; };
+  const auto window_s = [&](int i) { return p.win + p.rows.s_off + static_cast<int64_t>(i) * p.rows.s_stride; };
+  if (!p.expand) {
+    // compact: a warp's rows two at a time, both metadata loads in flight at once (with direct
+    // outputs they are all the latency there is)
+    for (int q = gwarp; q < others; q += 2 * nwarps) {
+      const int i0 = group_row(q), q1 = q + nwarps, i1 = q1 < others ? group_row(q1) : -1;
+      const Meta m0 = load_meta(i0);
+      Meta m1;
+      if (i1 >= 0) m1 = load_meta(i1);
+      for (int u = 0; u < 2; ++u) {
+        const int i = u == 0 ? i0 : i1;
+        if (i < 0) break;
+        const Meta& m = u == 0 ? m0 : m1;
+        if (!kDirect) {
+          warp_copy(p.io.recv_x + static_cast<int64_t>(i) * p.io.x_bytes, window_x(i), p.io.x_bytes);
+          if (p.io.s_bytes > 0)
+            warp_copy(p.io.recv_s + static_cast<int64_t>(i) * p.io.s_bytes, window_s(i), p.io.s_bytes);
+        }
+        if (lane < K) {
+          idx64[static_cast<int64_t>(i) * K + lane] = m.j;
+          p.io.recv_w[static_cast<int64_t>(i) * K + lane] = m.wgt;
+        }
+        warp_write_compact_recv_row(recv_h + static_cast<int64_t>(i) * W, W, m.src, m.tok, i, m.cslot);
       }
-      if (lane < K) {
-        idx64[static_cast<int64_t>(i) * K + lane] = j;
-        p.io.recv_w[static_cast<int64_t>(i) * K + lane] = wgt;
-      }
-      warp_write_compact_recv_row(hrow, W, src, tok, i, cslot);
-    } else {
-      const unsigned local = __ballot_sync(0xffffffffu, j >= 0);
-      warp_write_expand_group(recv_h, W, K, i, src, tok, cslot, j, erow, wgt, idx32, p.io.recv_w);
+    }
+  } else {
+    for (int q = gwarp; q < others; q += nwarps) {
+      const int i = group_row(q);
+      const Meta m = load_meta(i);
+      const unsigned local = __ballot_sync(0xffffffffu, m.j >= 0);
+      warp_write_expand_group(recv_h, W, K, i, m.src, m.tok, m.cslot, m.j, m.erow, m.wgt, idx32,
+                              p.io.recv_w);
       if (!kDirect) {
-        warp_copy_rows(p.io.recv_x, erow, local, wx, p.io.x_bytes);
-        if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, erow, local, ws, p.io.s_bytes);
+        warp_copy_rows(p.io.recv_x, m.erow, local, window_x(i), p.io.x_bytes);
+        if (p.io.s_bytes > 0) warp_copy_rows(p.io.recv_s, m.erow, local, window_s(i), p.io.s_bytes);
       }
     }
   }
+  // (profiling: the latest CTA done with the other ranks' groups)
+  __syncthreads();
+  if (threadIdx.x == 0) atomicMax(p.s.kernel_times + kEpilogueGroups, global_ns());
   FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
              p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
   fill_empty_rows(a);

@@ -225,37 +225,13 @@ __device__ __forceinline__ unsigned long long* tokens_word(const Comm& c, int at
   return reinterpret_cast<unsigned long long*>(peer_ptr(c, at) + c.tokens_off) + s * kMaxRanks + d;
 }
 
-// The CTA that counted the last of `blocks` blocks (its counts and every other block's are
-// visible to it): the scan over blocks, this rank's token count to each rank as one word with
-// the epoch to every peer (the pushes of higher ranks start their compact rows after them),
-// the flag that says the scan is done (bases_ready = epoch: the push starts on it and on the
-// lower ranks' words), then this rank's count row to every peer, announced on the layout slot
-// (the per-expert part waits for every peer's row). info[3..4]: ns from t_start when counted,
-// published. Every thread of the CTA.
-__device__ __forceinline__ void publish_counts(const LayoutParams& p, int blocks, uint32_t epoch,
-                                      const CountSmem& m, unsigned long long t_start) {
-  const int E = p.E, R = p.comm.num_ranks, NC = E + R, me = p.comm.rank;
-  int* info = p.s.recv_info;
-  if (threadIdx.x == 0) {
-    if (blocks > 1) *p.s.done = 0u;  // ready for the next call (every block of this one counted)
-    info[3] = static_cast<int>(global_ns() - t_start);
-    p.s.kernel_times[kLayoutLastCta] = t_start;
-  }
-  // (one batch of loads per column covers the usual 16 blocks: one round trip, not two)
+// Column c of the count blocks' histograms (cta_prefix[b][c], b < blocks) scanned in place into
+// exclusive per-block prefixes; returns the column's total. One batch of loads covers the usual
+// 16 blocks: one round trip.
+__device__ __forceinline__ int scan_column(int* pre, int blocks, int NC, int c) {
   constexpr int kBatch = 16;
-  int* pre = p.s.cta_prefix;
-  for (int c = threadIdx.x; c < NC; c += blockDim.x) {
-    int run = 0, b = 0;
-    for (; b + kBatch <= blocks; b += kBatch) {
-      int v[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) v[u] = ld_cg(pre + static_cast<int64_t>(b + u) * NC + c);
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        pre[static_cast<int64_t>(b + u) * NC + c] = run;
-        run += v[u];
-      }
-    }
+  int run = 0;
+  for (int b = 0; b < blocks; b += kBatch) {
     int v[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u)
@@ -266,8 +242,29 @@ __device__ __forceinline__ void publish_counts(const LayoutParams& p, int blocks
         pre[static_cast<int64_t>(b + u) * NC + c] = run;
         run += v[u];
       }
-    m.tot[c] = run;
   }
+  return run;
+}
+
+// The CTA that counted the last of `blocks` blocks (its counts and every other block's are
+// visible to it): first the per-rank columns of the scan over blocks (what a compact push
+// needs), this rank's token count to each rank as one word with the epoch to every higher rank
+// (their pushes start their compact rows after them) and the flag that says the compact bases'
+// local terms are final (bases_ready = epoch: the push starts on it and on the lower ranks'
+// words); then the per-expert columns, and this rank's count row to every peer, announced on
+// the layout slot (the per-expert part waits for every peer's row). info[3..4]: ns from t_start
+// when counted, published. Every thread of the CTA.
+__device__ __forceinline__ void publish_counts(const LayoutParams& p, int blocks, uint32_t epoch,
+                                      const CountSmem& m, unsigned long long t_start) {
+  const int E = p.E, R = p.comm.num_ranks, NC = E + R, me = p.comm.rank;
+  int* info = p.s.recv_info;
+  if (threadIdx.x == 0) {
+    if (blocks > 1) *p.s.done = 0u;  // ready for the next call (every block of this one counted)
+    info[3] = static_cast<int>(global_ns() - t_start);
+    p.s.kernel_times[kLayoutLastCta] = t_start;
+  }
+  int* pre = p.s.cta_prefix;
+  for (int d = threadIdx.x; d < R; d += blockDim.x) m.tot[E + d] = scan_column(pre, blocks, NC, E + d);
   __syncthreads();
   for (int i = threadIdx.x; i < R * R; i += blockDim.x) {
     const int peer = i / R, d = i % R;
@@ -275,11 +272,10 @@ __device__ __forceinline__ void publish_counts(const LayoutParams& p, int blocks
       st_relaxed_sys(tokens_word(p.comm, peer, me, d),
                      (static_cast<unsigned long long>(epoch) << 32) | static_cast<uint32_t>(m.tot[E + d]));
   }
+  __syncthreads();  // (the block's prefix stores, before the flag that publishes them)
+  if (threadIdx.x == 0 && R > 1) st_release_gpu(p.s.bases_ready, epoch);  // read by this GPU only
+  for (int e = threadIdx.x; e < E; e += blockDim.x) m.tot[e] = scan_column(pre, blocks, NC, e);
   __syncthreads();
-  if (threadIdx.x == 0 && R > 1) {
-    __threadfence();  // the scanned prefixes before the flag (read by this rank's push only)
-    st_release_sys(p.s.bases_ready, epoch);
-  }
   for (int i = threadIdx.x; i < R * NC; i += blockDim.x) {
     const int peer = i / NC, c = i % NC;
     int* row = reinterpret_cast<int*>(peer_ptr(p.comm, peer) + p.comm.counts_off) + me * NC;
