@@ -102,9 +102,13 @@ __device__ inline int block_exclusive_scan(int* a, int n, int* wsum) {
 }
 
 // This call's epoch of the count exchange and of the entry (the publisher stores it at its end,
-// after every wait on it; only CTA 0 and the publisher use it, both before that store).
+// after every wait on it and after the entry's announcement, so whichever CTA announces the
+// entry and the publisher both read it before that store).
+// Never 0 (after 2^32 calls it goes on at 1): 0 is what bases_ready and a token word hold
+// before they are written, and the epoch flags compare wrap-safe.
 __device__ __forceinline__ uint32_t layout_epoch(const Comm& c) {
-  return *reinterpret_cast<volatile unsigned*>(c.epochs + kLayoutSlot) + 1u;
+  const uint32_t next = *reinterpret_cast<volatile unsigned*>(c.epochs + kLayoutSlot) + 1u;
+  return next != 0u ? next : 1u;
 }
 
 // Entry (one thread, once every earlier kernel of this rank is done): where this
