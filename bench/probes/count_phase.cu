@@ -14,11 +14,17 @@
 //                 push's 576 warps pull at 24 SMs before they wait), competing with the loads
 //   entry:        thread 0 of CTA 0 first stores to a second buffer and runs a system-scope
 //                 fence (the layout's entry announcement) before counting its block
+//   neighbours:   a kernel of 132 CTAs x 768 threads with 200 KB of shared memory each (one per
+//                 SM, as the push CTAs the real layout shares its SMs with) is resident first,
+//                 its thread 0 polling a flag with system-scope acquires until the count's last
+//                 block raises it (bench/NOTES.md v16: the count inside the real layout kernel
+//                 is ~3x slower than alone)
 // for the layout kernel's shape (16 CTAs of 8 warps) and the fused push's (6 CTAs of 24).
 // Build and run (device): nvcc -O3 -arch=sm_90 -o /tmp/count bench/probes/count_phase.cu && /tmp/count
 // Profile: ncu --clock-control none -k regex:count_probe -c 4 /tmp/count
 #include <algorithm>
 #include <climits>
+#include <ctime>
 #include <vector>
 
 #include "probe_common.cuh"
@@ -36,6 +42,7 @@ struct Args {
   unsigned long long* ts;    // [4]: earliest start (min), loaded, stored, counted (max)
   const char* rows;          // rows the pulls prefetch
   long long* outs;           // the entry's stores
+  unsigned* release;         // neighbours: raised by the last block (nullptr: none)
   int pulls, entry;
 };
 
@@ -134,7 +141,24 @@ __global__ void __launch_bounds__(kWarps * 32) count_probe(Args a) {
   if (is_last && threadIdx.x == 0) {
     *a.done = 0u;
     a.ts[3] = now();
+    if (a.release != nullptr) asm volatile("st.release.sys.global.u32 [%0], 1;" ::"l"(a.release) : "memory");
   }
+}
+
+// The neighbours: thread 0 polls `flag` (system-scope acquires, no pause, as the push's wait for
+// the bases) until it is raised or 2 ms passed; the other threads wait at the barrier.
+constexpr int kNeighbourSmem = 200 * 1024;
+__global__ void __launch_bounds__(768) neighbours(const unsigned* flag) {
+  extern __shared__ int4 held[];  // (only occupies the SM, as the push's row stages do)
+  if (threadIdx.x == 0) {
+    const unsigned long long start = now();
+    unsigned v = 0;
+    do {
+      asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(flag) : "memory");
+    } while (v == 0 && now() - start < 2000000ull);
+    held[0] = make_int4(static_cast<int>(v), 0, 0, 0);
+  }
+  __syncthreads();
 }
 
 __global__ void evict_l2(int4* p, long long n) {
@@ -171,10 +195,17 @@ int main() {
               kT, kK, kE, kR, reps);
   CK(cudaFuncSetAttribute(count_probe<24>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                           count_smem_bytes<24>()));
+  unsigned* flag;
+  CK(cudaMalloc(&flag, 4));
+  CK(cudaFuncSetAttribute(neighbours, cudaFuncAttributeMaxDynamicSharedMemorySize, kNeighbourSmem));
+  cudaStream_t count_stream, neighbour_stream;
+  CK(cudaStreamCreateWithFlags(&count_stream, cudaStreamNonBlocking));
+  CK(cudaStreamCreateWithFlags(&neighbour_stream, cudaStreamNonBlocking));
   const auto run = [&](const char* name, auto kernel, int ctas, int threads, int smem, bool cold,
-                       int pulls, int entry) {
+                       int pulls, int entry, bool with_neighbours = false) {
     a.pulls = pulls;
     a.entry = entry;
+    a.release = with_neighbours ? flag : nullptr;
     std::vector<float> loaded, stored, counted, kernel_us;
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
@@ -183,10 +214,20 @@ int main() {
       if (cold) evict_l2<<<264, 512>>>(evict, evict_n);
       const unsigned long long init[4] = {ULLONG_MAX, 0, 0, 0};
       CK(cudaMemcpy(a.ts, init, sizeof(init), cudaMemcpyHostToDevice));
-      CK(cudaEventRecord(e0));
-      kernel<<<ctas, threads, smem>>>(a);
-      CK(cudaEventRecord(e1));
+      CK(cudaMemset(flag, 0, 4));
+      CK(cudaDeviceSynchronize());
+      cudaStream_t st = 0;
+      if (with_neighbours) {  // resident first (the host waits well past their launch)
+        neighbours<<<132, 768, kNeighbourSmem, neighbour_stream>>>(flag);
+        const unsigned long long t0 = clock();
+        while (static_cast<double>(clock() - t0) / CLOCKS_PER_SEC < 2e-4) {}
+        st = count_stream;
+      }
+      CK(cudaEventRecord(e0, st));
+      kernel<<<ctas, threads, smem, st>>>(a);
+      CK(cudaEventRecord(e1, st));
       CK(cudaEventSynchronize(e1));
+      CK(cudaDeviceSynchronize());
       unsigned long long ts[4];
       CK(cudaMemcpy(ts, a.ts, sizeof(ts), cudaMemcpyDeviceToHost));
       float ms = 0;
@@ -219,5 +260,7 @@ int main() {
       }
     }
   }
+  run("16 CTAs x 8 warps, warm, neighbours", count_probe<8>, 16, 256, count_smem_bytes<8>(), false, 0, 0, true);
+  run("16 CTAs x 8 warps, cold, neighbours", count_probe<8>, 16, 256, count_smem_bytes<8>(), true, 0, 0, true);
   return 0;
 }
