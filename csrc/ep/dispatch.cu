@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
 //
 // Fused (an experiment, DEEP_EP_OPS_DISPATCH_FUSED=1): the kernel is the whole count too, no
 // layout kernel before it. Its CTAs take count blocks by ticket (a CTA whose SM is late takes
-// none), the CTA that counts the last block publishes the counts and raises the bases
+// none), the CTA that counts the last block publishes the scan and the counts
 // (layout_phases.cuh), and every CTA then pushes tokens by ticket. Meant to start the rows a
 // kernel boundary and a flag round trip sooner; measured, the rows waited as long (the count
 // itself is the wait) and ran slower (the count's code costs the loop registers: spills), so
@@ -458,8 +458,9 @@ __device__ void stage_rest(const char* src, int64_t bytes, char* dst, int nd, in
 }
 
 // The count of the fused push (every thread; after its PDL wait): count blocks by ticket; the
-// CTA that counts the last one publishes the counts, the compact bases and the per-expert part
-// (with the handle's header row). The kernel then waits for the bases as the unfused push does.
+// CTA that counts the last one publishes the scan and the counts and does the per-expert part
+// (with the handle's header row). The kernel then waits for what its rows need as the unfused
+// push does (push_wait_for_rows).
 template <int KMAX>
 __device__ __forceinline__ void fused_count(const PushParams& p, int* count_smem, int* shared_int) {
   const LayoutParams& lp = p.lay;
