@@ -85,35 +85,33 @@ __device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stam
   // its end come later; the push waits for them before it ends, so what follows still sees a
   // finished layout). Everything else waits for the layout's end first.
   const int R = p.comm.num_ranks, me = p.comm.rank;
-  __shared__ uint32_t epoch;
   if (p.local_only || p.expand) pdl_wait();
-  if (threadIdx.x == 0) {
-    *ok = 1;
-    if (!p.local_only && !timed_wait(p.s.bases_ready, [](uint32_t v) { return v != 0u; },
-                                     p.comm.wait, kOpDispatchLayout, kLayoutSlot, me, 1u, &epoch))
-      *ok = 0;
-  }
+  if (threadIdx.x == 0) *ok = 1;
   __syncthreads();
-  if (*ok) {
-    // thread d < R: the lower ranks' token counts to d (none with one rank); warp 1's lanes:
-    // each peer's entry, after which its output places (read below) are published and its
-    // window may be written
-    if (threadIdx.x < R) {
-      int below = 0;
-      for (int s = 0; s < me; ++s) {
-        const long long n = wait_epoch_word(tokens_word(p.comm, me, s, threadIdx.x), epoch,
-                                            p.comm.wait, kOpDispatchLayout, kLayoutSlot, s);
-        if (n < 0) *ok = 0;
-        below += static_cast<int>(n);
-      }
-      cbase[threadIdx.x] = below;
+  // All at once, each by its own thread: this rank's scan (bases_ready, warp 0's lane 0), the
+  // lower ranks' token counts to d (warp 1's lane d; none with one rank) and every peer's entry,
+  // after which its output places (read below) are published and its window may be written
+  // (warp 2's lane `peer`). The epoch needs no flag: no kernel of this call stores it.
+  const uint32_t epoch = p.local_only ? 0u : layout_epoch(p.comm.epochs);
+  const int lane = lane_id();
+  if (!p.local_only && threadIdx.x == 0 &&
+      !timed_wait(p.s.bases_ready, [epoch](uint32_t v) { return v == epoch; }, p.comm.wait,
+                  kOpDispatchLayout, kLayoutSlot, me, epoch))
+    *ok = 0;
+  if (warp_id() == 1 && lane < R) {
+    int below = 0;
+    for (int s = 0; s < me; ++s) {
+      const long long n = wait_epoch_word(tokens_word(p.comm, me, s, lane), epoch, p.comm.wait,
+                                          kOpDispatchLayout, kLayoutSlot, s);
+      if (n < 0) *ok = 0;
+      below += static_cast<int>(n);
     }
-    const int peer = static_cast<int>(threadIdx.x) - kWarp;
-    if (!p.local_only && peer >= 0 && peer < R && peer != me &&
-        !wait_epoch(flag_ptr(peer_ptr(p.comm, me), p.comm, kEnterSlot, peer), epoch, p.comm.wait,
-                    kOpDispatchLayout, kEnterSlot, peer))
-      *ok = 0;
+    cbase[lane] = below;
   }
+  if (!p.local_only && warp_id() == 2 && lane < R && lane != me &&
+      !wait_epoch(flag_ptr(peer_ptr(p.comm, me), p.comm, kEnterSlot, lane), epoch, p.comm.wait,
+                  kOpDispatchLayout, kEnterSlot, lane))
+    *ok = 0;
   __syncthreads();
   pdl_trigger();
   if (threadIdx.x == 0 && !p.local_only) stamp[1] = global_ns();
@@ -136,13 +134,13 @@ __device__ void push_finish(const PushParams& p, unsigned long long* stamp,
   const int W = p.io.W, K = p.io.K;
   if (blockIdx.x == 0 && !p.fused)  // handle header row (the fused push's publisher wrote it)
     for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
-  if (p.local_only) {
-    int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
-    FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
-               p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
-    fill_empty_rows(a);
-    return;
-  }
+  // the rows that carry no token and tokens_per_expert: they need only the layout's results,
+  // and nobody else writes them, so no barrier keeps them from the epilogue's path
+  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
+  FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
+             p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
+  fill_empty_rows(a);
+  if (p.local_only) return;
   cta_barrier(p.comm, blockIdx.x, kOpDispatchPush);
   if (threadIdx.x == 0) {  // (rows_done_ns: every warp added it before the barrier's __syncthreads)
     stamp[2] = *rows_done_ns;
@@ -465,7 +463,7 @@ template <int KMAX>
 __device__ __forceinline__ void fused_count(const PushParams& p, int* count_smem, int* shared_int) {
   const LayoutParams& lp = p.lay;
   const unsigned long long t_start = global_ns();
-  const uint32_t epoch = layout_epoch(p.comm);
+  const uint32_t epoch = layout_epoch(p.comm.epochs);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     p.s.kernel_times[kLayoutStart] = t_start;
     announce_entry(lp, epoch);
@@ -599,6 +597,8 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
     *p.s.bases_ready = 0u;
     *p.s.push_ticket = 0u;
     *p.s.count_ticket = 0u;
+    // every kernel of this call that reads the layout epoch is done
+    p.epochs[kLayoutSlot] = layout_epoch(p.epochs);
   }
   const int K = p.io.K, W = p.io.W;
   const int* info = p.s.recv_info;
@@ -674,15 +674,15 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
       }
     }
   }
-  // (profiling: the latest CTA done with the other ranks' groups)
+  // (profiling: the latest CTA done with the other ranks' groups, which with the rows that carry
+  // no token written by the push is its end; the clock only grows, so the latest CTA's end wins
+  // without a reset between calls)
   __syncthreads();
-  if (threadIdx.x == 0) atomicMax(p.s.kernel_times + kEpilogueGroups, global_ns());
-  FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
-             p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
-  fill_empty_rows(a);
-  // the clock only grows, so the latest CTA's end wins without a reset between calls
-  __syncthreads();
-  if (threadIdx.x == 0) atomicMax(p.s.kernel_times + kEpilogueEnd, global_ns());
+  if (threadIdx.x == 0) {
+    const unsigned long long t = global_ns();
+    atomicMax(p.s.kernel_times + kEpilogueGroups, t);
+    atomicMax(p.s.kernel_times + kEpilogueEnd, t);
+  }
 }
 
 }  // namespace

@@ -190,6 +190,9 @@ struct EpilogueParams {
   int direct;  // the peers wrote their rows of x and scales into io's outputs already
   // recv_info and kernel_times; bases_ready and the tickets are reset here (the push is done)
   DispatchScratch s;
+  // the barrier epochs: the call's layout epoch is stored here, once every kernel of the call
+  // that reads it is done (layout_phases.cuh layout_epoch)
+  unsigned* epochs;
 };
 
 struct CachedParams {

@@ -368,6 +368,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   ep.expand = expand;
   ep.direct = slot >= 0;
   ep.s = st.scratch;
+  ep.epochs = st.comm.epochs;
   check_cuda(launch_dispatch_epilogue(ep, epilogue_ctas(st, C), stream), "launching dispatch epilogue");
   return out;
 }

@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
   pdl_trigger();
   // Phase timestamps (ns since the last CTA started) for profiling: recv_info[3..7].
   const unsigned long long t_start = global_ns();
-  const uint32_t epoch = layout_epoch(p.comm);
+  const uint32_t epoch = layout_epoch(p.comm.epochs);
   const int blocks = count_blocks(p.T, p.cta_tokens);
   if (blockIdx.x == blocks) {  // the extra CTA (R > 1): the entry, off every count block's path
     // (every earlier kernel of this rank is done: pdl_wait above)

@@ -101,13 +101,13 @@ __device__ inline int block_exclusive_scan(int* a, int n, int* wsum) {
   return carry;
 }
 
-// This call's epoch of the count exchange and of the entry (the publisher stores it at its end,
-// after every wait on it and after the entry's announcement, so whichever CTA announces the
-// entry and the publisher both read it before that store).
-// Never 0 (after 2^32 calls it goes on at 1): 0 is what bases_ready and a token word hold
-// before they are written, and the epoch flags compare wrap-safe.
-__device__ __forceinline__ uint32_t layout_epoch(const Comm& c) {
-  const uint32_t next = *reinterpret_cast<volatile unsigned*>(c.epochs + kLayoutSlot) + 1u;
+// This call's epoch of the count exchange and of the entry: every kernel of the call reads the
+// same value (the layout's CTAs, the push's, late ones too), since only the call's epilogue,
+// after all of them, stores it (dispatch.cu; one rank has no epilogue and no waits). Never 0
+// (after 2^32 calls it goes on at 1): 0 is what bases_ready and a token word hold before they
+// are written, and the epoch flags compare wrap-safe.
+__device__ __forceinline__ uint32_t layout_epoch(const unsigned* epochs) {
+  const uint32_t next = *reinterpret_cast<const volatile unsigned*>(epochs + kLayoutSlot) + 1u;
   return next != 0u ? next : 1u;
 }
 
@@ -292,9 +292,8 @@ __device__ __forceinline__ void publish_counts(const LayoutParams& p, int blocks
 
 // The publisher, after publish_counts: once every peer's count row is in, the per-expert part
 // (ebase, tokens per expert and block starts in recv_info, the received totals), the handle's
-// header row into `header` (W ints), the end stamps, and this call's epoch, which it stores
-// only once this rank's own entry is announced too (whichever CTA announces it must read the
-// old epoch). info[5]: ns from t_start when every row was in. Every thread of the CTA.
+// header row into `header` (W ints) and the end stamps. info[5]: ns from t_start when every
+// row was in. Every thread of the CTA.
 __device__ __forceinline__ void expert_part(const LayoutParams& p, uint32_t epoch, const CountSmem& m,
                                    unsigned long long t_start, int* header) {
   const int E = p.E, R = p.comm.num_ranks, NC = E + R, me = p.comm.rank;
@@ -303,10 +302,7 @@ __device__ __forceinline__ void expert_part(const LayoutParams& p, uint32_t epoc
   const int* counts = reinterpret_cast<const int*>(peer_ptr(p.comm, me) + p.comm.counts_off);
   if (threadIdx.x == 0) m.misc[1] = 0;
   __syncthreads();
-  if (R > 1) {
-    wait_epochs(p.comm, kLayoutSlot, epoch, every_peer, kOpDispatchLayout);
-    wait_epochs(p.comm, kEnterSlot, epoch, 1u << me, kOpDispatchLayout);
-  }
+  if (R > 1) wait_epochs(p.comm, kLayoutSlot, epoch, every_peer, kOpDispatchLayout);
   if (threadIdx.x == 0) info[5] = static_cast<int>(global_ns() - t_start);
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int sum = 0, lower = 0;
@@ -355,7 +351,6 @@ __device__ __forceinline__ void expert_part(const LayoutParams& p, uint32_t epoc
     info[6] = static_cast<int>(t_end - t_start);
     info[7] = info[6];
     p.s.kernel_times[kLayoutEnd] = t_end;
-    p.comm.epochs[kLayoutSlot] = epoch;  // (after every wait of this call on it)
   }
 }
 
