@@ -498,9 +498,27 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   push_prologue(p, stamp);
   if (threadIdx.x == 0) rows_done_ns = 0;
   if (kFused) fused_count<KMAX>(p, reinterpret_cast<int*>(row_stages), &count_at);
-  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok);
   const int lane = lane_id(), warps = blockDim.x / kWarp;
   const int K = p.io.K, W = p.io.W, R = p.comm.num_ranks, T = p.io.T;
+  // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
+  // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
+  const int x_vecs = static_cast<int>(p.io.x_bytes / 16), s_vecs = static_cast<int>(p.io.s_bytes / 16);
+  const int nx = min(x_vecs, kStageRowVecs * kWarp), ns = min(s_vecs, kStageScaleVecs * kWarp);
+  int4* stage = row_stages + warp_id() * kStageVecs;
+  const auto stage_token = [&](int t) {
+    stage_pieces<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, nx, stage);
+    stage_pieces<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, ns,
+                                  stage + kStageRowVecs * kWarp);
+  };
+  // (p.skip: timing experiments only, the outputs are then wrong; see PushParams::skip)
+  const bool no_meta = p.skip & 1, no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
+  // An experiment (p.stage_early): the warp's first token (fixed, unfused) starts into its stage
+  // before the wait, so its row is in shared memory when the bases come. x is the layout's
+  // predecessor's output, complete once this grid runs (push_prologue).
+  const int first = blockIdx.x * warps + warp_id();
+  bool staged = p.stage_early && !kFused && !no_loads && first < T;
+  if (staged) stage_token(first);
+  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok);
   // every count block's compact bases at every destination ([block][R], p.base_table ints)
   int* base_table = reinterpret_cast<int*>(row_stages + warps * kStageVecs);
   for (int i = threadIdx.x; i < p.base_table; i += blockDim.x) base_table[i] = compact_block_base(p, cbase, i / R, i % R);
@@ -509,13 +527,6 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     return p.base_table > 0 ? base_table[t / p.cta_tokens * R + d] + (rank & 0xffff)
                             : compact_row_of(p, cbase, t, d, rank);
   };
-  // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
-  // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
-  const int x_vecs = static_cast<int>(p.io.x_bytes / 16), s_vecs = static_cast<int>(p.io.s_bytes / 16);
-  const int nx = min(x_vecs, kStageRowVecs * kWarp), ns = min(s_vecs, kStageScaleVecs * kWarp);
-  int4* stage = row_stages + warp_id() * kStageVecs;
-  // (p.skip: timing experiments only, the outputs are then wrong; see PushParams::skip)
-  const bool no_meta = p.skip & 1, no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
   // Tokens: by ticket (lane 0 asks, every lane gets it), the unfused push's first one per warp
   // fixed (its row may be in L2 already); the fused push's CTAs start their rows at different
   // times (the publisher last), so all of its tokens come by ticket.
@@ -525,7 +536,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   const auto token_of = [&](unsigned ticket) {
     return first_round + static_cast<int>(__shfl_sync(0xffffffffu, ticket, 0));
   };
-  int t = !ok ? T : first_by_ticket ? token_of(ask()) : blockIdx.x * warps + warp_id();
+  int t = !ok ? T : first_by_ticket ? token_of(ask()) : first;
   // t's routing; lane 0's ticket for the next token is outstanding exactly when t < T (a ticket
   // below T is never dropped)
   TokenRouting r;
@@ -535,11 +546,8 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     if (!no_ticket) asked = ask();
   }
   while (t < T) {
-    if (!no_loads) {
-      stage_pieces<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, nx, stage);
-      stage_pieces<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, ns,
-                                    stage + kStageRowVecs * kWarp);
-    }
+    if (!no_loads && !staged) stage_token(t);
+    staged = false;
     // the next token and its routing, in flight with this token's row
     const int nt = no_ticket ? t + stride : token_of(asked);
     TokenRouting rn;
@@ -581,6 +589,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     t = nt;
     r = rn;
   }
+  cp_async_wait_all();  // (a first row staged early for a push whose wait failed)
   if (lane == 0) atomicMax(&rows_done_ns, global_ns());
   push_finish(p, stamp, &rows_done_ns);
 }
