@@ -216,17 +216,18 @@ __device__ __forceinline__ int compact_row_of(const PushParams& p, const int* cb
 }
 
 // Compact layout, destination d of token t at compact row `row`: the row's routing (this rank's
-// routing tensors and handle row, or the metadata row in d's window; skipped only by timing
-// experiments), then lane nd (the warp's count of destinations so far) takes where the row's x
+// routing tensors and handle row, or the metadata row in d's window; `routing` bit 0 / bit 1
+// keep them, cleared only by timing experiments), then lane nd (the warp's count of destinations so far) takes where the row's x
 // and scales go, and nd grows by one.
 __device__ __forceinline__ void compact_destination(const PushParams& p, int d, int row, int t,
                                                     int cslot, int e, float wgt,
                                                     const long long* out_x_at,
-                                                    const long long* out_s_at, bool routing,
+                                                    const long long* out_s_at, int routing,
                                                     int& nd, char*& xd, char*& sd) {
-  if (routing) {
-    if (d == p.comm.rank) write_own_compact_row(p, row, t, cslot, e, wgt);
-    else write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, e, -1, wgt);
+  if (d == p.comm.rank) {
+    if (routing & 1) write_own_compact_row(p, row, t, cslot, e, wgt);
+  } else if (routing & 2) {
+    write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, e, -1, wgt);
   }
   char *x_at, *s_at;
   compact_row_dst(p, d, row, out_x_at, out_s_at, x_at, s_at);
@@ -310,7 +311,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);  // compact row at d
       const int cslot = __popc(dmask & ((1u << d) - 1u));
       if (!p.expand) {
-        compact_destination(p, d, row, t, cslot, e, wgt, out_x_at, out_s_at, true, nd, xd, sd);
+        compact_destination(p, d, row, t, cslot, e, wgt, out_x_at, out_s_at, 3, nd, xd, sd);
         continue;
       }
       // expert-major: every expert-major row of the token at d (or the staging row there)
@@ -511,7 +512,9 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
                                   stage + kStageRowVecs * kWarp);
   };
   // (p.skip: timing experiments only, the outputs are then wrong; see PushParams::skip)
-  const bool no_meta = p.skip & 1, no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
+  const bool no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
+  const bool no_send_row = p.skip & (1 | 16);
+  const int routing = (p.skip & (1 | 32) ? 0 : 1) | (p.skip & (1 | 64) ? 0 : 2);
   // An experiment (p.stage_early): the warp's first token (fixed, unfused) starts into its stage
   // before the wait, so its row is in shared memory when the bases come. x is the layout's
   // predecessor's output, complete once this grid runs (push_prologue).
@@ -559,7 +562,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     const int edst = r.e >= 0 ? r.e / p.E_loc : -1;
     const int crow = r.e >= 0 ? compact_row(t, edst, r.rank) : -1;
     const unsigned dmask = r.dmask;
-    if (!no_meta)
+    if (!no_send_row)
       warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
                           __popc(dmask), edst, crow);
     char *xd = nullptr, *sd = nullptr;  // lane i < nd: the i-th destination's rows
@@ -569,7 +572,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
       const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
       const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);
       const int cslot = __popc(dmask & ((1u << d) - 1u));
-      compact_destination(p, d, row, t, cslot, r.e, r.wgt, out_x_at, out_s_at, !no_meta, nd, xd, sd);
+      compact_destination(p, d, row, t, cslot, r.e, r.wgt, out_x_at, out_s_at, routing, nd, xd, sd);
     }
     if (no_stores) nd = 0;
     const bool aligned =

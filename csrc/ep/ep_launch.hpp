@@ -161,7 +161,8 @@ struct PushParams {
   int base_table;
   // timing experiments on the pipelined loop only (DEEP_EP_OPS_PUSH_SKIP, bits; the outputs are
   // then wrong): 1 no routing / handle / metadata stores, 2 fixed token stride instead of the
-  // ticket, 4 no row stores, 8 no row loads
+  // ticket, 4 no row stores, 8 no row loads; parts of 1: 16 no handle send rows, 32 no routing
+  // tensors / handle receive rows of this rank's own rows, 64 no metadata rows to the peers
   int skip;
   // pull each warp's first rows of x into L2 before waiting for the layout (an experiment,
   // DEEP_EP_OPS_PUSH_PREFETCH=1; off by default: the pulls compete with the count's loads, and

@@ -349,7 +349,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   if (R > 1) ++(pp.bulk_row_bytes > 0 ? st.dispatch_bulk : st.dispatch_register);
   if (pp.pipelined) ++st.dispatch_pipelined;
   if (pp.fused) ++st.dispatch_fused;
-  static const int skip = env_knob("DEEP_EP_OPS_PUSH_SKIP", 0, 0, 15);  // (timing experiments)
+  static const int skip = env_knob("DEEP_EP_OPS_PUSH_SKIP", 0, 0, 127);  // (timing experiments)
   pp.skip = skip;
   if (!pp.fused) check_cuda(launch_layout(lp, stream), "launching dispatch layout kernel");
   if (R == 1) {
