@@ -4,7 +4,7 @@
 # benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
 # bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
 # the build cache comes back too:
-#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [fused] [meta] [stage_early] [before] [probes] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [fused] [before] [probes] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
 # (default: verify bench profile; suites_a / suites_b: the other GPU tests, all R, in two
 # calls' worth; regs: the R = 2-4 bitwise suites and the bench again with
 # DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B; bulk: the same
@@ -56,13 +56,11 @@ for s in "${steps[@]}"; do
         --timeline --direct-outputs 2
       step timeline_bulk 200 env DEEP_EP_OPS_BULK_COPY=1 python3 tests/gpu/bench_moe_ops.py \
         --world 2 --num-sms 0 24 --iters 9 --timeline --direct-outputs 2 ;;
-    knobs)  # the dispatch timeline with each tuning knob against the default (lone calls);
-      # KNOBS="VAR=value ..." picks some
-      default_knobs="DEEP_EP_OPS_NONE=0 DEEP_EP_OPS_DISPATCH_FUSED=1 DEEP_EP_OPS_PUSH_PIPELINE=0
-        DEEP_EP_OPS_PUSH_PREFETCH=1 DEEP_EP_OPS_PUSH_STAGE_EARLY=1 DEEP_EP_OPS_PUSH_META_PASS=1
-        DEEP_EP_OPS_PUSH_SKIP=1 DEEP_EP_OPS_PUSH_SKIP=3 DEEP_EP_OPS_PUSH_SKIP=16
-        DEEP_EP_OPS_PUSH_SKIP=32 DEEP_EP_OPS_PUSH_SKIP=64"
-      for setting in ${KNOBS:-$default_knobs}; do
+    knobs)  # the dispatch timeline with each tuning knob against the default (lone calls)
+      for setting in DEEP_EP_OPS_NONE=0 DEEP_EP_OPS_DISPATCH_FUSED=1 DEEP_EP_OPS_PUSH_PIPELINE=0 \
+                     DEEP_EP_OPS_PUSH_PREFETCH=1 DEEP_EP_OPS_PUSH_STAGE_EARLY=1 DEEP_EP_OPS_PUSH_SKIP=1 \
+                     DEEP_EP_OPS_PUSH_SKIP=3 DEEP_EP_OPS_PUSH_SKIP=16 DEEP_EP_OPS_PUSH_SKIP=32 \
+                     DEEP_EP_OPS_PUSH_SKIP=64; do
         step "knob_${setting//[=]/_}" 120 env "$setting" python3 tests/gpu/bench_moe_ops.py \
           --world 2 --num-sms 0 24 --iters 7 --timeline-only --direct-outputs 2
       done ;;
@@ -93,12 +91,6 @@ with mps_daemon() as env:
         subprocess.run(['/tmp/ipc_fanout_rate', n], timeout=50, check=True)
 "
       cat "$out"/logs/probe_*.log ;;
-    meta)  # the push's metadata pass (an experiment): its bitwise suites at R = 2-4, then the R = 2 bench
-      ab meta DEEP_EP_OPS_PUSH_META_PASS=1 tests/gpu/test_moe_ops_gpu.py \
-        tests/gpu/test_direct_outputs_gpu.py ;;
-    stage_early)  # each push warp's first row staged before the wait (an experiment): the same
-      ab stage_early DEEP_EP_OPS_PUSH_STAGE_EARLY=1 tests/gpu/test_moe_ops_gpu.py \
-        tests/gpu/test_direct_outputs_gpu.py ;;
     fused)  # the fused compact push (an experiment): its bitwise suites at R = 2-4, then the R = 2 bench
       ab fused DEEP_EP_OPS_DISPATCH_FUSED=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py ;;
@@ -112,6 +104,6 @@ with mps_daemon() as env:
     bulk)
       ab bulk DEEP_EP_OPS_BULK_COPY=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py tests/gpu/test_combine_input_gpu.py ;;
-    *) echo "unknown step $s (verify, bench, fused, meta, stage_early, before, probes, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
+    *) echo "unknown step $s (verify, bench, fused, before, probes, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
   esac
 done

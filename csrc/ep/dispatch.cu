@@ -456,63 +456,6 @@ __device__ void stage_rest(const char* src, int64_t bytes, char* dst, int nd, in
   }
 }
 
-// The metadata pass (an experiment, p.meta_pass: the unfused pipelined loop with its base
-// table): the routing stores of 32 tokens at once, lane = token t: the handle's send row, this
-// rank's own compact row's routing tensors and handle receive row, and the metadata row at
-// each peer, the same values the loop's warps write one token at a time; the loop then only
-// moves rows. base: the base table ([block][R]).
-constexpr int kMetaWarps = 2;  // warps per CTA that take metadata chunks before their rows
-
-__device__ void meta_chunk(const PushParams& p, int t, const int* base) {
-  if (t >= p.io.T) return;
-  const int K = p.io.K, W = p.io.W, me = p.comm.rank, E_loc = p.E_loc;
-  const int64_t tk = static_cast<int64_t>(t) * K;
-  const int* block_base = base + (t / p.cta_tokens) * p.comm.num_ranks;
-  const unsigned dmask = __ldcg(p.s.tok_dmask + t);
-  const auto expert = [&](int k) { return load_expert(p.io.topk_idx, p.io.idx64, tk + k); };
-  // slot k's destination rank and its compact row there (-1, -1: a -1 slot)
-  const auto slot = [&](int k, int& dst, int& row) {
-    const int e = expert(k);
-    dst = e >= 0 ? e / E_loc : -1;
-    row = e >= 0 ? block_base[dst] + (__ldcg(p.s.tok_rank + tk + k) & 0xffff) : -1;
-  };
-  thread_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
-                        __popc(dmask), slot);
-  for (unsigned rest = dmask; rest != 0; rest &= rest - 1) {
-    const int d = __ffs(rest) - 1;
-    int row = -1;
-    for (int k = 0; k < K && row < 0; ++k) {
-      int dst, r;
-      slot(k, dst, r);
-      if (dst == d) row = r;
-    }
-    const int cslot = __popc(dmask & ((1u << d) - 1u));
-    if (d == me) {
-      int64_t* idx = static_cast<int64_t*>(p.io.recv_idx) + static_cast<int64_t>(row) * K;
-      float* w = p.io.recv_w + static_cast<int64_t>(row) * K;
-      for (int k = 0; k < K; ++k) {
-        const int e = expert(k);
-        const bool here = e >= 0 && e / E_loc == me;
-        idx[k] = here ? e - me * E_loc : -1;
-        w[k] = here ? p.io.topk_weights[tk + k] : 0.f;
-      }
-      int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T + row) * W;
-      thread_write_compact_recv_row(recv_h, W, me, t, row, cslot);
-    } else {
-      int* meta = reinterpret_cast<int*>(peer_ptr(p.comm, d) + p.rows.m_off) +
-                  static_cast<int64_t>(row) * p.rows.meta_ints;
-      *reinterpret_cast<int4*>(meta) = make_int4(me, t, cslot, 0);  // 16-byte rows
-      for (int k = 0; k < K; ++k) {
-        const int e = expert(k);
-        const bool here = e >= 0 && e / E_loc == d;
-        meta[4 + k] = here ? e - d * E_loc : -1;
-        meta[4 + K + k] = -1;  // (compact rows: no expert-major row)
-        meta[4 + 2 * K + k] = here ? __float_as_int(p.io.topk_weights[tk + k]) : 0;
-      }
-    }
-  }
-}
-
 // The count of the fused push (every thread; after its PDL wait): count blocks by ticket; the
 // CTA that counts the last one publishes the scan and the counts and does the per-expert part
 // (with the handle's header row). The kernel then waits for what its rows need as the unfused
@@ -570,10 +513,8 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   };
   // (p.skip: timing experiments only, the outputs are then wrong; see PushParams::skip)
   const bool no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
-  // (the metadata pass writes the routing stores instead of the loop)
-  const bool meta_pass = p.meta_pass && !kFused;
-  const bool no_send_row = meta_pass || (p.skip & (1 | 16));
-  const int routing = meta_pass ? 0 : (p.skip & (1 | 32) ? 0 : 1) | (p.skip & (1 | 64) ? 0 : 2);
+  const bool no_send_row = p.skip & (1 | 16);
+  const int routing = (p.skip & (1 | 32) ? 0 : 1) | (p.skip & (1 | 64) ? 0 : 2);
   // An experiment (p.stage_early): the warp's first token (fixed, unfused) starts into its stage
   // before the wait, so its row is in shared memory when the bases come. x is the layout's
   // predecessor's output, complete once this grid runs (push_prologue).
@@ -589,13 +530,6 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     return p.base_table > 0 ? base_table[t / p.cta_tokens * R + d] + (rank & 0xffff)
                             : compact_row_of(p, cbase, t, d, rank);
   };
-  if (meta_pass && ok && warp_id() < kMetaWarps)
-    for (;;) {  // metadata chunks of 32 tokens by their own ticket, then rows like every warp
-      unsigned c = lane == 0 ? atomicAdd(p.s.meta_ticket, 1u) : 0u;
-      c = __shfl_sync(0xffffffffu, c, 0);
-      if (c >= static_cast<unsigned>((T + kWarp - 1) / kWarp)) break;
-      meta_chunk(p, static_cast<int>(c) * kWarp + lane, base_table);
-    }
   // Tokens: by ticket (lane 0 asks, every lane gets it), the unfused push's first one per warp
   // fixed (its row may be in L2 already); the fused push's CTAs start their rows at different
   // times (the publisher last), so all of its tokens come by ticket.
@@ -675,7 +609,6 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
     *p.s.bases_ready = 0u;
     *p.s.push_ticket = 0u;
     *p.s.count_ticket = 0u;
-    *p.s.meta_ticket = 0u;
     // every kernel of this call that reads the layout epoch is done
     p.epochs[kLayoutSlot] = layout_epoch(p.epochs);
   }

@@ -61,9 +61,6 @@ struct DispatchScratch {
   // counts none). Both tickets are reset by the epilogue, which runs after every push with more
   // than one rank.
   unsigned* count_ticket;           // [1]
-  // the push's metadata pass (PushParams::meta_pass): chunks of 32 tokens by this ticket, reset
-  // by the epilogue
-  unsigned* meta_ticket;            // [1]
   // dispatch with more than one rank: the call's layout epoch once the layout's last CTA has
   // scanned the count blocks (cta_prefix, tok_rank are final) and sent its token counts to the
   // peers; a compact push starts on it instead of on the whole layout kernel's end (the
@@ -174,9 +171,6 @@ struct PushParams {
   // the pipelined loop stages each warp's first row before waiting for the bases (an
   // experiment, DEEP_EP_OPS_PUSH_STAGE_EARLY=1; off by default)
   int stage_early;
-  // the pipelined loop (unfused, with its base table) leaves the routing stores to a pass over
-  // 32 tokens at once by kMetaWarps warps per CTA (an experiment, DEEP_EP_OPS_PUSH_META_PASS=1)
-  int meta_pass;
   DispatchRows rows;
   DispatchScratch s;
   Comm comm;

@@ -346,8 +346,6 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.cta_tokens = lp.cta_tokens;
   const int table_ints = count_blocks(static_cast<int>(T), lp.cta_tokens) * R;
   pp.base_table = pp.pipelined && base_table_fits(st.smem_optin, table_ints) ? table_ints : 0;
-  static const int meta_pass = env_knob("DEEP_EP_OPS_PUSH_META_PASS", 0, 0, 1);  // (experiment)
-  pp.meta_pass = meta_pass && pp.base_table > 0 && !pp.fused;
   if (R > 1) ++(pp.bulk_row_bytes > 0 ? st.dispatch_bulk : st.dispatch_register);
   if (pp.pipelined) ++st.dispatch_pipelined;
   if (pp.fused) ++st.dispatch_fused;

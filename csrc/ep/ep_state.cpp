@@ -59,7 +59,6 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
       1,                                    // bases_ready
       1,                                    // combine_ticket
       1,                                    // count_ticket
-      1,                                    // meta_ticket
   };
   constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
   int64_t total = 0, offs[kParts];
@@ -87,7 +86,6 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   scratch.bases_ready = reinterpret_cast<unsigned*>(at(14));
   scratch.combine_ticket = reinterpret_cast<unsigned*>(at(15));
   scratch.count_ticket = reinterpret_cast<unsigned*>(at(16));
-  scratch.meta_ticket = reinterpret_cast<unsigned*>(at(17));
 
   comm.rank = cfg.rank;
   comm.num_ranks = R;

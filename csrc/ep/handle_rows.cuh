@@ -29,62 +29,35 @@ __device__ __forceinline__ void write_header_row(int* h, int W, const HandleHead
 }
 
 // Send row of one token: [#destinations, rank of slot k (K), row of slot k (K), -1...].
-// What column c holds: kSendCount, kSendSlotRank / kSendSlotRow of slot `k`, or kSendNone.
-enum SendCol { kSendNone, kSendCount, kSendSlotRank, kSendSlotRow };
-__device__ __forceinline__ SendCol send_col(int c, int K, int& k) {
-  if (c == handle::kSendNumDst) return kSendCount;
-  k = c - handle::kSendDstRank;
-  if (k >= 0 && k < K) return kSendSlotRank;
-  k = c - handle::send_dst_row(K);
-  if (k >= 0 && k < K) return kSendSlotRow;
-  return kSendNone;
-}
-
-// The send row by a warp: lane k < K holds slot k's destination rank `dst` (-1: none) and its
-// row there `row`. The whole warp calls it.
+// Lane k < K holds slot k's destination rank `dst` (-1: none) and its row there `row`.
+// The whole warp calls it.
 __device__ __forceinline__ void warp_write_send_row(int* hrow, int W, int K, int num_dst,
                                                     int dst, int row) {
   for (int c0 = 0; c0 < W; c0 += kWarp) {  // warp-uniform trip count: the shuffles converge
     const int c = c0 + lane_id();
-    int k = 0;
-    const SendCol what = send_col(c, K, k);
-    const int v1 = __shfl_sync(0xffffffffu, dst, k & (kWarp - 1));
-    const int v2 = __shfl_sync(0xffffffffu, row, k & (kWarp - 1));
-    const int v = what == kSendCount ? num_dst : what == kSendSlotRank ? v1 : what == kSendSlotRow ? v2 : -1;
+    const int k1 = c - handle::kSendDstRank, k2 = c - handle::send_dst_row(K);
+    const int v1 = __shfl_sync(0xffffffffu, dst, k1 & (kWarp - 1));
+    const int v2 = __shfl_sync(0xffffffffu, row, k2 & (kWarp - 1));
+    int v = -1;
+    if (c == handle::kSendNumDst) v = num_dst;
+    else if (k1 >= 0 && k1 < K) v = v1;
+    else if (k2 >= 0 && k2 < K) v = v2;
     if (c < W) hrow[c] = v;
   }
 }
 
-// The send row by one thread: slot(k, dst, row) gives slot k's destination rank and row.
-template <typename Slot>
-__device__ __forceinline__ void thread_write_send_row(int* hrow, int W, int K, int num_dst,
-                                                      const Slot& slot) {
-  for (int c = 0; c < W; ++c) {
-    int k = 0, dst = -1, row = -1;
-    const SendCol what = send_col(c, K, k);
-    if (what == kSendSlotRank || what == kSendSlotRow) slot(k, dst, row);
-    hrow[c] = what == kSendCount ? num_dst : what == kSendSlotRank ? dst : what == kSendSlotRow ? row : -1;
-  }
-}
-
-// Column c of receive row `group` of the compact layout (row and group coincide): source rank
-// and token, the group itself as its row and only member, the combine slot; other columns -1.
-__device__ __forceinline__ int compact_recv_col(int c, int src, int tok, int group, int cslot) {
-  if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) return src;
-  if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) return tok;
-  if (c == handle::kRecvGroup || c == handle::kGroupMember) return group;
-  if (c == handle::kGroupCombineSlot) return cslot;
-  return -1;
-}
-
+// Receive row `group` of the compact layout (row and group coincide): source rank and token,
+// the group itself as its row and only member, the combine slot; other columns -1.
 __device__ __forceinline__ void warp_write_compact_recv_row(int* grow, int W, int src, int tok,
                                                             int group, int cslot) {
-  for (int c = lane_id(); c < W; c += kWarp) grow[c] = compact_recv_col(c, src, tok, group, cslot);
-}
-
-__device__ __forceinline__ void thread_write_compact_recv_row(int* grow, int W, int src, int tok,
-                                                              int group, int cslot) {
-  for (int c = 0; c < W; ++c) grow[c] = compact_recv_col(c, src, tok, group, cslot);
+  for (int c = lane_id(); c < W; c += kWarp) {
+    int v = -1;
+    if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) v = src;
+    else if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) v = tok;
+    else if (c == handle::kRecvGroup || c == handle::kGroupMember) v = group;
+    else if (c == handle::kGroupCombineSlot) v = cslot;
+    grow[c] = v;
+  }
 }
 
 // Group columns of an expert-major receive row: source rank and token, the combine slot, the
