@@ -217,8 +217,7 @@ __device__ __forceinline__ int compact_row_of(const PushParams& p, const int* cb
 
 // Compact layout, destination d of token t at compact row `row`: the row's routing (this rank's
 // routing tensors and handle row: `routing` bit 0; the metadata row in d's window: bit 1; off
-// for the metadata pass and timing experiments), then lane nd (the warp's count of destinations
-// so far) takes where the row's x and scales go, and nd grows by one.
+// for timing experiments), then lane nd (the warp's count of destinations so far) takes where the row's x and scales go, and nd grows by one.
 __device__ __forceinline__ void compact_destination(const PushParams& p, int d, int row, int t,
                                                     int cslot, int e, float wgt,
                                                     const long long* out_x_at,
@@ -515,12 +514,6 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   const bool no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
   const bool no_send_row = p.skip & (1 | 16);
   const int routing = (p.skip & (1 | 32) ? 0 : 1) | (p.skip & (1 | 64) ? 0 : 2);
-  // An experiment (p.stage_early): the warp's first token (fixed, unfused) starts into its stage
-  // before the wait, so its row is in shared memory when the bases come. x is the layout's
-  // predecessor's output, complete once this grid runs (push_prologue).
-  const int first = blockIdx.x * warps + warp_id();
-  bool staged = p.stage_early && !kFused && !no_loads && first < T;
-  if (staged) stage_token(first);
   const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok);
   // every count block's compact bases at every destination ([block][R], p.base_table ints)
   int* base_table = reinterpret_cast<int*>(row_stages + warps * kStageVecs);
@@ -539,7 +532,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   const auto token_of = [&](unsigned ticket) {
     return first_round + static_cast<int>(__shfl_sync(0xffffffffu, ticket, 0));
   };
-  int t = !ok ? T : first_by_ticket ? token_of(ask()) : first;
+  int t = !ok ? T : first_by_ticket ? token_of(ask()) : blockIdx.x * warps + warp_id();
   // t's routing; lane 0's ticket for the next token is outstanding exactly when t < T (a ticket
   // below T is never dropped)
   TokenRouting r;
@@ -549,8 +542,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     if (!no_ticket) asked = ask();
   }
   while (t < T) {
-    if (!no_loads && !staged) stage_token(t);
-    staged = false;
+    if (!no_loads) stage_token(t);
     // the next token and its routing, in flight with this token's row
     const int nt = no_ticket ? t + stride : token_of(asked);
     TokenRouting rn;
@@ -592,7 +584,6 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     t = nt;
     r = rn;
   }
-  cp_async_wait_all();  // (a first row staged early for a push whose wait failed)
   if (lane == 0) atomicMax(&rows_done_ns, global_ns());
   push_finish(p, stamp, &rows_done_ns);
 }

@@ -168,9 +168,6 @@ struct PushParams {
   // DEEP_EP_OPS_PUSH_PREFETCH=1; off by default: the pulls compete with the count's loads, and
   // the pipelined loop stages rows itself, bench/NOTES.md v16)
   int prefetch;
-  // the pipelined loop stages each warp's first row before waiting for the bases (an
-  // experiment, DEEP_EP_OPS_PUSH_STAGE_EARLY=1; off by default)
-  int stage_early;
   DispatchRows rows;
   DispatchScratch s;
   Comm comm;

@@ -331,8 +331,6 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   static const int pipeline = env_knob("DEEP_EP_OPS_PUSH_PIPELINE", 1, 0, 1);  // (A/B)
   static const int fuse = env_knob("DEEP_EP_OPS_DISPATCH_FUSED", 0, 0, 1);     // (experiment)
   pp.prefetch = prefetch;
-  static const int stage_early = env_knob("DEEP_EP_OPS_PUSH_STAGE_EARLY", 0, 0, 1);  // (experiment)
-  pp.stage_early = stage_early;
   pp.pipelined = aligned && pp.bulk_row_bytes == 0 && pipeline && pipelined_push_fits(st.smem_optin);
   // The fused push counts with its own CTAs (no layout kernel): count blocks of its warps (at
   // most DEEP_EP_OPS_LAYOUT_WARPS of them when set)
