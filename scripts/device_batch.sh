@@ -56,10 +56,12 @@ for s in "${steps[@]}"; do
         --timeline --direct-outputs 2
       step timeline_bulk 200 env DEEP_EP_OPS_BULK_COPY=1 python3 tests/gpu/bench_moe_ops.py \
         --world 2 --num-sms 0 24 --iters 9 --timeline --direct-outputs 2 ;;
-    knobs)  # the dispatch timeline with each tuning knob against the default (lone calls)
-      for setting in DEEP_EP_OPS_NONE=0 DEEP_EP_OPS_DISPATCH_FUSED=1 DEEP_EP_OPS_PUSH_PIPELINE=0 \
-                     DEEP_EP_OPS_PUSH_PREFETCH=1 DEEP_EP_OPS_PUSH_SKIP=1 DEEP_EP_OPS_PUSH_SKIP=3 \
-                     DEEP_EP_OPS_PUSH_SKIP=16 DEEP_EP_OPS_PUSH_SKIP=32 DEEP_EP_OPS_PUSH_SKIP=64; do
+    knobs)  # the dispatch timeline with each tuning knob against the default (lone calls);
+      # KNOBS="VAR=value ..." picks some
+      default_knobs="DEEP_EP_OPS_NONE=0 DEEP_EP_OPS_BLOCK_WORDS=0 DEEP_EP_OPS_DISPATCH_FUSED=1
+        DEEP_EP_OPS_PUSH_PIPELINE=0 DEEP_EP_OPS_PUSH_PREFETCH=1 DEEP_EP_OPS_PUSH_SKIP=1
+        DEEP_EP_OPS_PUSH_SKIP=3 DEEP_EP_OPS_PUSH_SKIP=16 DEEP_EP_OPS_PUSH_SKIP=32 DEEP_EP_OPS_PUSH_SKIP=64"
+      for setting in ${KNOBS:-$default_knobs}; do
         step "knob_${setting//[=]/_}" 120 env "$setting" python3 tests/gpu/bench_moe_ops.py \
           --world 2 --num-sms 0 24 --iters 7 --timeline-only --direct-outputs 2
       done ;;

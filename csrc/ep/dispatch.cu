@@ -10,9 +10,11 @@
 // expert-major row of the token here, once loaded), with their routing tensors and handle
 // receive rows. A token goes to each destination rank once, however many of its experts live
 // there; in the compact layout its row is read once and stored to all its destination ranks.
-// Ends with a per-CTA barrier. A compact push with peers starts as soon as the layout's last
-// CTA has scanned the count blocks (DispatchScratch::bases_ready) and the lower ranks' token
-// counts are in (it sums its compact bases itself), not when the layout kernel ends.
+// Ends with a per-CTA barrier. A compact push with peers starts as soon as every count block of
+// this rank and of the lower ranks has announced its tokens to each rank (the pipelined loop
+// with its bases table: EpWindow [blocks]; it sums its compact bases itself), or else once the
+// layout's last CTA has scanned the count blocks (DispatchScratch::bases_ready) and the lower
+// ranks' token counts are in; not when the layout kernel ends.
 // With one rank nothing crosses a window: no barrier, and the push also does the epilogue's
 // remaining work (rows that carry no token), so dispatch is two kernels.
 //
@@ -73,32 +75,84 @@ __device__ void push_prologue(const PushParams& p, unsigned long long* stamp) {
   }
 }
 
+// p.block_words: the compact bases from the count blocks' own words (layout_phases.cuh
+// announce_block_words) rather than from the publisher, which scans after the last block's
+// ticket and only then raises its flag and sends the token counts: warp 1 + i waits for source
+// rank s = i (i <= this rank; a lower rank's block 0 says how many blocks it counted); the
+// lower ranks' blocks add up to cbase[d] (shared [R], zeroed), this rank's go into table[b * R
+// + d] (shared, the pipelined loop's base table; the caller turns them into bases). false
+// after a failed wait. Every thread of the CTA.
+__device__ bool wait_block_words(const PushParams& p, uint32_t epoch, int* cbase, int* table) {
+  const int R = p.comm.num_ranks, me = p.comm.rank, lane = lane_id();
+  const int helpers = blockDim.x / kWarp - 1;  // (warp 0 waits for the entries)
+  bool ok = true;
+  for (int s = warp_id() - 1; s >= 0 && s <= me; s += helpers) {
+    int blocks = count_blocks(p.io.T, p.cta_tokens);
+    long long first = 0;  // lane d < R: block 0's word to d (a lower rank)
+    if (s < me) {
+      if (lane < R)
+        first = wait_epoch_word(block_word(p.comm, me, s, 0, lane), epoch, p.comm.wait,
+                                kOpDispatchLayout, kLayoutSlot, s);
+      if (__any_sync(0xffffffffu, first < 0)) {
+        ok = false;
+        continue;
+      }
+      blocks = __shfl_sync(0xffffffffu, static_cast<int>(first >> 16), 0);
+    }
+    for (int j = lane; j < blocks * R; j += kWarp) {
+      const int b = j / R, d = j % R;  // (b == 0 of a lower rank: j == lane == d, seen above)
+      const long long v = s < me && b == 0
+                              ? first
+                              : wait_epoch_word(block_word(p.comm, me, s, b, d), epoch,
+                                                p.comm.wait, kOpDispatchLayout, kLayoutSlot, s);
+      if (v < 0) {
+        ok = false;
+        break;
+      }
+      const int n = static_cast<int>(v & 0xffff);
+      if (s < me) atomicAdd(&cbase[d], n);  // integer sums: any order
+      else table[j] = n;
+    }
+  }
+  return ok;
+}
+
 // The wait half of the prologue (after the bulk fan-out's first load is in flight). Returns
 // whether the waits succeeded (a failed one: no rows; the barrier at the end then fails fast as
 // well). Every thread must call it. out_x_at / out_s_at: shared [R]; a direct-output slot of
 // destination d's window, or -1: this rank's staging rows there; cbase: shared [R], the
-// compact row of this rank's first token at each destination; ok: a shared int.
+// compact row of this rank's first token at each destination; ok: a shared int; table: the
+// pipelined loop's base table (shared [blocks][R]), which p.block_words fills with every count
+// block's compact base here (nullptr: the general loop).
 __device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stamp,
-                                   long long* out_x_at, long long* out_s_at, int* cbase, int* ok) {
-  // A compact push with peers starts once this rank's layout has scanned its count blocks
-  // (bases_ready) and the lower ranks' token counts are in (the layout's per-expert work and
-  // its end come later; the push waits for them before it ends, so what follows still sees a
-  // finished layout). Everything else waits for the layout's end first.
+                                   long long* out_x_at, long long* out_s_at, int* cbase, int* ok,
+                                   int* table) {
+  // A compact push with peers starts once its count blocks' words are in (p.block_words), or
+  // this rank's layout has scanned its count blocks (bases_ready) and the lower ranks' token
+  // counts are in (the layout's per-expert work and its end come later; the push waits for
+  // them before it ends, so what follows still sees a finished layout). Everything else waits
+  // for the layout's end first.
   const int R = p.comm.num_ranks, me = p.comm.rank;
   if (p.local_only || p.expand) pdl_wait();
   if (threadIdx.x == 0) *ok = 1;
+  if (threadIdx.x < R) cbase[threadIdx.x] = 0;
   __syncthreads();
   // All at once, each by its own thread: this rank's scan (bases_ready, warp 0's lane 0), the
   // lower ranks' token counts to d (warp 1's lane d; none with one rank) and every peer's entry,
   // after which its output places (read below) are published and its window may be written
-  // (warp 2's lane `peer`). The epoch needs no flag: no kernel of this call stores it.
+  // (warp 2's lane `peer`); with p.block_words the blocks' words (warps 1 and up) and the
+  // entries (warp 0). The epoch needs no flag: no kernel of this call stores it.
   const uint32_t epoch = p.local_only ? 0u : layout_epoch(p.comm.epochs);
   const int lane = lane_id();
-  if (!p.local_only && threadIdx.x == 0 &&
-      !timed_wait(p.s.bases_ready, [epoch](uint32_t v) { return v == epoch; }, p.comm.wait,
-                  kOpDispatchLayout, kLayoutSlot, me, epoch))
+  const int entry_warp = p.block_words ? 0 : 2;
+  if (p.block_words) {
+    if (!wait_block_words(p, epoch, cbase, table)) *ok = 0;
+  } else if (!p.local_only && threadIdx.x == 0 &&
+             !timed_wait(p.s.bases_ready, [epoch](uint32_t v) { return v == epoch; }, p.comm.wait,
+                         kOpDispatchLayout, kLayoutSlot, me, epoch)) {
     *ok = 0;
-  if (warp_id() == 1 && lane < R) {
+  }
+  if (!p.block_words && warp_id() == 1 && lane < R) {
     int below = 0;
     for (int s = 0; s < me; ++s) {
       const long long n = wait_epoch_word(tokens_word(p.comm, me, s, lane), epoch, p.comm.wait,
@@ -108,13 +162,24 @@ __device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stam
     }
     cbase[lane] = below;
   }
-  if (!p.local_only && warp_id() == 2 && lane < R && lane != me &&
+  if (!p.local_only && warp_id() == entry_warp && lane < R && lane != me &&
       !wait_epoch(flag_ptr(peer_ptr(p.comm, me), p.comm, kEnterSlot, lane), epoch, p.comm.wait,
                   kOpDispatchLayout, kEnterSlot, lane))
     *ok = 0;
   __syncthreads();
   pdl_trigger();
   if (threadIdx.x == 0 && !p.local_only) stamp[1] = global_ns();
+  if (p.block_words) {  // this rank's blocks' counts -> their compact bases, per destination
+    const int blocks = count_blocks(p.io.T, p.cta_tokens);
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
+      int run = cbase[d];
+      for (int b = 0; b < blocks; ++b) {
+        const int n = table[b * R + d];
+        table[b * R + d] = run;
+        run += n;
+      }
+    }
+  }
   if (!p.local_only)
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
       const long long* outs =
@@ -268,7 +333,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
     load_row(blockIdx.x * warps + warp_id());
   }
   if (threadIdx.x == 0) rows_done_ns = 0;
-  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok);
+  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok, nullptr);
   const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
   int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
   // Each warp's first token is fixed (its row may be in flight already); later ones come from
@@ -500,6 +565,13 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   if (kFused) fused_count<KMAX>(p, reinterpret_cast<int*>(row_stages), &count_at);
   const int lane = lane_id(), warps = blockDim.x / kWarp;
   const int K = p.io.K, W = p.io.W, R = p.comm.num_ranks, T = p.io.T;
+  // every count block's compact bases at every destination ([block][R], p.base_table ints)
+  int* base_table = reinterpret_cast<int*>(row_stages + warps * kStageVecs);
+  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok, base_table);
+  if (!p.block_words)
+    for (int i = threadIdx.x; i < p.base_table; i += blockDim.x)
+      base_table[i] = compact_block_base(p, cbase, i / R, i % R);
+  __syncthreads();
   // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
   // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
   const int x_vecs = static_cast<int>(p.io.x_bytes / 16), s_vecs = static_cast<int>(p.io.s_bytes / 16);
@@ -514,11 +586,6 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   const bool no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
   const bool no_send_row = p.skip & (1 | 16);
   const int routing = (p.skip & (1 | 32) ? 0 : 1) | (p.skip & (1 | 64) ? 0 : 2);
-  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok);
-  // every count block's compact bases at every destination ([block][R], p.base_table ints)
-  int* base_table = reinterpret_cast<int*>(row_stages + warps * kStageVecs);
-  for (int i = threadIdx.x; i < p.base_table; i += blockDim.x) base_table[i] = compact_block_base(p, cbase, i / R, i % R);
-  __syncthreads();
   const auto compact_row = [&](int t, int d, int rank) {
     return p.base_table > 0 ? base_table[t / p.cta_tokens * R + d] + (rank & 0xffff)
                             : compact_row_of(p, cbase, t, d, rank);

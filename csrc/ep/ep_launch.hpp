@@ -30,6 +30,8 @@ struct Comm {
   int64_t counts_off;
   int64_t outs_off;    // where each rank wants its dispatch rows (EpWindow: [outs])
   int64_t tokens_off;  // dispatch: tokens each lower rank sends to each rank (EpWindow: [tokens])
+  int64_t blocks_off;  // dispatch: each count block's tokens to each rank (EpWindow: [blocks])
+  int max_blocks;      // max_count_blocks(M): the [blocks] region's stride per source rank
   int64_t data_off;
 };
 
@@ -88,6 +90,9 @@ constexpr int layout_max_ctas(int max_tokens) { return (max_tokens + 31) / 32 + 
 __host__ __device__ constexpr int count_blocks(int T, int cta_tokens) {
   return T > 0 ? (T + cta_tokens - 1) / cta_tokens : 1;
 }
+// Most count blocks a call of up to M tokens has (a count CTA counts 32 tokens per warp, at
+// least one warp).
+__host__ __device__ constexpr int max_count_blocks(int M) { return count_blocks(M, 32); }
 constexpr int kRecvG = 0;           // groups (compact rows) received
 constexpr int kRecvPairs = 1;       // (token, local expert) pairs received
 constexpr int kRecvAligned = 2;     // sum of aligned per-expert counts
@@ -159,6 +164,10 @@ struct PushParams {
   // ints of the pipelined loop's table of every count block's compact bases in shared memory
   // (count_blocks(T, cta_tokens) * R, after the stages; 0: no table, read them per token)
   int base_table;
+  // the pipelined loop builds that table from the count blocks' own words (EpWindow: [blocks])
+  // instead of waiting for the layout's publisher (bases_ready and the token words): needs
+  // base_table; DEEP_EP_OPS_BLOCK_WORDS=0 turns it off (A/B)
+  int block_words;
   // timing experiments on the pipelined loop only (DEEP_EP_OPS_PUSH_SKIP, bits; the outputs are
   // then wrong): 1 no routing / handle / metadata stores, 2 fixed token stride instead of the
   // ticket, 4 no row stores, 8 no row loads; parts of 1: 16 no handle send rows, 32 no routing

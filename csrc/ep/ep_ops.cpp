@@ -77,6 +77,18 @@ int barrier_ctas_for(const EpState& st, int64_t num_sms, int64_t max_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(barrier_ctas(st, num_sms), need)));
 }
 
+// Grid of the dispatch push with peers: num_sms CTAs when given, else three quarters of the SMs
+// this process sees (at most kDefaultCtas). The layout kernel's count CTAs run beside the push,
+// and a push CTA that gets its SM only when one of them exits finishes its rows late while its
+// peers wait for it at the barrier (bench/NOTES.md v17: R = 2 with 66 SMs, 48 CTAs instead of
+// 64 end a lone dispatch ~11 us sooner; R = 4 with 33 SMs, 24 instead of 32 ~19 us). The same
+// on every rank (a CTA's barrier slot is its index): the SM share is.
+int dispatch_push_ctas(const EpState& st, int64_t num_sms, int64_t max_items) {
+  const int64_t beside_layout = std::max<int64_t>(1, st.sm_count * 3 / 4);
+  return barrier_ctas_for(st, num_sms > 0 ? num_sms : std::min<int64_t>(kDefaultCtas, beside_layout),
+                          max_items);
+}
+
 // The scale rows of a dispatch's outputs: as x_scales' (P columns), or [C, 0] float32 without.
 struct ScaleRows {
   int64_t cols;
@@ -344,6 +356,9 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   pp.cta_tokens = lp.cta_tokens;
   const int table_ints = count_blocks(static_cast<int>(T), lp.cta_tokens) * R;
   pp.base_table = pp.pipelined && base_table_fits(st.smem_optin, table_ints) ? table_ints : 0;
+  // (a block word carries its rank's block count in 16 bits)
+  static const int block_words = env_knob("DEEP_EP_OPS_BLOCK_WORDS", 1, 0, 1);  // (A/B)
+  pp.block_words = block_words && pp.base_table > 0 && !pp.fused && max_count_blocks(M) < (1 << 16);
   if (R > 1) ++(pp.bulk_row_bytes > 0 ? st.dispatch_bulk : st.dispatch_register);
   if (pp.pipelined) ++st.dispatch_pipelined;
   if (pp.fused) ++st.dispatch_fused;
@@ -356,7 +371,7 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
                  "launching dispatch push kernel");
     return out;
   }
-  st.last_push_ctas = barrier_ctas_for(st, num_sms, M);
+  st.last_push_ctas = dispatch_push_ctas(st, num_sms, M);
   check_cuda(launch_dispatch_push(pp, st.last_push_ctas, stream), "launching dispatch push kernel");
 
   // phase 3: window -> fresh outputs, handle receive part, zero padding

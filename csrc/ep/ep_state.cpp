@@ -34,6 +34,8 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   comm.counts_off = win.counts_off;
   comm.outs_off = win.outs_off;
   comm.tokens_off = win.tokens_off;
+  comm.blocks_off = win.blocks_off;
+  comm.max_blocks = max_count_blocks(M);
   comm.data_off = win.data_off;
 
   window_ = transport_->allocate(win.window_bytes);

@@ -12,6 +12,12 @@
 //            then int64 cins_seen[kMaxRanks]: this rank's copy of cins made behind the
 //            combine's first barrier, which its reduce reads (cins itself may already hold
 //            the next combine's values by then)
+//   [tokens] uint64 tokens[kMaxRanks][kMaxRanks]: (epoch << 32) | rank s's token count to rank
+//            d, stored by rank s's layout publisher into the windows of the ranks above it
+//   [blocks] uint64 blocks[R][max_count_blocks(M)][R]: (epoch << 32) | (rank s's count blocks
+//            << 16) | tokens of rank s's count block b sent to rank d, stored by that block
+//            itself into the window of rank s and of every rank above it (the compact push's
+//            bases without the publisher: dispatch.cu wait_block_words)
 //   [data]   dispatch rows / cached-dispatch staging / combine staging (reused by every op;
 //            each op starts behind a barrier so peers are done with the previous one)
 //   [slots]  direct-output slots (Buffer(direct_outputs=N)): N regions that hold a dispatch's
@@ -31,7 +37,7 @@
 namespace deep_ep_ops {
 
 struct EpWindow {
-  int64_t flags_off = 0, counts_off = 0, outs_off = 0, tokens_off = 0, data_off = 0;
+  int64_t flags_off = 0, counts_off = 0, outs_off = 0, tokens_off = 0, blocks_off = 0, data_off = 0;
   int64_t data_bytes = 0;    // size of the data region
   int64_t slots_off = 0;     // first direct-output slot
   int64_t slot_bytes = 0;    // size of each
@@ -105,7 +111,8 @@ struct EpWindow {
     w.outs_off = w.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
     w.cins_off = w.outs_off + static_cast<int64_t>(kMaxRanks) * 2 * 8;
     w.tokens_off = w.outs_off + align_up(static_cast<int64_t>(kMaxRanks) * 4 * 8, 4096);
-    w.data_off = w.tokens_off + align_up(static_cast<int64_t>(kMaxRanks) * kMaxRanks * 8, 4096);
+    w.blocks_off = w.tokens_off + align_up(static_cast<int64_t>(kMaxRanks) * kMaxRanks * 8, 4096);
+    w.data_off = w.blocks_off + align_up(static_cast<int64_t>(R) * max_count_blocks(M) * R * 8, 4096);
     const int64_t packs = (H + 31) / 32;  // most 4-byte scale packs a row may carry
     const DispatchRows rows = w.dispatch_rows(R, M, K, 4LL * H, fp8 ? 4 * packs : 0);
     const int64_t need = std::max({dispatch_end(rows, R, M),

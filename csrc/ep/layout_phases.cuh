@@ -15,8 +15,12 @@
 //   cbase[d]               = sum_{s<me} tokens(s->d)
 //   expert-major row at d  = ebase[e] + prefix(block of t)[e] + rank of t in its block for e
 //   ebase[e]               = aligned block start of e + sum_{s<me} count(s,e)
-// The compact bases need only the lower ranks' token counts: right after its scan the
-// publisher stores its R token counts into every higher rank's window, each as one 8-byte word
+// The compact bases need only the lower ranks' token counts and this rank's block prefixes.
+// Each count block announces its tokens to each rank as one 8-byte word (epoch, the rank's
+// block count, the count) in this rank's window and every higher rank's (announce_block_words),
+// and the pipelined push builds its bases from those words as they come (dispatch.cu
+// wait_block_words), with no publisher on its path. For the other pushes, right after its scan
+// the publisher stores its R token counts into every higher rank's window, each as one 8-byte word
 // with the call's epoch in its other half (the word is its own flag: no fence, no relay), and
 // raises a local flag; a compact push starts once that flag and the lower ranks' words are in
 // and sums cbase itself. So rank 0's rows start moving without waiting for anyone's count, and
@@ -227,6 +231,35 @@ __device__ __forceinline__ bool counted_last_block(const LayoutParams& p, int bl
 // Where rank s's token count to rank d is announced in rank `at`'s window (EpWindow: [tokens]).
 __device__ __forceinline__ unsigned long long* tokens_word(const Comm& c, int at, int s, int d) {
   return reinterpret_cast<unsigned long long*>(peer_ptr(c, at) + c.tokens_off) + s * kMaxRanks + d;
+}
+
+// Where rank s's count block b announces its tokens to rank d in rank `at`'s window (EpWindow:
+// [blocks]).
+__device__ __forceinline__ unsigned long long* block_word(const Comm& c, int at, int s, int b, int d) {
+  const int R = c.num_ranks;
+  return reinterpret_cast<unsigned long long*>(peer_ptr(c, at) + c.blocks_off) +
+         (static_cast<int64_t>(s) * c.max_blocks + b) * R + d;
+}
+
+// After count_block (layout kernel, R > 1): block b's tokens to each rank, as one word each
+// ((epoch << 32) | (blocks << 16) | count) into this rank's window and every higher rank's, so
+// a compact push builds its bases from the blocks' own words (dispatch.cu wait_block_words)
+// instead of waiting for the publisher's scan and flags. The block's tok_rank / tok_dmask
+// stores are fenced before its words: this rank's push reads them once it has seen the words.
+// Every thread of the CTA.
+__device__ __forceinline__ void announce_block_words(const LayoutParams& p, int b, int blocks,
+                                                     uint32_t epoch) {
+  const int R = p.comm.num_ranks, me = p.comm.rank, NC = p.E + R;
+  __threadfence();
+  __syncthreads();
+  const int* agg = p.s.cta_prefix + static_cast<int64_t>(b) * NC + p.E;  // count_block's histogram
+  for (int i = threadIdx.x; i < (R - me) * R; i += blockDim.x) {
+    const int at = me + i / R, d = i % R;
+    const unsigned long long word = (static_cast<unsigned long long>(epoch) << 32) |
+                                    (static_cast<unsigned>(blocks) << 16) |
+                                    static_cast<unsigned>(ld_cg(agg + d));
+    st_relaxed_sys(block_word(p.comm, at, me, b, d), word);
+  }
 }
 
 // Column c of the count blocks' histograms (cta_prefix[b][c], b < blocks) scanned in place into
