@@ -81,7 +81,7 @@ int barrier_ctas_for(const EpState& st, int64_t num_sms, int64_t max_items) {
 // this process sees (at most kDefaultCtas). The layout kernel's count CTAs run beside the push,
 // and a push CTA that gets its SM only when one of them exits finishes its rows late while its
 // peers wait for it at the barrier (bench/NOTES.md v17: R = 2 with 66 SMs, 48 CTAs instead of
-// 64 end a lone dispatch ~11 us sooner; R = 4 with 33 SMs, 24 instead of 32 ~19 us). The same
+// 64 end a lone dispatch ~11 us sooner; R = 4 with 32 SMs, 24 instead of 32: ~19 us). The same
 // on every rank (a CTA's barrier slot is its index): the SM share is.
 int dispatch_push_ctas(const EpState& st, int64_t num_sms, int64_t max_items) {
   const int64_t beside_layout = std::max<int64_t>(1, st.sm_count * 3 / 4);
