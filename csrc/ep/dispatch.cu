@@ -282,7 +282,8 @@ __device__ __forceinline__ int compact_row_of(const PushParams& p, const int* cb
 
 // Compact layout, destination d of token t at compact row `row`: the row's routing (this rank's
 // routing tensors and handle row: `routing` bit 0; the metadata row in d's window: bit 1; off
-// for timing experiments), then lane nd (the warp's count of destinations so far) takes where the row's x and scales go, and nd grows by one.
+// for timing experiments), then lane nd (the warp's count of destinations so far) takes where
+// the row's x and scales go, and nd grows by one.
 __device__ __forceinline__ void compact_destination(const PushParams& p, int d, int row, int t,
                                                     int cslot, int e, float wgt,
                                                     const long long* out_x_at,
