@@ -4,7 +4,7 @@
 # benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
 # bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
 # the build cache comes back too:
-#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [fused] [before] [probes] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [grid] [fused] [before] [probes] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
 # (default: verify bench profile; suites_a / suites_b: the other GPU tests, all R, in two
 # calls' worth; regs: the R = 2-4 bitwise suites and the bench again with
 # DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B; bulk: the same
@@ -95,6 +95,13 @@ with mps_daemon() as env:
     fused)  # the fused compact push (an experiment): its bitwise suites at R = 2-4, then the R = 2 bench
       ab fused DEEP_EP_OPS_DISPATCH_FUSED=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py ;;
+    grid)  # the R = 2 bench with other automatic grids for the dispatch push and the combine
+      for setting in ${GRIDS:-DEEP_EP_OPS_COMBINE_GRID_PCT=75 DEEP_EP_OPS_COMBINE_GRID_PCT=50 \
+                     DEEP_EP_OPS_DISPATCH_GRID_PCT=60 DEEP_EP_OPS_DISPATCH_GRID_PCT=90}; do
+        mkdir -p "$out/bench_${setting//[=]/_}"
+        step "bench_${setting//[=]/_}" 120 env "$setting" python3 -m bench.bench_ep \
+          "${bench_args[@]}" --out "$out/bench_${setting//[=]/_}"
+      done ;;
     before)  # the R = 2 bench with the general push loop (the loop of before v14)
       mkdir -p "$out/bench_before"
       step bench_before 240 env DEEP_EP_OPS_PUSH_PIPELINE=0 \
@@ -105,6 +112,6 @@ with mps_daemon() as env:
     bulk)
       ab bulk DEEP_EP_OPS_BULK_COPY=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py tests/gpu/test_combine_input_gpu.py ;;
-    *) echo "unknown step $s (verify, bench, fused, before, probes, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
+    *) echo "unknown step $s (verify, bench, grid, fused, before, probes, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
   esac
 done

@@ -77,18 +77,6 @@ int barrier_ctas_for(const EpState& st, int64_t num_sms, int64_t max_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(barrier_ctas(st, num_sms), need)));
 }
 
-// Grid of the dispatch push with peers: num_sms CTAs when given, else three quarters of the SMs
-// this process sees (at most kDefaultCtas). The layout kernel's count CTAs run beside the push,
-// and a push CTA that gets its SM only when one of them exits finishes its rows late while its
-// peers wait for it at the barrier (bench/NOTES.md v17: R = 2 with 66 SMs, 48 CTAs instead of
-// 64 end a lone dispatch ~11 us sooner; R = 4 with 32 SMs, 24 instead of 32: ~19 us). The same
-// on every rank (a CTA's barrier slot is its index): the SM share is.
-int dispatch_push_ctas(const EpState& st, int64_t num_sms, int64_t max_items) {
-  const int64_t beside_layout = std::max<int64_t>(1, st.sm_count * 3 / 4);
-  return barrier_ctas_for(st, num_sms > 0 ? num_sms : std::min<int64_t>(kDefaultCtas, beside_layout),
-                          max_items);
-}
-
 // The scale rows of a dispatch's outputs: as x_scales' (P columns), or [C, 0] float32 without.
 struct ScaleRows {
   int64_t cols;
@@ -177,6 +165,31 @@ int env_knob(const char* name, int fallback, int lo, int hi) {
   char* end = nullptr;
   const long n = std::strtol(v, &end, 10);
   return (*end == '\0' && n >= lo && n <= hi) ? static_cast<int>(n) : fallback;
+}
+
+// An automatic grid: `percent` of the SMs this process sees, at least one CTA, at most
+// kDefaultCtas. The same on every rank (a barrier CTA's slot is its index): the SM share is.
+int64_t share_of_sms(const EpState& st, int percent) {
+  return std::max<int64_t>(1, std::min<int64_t>(kDefaultCtas, st.sm_count * percent / 100));
+}
+
+// Grid of the dispatch push with peers: num_sms CTAs when given, else three quarters of the SMs
+// (DEEP_EP_OPS_DISPATCH_GRID_PCT, read once per process, for sweeps). The layout kernel's
+// count CTAs run beside the push, and a push CTA that gets its SM only when one of them exits
+// finishes its rows late while its peers wait for it at the barrier (bench/NOTES.md v17: R = 2
+// with 66 SMs, 48 CTAs instead of 64 end a lone dispatch ~11 us sooner; R = 4 with 32 SMs, 24
+// instead of 32: the bench 273 -> 254 us).
+int dispatch_push_ctas(const EpState& st, int64_t num_sms, int64_t max_items) {
+  static const int percent = env_knob("DEEP_EP_OPS_DISPATCH_GRID_PCT", 75, 1, 100);
+  return barrier_ctas_for(st, num_sms > 0 ? num_sms : share_of_sms(st, percent), max_items);
+}
+
+// Grid of the combine's push / in-place barrier kernel with peers: num_sms CTAs when given, else
+// all the SMs (DEEP_EP_OPS_COMBINE_GRID_PCT for sweeps: at R = 2 the combine ran faster at 24
+// SMs than at 66, bench/NOTES.md v17, not yet swept).
+int combine_push_ctas(const EpState& st, int64_t num_sms, int64_t max_items) {
+  static const int percent = env_knob("DEEP_EP_OPS_COMBINE_GRID_PCT", 100, 1, 100);
+  return barrier_ctas_for(st, num_sms > 0 ? num_sms : share_of_sms(st, percent), max_items);
 }
 
 // CombineParams::reduce_via_smem: on unless DEEP_EP_OPS_COMBINE_SMEM=0 (read once per process)
@@ -479,8 +492,8 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
   // one rank: the local reduce alone (reads x), one warp per token
   const int reduce_ctas = st.cfg.num_ranks == 1 ? local_ctas(st, num_sms, T) : epilogue_ctas(st, T);
   check_cuda(launch_combine(p,
-                             barrier_ctas_for(st, num_sms,
-                                              static_cast<int64_t>(st.cfg.num_ranks) * st.cfg.max_tokens),
+                             combine_push_ctas(st, num_sms,
+                                               static_cast<int64_t>(st.cfg.num_ranks) * st.cfg.max_tokens),
                              reduce_ctas, stream),
                "launching combine kernels");
   return out;
