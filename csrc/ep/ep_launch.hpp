@@ -74,14 +74,13 @@ struct DispatchScratch {
   // GPU's, so ranks sharing a GPU can be lined up): kLayoutStart, kLayoutLastCta, kLayoutEnd,
   // kEpilogueStart, kEpilogueEnd, and inside the count the latest block to start counting
   // (kCountStarted), to have its routing loaded and ranked among each warp's tokens
-  // (kCountLoaded) and to have stored its ranks and histogram (kCountStored), and the latest
-  // epilogue CTA done with the other ranks' groups (kEpilogueGroups)
+  // (kCountLoaded) and to have stored its ranks and histogram (kCountStored)
   unsigned long long* kernel_times;  // [kKernelStamps]
 };
 constexpr int kPushStamps = 4;
 enum KernelStamp {
   kLayoutStart, kLayoutLastCta, kLayoutEnd, kEpilogueStart, kEpilogueEnd, kCountStarted, kCountLoaded,
-  kCountStored, kEpilogueGroups, kKernelStamps
+  kCountStored, kKernelStamps
 };
 constexpr int kMaxLocalTiles = 1024;  // CTAs of the one-rank fused dispatch (<= SMs)
 // Count kernel: one warp per 32 tokens, at least one warp per CTA.

@@ -167,29 +167,12 @@ int env_knob(const char* name, int fallback, int lo, int hi) {
   return (*end == '\0' && n >= lo && n <= hi) ? static_cast<int>(n) : fallback;
 }
 
-// An automatic grid: `percent` of the SMs this process sees, at least one CTA, at most
-// kDefaultCtas. The same on every rank (a barrier CTA's slot is its index): the SM share is.
-int64_t share_of_sms(const EpState& st, int percent) {
-  return std::max<int64_t>(1, std::min<int64_t>(kDefaultCtas, st.sm_count * percent / 100));
-}
-
-// Grid of the dispatch push with peers: num_sms CTAs when given, else three quarters of the SMs
-// (DEEP_EP_OPS_DISPATCH_GRID_PCT, read once per process, for sweeps). The layout kernel's
-// count CTAs run beside the push, and a push CTA that gets its SM only when one of them exits
-// finishes its rows late while its peers wait for it at the barrier (bench/NOTES.md v17: R = 2
-// with 66 SMs, 48 CTAs instead of 64 end a lone dispatch ~11 us sooner; R = 4 with 32 SMs, 24
-// instead of 32: the bench 273 -> 254 us).
-int dispatch_push_ctas(const EpState& st, int64_t num_sms, int64_t max_items) {
-  static const int percent = env_knob("DEEP_EP_OPS_DISPATCH_GRID_PCT", 75, 1, 100);
-  return barrier_ctas_for(st, num_sms > 0 ? num_sms : share_of_sms(st, percent), max_items);
-}
-
-// Grid of the combine's push / in-place barrier kernel with peers: num_sms CTAs when given, else
-// all the SMs (DEEP_EP_OPS_COMBINE_GRID_PCT for sweeps: at R = 2 the combine ran faster at 24
-// SMs than at 66, bench/NOTES.md v17, not yet swept).
-int combine_push_ctas(const EpState& st, int64_t num_sms, int64_t max_items) {
-  static const int percent = env_knob("DEEP_EP_OPS_COMBINE_GRID_PCT", 100, 1, 100);
-  return barrier_ctas_for(st, num_sms > 0 ? num_sms : share_of_sms(st, percent), max_items);
+// Grid of a barrier kernel with peers (barrier_ctas_for): num_sms CTAs when given, else
+// `percent` of the SMs this process sees, at most kDefaultCtas. The same on every rank (a CTA's
+// barrier slot is its index): the SM share is.
+int share_ctas(const EpState& st, int64_t num_sms, int percent, int64_t max_items) {
+  const int64_t share = std::max<int64_t>(1, std::min<int64_t>(kDefaultCtas, st.sm_count * percent / 100));
+  return barrier_ctas_for(st, num_sms > 0 ? num_sms : share, max_items);
 }
 
 // CombineParams::reduce_via_smem: on unless DEEP_EP_OPS_COMBINE_SMEM=0 (read once per process)
@@ -384,7 +367,13 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
                  "launching dispatch push kernel");
     return out;
   }
-  st.last_push_ctas = dispatch_push_ctas(st, num_sms, M);
+  // The push's automatic grid is three quarters of the SMs (DEEP_EP_OPS_DISPATCH_GRID_PCT for
+  // sweeps): the layout kernel's count CTAs run beside the push, and a push CTA that gets its SM
+  // only when one of them exits ends its rows late while its peers wait for it at the barrier
+  // (bench/NOTES.md v17: R = 2 with 66 SMs, 48 CTAs instead of 64 end a lone dispatch ~11 us
+  // sooner; R = 4 with 32 SMs, 24 instead of 32: the bench 273 -> 254 us).
+  static const int grid_percent = env_knob("DEEP_EP_OPS_DISPATCH_GRID_PCT", 75, 1, 100);
+  st.last_push_ctas = share_ctas(st, num_sms, grid_percent, M);
   check_cuda(launch_dispatch_push(pp, st.last_push_ctas, stream), "launching dispatch push kernel");
 
   // phase 3: window -> fresh outputs, handle receive part, zero padding
@@ -491,9 +480,12 @@ at::Tensor combine(EpState& st, const at::Tensor& x, const at::Tensor& handle,
   p.comm = st.comm;
   // one rank: the local reduce alone (reads x), one warp per token
   const int reduce_ctas = st.cfg.num_ranks == 1 ? local_ctas(st, num_sms, T) : epilogue_ctas(st, T);
+  // the barrier kernel's automatic grid: every SM (DEEP_EP_OPS_COMBINE_GRID_PCT for sweeps: at
+  // R = 2 the combine ran faster at 24 SMs than at 66, bench/NOTES.md v17, not yet swept)
+  static const int grid_percent = env_knob("DEEP_EP_OPS_COMBINE_GRID_PCT", 100, 1, 100);
   check_cuda(launch_combine(p,
-                             combine_push_ctas(st, num_sms,
-                                               static_cast<int64_t>(st.cfg.num_ranks) * st.cfg.max_tokens),
+                             share_ctas(st, num_sms, grid_percent,
+                                        static_cast<int64_t>(st.cfg.num_ranks) * st.cfg.max_tokens),
                              reduce_ctas, stream),
                "launching combine kernels");
   return out;

@@ -75,8 +75,7 @@ def _d2d_once_GBps(dev, nbytes=256 << 20, iters=10):
 # start, free to start on rows (the compact bases or the PDL wait), last warp done with its
 # tokens, after the barrier (dispatch.cu)
 _KERNEL_STAMPS = ("layout start", "layout last CTA", "layout end", "epilogue start", "epilogue end",
-                  "count started (last block)", "count loaded (last block)", "count stored (last block)",
-                  "epilogue groups done (last CTA)")
+                  "count started (last block)", "count loaded (last block)", "count stored (last block)")
 _PUSH_STAMPS = ("start", "waited", "rows done", "barrier done")
 
 
