@@ -100,6 +100,12 @@ __device__ __forceinline__ bool wait_epoch(const uint32_t* f, uint32_t want, con
                     slot, peer, want);
 }
 
+// An 8-byte word that is its own flag: `value` in the low half, `epoch` in the high half (what
+// wait_epoch_word waits for), stored at once by its writer.
+__device__ __forceinline__ unsigned long long epoch_word(uint32_t epoch, uint32_t value) {
+  return (static_cast<unsigned long long>(epoch) << 32) | value;
+}
+
 // Until the 8-byte word at f carries `epoch` in its high half (its writer stored the value and
 // the epoch as one word: no fence or flag of its own); the low half, or -1 after a failed wait.
 __device__ __forceinline__ long long wait_epoch_word(const unsigned long long* f, uint32_t epoch,

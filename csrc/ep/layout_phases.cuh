@@ -255,10 +255,8 @@ __device__ __forceinline__ void announce_block_words(const LayoutParams& p, int 
   const int* agg = p.s.cta_prefix + static_cast<int64_t>(b) * NC + p.E;  // count_block's histogram
   for (int i = threadIdx.x; i < (R - me) * R; i += blockDim.x) {
     const int at = me + i / R, d = i % R;
-    const unsigned long long word = (static_cast<unsigned long long>(epoch) << 32) |
-                                    (static_cast<unsigned>(blocks) << 16) |
-                                    static_cast<unsigned>(ld_cg(agg + d));
-    st_relaxed_sys(block_word(p.comm, at, me, b, d), word);
+    const unsigned low = (static_cast<unsigned>(blocks) << 16) | static_cast<unsigned>(ld_cg(agg + d));
+    st_relaxed_sys(block_word(p.comm, at, me, b, d), epoch_word(epoch, low));
   }
 }
 
@@ -307,7 +305,7 @@ __device__ __forceinline__ void publish_counts(const LayoutParams& p, int blocks
     const int peer = i / R, d = i % R;
     if (peer > me)  // only higher ranks' rows follow this rank's
       st_relaxed_sys(tokens_word(p.comm, peer, me, d),
-                     (static_cast<unsigned long long>(epoch) << 32) | static_cast<uint32_t>(m.tot[E + d]));
+                     epoch_word(epoch, static_cast<uint32_t>(m.tot[E + d])));
   }
   __syncthreads();  // (the block's prefix stores, before the flag that publishes them)
   if (threadIdx.x == 0 && R > 1) st_release_gpu(p.s.bases_ready, epoch);  // read by this GPU only
