@@ -90,8 +90,31 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
 }
+// The same with an L2 cache policy (l2_evict_first_policy) attached to the read.
+__device__ __forceinline__ void cp_async_16_hinted(void* smem, const void* gmem, unsigned long long policy) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem),
+               "l"(policy)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+}
+
+// ---- L2 eviction hints (sm_80+) ------------------------------------------------------------
+// A policy under which the lines an access brings into L2 are the first to be evicted: for
+// bytes streamed once (a dispatch's rows), so that tens of MB passing through L2 do not push out
+// what the next kernels of the call read again (routing, flags, metadata, their code).
+__device__ __forceinline__ unsigned long long l2_evict_first_policy() {
+  unsigned long long policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+// A 16-byte store under such a policy, not kept in L1 either.
+__device__ __forceinline__ void st_16_hinted(void* gmem, int4 v, unsigned long long policy) {
+  asm volatile("st.global.L1::no_allocate.L2::cache_hint.v4.s32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(gmem),
+               "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "l"(policy)
+               : "memory");
 }
 
 // c.peer_base[i] for a runtime i without indexing a kernel parameter array dynamically (that

@@ -479,25 +479,34 @@ __device__ __forceinline__ char* lane_ptr(char* q, int from) {
 
 // Lane l stages 16-byte pieces l, l + 32, ... (n of them, at most kVecs * 32) of src and later
 // stores the same pieces, so with aligned destinations no lane waits for another's copies.
-template <int kVecs>
-__device__ __forceinline__ void stage_pieces(const char* src, int n, int4* stage) {
+// kHinted: the reads here and the stores in store_pieces carry `policy` (PushParams::row_l2_evict).
+template <int kVecs, bool kHinted>
+__device__ __forceinline__ void stage_pieces(const char* src, int n, int4* stage,
+                                             unsigned long long policy) {
   const int lane = lane_id();
   const int4* v = reinterpret_cast<const int4*>(src);
 #pragma unroll
   for (int u = 0; u < kVecs; ++u)
-    if (u * kWarp + lane < n) cp_async_16(stage + u * kWarp + lane, v + u * kWarp + lane);
+    if (u * kWarp + lane < n) {
+      if constexpr (kHinted) cp_async_16_hinted(stage + u * kWarp + lane, v + u * kWarp + lane, policy);
+      else cp_async_16(stage + u * kWarp + lane, v + u * kWarp + lane);
+    }
 }
 
 // The staged pieces to dst; a destination off 16 bytes (a peer's slot could in principle be)
 // takes them byte by byte, for which the warp first syncs (lanes then read others' pieces).
-template <int kVecs>
-__device__ __forceinline__ void store_pieces(char* dst, int n, const int4* stage, bool aligned) {
+template <int kVecs, bool kHinted>
+__device__ __forceinline__ void store_pieces(char* dst, int n, const int4* stage, bool aligned,
+                                             unsigned long long policy) {
   const int lane = lane_id();
   if (aligned) {
     int4* d = reinterpret_cast<int4*>(dst);
 #pragma unroll
     for (int u = 0; u < kVecs; ++u)
-      if (u * kWarp + lane < n) d[u * kWarp + lane] = stage[u * kWarp + lane];
+      if (u * kWarp + lane < n) {
+        if constexpr (kHinted) st_16_hinted(d + u * kWarp + lane, stage[u * kWarp + lane], policy);
+        else d[u * kWarp + lane] = stage[u * kWarp + lane];
+      }
     return;
   }
   __syncwarp();
@@ -507,16 +516,17 @@ __device__ __forceinline__ void store_pieces(char* dst, int n, const int4* stage
 
 // The rest of a row (or scale pack) past what the first stage held, chunk by chunk through
 // the stage, to the destinations of lanes [0, nd) (lane i holds the i-th one in `dst`).
-template <int kVecs>
-__device__ void stage_rest(const char* src, int64_t bytes, char* dst, int nd, int4* stage, bool aligned) {
+template <int kVecs, bool kHinted>
+__device__ void stage_rest(const char* src, int64_t bytes, char* dst, int nd, int4* stage, bool aligned,
+                           unsigned long long policy) {
   constexpr int64_t kChunk = 16LL * kVecs * kWarp;
   for (int64_t off = kChunk; off < bytes; off += kChunk) {
     const int n = static_cast<int>(min(kChunk, bytes - off) / 16);
     __syncwarp();  // every lane is done with the stage's previous pieces
-    stage_pieces<kVecs>(src + off, n, stage);
+    stage_pieces<kVecs, kHinted>(src + off, n, stage, policy);
     cp_async_wait_all();
     for (int i = 0; i < nd; ++i) {
-      store_pieces<kVecs>(lane_ptr(dst, i) + off, n, stage, aligned);
+      store_pieces<kVecs, kHinted>(lane_ptr(dst, i) + off, n, stage, aligned, policy);
     }
   }
 }
@@ -551,8 +561,9 @@ __device__ __forceinline__ void fused_count(const PushParams& p, int* count_smem
 }
 
 // kFused: p.fused, as its own instantiation (the unfused one keeps the loop's registers free
-// of the count's: 74 without spills).
-template <int KMAX, bool kFused>
+// of the count's: 74 without spills). kHinted: p.row_l2_evict (unfused only), likewise, so the
+// default loop's code stays as it was.
+template <int KMAX, bool kFused, bool kHinted>
 __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_kernel(PushParams p) {
   // [warps][kStageVecs] stages, then the base table; the fused count uses the stages first
   extern __shared__ __align__(16) int4 row_stages[];
@@ -578,10 +589,11 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   const int x_vecs = static_cast<int>(p.io.x_bytes / 16), s_vecs = static_cast<int>(p.io.s_bytes / 16);
   const int nx = min(x_vecs, kStageRowVecs * kWarp), ns = min(s_vecs, kStageScaleVecs * kWarp);
   int4* stage = row_stages + warp_id() * kStageVecs;
+  const unsigned long long policy = kHinted ? l2_evict_first_policy() : 0ull;
   const auto stage_token = [&](int t) {
-    stage_pieces<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, nx, stage);
-    stage_pieces<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, ns,
-                                  stage + kStageRowVecs * kWarp);
+    stage_pieces<kStageRowVecs, kHinted>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, nx, stage, policy);
+    stage_pieces<kStageScaleVecs, kHinted>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, ns,
+                                           stage + kStageRowVecs * kWarp, policy);
   };
   // (p.skip: timing experiments only, the outputs are then wrong; see PushParams::skip)
   const bool no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
@@ -640,14 +652,16 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
                                                   reinterpret_cast<uintptr_t>(sd)) & 15u)) == 0;
     cp_async_wait_all();
     for (int i = 0; i < nd; ++i) {
-      store_pieces<kStageRowVecs>(lane_ptr(xd, i), nx, stage, aligned);
-      store_pieces<kStageScaleVecs>(lane_ptr(sd, i), ns, stage + kStageRowVecs * kWarp, aligned);
+      store_pieces<kStageRowVecs, kHinted>(lane_ptr(xd, i), nx, stage, aligned, policy);
+      store_pieces<kStageScaleVecs, kHinted>(lane_ptr(sd, i), ns, stage + kStageRowVecs * kWarp, aligned,
+                                             policy);
     }
     // (rows over 8 KiB, scale packs over 512 bytes; nothing for the usual sizes)
-    stage_rest<kStageRowVecs>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes, xd, nd,
-                              stage, aligned);
-    stage_rest<kStageScaleVecs>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, p.io.s_bytes, sd,
-                                nd, stage + kStageRowVecs * kWarp, aligned);
+    stage_rest<kStageRowVecs, kHinted>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes,
+                                       xd, nd, stage, aligned, policy);
+    stage_rest<kStageScaleVecs, kHinted>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes,
+                                         p.io.s_bytes, sd, nd, stage + kStageRowVecs * kWarp, aligned,
+                                         policy);
     __syncwarp();  // every lane is done with the stage before the next token's copies
     t = nt;
     r = rn;
@@ -756,15 +770,17 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream) {
   if (p.pipelined) {
     // unfused, fused with K <= 8, fused with more (the count keeps K experts per lane in
-    // registers: 8 for the usual K)
+    // registers: 8 for the usual K), unfused with the rows' L2 hints
     using Kernel = void (*)(PushParams);
-    static const Kernel kernels[3] = {dispatch_push_pipelined_kernel<8, false>,
-                                      dispatch_push_pipelined_kernel<8, true>,
-                                      dispatch_push_pipelined_kernel<kMaxTopk, true>};
-    static const int room[3] = {raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[0])),
+    static const Kernel kernels[4] = {dispatch_push_pipelined_kernel<8, false, false>,
+                                      dispatch_push_pipelined_kernel<8, true, false>,
+                                      dispatch_push_pipelined_kernel<kMaxTopk, true, false>,
+                                      dispatch_push_pipelined_kernel<8, false, true>};
+    static const int room[4] = {raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[0])),
                                 raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[1])),
-                                raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[2]))};
-    const int which = !p.fused ? 0 : p.io.K <= 8 ? 1 : 2;
+                                raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[2])),
+                                raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[3]))};
+    const int which = p.fused ? (p.io.K <= 8 ? 1 : 2) : p.row_l2_evict ? 3 : 0;
     const int64_t smem = kPipelinedSmemBytes + int64_t{p.base_table} * static_cast<int64_t>(sizeof(int));
     if (smem > room[which]) return cudaErrorInvalidValue;  // the fits() said so
     return launch_pdl(kernels[which], ctas, kPipelinedThreads, static_cast<size_t>(smem), stream, p);

@@ -176,6 +176,10 @@ struct PushParams {
   // DEEP_EP_OPS_PUSH_PREFETCH=1; off by default: the pulls compete with the count's loads, and
   // the pipelined loop stages rows itself, bench/NOTES.md v16)
   int prefetch;
+  // the unfused pipelined loop loads and stores its rows' bytes under an L2 evict-first policy,
+  // so the tens of MB streaming through L2 leave the call's small hot data (routing, flags,
+  // metadata) there for the next kernels (default; DEEP_EP_OPS_ROW_L2_EVICT=0 for A/B runs)
+  int row_l2_evict;
   DispatchRows rows;
   DispatchScratch s;
   Comm comm;

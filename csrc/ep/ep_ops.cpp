@@ -360,6 +360,9 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   if (pp.fused) ++st.dispatch_fused;
   static const int skip = env_knob("DEEP_EP_OPS_PUSH_SKIP", 0, 0, 127);  // (timing experiments)
   pp.skip = skip;
+  // (rows under an L2 evict-first policy: bench/NOTES.md v18; =0 for A/B runs)
+  static const int row_l2_evict = env_knob("DEEP_EP_OPS_ROW_L2_EVICT", 1, 0, 1);
+  pp.row_l2_evict = pp.pipelined && !pp.fused && row_l2_evict;
   if (!pp.fused) check_cuda(launch_layout(lp, stream), "launching dispatch layout kernel");
   if (R == 1) {
     // one rank: the push writes every output (no window, no barrier, no epilogue)

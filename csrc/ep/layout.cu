@@ -32,9 +32,10 @@ __global__ void __launch_bounds__(kLayoutMaxWarps * kWarp) layout_kernel(LayoutP
   const int nw = blockDim.x / kWarp;
   const CountSmem m = carve_count_smem(smem, nw, p.E, p.comm.num_ranks);
   count_block<KMAX>(p, blockIdx.x, nw, m);
-  if (p.comm.num_ranks > 1) announce_block_words(p, blockIdx.x, blocks, epoch);
+  const bool peers = p.comm.num_ranks > 1;
+  if (peers) announce_block_words(p, blockIdx.x, blocks, epoch);
   // the last CTA to finish goes on (a lone one, T <= cta_tokens: every decode batch, at once)
-  if (!counted_last_block(p, blocks, &is_last)) return;
+  if (!counted_last_block(p, blocks, &is_last, peers)) return;
   publish_counts(p, blocks, epoch, m, t_start);
   expert_part(p, epoch, m, t_start, p.s.send_handle);
 }

@@ -213,13 +213,15 @@ __device__ __forceinline__ void count_block(const LayoutParams& p, int b, int nw
 // threadFenceReduction pattern (integer sums, so which CTA it is does not matter); when it was,
 // every block's counts are visible to it. A lone block skips the fence and the ticket (~2 us of
 // round trips: its own histogram is visible to its threads after the barrier). flag: a shared
-// int. Every thread of the CTA.
-__device__ __forceinline__ bool counted_last_block(const LayoutParams& p, int blocks, int* flag) {
+// int; fenced: the block's stores were fenced and the CTA synced since (announce_block_words),
+// so the ticket needs no fence of its own. Every thread of the CTA.
+__device__ __forceinline__ bool counted_last_block(const LayoutParams& p, int blocks, int* flag,
+                                                   bool fenced = false) {
   if (blocks == 1) {
     __syncthreads();
     return true;
   }
-  __threadfence();
+  if (!fenced) __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) *flag = atomicAdd(p.s.done, 1u) == static_cast<unsigned>(blocks - 1);
   __syncthreads();
