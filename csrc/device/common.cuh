@@ -104,7 +104,7 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // ---- L2 eviction hints (sm_80+) ------------------------------------------------------------
 // A policy under which the lines an access brings into L2 are the first to be evicted: for
 // bytes streamed once (a dispatch's rows), so that tens of MB passing through L2 do not push out
-// what the next kernels of the call read again (routing, flags, metadata, their code).
+// what the next kernels of the call read again (routing, flags, metadata).
 __device__ __forceinline__ unsigned long long l2_evict_first_policy() {
   unsigned long long policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
