@@ -9,7 +9,8 @@
 # calls' worth; regs: the R = 2-4 bitwise suites and the bench again with
 # DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B; bulk: the same
 # with DEEP_EP_OPS_BULK_COPY=1, rows of the dispatch and combine pushes by bulk copies).
-# KIND labels the bench results (default nvidia-h200-x1; bench_ep appends -R2-2pergpu).
+# KIND labels the bench results (default nvidia-h200-x1; bench_ep appends -R2-2pergpu). The
+# logs come back as one archive, logs-<time>-<pid>.tgz.
 set -o pipefail
 out="${OUT:-/tmp/device_batch}"
 mkdir -p "$out/logs" "$out/bench"
@@ -115,3 +116,6 @@ with mps_daemon() as env:
     *) echo "unknown step $s (verify, bench, grid, fused, before, probes, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
   esac
 done
+# One archive per run (the device tool brings back a limited number of files, and a call may run
+# this script more than once into the same $OUT).
+(cd "$out" && tar czf "logs-$(date +%H%M%S)-$$.tgz" logs && rm -rf logs)
