@@ -41,6 +41,9 @@
 // row's stores are issued (the first one before the PDL wait), so the load flies while the warp
 // works out rows and metadata; then every destination lane stores the buffer out by bulk
 // stores.
+#include <array>
+#include <iterator>
+
 #include "layout_phases.cuh"
 #include "../device/bulk_copy.cuh"
 #include "../host/cuda_check.hpp"
@@ -117,13 +120,28 @@ __device__ bool wait_block_words(const PushParams& p, uint32_t epoch, int* cbase
   return ok;
 }
 
+// Where this rank's compact rows of count block b start at destination d (layout_phases.cuh):
+// the base of this rank's rows there (cbase: push_wait_for_rows) + the block's prefix, which
+// the layout's publisher wrote while this kernel may run: read past L1.
+__device__ __forceinline__ int compact_block_base(const PushParams& p, const int* cbase, int b, int d) {
+  const int NC = p.io.E + p.comm.num_ranks;
+  return cbase[d] + ld_cg(p.s.cta_prefix + static_cast<int64_t>(b) * NC + p.io.E + d);
+}
+
+// Token t's compact row at destination d: its block's base + t's rank inside that block
+// (`rank`: the low 16 bits of tok_rank).
+__device__ __forceinline__ int compact_row_of(const PushParams& p, const int* cbase, int t, int d,
+                                              int rank) {
+  return compact_block_base(p, cbase, t / p.cta_tokens, d) + (rank & 0xffff);
+}
+
 // The wait half of the prologue (after the bulk fan-out's first load is in flight). Returns
 // whether the waits succeeded (a failed one: no rows; the barrier at the end then fails fast as
 // well). Every thread must call it. out_x_at / out_s_at: shared [R]; a direct-output slot of
 // destination d's window, or -1: this rank's staging rows there; cbase: shared [R], the
 // compact row of this rank's first token at each destination; ok: a shared int; table: the
-// pipelined loop's base table (shared [blocks][R]), which p.block_words fills with every count
-// block's compact base here (nullptr: the general loop).
+// pipelined loop's base table (shared [blocks][R], p.base_table ints), filled here with every
+// count block's compact base at every destination (nullptr: the general loop).
 __device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stamp,
                                    long long* out_x_at, long long* out_s_at, int* cbase, int* ok,
                                    int* table) {
@@ -179,6 +197,9 @@ __device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stam
         run += n;
       }
     }
+  } else if (table != nullptr) {  // from the publisher's scan
+    for (int i = threadIdx.x; i < p.base_table; i += blockDim.x)
+      table[i] = compact_block_base(p, cbase, i / R, i % R);
   }
   if (!p.local_only)
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
@@ -263,21 +284,6 @@ __device__ __forceinline__ void compact_row_dst(const PushParams& p, int d, int 
     x_at = base + ox + static_cast<int64_t>(row) * p.io.x_bytes;
     s_at = base + os + static_cast<int64_t>(row) * p.io.s_bytes;
   }
-}
-
-// Where this rank's compact rows of count block b start at destination d (layout_phases.cuh):
-// the base of this rank's rows there (cbase: push_wait_for_rows) + the block's prefix, which
-// the layout's publisher wrote while this kernel may run: read past L1.
-__device__ __forceinline__ int compact_block_base(const PushParams& p, const int* cbase, int b, int d) {
-  const int NC = p.io.E + p.comm.num_ranks;
-  return cbase[d] + ld_cg(p.s.cta_prefix + static_cast<int64_t>(b) * NC + p.io.E + d);
-}
-
-// Token t's compact row at destination d: its block's base + t's rank inside that block
-// (`rank`: the low 16 bits of tok_rank).
-__device__ __forceinline__ int compact_row_of(const PushParams& p, const int* cbase, int t, int d,
-                                              int rank) {
-  return compact_block_base(p, cbase, t / p.cta_tokens, d) + (rank & 0xffff);
 }
 
 // Compact layout, destination d of token t at compact row `row`: the row's routing (this rank's
@@ -580,10 +586,6 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   // every count block's compact bases at every destination ([block][R], p.base_table ints)
   int* base_table = reinterpret_cast<int*>(row_stages + warps * kStageVecs);
   const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok, base_table);
-  if (!p.block_words)
-    for (int i = threadIdx.x; i < p.base_table; i += blockDim.x)
-      base_table[i] = compact_block_base(p, cbase, i / R, i % R);
-  __syncthreads();
   // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
   // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
   const int x_vecs = static_cast<int>(p.io.x_bytes / 16), s_vecs = static_cast<int>(p.io.s_bytes / 16);
@@ -776,10 +778,12 @@ cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t str
                                       dispatch_push_pipelined_kernel<8, true, false>,
                                       dispatch_push_pipelined_kernel<kMaxTopk, true, false>,
                                       dispatch_push_pipelined_kernel<8, false, true>};
-    static const int room[4] = {raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[0])),
-                                raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[1])),
-                                raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[2])),
-                                raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[3]))};
+    static const std::array<int, std::size(kernels)> room = [] {
+      std::array<int, std::size(kernels)> r{};
+      for (size_t i = 0; i < r.size(); ++i)
+        r[i] = raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[i]));
+      return r;
+    }();
     const int which = p.fused ? (p.io.K <= 8 ? 1 : 2) : p.row_l2_evict ? 3 : 0;
     const int64_t smem = kPipelinedSmemBytes + int64_t{p.base_table} * static_cast<int64_t>(sizeof(int));
     if (smem > room[which]) return cudaErrorInvalidValue;  // the fits() said so
