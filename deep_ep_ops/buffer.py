@@ -71,10 +71,12 @@ class Buffer:
             fp8 + scales when ``fp8_dispatch``, else bf16). An eager dispatch whose outputs
             fit a free slot returns ``recv_x`` / ``recv_scales`` that live in it, and the
             peers write their rows straight into them: the receiver's copy out of the staging
-            rows disappears (a third of the dispatch's memory traffic). A slot is free again
-            when both tensors are gone; a dispatch that finds no free slot, whose outputs do
-            not fit (wider x, expert-major layout with more rows), or that is captured in a
-            CUDA graph stages its rows as with N = 0. Same results either way. Such outputs
+            rows disappears (a third of the dispatch's memory traffic). Compact outputs also
+            return ``recv_topk_idx``, ``recv_topk_weights`` and the handle in it, which the
+            peers write too (no epilogue kernel). A slot is free again when every output made
+            in it is gone (a handle kept for backward keeps it); a dispatch that finds no free
+            slot, whose outputs do not fit (wider x, expert-major layout with more rows), or
+            that is captured in a CUDA graph stages its rows as with N = 0. Same results either way. Such outputs
             stay valid until ``destroy()`` (they are this Buffer's memory), and like any
             output are safe to drop on the dispatch's stream; one used on another stream
             must be synchronised before the stream's next dispatch. Default 0.

@@ -24,9 +24,12 @@
 //
 // Direct outputs: when this rank's recv_x / recv_scales sit in a direct-output slot of its
 // window (it says so as its layout kernel starts), the other ranks' pushes write their rows of
-// x and scales straight into them, at the same rows the epilogue would have used; the epilogue then
-// writes only the routing tensors and handle rows. Each destination decides for itself, so a
-// push may write one destination directly and stage for another.
+// x and scales straight into them, at the same rows the epilogue would have used. Compact
+// outputs bring their routing tensors and handle into the slot too (SlotRouting): the pushes
+// write those rows as well, instead of metadata rows, and no epilogue runs; the push's last CTA
+// ends the call. Expert-major outputs keep an epilogue that writes only the routing tensors and
+// handle rows. Each destination decides for itself, so a push may write one destination
+// directly and stage for another.
 //
 // Two push loops: the pipelined one (compact rows with peers, rows and scale packs at 16-byte
 // multiples and addresses: the usual FP8 / BF16 dispatch) stages each token's row in shared
@@ -135,16 +138,21 @@ __device__ __forceinline__ int compact_row_of(const PushParams& p, const int* cb
   return compact_block_base(p, cbase, t / p.cta_tokens, d) + (rank & 0xffff);
 }
 
+// Where each destination wants this rank's compact rows (EpWindow [outs], as its layout
+// announced them): x and scales in its direct-output slot, or -1: this rank's staging rows in
+// its window; its routing outputs there too (SlotRouting's offset), or -1: a metadata row.
+struct PeerOutputs {
+  long long x[kMaxRanks], s[kMaxRanks], r[kMaxRanks];
+};
+
 // The wait half of the prologue (after the bulk fan-out's first load is in flight). Returns
 // whether the waits succeeded (a failed one: no rows; the barrier at the end then fails fast as
-// well). Every thread must call it. out_x_at / out_s_at: shared [R]; a direct-output slot of
-// destination d's window, or -1: this rank's staging rows there; cbase: shared [R], the
-// compact row of this rank's first token at each destination; ok: a shared int; table: the
+// well). Every thread must call it. outs: shared, filled here for each destination; cbase:
+// shared [R], the compact row of this rank's first token at each destination; ok: a shared int; table: the
 // pipelined loop's base table (shared [blocks][R], p.base_table ints), filled here with every
 // count block's compact base at every destination (nullptr: the general loop).
 __device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stamp,
-                                   long long* out_x_at, long long* out_s_at, int* cbase, int* ok,
-                                   int* table) {
+                                   PeerOutputs& outs, int* cbase, int* ok, int* table) {
   // A compact push with peers starts once its count blocks' words are in (p.block_words), or
   // this rank's layout has scanned its count blocks (bases_ready) and the lower ranks' token
   // counts are in (the layout's per-expert work and its end come later; the push waits for
@@ -203,13 +211,25 @@ __device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stam
   }
   if (!p.local_only)
     for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      const long long* outs =
-          reinterpret_cast<const long long*>(peer_ptr(p.comm, me) + p.comm.outs_off) + 2 * d;
-      out_x_at[d] = __ldcg(outs);
-      out_s_at[d] = __ldcg(outs + 1);
+      const long long* at = reinterpret_cast<const long long*>(peer_ptr(p.comm, me) + p.comm.outs_off) +
+                            kOutsPerRank * d;
+      outs.x[d] = __ldcg(at);
+      outs.s[d] = __ldcg(at + 1);
+      outs.r[d] = __ldcg(at + 2);
     }
   __syncthreads();
   return *ok != 0;
+}
+
+// What ends a dispatch with more than one rank, once every kernel of the call is done with
+// them: the tickets and bases_ready back to 0, and the call's layout epoch stored (the next
+// call's kernels count on from it). One thread: the epilogue's first, or that of the push's last
+// CTA to finish its tokens when no epilogue follows (PushParams::ends_call).
+__device__ __forceinline__ void end_dispatch_call(const DispatchScratch& s, unsigned* epochs) {
+  *s.bases_ready = 0u;
+  *s.push_ticket = 0u;
+  *s.count_ticket = 0u;
+  epochs[kLayoutSlot] = layout_epoch(epochs);
 }
 
 // What both push loops do after their tokens: the handle's header row, then with one rank the
@@ -217,6 +237,20 @@ __device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stam
 __device__ void push_finish(const PushParams& p, unsigned long long* stamp,
                             const unsigned long long* rows_done_ns) {
   if (!p.local_only && !p.expand) pdl_wait();  // the layout's end (the header row, recv_info)
+  if (p.ends_call) {
+    // Every warp of the CTA is done with the tickets and the layout epoch, and so is the layout
+    // kernel (the wait above): the CTA counts itself out, and the last one ends the call. Warp
+    // 1 does it, so the atomic's round trip runs beside warp 0's barrier, not before it.
+    __syncthreads();
+    if (threadIdx.x == kWarp) {
+      __threadfence();  // (this CTA's ticket atomics before its exit)
+      if (atomicAdd(p.s.push_exits, 1u) == gridDim.x - 1) {
+        *p.s.push_exits = 0u;
+        p.s.kernel_times[kEpilogueStart] = p.s.kernel_times[kEpilogueEnd] = 0ull;
+        end_dispatch_call(p.s, p.comm.epochs);
+      }
+    }
+  }
   const int W = p.io.W, K = p.io.K;
   if (blockIdx.x == 0 && !p.fused)  // handle header row (the fused push's publisher wrote it)
     for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
@@ -251,32 +285,34 @@ __device__ __forceinline__ void write_meta_row(const PushParams& p, char* base, 
   }
 }
 
-// This rank's own compact row `row` of token t: its routing tensors (recv_idx, recv_w) and the
-// handle's receive row, which the epilogue writes for the other ranks' tokens.
-__device__ __forceinline__ void write_own_compact_row(const PushParams& p, int row, int t,
-                                                      int cslot, int e, float wgt) {
-  const int lane = lane_id(), K = p.io.K, me = p.comm.rank;
-  const bool here = e >= 0 && e / p.E_loc == me;
+// Compact row `row` of token t at destination d, written by this rank: the routing outputs
+// (recv_topk_idx int64 / recv_topk_weights [C, K] at idx / w) and the handle's receive row (its
+// receive part at recv_h): this rank's own outputs, or d's direct-output slot. The epilogue
+// writes them from metadata rows for the others.
+__device__ __forceinline__ void write_compact_routing(const PushParams& p, int d, int row, int t,
+                                                      int cslot, int e, float wgt, int64_t* idx,
+                                                      float* w, int* recv_h) {
+  const int lane = lane_id(), K = p.io.K;
+  const bool here = e >= 0 && e / p.E_loc == d;
   if (lane < K) {
-    static_cast<int64_t*>(p.io.recv_idx)[static_cast<int64_t>(row) * K + lane] = here ? e - me * p.E_loc : -1;
-    p.io.recv_w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
+    idx[static_cast<int64_t>(row) * K + lane] = here ? e - d * p.E_loc : -1;
+    w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
   }
-  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * p.io.W;
-  warp_write_compact_recv_row(recv_h + static_cast<int64_t>(row) * p.io.W, p.io.W, me, t, row, cslot);
+  warp_write_compact_recv_row(recv_h + static_cast<int64_t>(row) * p.io.W, p.io.W, p.comm.rank, t,
+                              row, cslot);
 }
 
 // Where a compact row goes at destination d: this rank's outputs, the destination's
 // direct-output slot, or this rank's staging rows in its window.
 __device__ __forceinline__ void compact_row_dst(const PushParams& p, int d, int row,
-                                                const long long* out_x_at, const long long* out_s_at,
-                                                char*& x_at, char*& s_at) {
+                                                const PeerOutputs& outs, char*& x_at, char*& s_at) {
   if (d == p.comm.rank) {
     x_at = p.io.recv_x + static_cast<int64_t>(row) * p.io.x_bytes;
     s_at = p.io.recv_s + static_cast<int64_t>(row) * p.io.s_bytes;
     return;
   }
   char* base = peer_ptr(p.comm, d);
-  const long long ox = out_x_at[d], os = out_s_at[d];
+  const long long ox = outs.x[d], os = outs.s[d];
   if (ox < 0) {
     x_at = base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride;
     s_at = base + p.rows.s_off + static_cast<int64_t>(row) * p.rows.s_stride;
@@ -287,21 +323,30 @@ __device__ __forceinline__ void compact_row_dst(const PushParams& p, int d, int 
 }
 
 // Compact layout, destination d of token t at compact row `row`: the row's routing (this rank's
-// routing tensors and handle row: `routing` bit 0; the metadata row in d's window: bit 1; off
-// for timing experiments), then lane nd (the warp's count of destinations so far) takes where
-// the row's x and scales go, and nd grows by one.
+// routing tensors and handle row: `routing` bit 0; d's, in its direct-output slot when it has
+// one there, else the metadata row in d's window: bit 1; off for timing experiments), then
+// lane nd (the warp's count of destinations so far) takes where the row's x and scales go, and
+// nd grows by one.
 __device__ __forceinline__ void compact_destination(const PushParams& p, int d, int row, int t,
                                                     int cslot, int e, float wgt,
-                                                    const long long* out_x_at,
-                                                    const long long* out_s_at, int routing,
-                                                    int& nd, char*& xd, char*& sd) {
+                                                    const PeerOutputs& outs, int routing, int& nd,
+                                                    char*& xd, char*& sd) {
   if (d == p.comm.rank) {
-    if (routing & 1) write_own_compact_row(p, row, t, cslot, e, wgt);
+    int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * p.io.W;
+    if (routing & 1)
+      write_compact_routing(p, d, row, t, cslot, e, wgt, static_cast<int64_t*>(p.io.recv_idx),
+                            p.io.recv_w, recv_h);
+  } else if ((routing & 2) && outs.r[d] >= 0) {
+    char* base = peer_ptr(p.comm, d);
+    const SlotRouting at = SlotRouting::at(outs.r[d], p.io.C, p.io.K, p.io.W);
+    write_compact_routing(p, d, row, t, cslot, e, wgt, reinterpret_cast<int64_t*>(base + at.idx),
+                          reinterpret_cast<float*>(base + at.w),
+                          reinterpret_cast<int*>(base + at.handle_recv));
   } else if (routing & 2) {
     write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, e, -1, wgt);
   }
   char *x_at, *s_at;
-  compact_row_dst(p, d, row, out_x_at, out_s_at, x_at, s_at);
+  compact_row_dst(p, d, row, outs, x_at, s_at);
   if (lane_id() == nd) {
     xd = x_at;
     sd = s_at;
@@ -317,7 +362,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
   extern __shared__ __align__(128) char push_rows[];  // bulk fan-out: one row buffer per warp
   __shared__ unsigned long long row_loaded[kPushThreads / kWarp];
   __shared__ unsigned long long rows_done_ns;  // latest warp to finish its tokens (profiling)
-  __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
+  __shared__ PeerOutputs outs;
   __shared__ int cbase[kMaxRanks], bases_ok;
   // (stamps are stored at once: none stays in a register across the token loop)
   unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
@@ -340,7 +385,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
     load_row(blockIdx.x * warps + warp_id());
   }
   if (threadIdx.x == 0) rows_done_ns = 0;
-  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok, nullptr);
+  const bool ok = push_wait_for_rows(p, stamp, outs, cbase, &bases_ok, nullptr);
   const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
   int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
   // Each warp's first token is fixed (its row may be in flight already); later ones come from
@@ -382,7 +427,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);  // compact row at d
       const int cslot = __popc(dmask & ((1u << d) - 1u));
       if (!p.expand) {
-        compact_destination(p, d, row, t, cslot, e, wgt, out_x_at, out_s_at, 3, nd, xd, sd);
+        compact_destination(p, d, row, t, cslot, e, wgt, outs, 3, nd, xd, sd);
         continue;
       }
       // expert-major: every expert-major row of the token at d (or the staging row there)
@@ -396,7 +441,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       }
       char* base = peer_ptr(p.comm, d);
       write_meta_row(p, base, d, row, t, cslot, e, erow, wgt);
-      const long long ox = out_x_at[d], os = out_s_at[d];
+      const long long ox = outs.x[d], os = outs.s[d];
       if (ox < 0) {  // staged: the destination's epilogue copies the rows out
         warp_copy(base + p.rows.x_off + static_cast<int64_t>(row) * p.rows.x_stride, xrow, p.io.x_bytes);
         if (p.io.s_bytes > 0)
@@ -568,13 +613,16 @@ __device__ __forceinline__ void fused_count(const PushParams& p, int* count_smem
 
 // kFused: p.fused, as its own instantiation (the unfused one keeps the loop's registers free
 // of the count's: 74 without spills). kHinted: p.row_l2_evict (unfused only), likewise, so the
-// default loop's code stays as it was.
-template <int KMAX, bool kFused, bool kHinted>
+// default loop's code stays as it was. kSplitTail: p.split_tail (unfused, hinted), likewise:
+// the last tokens go out in halves (two tickets each, the first of which also writes the
+// token's routing), so the last tickets take a warp half a token's time and the rows' end
+// spreads over the CTAs that much less.
+template <int KMAX, bool kFused, bool kHinted, bool kSplitTail = false>
 __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_kernel(PushParams p) {
   // [warps][kStageVecs] stages, then the base table; the fused count uses the stages first
   extern __shared__ __align__(16) int4 row_stages[];
   __shared__ unsigned long long rows_done_ns;
-  __shared__ long long out_x_at[kMaxRanks], out_s_at[kMaxRanks];
+  __shared__ PeerOutputs outs;
   __shared__ int cbase[kMaxRanks], bases_ok, count_at;
   unsigned long long* stamp = p.s.push_times + static_cast<int64_t>(blockIdx.x) * kPushStamps;
   if (kFused) pdl_wait();  // x and the routing are ready; the last epilogue reset the tickets
@@ -585,18 +633,9 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   const int K = p.io.K, W = p.io.W, R = p.comm.num_ranks, T = p.io.T;
   // every count block's compact bases at every destination ([block][R], p.base_table ints)
   int* base_table = reinterpret_cast<int*>(row_stages + warps * kStageVecs);
-  const bool ok = push_wait_for_rows(p, stamp, out_x_at, out_s_at, cbase, &bases_ok, base_table);
-  // 16-byte pieces of a row staged at once, and what is left for a second pass (rows over
-  // 8 KiB: bf16 at H > 4096; scale packs over 512 bytes)
-  const int x_vecs = static_cast<int>(p.io.x_bytes / 16), s_vecs = static_cast<int>(p.io.s_bytes / 16);
-  const int nx = min(x_vecs, kStageRowVecs * kWarp), ns = min(s_vecs, kStageScaleVecs * kWarp);
+  const bool ok = push_wait_for_rows(p, stamp, outs, cbase, &bases_ok, base_table);
   int4* stage = row_stages + warp_id() * kStageVecs;
   const unsigned long long policy = kHinted ? l2_evict_first_policy() : 0ull;
-  const auto stage_token = [&](int t) {
-    stage_pieces<kStageRowVecs, kHinted>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, nx, stage, policy);
-    stage_pieces<kStageScaleVecs, kHinted>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes, ns,
-                                           stage + kStageRowVecs * kWarp, policy);
-  };
   // (p.skip: timing experiments only, the outputs are then wrong; see PushParams::skip)
   const bool no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
   const bool no_send_row = p.skip & (1 | 16);
@@ -605,38 +644,60 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     return p.base_table > 0 ? base_table[t / p.cta_tokens * R + d] + (rank & 0xffff)
                             : compact_row_of(p, cbase, t, d, rank);
   };
-  // Tokens: by ticket (lane 0 asks, every lane gets it), the unfused push's first one per warp
-  // fixed (its row may be in L2 already); the fused push's CTAs start their rows at different
-  // times (the publisher last), so all of its tokens come by ticket.
+  // Work items by ticket (lane 0 asks, every lane gets it), the unfused push's first one per
+  // warp fixed (its row may be in L2 already); the fused push's CTAs start their rows at
+  // different times (the publisher last), so all of its items come by ticket. An item is a
+  // token, except past `split` (kSplitTail): items split + 2j and split + 2j + 1 are the two
+  // halves of token split + j.
   const bool first_by_ticket = kFused && !no_ticket;
   const int stride = gridDim.x * warps, first_round = first_by_ticket ? 0 : stride;
+  const int split = kSplitTail ? max(0, T - p.split_tail * stride / 4) : T;
+  const int items = kSplitTail ? 2 * T - split : T;
+  const auto token_at = [&](int i) {
+    return !kSplitTail || i < split ? i : split + ((i - split) >> 1);
+  };
   const auto ask = [&]() { return lane == 0 ? atomicAdd(p.s.push_ticket, 1u) : 0u; };
-  const auto token_of = [&](unsigned ticket) {
+  const auto item_of = [&](unsigned ticket) {
     return first_round + static_cast<int>(__shfl_sync(0xffffffffu, ticket, 0));
   };
-  int t = !ok ? T : first_by_ticket ? token_of(ask()) : blockIdx.x * warps + warp_id();
-  // t's routing; lane 0's ticket for the next token is outstanding exactly when t < T (a ticket
-  // below T is never dropped)
+  int item = !ok ? items : first_by_ticket ? item_of(ask()) : blockIdx.x * warps + warp_id();
+  // the item's token's routing; lane 0's ticket for the next item is outstanding exactly when
+  // item < items (a ticket below items is never dropped)
   TokenRouting r;
   unsigned asked = 0;
-  if (t < T) {
-    r = load_routing(p, t);
+  if (item < items) {
+    r = load_routing(p, token_at(item));
     if (!no_ticket) asked = ask();
   }
-  while (t < T) {
-    if (!no_loads) stage_token(t);
-    // the next token and its routing, in flight with this token's row
-    const int nt = no_ticket ? t + stride : token_of(asked);
+  while (item < items) {
+    const int t = token_at(item);
+    // the item's bytes of the token's row and scale pack (a half: the host keeps halves at
+    // 16-byte multiples), and how many 16-byte pieces of them are staged at once (rows over
+    // 8 KiB: bf16 at H > 4096, scale packs over 512 bytes have a second pass)
+    const bool half = kSplitTail && item >= split;
+    const int part = half ? (item - split) & 1 : 0;
+    const int64_t xb = half ? p.io.x_bytes / 2 : p.io.x_bytes;
+    const int64_t sb = half ? p.io.s_bytes / 2 : p.io.s_bytes;
+    const int nx = min(static_cast<int>(xb / 16), kStageRowVecs * kWarp);
+    const int ns = min(static_cast<int>(sb / 16), kStageScaleVecs * kWarp);
+    const char* xrow = p.io.x + static_cast<int64_t>(t) * p.io.x_bytes + part * xb;
+    const char* srow = p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes + part * sb;
+    if (!no_loads) {
+      stage_pieces<kStageRowVecs, kHinted>(xrow, nx, stage, policy);
+      stage_pieces<kStageScaleVecs, kHinted>(srow, ns, stage + kStageRowVecs * kWarp, policy);
+    }
+    // the next item and its token's routing, in flight with this item's bytes
+    const int nitem = no_ticket ? item + stride : item_of(asked);
     TokenRouting rn;
-    if (nt < T) {
-      rn = load_routing(p, nt);
+    if (nitem < items) {
+      rn = load_routing(p, token_at(nitem));
       if (!no_ticket) asked = ask();
     }
     // final compact row of slot `lane`
     const int edst = r.e >= 0 ? r.e / p.E_loc : -1;
     const int crow = r.e >= 0 ? compact_row(t, edst, r.rank) : -1;
     const unsigned dmask = r.dmask;
-    if (!no_send_row)
+    if (!no_send_row && part == 0)
       warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
                           __popc(dmask), edst, crow);
     char *xd = nullptr, *sd = nullptr;  // lane i < nd: the i-th destination's rows
@@ -646,9 +707,14 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
       const unsigned at_d = __ballot_sync(0xffffffffu, edst == d);  // nonzero: d is in dmask
       const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);
       const int cslot = __popc(dmask & ((1u << d) - 1u));
-      compact_destination(p, d, row, t, cslot, r.e, r.wgt, out_x_at, out_s_at, routing, nd, xd, sd);
+      compact_destination(p, d, row, t, cslot, r.e, r.wgt, outs, part == 0 ? routing : 0, nd, xd,
+                          sd);
     }
     if (no_stores) nd = 0;
+    if (part != 0 && lane < nd) {
+      xd += xb;
+      sd += sb;
+    }
     const bool aligned =
         __ballot_sync(0xffffffffu, lane < nd && ((reinterpret_cast<uintptr_t>(xd) |
                                                   reinterpret_cast<uintptr_t>(sd)) & 15u)) == 0;
@@ -659,13 +725,11 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
                                              policy);
     }
     // (rows over 8 KiB, scale packs over 512 bytes; nothing for the usual sizes)
-    stage_rest<kStageRowVecs, kHinted>(p.io.x + static_cast<int64_t>(t) * p.io.x_bytes, p.io.x_bytes,
-                                       xd, nd, stage, aligned, policy);
-    stage_rest<kStageScaleVecs, kHinted>(p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes,
-                                         p.io.s_bytes, sd, nd, stage + kStageRowVecs * kWarp, aligned,
+    stage_rest<kStageRowVecs, kHinted>(xrow, xb, xd, nd, stage, aligned, policy);
+    stage_rest<kStageScaleVecs, kHinted>(srow, sb, sd, nd, stage + kStageRowVecs * kWarp, aligned,
                                          policy);
-    __syncwarp();  // every lane is done with the stage before the next token's copies
-    t = nt;
+    __syncwarp();  // every lane is done with the stage before the next item's copies
+    item = nitem;
     r = rn;
   }
   if (lane == 0) atomicMax(&rows_done_ns, global_ns());
@@ -681,11 +745,7 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     p.s.kernel_times[kEpilogueStart] = global_ns();
     // the push is done with them (the next dispatch's first kernel waits for this grid)
-    *p.s.bases_ready = 0u;
-    *p.s.push_ticket = 0u;
-    *p.s.count_ticket = 0u;
-    // every kernel of this call that reads the layout epoch is done
-    p.epochs[kLayoutSlot] = layout_epoch(p.epochs);
+    end_dispatch_call(p.s, p.epochs);
   }
   const int K = p.io.K, W = p.io.W;
   const int* info = p.s.recv_info;
@@ -772,19 +832,22 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
 cudaError_t launch_dispatch_push(const PushParams& p, int ctas, cudaStream_t stream) {
   if (p.pipelined) {
     // unfused, fused with K <= 8, fused with more (the count keeps K experts per lane in
-    // registers: 8 for the usual K), unfused with the rows' L2 hints
+    // registers: 8 for the usual K), unfused with the rows' L2 hints, the same with the last
+    // tokens in halves
     using Kernel = void (*)(PushParams);
-    static const Kernel kernels[4] = {dispatch_push_pipelined_kernel<8, false, false>,
+    static const Kernel kernels[5] = {dispatch_push_pipelined_kernel<8, false, false>,
                                       dispatch_push_pipelined_kernel<8, true, false>,
                                       dispatch_push_pipelined_kernel<kMaxTopk, true, false>,
-                                      dispatch_push_pipelined_kernel<8, false, true>};
+                                      dispatch_push_pipelined_kernel<8, false, true>,
+                                      dispatch_push_pipelined_kernel<8, false, true, true>};
     static const std::array<int, std::size(kernels)> room = [] {
       std::array<int, std::size(kernels)> r{};
       for (size_t i = 0; i < r.size(); ++i)
         r[i] = raise_dynamic_smem_limit(reinterpret_cast<const void*>(kernels[i]));
       return r;
     }();
-    const int which = p.fused ? (p.io.K <= 8 ? 1 : 2) : p.row_l2_evict ? 3 : 0;
+    const int which =
+        p.fused ? (p.io.K <= 8 ? 1 : 2) : !p.row_l2_evict ? 0 : p.split_tail > 0 ? 4 : 3;
     const int64_t smem = kPipelinedSmemBytes + int64_t{p.base_table} * static_cast<int64_t>(sizeof(int));
     if (smem > room[which]) return cudaErrorInvalidValue;  // the fits() said so
     return launch_pdl(kernels[which], ctas, kPipelinedThreads, static_cast<size_t>(smem), stream, p);

@@ -61,20 +61,22 @@ struct DispatchScratch {
   unsigned* push_ticket;            // [1]
   // the fused compact push: count blocks are handed out by this ticket (a CTA that starts late
   // counts none). Both tickets are reset by the epilogue, which runs after every push with more
-  // than one rank.
+  // than one rank, or by the push's last CTA when no epilogue follows (PushParams::ends_call).
   unsigned* count_ticket;           // [1]
+  unsigned* push_exits;             // [1] push CTAs done with their tokens (ends_call only)
   // dispatch with more than one rank: the call's layout epoch once the layout's last CTA has
   // scanned the count blocks (cta_prefix, tok_rank are final) and sent its token counts to the
   // peers; a compact push starts on it instead of on the whole layout kernel's end (the
-  // per-expert work is not the push's), and the epilogue, which runs after the push, sets it
-  // back to 0
+  // per-expert work is not the push's), and whatever ends the call (the epilogue, or the
+  // push's last CTA) sets it back to 0
   unsigned* bases_ready;            // [1]
   unsigned* combine_ticket;         // [1] CombineParams::reduce_ticket
   // the last dispatch with more than one rank, global nanoseconds (profiling; the clock is the
   // GPU's, so ranks sharing a GPU can be lined up): kLayoutStart, kLayoutLastCta, kLayoutEnd,
-  // kEpilogueStart, kEpilogueEnd, and inside the count the latest block to start counting
-  // (kCountStarted), to have its routing loaded and ranked among each warp's tokens
-  // (kCountLoaded) and to have stored its ranks and histogram (kCountStored)
+  // kEpilogueStart, kEpilogueEnd (0 when no epilogue ran: PushParams::ends_call), and inside
+  // the count the latest block to start counting (kCountStarted), to have its routing loaded
+  // and ranked among each warp's tokens (kCountLoaded) and to have stored its ranks and
+  // histogram (kCountStored)
   unsigned long long* kernel_times;  // [kKernelStamps]
 };
 constexpr int kPushStamps = 4;
@@ -111,6 +113,25 @@ struct DispatchRows {
   int meta_ints;                // ints per metadata row
 };
 
+// The routing outputs of a compact dispatch inside a direct-output slot, when the peers write
+// them there too (ep_window.hpp slot_layout): the receiver publishes one offset `r` from its
+// window base (EpWindow: [outs]), and the rest follows from C, K and W, which are the same on
+// every rank: recv_topk_idx int64 [C, K] at r, recv_topk_weights float32 [C, K] after it, and the
+// handle [1 + T + C, W] ending right at r, so its receive rows (the last C) start at the same
+// place whatever this rank's T.
+struct SlotRouting {
+  int64_t idx, w, handle_recv;  // offsets from the window base
+  DEO_HOST_DEVICE static SlotRouting at(int64_t r, int64_t C, int K, int W) {
+    const int64_t idx_bytes = (C * K * 8 + 255) / 256 * 256;
+    return {r, r + idx_bytes, r - C * W * 4};
+  }
+  // where the handle of a call with T tokens starts
+  DEO_HOST_DEVICE int64_t handle_start(int T, int W) const {
+    return handle_recv - (1 + static_cast<int64_t>(T)) * W * 4;
+  }
+};
+constexpr int kOutsPerRank = 3;  // EpWindow [outs]: x, scales and routing offsets of each rank
+
 struct LayoutParams {
   const void* topk_idx;
   int idx64;
@@ -118,8 +139,9 @@ struct LayoutParams {
   int C;           // rows of the dispatch's outputs (handle header)
   int buffer_id;   // handle header
   // this rank's recv_x / recv_scales as offsets from its window base when they live in a
-  // direct-output slot (the peers write rows there), else -1 (rows go through the window)
-  int64_t out_x_off, out_s_off;
+  // direct-output slot (the peers write rows there), else -1 (rows go through the window);
+  // out_r_off: its routing outputs there too (SlotRouting), else -1 (metadata rows)
+  int64_t out_x_off, out_s_off, out_r_off;
   int warps;       // warps per count CTA (each warp counts 32 tokens)
   int cta_tokens;  // tokens per count CTA: 32 * warps
   DispatchScratch s;
@@ -180,6 +202,14 @@ struct PushParams {
   // so the tens of MB streaming through L2 leave the call's small hot data (routing, flags,
   // metadata) there for the next kernels (default; DEEP_EP_OPS_ROW_L2_EVICT=0 for A/B runs)
   int row_l2_evict;
+  // with row_l2_evict: the last split_tail / 4 x (the grid's warps) tokens go out as two
+  // half-row tickets each (DEEP_EP_OPS_PUSH_SPLIT_TAIL; rows and scale packs at 32-byte
+  // multiples): the rows' end spreads over the CTAs by about one ticket's time; 0: off
+  int split_tail;
+  // no epilogue follows (this rank's routing outputs sit in its direct-output slot, where the
+  // peers write them): the push's last CTA to finish its tokens ends the call instead
+  // (resets the tickets, stores the layout epoch)
+  int ends_call;
   DispatchRows rows;
   DispatchScratch s;
   Comm comm;
@@ -268,7 +298,7 @@ bool base_table_fits(size_t smem_optin, int64_t ints);
 // holds one row in its shared buffer; kBulkStaticReserve bytes of a block's shared memory stay
 // for the kernel's static part.
 constexpr int kBulkWarps = 16;
-constexpr int kBulkStaticReserve = 1024;
+constexpr int kBulkStaticReserve = 2048;
 cudaError_t launch_local_dispatch(const LocalDispatchParams& p, int ctas, cudaStream_t stream);
 cudaError_t launch_dispatch_epilogue(const EpilogueParams& p, int ctas, cudaStream_t stream);
 cudaError_t launch_cached_dispatch(const CachedParams& p, int ctas, int epi_ctas,

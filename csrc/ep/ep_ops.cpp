@@ -87,49 +87,76 @@ ScaleRows scale_rows(const std::optional<at::Tensor>& x_scales) {
   return {x_scales->size(1), x_scales->scalar_type()};
 }
 
-// Fresh outputs of a dispatch with C receive rows: recv_x [C, H], scales [C, P], topk idx and
-// weights ([C, K] compact, [C] expert-major), tokens_per_expert [E_loc], handle [1 + T + C, W].
-// `rows`: recv_x and scales made already (in a direct-output slot), if defined.
+// Outputs of a dispatch made already in a direct-output slot (slot_tensors): recv_x and
+// recv_scales, and for compact outputs the routing tensors and the handle too (else undefined).
+struct SlotOutputs {
+  at::Tensor x, s, idx, w, handle;
+};
+
+// The outputs of a dispatch with C receive rows: recv_x [C, H], scales [C, P], topk idx and
+// weights ([C, K] compact, [C] expert-major), tokens_per_expert [E_loc], handle [1 + T + C, W];
+// those of `made` that are defined, the others fresh.
 DispatchOut dispatch_outputs(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                              int64_t C, int K, int E_loc, int W, bool expand,
-                             const std::pair<at::Tensor, at::Tensor>& rows = {}) {
+                             const SlotOutputs& made = {}) {
   const at::Device dev = x.device();
-  const bool made = rows.first.defined();
   const ScaleRows sr = scale_rows(x_scales);
-  return {made ? rows.first : empty({C, x.size(1)}, x.scalar_type(), dev),
-          made ? rows.second : empty({C, sr.cols}, sr.dtype, dev),
-          expand ? empty({C}, at::kInt, dev) : empty({C, K}, at::kLong, dev),
-          expand ? empty({C}, at::kFloat, dev) : empty({C, K}, at::kFloat, dev),
+  const auto or_fresh = [&](const at::Tensor& t, at::IntArrayRef size, at::ScalarType dtype) {
+    return t.defined() ? t : empty(size, dtype, dev);
+  };
+  return {or_fresh(made.x, {C, x.size(1)}, x.scalar_type()),
+          or_fresh(made.s, {C, sr.cols}, sr.dtype),
+          expand ? empty({C}, at::kInt, dev) : or_fresh(made.idx, {C, K}, at::kLong),
+          expand ? empty({C}, at::kFloat, dev) : or_fresh(made.w, {C, K}, at::kFloat),
           empty({E_loc}, at::kInt, dev),
-          empty({1 + x.size(0) + C, W}, at::kInt, dev)};
+          or_fresh(made.handle, {1 + x.size(0) + C, W}, at::kInt)};
 }
 
-// A direct-output slot for this dispatch's recv_x / recv_scales, or -1: the Buffer has none,
-// the outputs do not fit one, every slot holds live outputs, or the stream is being captured
-// (a graph's outputs are memory the graph owns, replayed long after this call).
-int take_output_slot(EpState& st, int64_t C, int64_t x_bytes, int64_t s_bytes, cudaStream_t stream) {
-  if (st.slots->size() == 0 || !st.win.slot_fits(C, x_bytes, s_bytes) || stream_capturing(stream)) return -1;
-  return st.slots->acquire(2);  // recv_x and recv_scales each hold it
+// Where a dispatch's outputs would sit in a direct-output slot: compact ones with their
+// routing tensors and handle (the peers write those too, and no epilogue runs).
+EpWindow::SlotLayout output_slot_layout(const EpState& st, int64_t C, int64_t x_bytes,
+                                        int64_t s_bytes, bool expand) {
+  return EpWindow::slot_layout(C, x_bytes, s_bytes, !expand, st.cfg.topk, st.handle_width,
+                               st.cfg.max_tokens);
 }
 
-// recv_x [C, H] and recv_scales [C, P] inside slot `slot` of this rank's window; the slot is
-// free again once both are gone.
-std::pair<at::Tensor, at::Tensor> slot_tensors(EpState& st, int slot, const at::Tensor& x,
-                                               const std::optional<at::Tensor>& x_scales,
-                                               int64_t C) {
-  char* base = st.comm.peer_base[st.cfg.rank] + st.win.slot_off(slot);
-  const int64_t x_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
+// A direct-output slot for this dispatch's outputs (laid out as `l`), or -1: the Buffer has
+// none, the outputs do not fit one, every slot holds live outputs, or the stream is being
+// captured (a graph's outputs are memory the graph owns, replayed long after this call).
+int take_output_slot(EpState& st, const EpWindow::SlotLayout& l, cudaStream_t stream) {
+  if (st.slots->size() == 0 || !st.win.slot_fits(l) || stream_capturing(stream)) return -1;
+  return st.slots->acquire(l.routing_at >= 0 ? 5 : 2);  // each output made in it holds it
+}
+
+// The outputs that live in slot `slot` of this rank's window (laid out as `l`): recv_x [C, H]
+// and recv_scales [C, P], and with routing recv_topk_idx / recv_topk_weights [C, K] and the
+// handle [1 + T + C, W]; the slot is free again once all of them are gone.
+SlotOutputs slot_tensors(EpState& st, int slot, const EpWindow::SlotLayout& l, const at::Tensor& x,
+                         const std::optional<at::Tensor>& x_scales, int64_t C) {
+  char* window = st.comm.peer_base[st.cfg.rank];
+  const int64_t slot_at = st.win.slot_off(slot);
   std::shared_ptr<OutputSlots> pool = st.slots;
   auto release = [pool, slot](void*) { pool->release(slot); };
   // the device given as the target too: from_blob then skips asking the driver where the
   // pointer lives (a host round trip per tensor)
   const at::Device dev = x.device();
   const at::TensorOptions on = at::TensorOptions().device(dev);
-  at::Tensor rx = at::from_blob(base, {C, x.size(1)}, release, on.dtype(x.scalar_type()), dev);
-  char* sbase = base + EpWindow::slot_scales_at(C, x_bytes);
+  const auto tensor = [&](int64_t at, at::IntArrayRef size, at::ScalarType dtype) {
+    return at::from_blob(window + at, size, release, on.dtype(dtype), dev);
+  };
   const ScaleRows sr = scale_rows(x_scales);
-  at::Tensor rs = at::from_blob(sbase, {C, sr.cols}, release, on.dtype(sr.dtype), dev);
-  return {rx, rs};
+  SlotOutputs o;
+  o.x = tensor(slot_at, {C, x.size(1)}, x.scalar_type());
+  o.s = tensor(slot_at + l.scales_at, {C, sr.cols}, sr.dtype);
+  if (l.routing_at >= 0) {
+    const int K = st.cfg.topk, W = st.handle_width;
+    const SlotRouting r = SlotRouting::at(slot_at + l.routing_at, C, K, W);
+    o.idx = tensor(r.idx, {C, K}, at::kLong);
+    o.w = tensor(r.w, {C, K}, at::kFloat);
+    o.handle = tensor(r.handle_start(static_cast<int>(x.size(0)), W), {1 + x.size(0) + C, W},
+                      at::kInt);
+  }
+  return o;
 }
 
 bool off16(int64_t v) { return (v & 15) != 0; }
@@ -308,16 +335,18 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   lp.comm = st.comm;
 
   // outputs first: the count's entry (the layout kernel, or the fused push) tells the peers
-  // where recv_x / recv_scales live when they sit in a direct-output slot (with one rank
-  // nothing crosses a window)
-  const int slot = R > 1 ? take_output_slot(st, C, x_bytes, s_bytes, stream) : -1;
+  // where recv_x / recv_scales (and compact routing outputs) live when they sit in a
+  // direct-output slot (with one rank nothing crosses a window)
+  const EpWindow::SlotLayout in_slot = output_slot_layout(st, C, x_bytes, s_bytes, expand);
+  const int slot = R > 1 ? take_output_slot(st, in_slot, stream) : -1;
   DispatchOut out = dispatch_outputs(x, x_scales, C, K, E_loc, W, expand,
-                                     slot >= 0 ? slot_tensors(st, slot, x, x_scales, C)
-                                               : std::pair<at::Tensor, at::Tensor>{});
-  lp.out_x_off = lp.out_s_off = -1;
+                                     slot >= 0 ? slot_tensors(st, slot, in_slot, x, x_scales, C)
+                                               : SlotOutputs{});
+  lp.out_x_off = lp.out_s_off = lp.out_r_off = -1;
   if (slot >= 0) {
     lp.out_x_off = st.win.slot_off(slot);
-    lp.out_s_off = lp.out_x_off + EpWindow::slot_scales_at(C, x_bytes);
+    lp.out_s_off = lp.out_x_off + in_slot.scales_at;
+    if (in_slot.routing_at >= 0) lp.out_r_off = lp.out_x_off + in_slot.routing_at;
     ++st.slots->direct;
   } else if (R > 1) {
     ++st.slots->staged;
@@ -363,6 +392,13 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   // (rows under an L2 evict-first policy: bench/NOTES.md v18; =0 for A/B runs)
   static const int row_l2_evict = env_knob("DEEP_EP_OPS_ROW_L2_EVICT", 1, 0, 1);
   pp.row_l2_evict = pp.pipelined && !pp.fused && row_l2_evict;
+  // (the last tokens in halves, in quarters of the grid's warps: bench/NOTES.md v19)
+  static const int split_tail = env_knob("DEEP_EP_OPS_PUSH_SPLIT_TAIL", 0, 0, 64);
+  const bool halves_aligned = pp.io.x_bytes % 32 == 0 && pp.io.s_bytes % 32 == 0;
+  pp.split_tail = pp.row_l2_evict && halves_aligned ? split_tail : 0;
+  if (pp.split_tail > 0) ++st.dispatch_split_tail;
+  // this rank's routing outputs are in its slot, written by the pushes: no epilogue
+  pp.ends_call = lp.out_r_off >= 0;
   if (!pp.fused) check_cuda(launch_layout(lp, stream), "launching dispatch layout kernel");
   if (R == 1) {
     // one rank: the push writes every output (no window, no barrier, no epilogue)
@@ -378,6 +414,10 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   static const int grid_percent = env_knob("DEEP_EP_OPS_DISPATCH_GRID_PCT", 75, 1, 100);
   st.last_push_ctas = share_ctas(st, num_sms, grid_percent, M);
   check_cuda(launch_dispatch_push(pp, st.last_push_ctas, stream), "launching dispatch push kernel");
+  if (pp.ends_call) {
+    ++st.dispatch_direct_routing;
+    return out;
+  }
 
   // phase 3: window -> fresh outputs, handle receive part, zero padding
   EpilogueParams ep{};

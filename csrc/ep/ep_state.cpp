@@ -28,7 +28,8 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
 
   if (cfg.direct_slots < 0)
     throw std::invalid_argument("deep_ep_ops: direct_outputs must be >= 0");
-  win = EpWindow::plan(R, M, H, K, E, cfg.fp8, cfg.direct_slots, cfg.zero_copy_combine);
+  win = EpWindow::plan(R, M, H, K, E, handle_width, cfg.fp8, cfg.direct_slots,
+                       cfg.zero_copy_combine);
   slots = std::make_shared<OutputSlots>(cfg.direct_slots);
   comm.flags_off = win.flags_off;
   comm.counts_off = win.counts_off;
@@ -61,6 +62,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
       1,                                    // bases_ready
       1,                                    // combine_ticket
       1,                                    // count_ticket
+      1,                                    // push_exits
   };
   constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
   int64_t total = 0, offs[kParts];
@@ -88,6 +90,7 @@ EpState::EpState(const EpConfig& c, std::shared_ptr<PeerMemoryTransport> transpo
   scratch.bases_ready = reinterpret_cast<unsigned*>(at(14));
   scratch.combine_ticket = reinterpret_cast<unsigned*>(at(15));
   scratch.count_ticket = reinterpret_cast<unsigned*>(at(16));
+  scratch.push_exits = reinterpret_cast<unsigned*>(at(17));
 
   comm.rank = cfg.rank;
   comm.num_ranks = R;

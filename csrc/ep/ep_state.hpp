@@ -60,6 +60,10 @@ class EpState {
   // of the others, those that took the pipelined compact loop
   std::atomic<int64_t> dispatch_bulk{0}, dispatch_register{0}, dispatch_pipelined{0};
   std::atomic<int64_t> dispatch_fused{0};  // of those, the ones that counted in the push (no layout kernel)
+  // dispatches whose peers wrote their routing outputs into its direct-output slot (no epilogue)
+  std::atomic<int64_t> dispatch_direct_routing{0};
+  // dispatches whose pipelined push sent its last tokens in halves (PushParams::split_tail)
+  std::atomic<int64_t> dispatch_split_tail{0};
   int last_push_ctas = 0;  // grid of the last push kernel with more than one rank (push_times)
 
  private:

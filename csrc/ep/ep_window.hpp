@@ -5,8 +5,9 @@
 //
 //   [flags]  uint32 flags[kNumSlots][kMaxRanks]: barrier epochs announced by each rank
 //   [counts] int32 counts[R][E + R]: row s = rank s's per-expert and per-rank send counts
-//   [outs]   int64 outs[kMaxRanks][2]: where rank s wants this dispatch's rows of x and of
-//            scales written (offsets of its output slot from its window base), -1: staged;
+//   [outs]   int64 outs[kMaxRanks][kOutsPerRank]: where rank s wants this dispatch's rows of x
+//            and of scales written (offsets of its output slot from its window base), -1:
+//            staged, and its routing outputs (SlotRouting's offset), -1: metadata rows;
 //            then int64 cins[kMaxRanks]: where rank s's combine input lives when the peers
 //            may read it in place (offset of its combine-input slot), -1: it pushes partials;
 //            then int64 cins_seen[kMaxRanks]: this rank's copy of cins made behind the
@@ -21,8 +22,9 @@
 //   [data]   dispatch rows / cached-dispatch staging / combine staging (reused by every op;
 //            each op starts behind a barrier so peers are done with the previous one)
 //   [slots]  direct-output slots (Buffer(direct_outputs=N)): N regions that hold a dispatch's
-//            recv_x and recv_scales, handed out as the op's output tensors, so peers write
-//            rows straight into them and the epilogue copies nothing
+//            recv_x and recv_scales (and, compact, its routing outputs and handle), handed out
+//            as the op's output tensors, so peers write rows straight into them and the
+//            epilogue copies nothing (compact: no epilogue at all)
 //   [cins]   combine-input slots (Buffer(zero_copy_combine=True)): 2 regions, handed out in
 //            turn by buf.combine_input(); a combine whose x is one of them lets the peers
 //            read its rows in place instead of receiving pushed partials
@@ -87,30 +89,45 @@ struct EpWindow {
 
   bool fits(int64_t end) const { return end - data_off <= data_bytes; }
 
-  // A dispatch's outputs in a direct-output slot: recv_x rows back to back (as torch lays
-  // out [C, H]), then the scale rows from the next 256-byte boundary.
-  static int64_t slot_scales_at(int64_t C, int64_t x_bytes) { return align_up(C * x_bytes, 256); }
-  bool slot_fits(int64_t C, int64_t x_bytes, int64_t s_bytes) const {
-    return num_slots > 0 && slot_scales_at(C, x_bytes) + C * s_bytes <= slot_bytes;
+  // A dispatch's outputs in a direct-output slot, as offsets from the slot's start: recv_x rows
+  // back to back (as torch lays out [C, H]), then the scale rows from the next 256-byte
+  // boundary; with `routing` (compact outputs: [C, K] routing tensors and a handle of at most
+  // 1 + M + C rows of W ints) a region that the handle ends, then the routing tensors
+  // (SlotRouting, from `routing_at`).
+  struct SlotLayout {
+    int64_t scales_at, routing_at, end;  // routing_at: -1 without routing
+  };
+  static SlotLayout slot_layout(int64_t C, int64_t x_bytes, int64_t s_bytes, bool routing, int K,
+                                int W, int M) {
+    SlotLayout l{align_up(C * x_bytes, 256), -1, 0};
+    l.end = l.scales_at + C * s_bytes;
+    if (routing) {
+      l.routing_at = align_up(l.end, 256) + align_up((1 + M + C) * W * 4, 256);
+      const SlotRouting r = SlotRouting::at(l.routing_at, C, K, W);
+      l.end = r.w + C * K * 4;
+    }
+    return l;
   }
+  bool slot_fits(const SlotLayout& l) const { return num_slots > 0 && l.end <= slot_bytes; }
   int64_t slot_off(int i) const { return slots_off + static_cast<int64_t>(i) * slot_bytes; }
   int64_t cin_slot_off(int i) const { return cin_slots_off + static_cast<int64_t>(i) * cin_slot_bytes; }
 
   // The window of a Buffer: the data region holds the widest use of every op (dispatch rows up
   // to fp32 wide, x may be fp32; bf16 and fp8 + scales are narrower). Each direct-output slot
-  // holds a compact dispatch at full capacity (R*M rows) in the Buffer's dispatch dtype (fp8
-  // rows with their scale packs, else bf16); wider rows, or expert-major outputs of more rows,
-  // use a slot only where they fit.
+  // holds a compact dispatch at full capacity (R*M rows, with its routing outputs and handle)
+  // in the Buffer's dispatch dtype (fp8 rows with their scale packs, else bf16); wider rows,
+  // or expert-major outputs of more rows, use a slot only where they fit.
   // Each combine-input slot holds R*M rows of H bf16 (a compact combine at full capacity).
   static constexpr int kCombineInputSlots = 2;
-  static EpWindow plan(int R, int M, int H, int K, int E, bool fp8, int direct_slots,
+  static EpWindow plan(int R, int M, int H, int K, int E, int W, bool fp8, int direct_slots,
                        bool zero_copy_combine) {
     EpWindow w;
     w.flags_off = 0;
     w.counts_off = align_up(static_cast<int64_t>(kNumSlots) * kMaxRanks * 4, 4096);
     w.outs_off = w.counts_off + align_up(static_cast<int64_t>(R) * (E + R) * 4, 4096);
-    w.cins_off = w.outs_off + static_cast<int64_t>(kMaxRanks) * 2 * 8;
-    w.tokens_off = w.outs_off + align_up(static_cast<int64_t>(kMaxRanks) * 4 * 8, 4096);
+    w.cins_off = w.outs_off + static_cast<int64_t>(kMaxRanks) * kOutsPerRank * 8;
+    w.tokens_off =
+        w.outs_off + align_up(static_cast<int64_t>(kMaxRanks) * (kOutsPerRank + 2) * 8, 4096);
     w.blocks_off = w.tokens_off + align_up(static_cast<int64_t>(kMaxRanks) * kMaxRanks * 8, 4096);
     w.data_off = w.blocks_off + align_up(static_cast<int64_t>(R) * max_count_blocks(M) * R * 8, 4096);
     const int64_t packs = (H + 31) / 32;  // most 4-byte scale packs a row may carry
@@ -125,7 +142,7 @@ struct EpWindow {
     if (direct_slots > 0) {
       const int64_t cap = static_cast<int64_t>(R) * M;
       const int64_t x_row = fp8 ? H : 2LL * H, s_row = fp8 ? 4 * packs : 0;
-      w.slot_bytes = align_up(slot_scales_at(cap, x_row) + cap * s_row, 1 << 21);
+      w.slot_bytes = align_up(slot_layout(cap, x_row, s_row, true, K, W, M).end, 1 << 21);
     }
     w.cin_slots_off = w.slots_off + w.slot_bytes * direct_slots;
     if (zero_copy_combine) {

@@ -106,25 +106,28 @@ __device__ inline int block_exclusive_scan(int* a, int n, int* wsum) {
 }
 
 // This call's epoch of the count exchange and of the entry: every kernel of the call reads the
-// same value (the layout's CTAs, the push's, late ones too), since only the call's epilogue,
-// after all of them, stores it (dispatch.cu; one rank has no epilogue and no waits). Never 0
-// (after 2^32 calls it goes on at 1): 0 is what bases_ready and a token word hold before they
-// are written, and the epoch flags compare wrap-safe.
+// same value (the layout's CTAs, the push's, late ones too), since only what ends the call
+// after all of them stores it (the epilogue, or the push's last CTA: dispatch.cu
+// end_dispatch_call; one rank has no waits). Never 0 (after 2^32 calls it goes on at 1): 0 is
+// what bases_ready and a token word hold before they are written, and the epoch flags compare
+// wrap-safe.
 __device__ __forceinline__ uint32_t layout_epoch(const unsigned* epochs) {
   const uint32_t next = *reinterpret_cast<const volatile unsigned*>(epochs + kLayoutSlot) + 1u;
   return next != 0u ? next : 1u;
 }
 
-// Entry (one thread, once every earlier kernel of this rank is done): where this
-// rank's outputs live (the peers write their rows there when it is not -1), announced at once,
-// so the peers may write into its window and output slot from now on.
+// Entry (one thread, once every earlier kernel of this rank is done): where this rank's outputs
+// live (the peers write their rows, and their routing, there when it is not -1), announced at
+// once, so the peers may write into its window and output slot from now on.
 __device__ __forceinline__ void announce_entry(const LayoutParams& p, uint32_t epoch) {
   const int R = p.comm.num_ranks, me = p.comm.rank;
   if (R == 1) return;
   for (int peer = 0; peer < R; ++peer) {
-    long long* outs = reinterpret_cast<long long*>(peer_ptr(p.comm, peer) + p.comm.outs_off) + 2 * me;
+    long long* outs =
+        reinterpret_cast<long long*>(peer_ptr(p.comm, peer) + p.comm.outs_off) + kOutsPerRank * me;
     outs[0] = p.out_x_off;
     outs[1] = p.out_s_off;
+    outs[2] = p.out_r_off;
   }
   announce_epoch(p.comm, kEnterSlot, epoch);
 }

@@ -63,6 +63,10 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
   namespace py = pybind11;
   py::class_<deo::EpState, std::shared_ptr<deo::EpState>>(m, "EpState")
       .def_property_readonly("window_bytes", [](const deo::EpState& s) { return s.win.window_bytes; })
+      // this rank's window as mapped here (tests check which outputs live in it)
+      .def_property_readonly("window_base", [](const deo::EpState& s) {
+        return reinterpret_cast<uintptr_t>(s.comm.peer_base[s.cfg.rank]);
+      })
       .def_property_readonly("data_bytes", [](const deo::EpState& s) { return s.win.data_bytes; })
       .def_property_readonly("sm_count", [](const deo::EpState& s) { return s.sm_count; })
       .def_property_readonly("alive", &deo::EpState::alive)
@@ -85,12 +89,16 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
       })
       // dispatches with more than one rank: rows fanned out by bulk copies or by registers (of
       // those, how many by the pipelined compact loop, and of these how many counted in the
-      // push itself), and the largest row the bulk fan-out takes on this device
+      // push itself), those whose routing outputs the pushes wrote into a direct-output slot
+      // (no epilogue), those whose last tokens went out in halves, and the largest row the
+      // bulk fan-out takes on this device
       .def_property_readonly("dispatch_push_stats", [](const deo::EpState& s) {
         return py::dict(py::arg("bulk") = s.dispatch_bulk.load(),
                         py::arg("register") = s.dispatch_register.load(),
                         py::arg("pipelined") = s.dispatch_pipelined.load(),
                         py::arg("fused") = s.dispatch_fused.load(),
+                        py::arg("direct_routing") = s.dispatch_direct_routing.load(),
+                        py::arg("split_tail") = s.dispatch_split_tail.load(),
                         py::arg("bulk_row_limit") = deo::bulk_row_limit(s));
       });
   m.def("create_state", &deo::create_state);

@@ -138,7 +138,10 @@ def dispatch_timeline(disp, buf, gloo, rank, world, iters, back_to_back):
         rows = [None] * world
         dist.all_gather_object(rows, mine, group=gloo)
         t0 = min(r["layout start"] for r in rows)
-        samples.append([{n: (v - t0) / 1e3 for n, v in r.items()} for r in rows])
+        # (a stamp of 0: that phase did not run, e.g. no epilogue when the routing outputs sit
+        # in a direct-output slot)
+        samples.append([{n: (v - t0) / 1e3 if v else float("nan") for n, v in r.items()}
+                        for r in rows])
     if rank == 0:
         print(f"dispatch timeline, last of {back_to_back} lined-up call(s), median of {iters}, "
               f"us from the earliest layout start:")

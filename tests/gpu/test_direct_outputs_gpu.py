@@ -1,6 +1,8 @@
 """``Buffer(direct_outputs=N)``: dispatch outputs that the peers write straight into (slots of
 the receiver's window) equal the CPU reference byte for byte, like the staged ones; the slot
-is taken only when free and the outputs fit, and never under graph capture.
+is taken only when free and the outputs fit, and never under graph capture. Compact outputs
+bring their routing tensors and handle into the slot too (the peers write those rows as well,
+and no epilogue runs): each of the five holds the slot.
 
 Each configuration runs twice: every rank with free slots, and the odd ranks with both slots
 held by live outputs (so one push writes some destinations directly and stages for others).
@@ -83,15 +85,19 @@ def _body(rank, world, gloo):
             torch.cuda.synchronize()
             gc.collect()
             st = state.direct_output_stats
+            routed = state.dispatch_push_stats["direct_routing"]
             assert st["slots"] == slots and st["busy"] == 0, st
             held = 2 if mixed else 0  # the two holding dispatches (compact: direct)
             if mixed and rank % 2 == 1:
                 assert st["direct"] == held and st["staged"] == 4, st
+                assert routed == held, (routed, st)
             else:
                 # compact always fits; expert-major only where its rows do: one row per
                 # token at each rank (K = 1, or one local expert)
                 want_direct = 4 if min(K, E // world) == 1 else 2
                 assert st["direct"] == held + want_direct and st["staged"] == 4 - want_direct, st
+                # the compact ones (not exact, exact) with their routing in the slot
+                assert routed == held + 2, (routed, st)
             print(f"rank {rank}: {name} slots={slots} ok ({st})", flush=True)
             buf.destroy()
 
@@ -115,15 +121,27 @@ def _body(rank, world, gloo):
     assert st["direct"] == 2 and st["staged"] == 1, st
     for got, exp, nm in zip(third, first, NAMES):
         _same(got, exp.cpu(), f"[held slots R={world} rank={rank}] {nm}")
-    del first, held, third
+    del first, held, third, got, exp  # (the loop's last pair: the handles, which hold slots)
     gc.collect()
     assert buf.ep_state.direct_output_stats["busy"] == 0
-    # recv_x kept alive alone still holds its slot (the scales tensor was dropped)
-    keep = run()[0]
-    assert buf.ep_state.direct_output_stats["busy"] == 1
-    del keep
-    gc.collect()
-    assert buf.ep_state.direct_output_stats["busy"] == 0
+    # recv_x kept alive alone still holds its slot (the other outputs in it were dropped), and
+    # so does the handle alone; both in this rank's window, the handle right before the
+    # routing tensors
+    window = range(buf.ep_state.window_base, buf.ep_state.window_base + buf.ep_state.window_bytes)
+    for keep_at in (0, 5):
+        outs = run()
+        # (recv_x_scales: [C, 0] without scales, no address)
+        assert all(outs[i].data_ptr() in window for i in (0, 2, 3, 5)), "outputs off the slot"
+        assert outs[4].data_ptr() not in window  # tokens_per_expert: fresh
+        end = outs[5].data_ptr() + outs[5].numel() * 4
+        assert end == outs[2].data_ptr(), (end, outs[2].data_ptr())
+        keep = outs[keep_at]
+        del outs
+        gc.collect()
+        assert buf.ep_state.direct_output_stats["busy"] == 1, keep_at
+        del keep
+        gc.collect()
+        assert buf.ep_state.direct_output_stats["busy"] == 0
 
     # Under capture the graph owns its outputs: the captured dispatch stages (its warm-up,
     # eager, takes a slot); replays equal eager runs.

@@ -195,6 +195,12 @@ def _check_push_loop(buf, name, x, s, compact_dispatches, loop):
     # the pipelined loop counts in the push itself when asked to (an experiment)
     fused = loop == "pipelined" and os.environ.get("DEEP_EP_OPS_DISPATCH_FUSED") == "1"
     assert st["fused"] == (st["pipelined"] if fused else 0), (name, st)
+    # the unfused pipelined loop sends its last tokens in halves when asked to (rows under the
+    # L2 hints, both halves 16-byte multiples)
+    split = (not fused and os.environ.get("DEEP_EP_OPS_ROW_L2_EVICT") != "0"
+             and int(os.environ.get("DEEP_EP_OPS_PUSH_SPLIT_TAIL", "0")) > 0
+             and x_bytes % 32 == 0 and s_bytes % 32 == 0)
+    assert st["split_tail"] == (st["pipelined"] if split else 0), (name, st)
 
 
 WORLDS = [1, 2, 3, 4, 8]  # more ranks than GPUs: several per GPU under MPS
