@@ -76,10 +76,11 @@ class Buffer:
             peers write too (no epilogue kernel). A slot is free again when every output made
             in it is gone (a handle kept for backward keeps it); a dispatch that finds no free
             slot, whose outputs do not fit (wider x, expert-major layout with more rows), or
-            that is captured in a CUDA graph stages its rows as with N = 0. Same results either way. Such outputs
-            stay valid until ``destroy()`` (they are this Buffer's memory), and like any
-            output are safe to drop on the dispatch's stream; one used on another stream
-            must be synchronised before the stream's next dispatch. Default 0.
+            that is captured in a CUDA graph stages its rows as with N = 0. Same results
+            either way. Such outputs stay valid until ``destroy()`` (they are this Buffer's
+            memory), and like any output are safe to drop on the dispatch's stream; one used
+            on another stream must be synchronised before the stream's next dispatch.
+            Default 0.
         zero_copy_combine: CUDA, one host, R >= 2: two slots of peer memory (each R*M rows of
             ``hidden`` bf16) that ``combine_input()`` hands out in turn. A ``combine`` whose
             ``x`` is such a tensor and that has no ``weights`` pushes nothing: the ranks that
