@@ -148,9 +148,9 @@ struct PeerOutputs {
 // The wait half of the prologue (after the bulk fan-out's first load is in flight). Returns
 // whether the waits succeeded (a failed one: no rows; the barrier at the end then fails fast as
 // well). Every thread must call it. outs: shared, filled here for each destination; cbase:
-// shared [R], the compact row of this rank's first token at each destination; ok: a shared int; table: the
-// pipelined loop's base table (shared [blocks][R], p.base_table ints), filled here with every
-// count block's compact base at every destination (nullptr: the general loop).
+// shared [R], the compact row of this rank's first token at each destination; ok: a shared
+// int; table: the pipelined loop's base table (shared [blocks][R], p.base_table ints), filled
+// here with every count block's compact base at every destination (nullptr: the general loop).
 __device__ bool push_wait_for_rows(const PushParams& p, unsigned long long* stamp,
                                    PeerOutputs& outs, int* cbase, int* ok, int* table) {
   // A compact push with peers starts once its count blocks' words are in (p.block_words), or
@@ -332,10 +332,11 @@ __device__ __forceinline__ void compact_destination(const PushParams& p, int d, 
                                                     const PeerOutputs& outs, int routing, int& nd,
                                                     char*& xd, char*& sd) {
   if (d == p.comm.rank) {
-    int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * p.io.W;
-    if (routing & 1)
+    if (routing & 1) {
+      int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * p.io.W;
       write_compact_routing(p, d, row, t, cslot, e, wgt, static_cast<int64_t*>(p.io.recv_idx),
                             p.io.recv_w, recv_h);
+    }
   } else if ((routing & 2) && outs.r[d] >= 0) {
     char* base = peer_ptr(p.comm, d);
     const SlotRouting at = SlotRouting::at(outs.r[d], p.io.C, p.io.K, p.io.W);
