@@ -4,11 +4,12 @@
 # benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
 # bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
 # the build cache comes back too:
-#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [grid] [fused] [before] [probes] [profile] [timeline] [knobs] [suites_a] [suites_b] [regs] [bulk]
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [grid] [fused] [before] [probes] [profile] [timeline] [knobs] [suites_a] [ep_rest] [comm] [suites_b] [regs] [bulk]
 # (default: verify bench profile; suites_a / suites_b: the other GPU tests, all R, in two
-# calls' worth; regs: the R = 2-4 bitwise suites and the bench again with
-# DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B; bulk: the same
-# with DEEP_EP_OPS_BULK_COPY=1, rows of the dispatch and combine pushes by bulk copies).
+# calls' worth, suites_a being ep_rest then comm; regs: the R = 2-4 bitwise suites and the
+# bench again with DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B;
+# bulk: the same with DEEP_EP_OPS_BULK_COPY=1, rows of the dispatch and combine pushes by bulk
+# copies).
 # KIND labels the bench results (default nvidia-h200-x1; bench_ep appends -R2-2pergpu). The
 # logs come back as one archive, logs-<time>-<pid>.tgz.
 set -o pipefail
@@ -41,6 +42,11 @@ ab() {  # name, VAR=value, test files...: their bitwise suites at R = 2-4, then 
     --out "$out/bench_$name"
 }
 
+comm_step() {  # pp / cp / engram, the errors (the spanning-host ValueError among them), the transports
+  step comm 330 python3 -m pytest -q -rfE --tb=short --timeout 200 \
+    tests/gpu/test_comm_ops_gpu.py tests/gpu/test_errors_gpu.py tests/gpu/test_transport_gpu.py
+}
+
 for s in "${steps[@]}"; do
   case $s in
     verify)
@@ -66,13 +72,14 @@ for s in "${steps[@]}"; do
         step "knob_${setting//[=]/_}" 120 env "$setting" python3 tests/gpu/bench_moe_ops.py \
           --world 2 --num-sms 0 24 --iters 7 --timeline-only --direct-outputs 2
       done ;;
+    comm)
+      comm_step ;;
     suites_a | ep_rest)  # the EP tests that are not bitwise (graph replay, stalled peer), then pp / cp / engram
       step ep_rest 200 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_moe_ops_gpu.py tests/gpu/test_combine_input_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py -k "not bitwise"
       [ "$s" = ep_rest ] && continue
-      step comm 330 python3 -m pytest -q -rfE --tb=short --timeout 200 \
-        tests/gpu/test_comm_ops_gpu.py tests/gpu/test_errors_gpu.py tests/gpu/test_transport_gpu.py ;;
+      comm_step ;;
     suites_b)  # multi-host simulation, autograd, compile, the nn layer
       step layers 540 python3 -m pytest -q -rfE --tb=short --timeout 200 \
         tests/gpu/test_multihost_gpu.py tests/gpu/test_interhost_gpu.py \
@@ -113,7 +120,7 @@ with mps_daemon() as env:
     bulk)
       ab bulk DEEP_EP_OPS_BULK_COPY=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py tests/gpu/test_combine_input_gpu.py ;;
-    *) echo "unknown step $s (verify, bench, grid, fused, before, probes, profile, timeline, knobs, ep_rest, suites_a, suites_b, regs, bulk)"; exit 2 ;;
+    *) echo "unknown step $s (verify, bench, grid, fused, before, probes, profile, timeline, knobs, ep_rest, comm, suites_a, suites_b, regs, bulk)"; exit 2 ;;
   esac
 done
 # One archive per run (the device tool brings back a limited number of files, and a call may run

@@ -322,11 +322,12 @@ __device__ __forceinline__ void compact_row_dst(const PushParams& p, int d, int 
   }
 }
 
-// Compact layout, destination d of token t at compact row `row`: the row's routing (this rank's
-// routing tensors and handle row: `routing` bit 0; d's, in its direct-output slot when it has
-// one there, else the metadata row in d's window: bit 1; off for timing experiments), then
-// lane nd (the warp's count of destinations so far) takes where the row's x and scales go, and
-// nd grows by one.
+// Compact layout, destination d of token t at compact row `row`: the row's routing, as far as
+// `routing` asks (bit 0: this rank's routing tensors and handle row; for another d, bit 2: its
+// rows in its direct-output slot when it has one there, else bit 1: the metadata row in d's
+// window; the count blocks write the others under block routing, timing experiments skip
+// some), then lane nd (the warp's count of destinations so far) takes where the row's x and
+// scales go, and nd grows by one.
 __device__ __forceinline__ void compact_destination(const PushParams& p, int d, int row, int t,
                                                     int cslot, int e, float wgt,
                                                     const PeerOutputs& outs, int routing, int& nd,
@@ -337,12 +338,14 @@ __device__ __forceinline__ void compact_destination(const PushParams& p, int d, 
       write_compact_routing(p, d, row, t, cslot, e, wgt, static_cast<int64_t*>(p.io.recv_idx),
                             p.io.recv_w, recv_h);
     }
-  } else if ((routing & 2) && outs.r[d] >= 0) {
-    char* base = peer_ptr(p.comm, d);
-    const SlotRouting at = SlotRouting::at(outs.r[d], p.io.C, p.io.K, p.io.W);
-    write_compact_routing(p, d, row, t, cslot, e, wgt, reinterpret_cast<int64_t*>(base + at.idx),
-                          reinterpret_cast<float*>(base + at.w),
-                          reinterpret_cast<int*>(base + at.handle_recv));
+  } else if (outs.r[d] >= 0) {
+    if (routing & 4) {
+      char* base = peer_ptr(p.comm, d);
+      const SlotRouting at = SlotRouting::at(outs.r[d], p.io.C, p.io.K, p.io.W);
+      write_compact_routing(p, d, row, t, cslot, e, wgt, reinterpret_cast<int64_t*>(base + at.idx),
+                            reinterpret_cast<float*>(base + at.w),
+                            reinterpret_cast<int*>(base + at.handle_recv));
+    }
   } else if (routing & 2) {
     write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, e, -1, wgt);
   }
@@ -428,7 +431,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       const int row = __shfl_sync(0xffffffffu, crow, __ffs(at_d) - 1);  // compact row at d
       const int cslot = __popc(dmask & ((1u << d) - 1u));
       if (!p.expand) {
-        compact_destination(p, d, row, t, cslot, e, wgt, outs, 3, nd, xd, sd);
+        compact_destination(p, d, row, t, cslot, e, wgt, outs, 7, nd, xd, sd);
         continue;
       }
       // expert-major: every expert-major row of the token at d (or the staging row there)
@@ -639,8 +642,11 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   const unsigned long long policy = kHinted ? l2_evict_first_policy() : 0ull;
   // (p.skip: timing experiments only, the outputs are then wrong; see PushParams::skip)
   const bool no_ticket = p.skip & 2, no_stores = p.skip & 4, no_loads = p.skip & 8;
-  const bool no_send_row = p.skip & (1 | 16);
-  const int routing = (p.skip & (1 | 32) ? 0 : 1) | (p.skip & (1 | 64) ? 0 : 2);
+  // (p.routing_by_count: the count blocks wrote the send rows and every routing row but the
+  // peers' metadata rows)
+  const bool no_send_row = (p.skip & (1 | 16)) || p.routing_by_count;
+  const int routing = (p.skip & (1 | 32) || p.routing_by_count ? 0 : 1) |
+                      (p.skip & (1 | 64) ? 0 : p.routing_by_count ? 2 : 6);
   const auto compact_row = [&](int t, int d, int rank) {
     return p.base_table > 0 ? base_table[t / p.cta_tokens * R + d] + (rank & 0xffff)
                             : compact_row_of(p, cbase, t, d, rank);

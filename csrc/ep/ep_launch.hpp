@@ -144,6 +144,16 @@ struct LayoutParams {
   int64_t out_x_off, out_s_off, out_r_off;
   int warps;       // warps per count CTA (each warp counts 32 tokens)
   int cta_tokens;  // tokens per count CTA: 32 * warps
+  // Each count CTA writes its tokens' handle send rows and compact routing rows (this rank's
+  // outputs, and each peer's direct-output slot that holds routing outputs) once its bases are
+  // known, one thread per token, instead of the push beside every row (block_routing.cuh;
+  // compact rows, the pipelined push with block words; DEEP_EP_OPS_ROUTING_BY_COUNT=0 for A/B
+  // runs). The push then writes only the metadata rows of peers without such a slot.
+  int block_routing;
+  const float* topk_w;  // with block_routing: the routing's weights
+  int64_t* recv_idx;    // with block_routing: this rank's recv_topk_idx [C, K]
+  float* recv_w;        // ... its recv_topk_weights [C, K]
+  int* handle;          // ... its handle [1 + T + C, W]
   DispatchScratch s;
   Comm comm;
 };
@@ -192,7 +202,8 @@ struct PushParams {
   // timing experiments on the pipelined loop only (DEEP_EP_OPS_PUSH_SKIP, bits; the outputs are
   // then wrong): 1 no routing / handle / metadata stores, 2 fixed token stride instead of the
   // ticket, 4 no row stores, 8 no row loads; parts of 1: 16 no handle send rows, 32 no routing
-  // tensors / handle receive rows of this rank's own rows, 64 no metadata rows to the peers
+  // tensors / handle receive rows of this rank's own rows, 64 no routing rows to the peers
+  // (in their slots, or metadata rows)
   int skip;
   // pull each warp's first rows of x into L2 before waiting for the layout (an experiment,
   // DEEP_EP_OPS_PUSH_PREFETCH=1; off by default: the pulls compete with the count's loads, and
@@ -210,6 +221,9 @@ struct PushParams {
   // peers write them): the push's last CTA to finish its tokens ends the call instead
   // (resets the tickets, stores the layout epoch)
   int ends_call;
+  // the layout's count CTAs wrote the send rows and every compact routing row but the peers'
+  // metadata rows (LayoutParams::block_routing; pipelined loop only)
+  int routing_by_count;
   DispatchRows rows;
   DispatchScratch s;
   Comm comm;

@@ -399,6 +399,20 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   if (pp.split_tail > 0) ++st.dispatch_split_tail;
   // this rank's routing outputs are in its slot, written by the pushes: no epilogue
   pp.ends_call = lp.out_r_off >= 0;
+  // the count blocks write the send rows and the compact routing rows once their bases are in,
+  // off the push's row loop (bench/NOTES.md v20; =0 for A/B runs). Not with one count block
+  // (T <= cta_tokens, every decode batch): its CTA is the publisher, whose end the push waits
+  // for, while the push's warps have few rows to hide those stores behind.
+  static const int routing_by_count = env_knob("DEEP_EP_OPS_ROUTING_BY_COUNT", 1, 0, 1);
+  lp.block_routing = pp.routing_by_count = routing_by_count && pp.block_words && !expand &&
+                                           count_blocks(static_cast<int>(T), lp.cta_tokens) > 1;
+  if (lp.block_routing) {
+    lp.topk_w = pp.io.topk_weights;
+    lp.recv_idx = static_cast<int64_t*>(pp.io.recv_idx);
+    lp.recv_w = pp.io.recv_w;
+    lp.handle = pp.io.handle;
+    ++st.dispatch_routing_by_count;
+  }
   if (!pp.fused) check_cuda(launch_layout(lp, stream), "launching dispatch layout kernel");
   if (R == 1) {
     // one rank: the push writes every output (no window, no barrier, no epilogue)

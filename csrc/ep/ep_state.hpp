@@ -64,6 +64,8 @@ class EpState {
   std::atomic<int64_t> dispatch_direct_routing{0};
   // dispatches whose pipelined push sent its last tokens in halves (PushParams::split_tail)
   std::atomic<int64_t> dispatch_split_tail{0};
+  // dispatches whose count blocks wrote the routing rows (LayoutParams::block_routing)
+  std::atomic<int64_t> dispatch_routing_by_count{0};
   int last_push_ctas = 0;  // grid of the last push kernel with more than one rank (push_times)
 
  private:

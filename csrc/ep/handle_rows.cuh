@@ -46,18 +46,41 @@ __device__ __forceinline__ void warp_write_send_row(int* hrow, int W, int K, int
   }
 }
 
-// Receive row `group` of the compact layout (row and group coincide): source rank and token,
-// the group itself as its row and only member, the combine slot; other columns -1.
+// The same send row by one thread that holds every slot (the count blocks' routing rows,
+// block_routing.cuh): dst[k] / row[k] for k < K. The send part's columns are [#destinations,
+// K ranks, K rows], then -1.
+template <int KMAX>
+__device__ __forceinline__ void thread_write_send_row(int* hrow, int W, int K, int num_dst,
+                                                      const int (&dst)[KMAX], const int (&row)[KMAX]) {
+  static_assert(handle::kSendNumDst == 0 && handle::kSendDstRank == 1, "send part layout");
+  hrow[handle::kSendNumDst] = num_dst;
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k)
+    if (k < K) {
+      hrow[handle::kSendDstRank + k] = dst[k];
+      hrow[handle::send_dst_row(K) + k] = row[k];
+    }
+  for (int c = handle::send_dst_row(K) + K; c < W; ++c) hrow[c] = -1;
+}
+
+// Column c of receive row `group` of the compact layout (row and group coincide): source rank
+// and token, the group itself as its row and only member, the combine slot; other columns -1.
+__device__ __forceinline__ int compact_recv_col(int c, int src, int tok, int group, int cslot) {
+  if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) return src;
+  if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) return tok;
+  if (c == handle::kRecvGroup || c == handle::kGroupMember) return group;
+  if (c == handle::kGroupCombineSlot) return cslot;
+  return -1;
+}
+
+// That row by the whole warp, and by one thread.
 __device__ __forceinline__ void warp_write_compact_recv_row(int* grow, int W, int src, int tok,
                                                             int group, int cslot) {
-  for (int c = lane_id(); c < W; c += kWarp) {
-    int v = -1;
-    if (c == handle::kRecvSrcRank || c == handle::kGroupSrcRank) v = src;
-    else if (c == handle::kRecvSrcToken || c == handle::kGroupSrcToken) v = tok;
-    else if (c == handle::kRecvGroup || c == handle::kGroupMember) v = group;
-    else if (c == handle::kGroupCombineSlot) v = cslot;
-    grow[c] = v;
-  }
+  for (int c = lane_id(); c < W; c += kWarp) grow[c] = compact_recv_col(c, src, tok, group, cslot);
+}
+__device__ __forceinline__ void thread_write_compact_recv_row(int* grow, int W, int src, int tok,
+                                                              int group, int cslot) {
+  for (int c = 0; c < W; ++c) grow[c] = compact_recv_col(c, src, tok, group, cslot);
 }
 
 // Group columns of an expert-major receive row: source rank and token, the combine slot, the

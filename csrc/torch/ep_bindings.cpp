@@ -90,8 +90,8 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
       // dispatches with more than one rank: rows fanned out by bulk copies or by registers (of
       // those, how many by the pipelined compact loop, and of these how many counted in the
       // push itself), those whose routing outputs the pushes wrote into a direct-output slot
-      // (no epilogue), those whose last tokens went out in halves, and the largest row the
-      // bulk fan-out takes on this device
+      // (no epilogue), those whose last tokens went out in halves, those whose count blocks
+      // wrote the routing rows, and the largest row the bulk fan-out takes on this device
       .def_property_readonly("dispatch_push_stats", [](const deo::EpState& s) {
         return py::dict(py::arg("bulk") = s.dispatch_bulk.load(),
                         py::arg("register") = s.dispatch_register.load(),
@@ -99,6 +99,7 @@ void deep_ep_ops_bind_ep(pybind11::module_& m) {
                         py::arg("fused") = s.dispatch_fused.load(),
                         py::arg("direct_routing") = s.dispatch_direct_routing.load(),
                         py::arg("split_tail") = s.dispatch_split_tail.load(),
+                        py::arg("routing_by_count") = s.dispatch_routing_by_count.load(),
                         py::arg("bulk_row_limit") = deo::bulk_row_limit(s));
       });
   m.def("create_state", &deo::create_state);

@@ -201,6 +201,13 @@ def _check_push_loop(buf, name, x, s, compact_dispatches, loop):
              and int(os.environ.get("DEEP_EP_OPS_PUSH_SPLIT_TAIL", "0")) > 0
              and x_bytes % 32 == 0 and s_bytes % 32 == 0)
     assert st["split_tail"] == (st["pipelined"] if split else 0), (name, st)
+    # the layout's count blocks write the routing rows of the unfused pipelined loop's
+    # dispatches (those that build their bases from the blocks' words) when this rank has more
+    # than one count block (a count CTA takes 32 tokens per warp, 8 warps at these E)
+    warps = min(8, int(os.environ.get("DEEP_EP_OPS_LAYOUT_WARPS", "8")))
+    by_count = (not fused and os.environ.get("DEEP_EP_OPS_ROUTING_BY_COUNT") != "0"
+                and os.environ.get("DEEP_EP_OPS_BLOCK_WORDS") != "0" and x.shape[0] > 32 * warps)
+    assert st["routing_by_count"] == (st["pipelined"] if by_count else 0), (name, st)
 
 
 WORLDS = [1, 2, 3, 4, 8]  # more ranks than GPUs: several per GPU under MPS
