@@ -1,11 +1,11 @@
 // The count blocks' routing rows (LayoutParams::block_routing): once its compact bases are
 // known, each count CTA of the layout kernel writes (one lane per token, rows staged per warp
 // and stored whole) the rows the pipelined push would otherwise write per token beside its data
-// rows: the token's handle send
-// row, and at each of its destination ranks its compact routing rows (recv_topk_idx,
-// recv_topk_weights and the handle's receive row), into this rank's outputs or into the
-// destination's direct-output slot when its routing outputs sit there (SlotRouting). The push
-// then moves only x and the scales (and the metadata rows of destinations without such a slot).
+// rows: the token's handle send row, and at each of its destination ranks its compact routing
+// rows (recv_topk_idx, recv_topk_weights and the handle's receive row), into this rank's
+// outputs or into the destination's direct-output slot when its routing outputs sit there
+// (SlotRouting). The push then moves only x and the scales (and the metadata rows of
+// destinations without such a slot).
 //
 // Why here: each of those small stores cost the push's row loop about as much as a row store
 // (bench/NOTES.md v20: without them a lone call at 24 SMs ended ~5 us sooner), while the count

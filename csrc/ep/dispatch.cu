@@ -15,6 +15,9 @@
 // with its bases table: EpWindow [blocks]; it sums its compact bases itself), or else once the
 // layout's last CTA has scanned the count blocks (DispatchScratch::bases_ready) and the lower
 // ranks' token counts are in; not when the layout kernel ends.
+// Under block routing (the pipelined loop's usual case) the layout's count CTAs write the
+// handle's send rows and every compact routing row but the metadata rows (block_routing.cuh),
+// and the push moves only the rows of x and the scales.
 // With one rank nothing crosses a window: no barrier, and the push also does the epilogue's
 // remaining work (rows that carry no token), so dispatch is two kernels.
 //

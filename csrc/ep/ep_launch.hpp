@@ -146,7 +146,7 @@ struct LayoutParams {
   int cta_tokens;  // tokens per count CTA: 32 * warps
   // Each count CTA writes its tokens' handle send rows and compact routing rows (this rank's
   // outputs, and each peer's direct-output slot that holds routing outputs) once its bases are
-  // known, one thread per token, instead of the push beside every row (block_routing.cuh;
+  // known, staged per warp, instead of the push beside every row (block_routing.cuh;
   // compact rows, the pipelined push with block words; DEEP_EP_OPS_ROUTING_BY_COUNT=0 for A/B
   // runs). The push then writes only the metadata rows of peers without such a slot.
   int block_routing;

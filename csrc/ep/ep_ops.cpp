@@ -397,7 +397,8 @@ DispatchOut dispatch(EpState& st, const at::Tensor& x, const std::optional<at::T
   const bool halves_aligned = pp.io.x_bytes % 32 == 0 && pp.io.s_bytes % 32 == 0;
   pp.split_tail = pp.row_l2_evict && halves_aligned ? split_tail : 0;
   if (pp.split_tail > 0) ++st.dispatch_split_tail;
-  // this rank's routing outputs are in its slot, written by the pushes: no epilogue
+  // this rank's routing outputs are in its slot, written by the peers (their count blocks or
+  // pushes): no epilogue
   pp.ends_call = lp.out_r_off >= 0;
   // the count blocks write the send rows and the compact routing rows once their bases are in,
   // off the push's row loop (bench/NOTES.md v20; =0 for A/B runs). Not with one count block
