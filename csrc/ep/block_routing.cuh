@@ -52,8 +52,8 @@ __device__ inline bool wait_block_bases(const LayoutParams& p, int b, uint32_t e
         sm.ok = 0;
         continue;
       }
-      atomicAdd(&sm.base[d], static_cast<int>(v & 0xffff));  // integer sums: any order
-      if (d == 0) sm.lower_blocks[s] = static_cast<int>(v >> 16);
+      atomicAdd(&sm.base[d], block_word_tokens(v));  // integer sums: any order
+      if (d == 0) sm.lower_blocks[s] = block_word_blocks(v);
     } else if (const int peer = i - me * R; peer != me) {
       if (!wait_epoch(flag_ptr(peer_ptr(c, me), c, kEnterSlot, peer), epoch, c.wait,
                       kOpDispatchLayout, kEnterSlot, peer))
@@ -75,7 +75,7 @@ __device__ inline bool wait_block_bases(const LayoutParams& p, int b, uint32_t e
       sm.ok = 0;
       break;
     }
-    atomicAdd(&sm.base[d], static_cast<int>(v & 0xffff));
+    atomicAdd(&sm.base[d], block_word_tokens(v));
   }
   for (int d = threadIdx.x; d < R; d += blockDim.x)
     if (d != me)
@@ -119,9 +119,9 @@ template <int KMAX>
 __device__ void write_block_routing(const LayoutParams& p, int b, uint32_t epoch,
                                     BlockRoutingSmem& sm, char* warp_bufs) {
   const bool ok = wait_block_bases(p, b, epoch, sm);
-  const int nw = blockDim.x / kWarp, w = warp_id(), lane = lane_id();
+  const int w = warp_id(), lane = lane_id();
   const int t0 = b * p.cta_tokens + w * kWarp;
-  if (ok && w < nw && t0 < p.T) {
+  if (ok && t0 < p.T) {
     const int K = p.K, W = p.W, me = p.comm.rank, t = t0 + lane;
     const bool valid = t < p.T;
     char* buf = warp_bufs + static_cast<size_t>(w) * block_routing_smem_bytes(1, K, W);
@@ -134,8 +134,7 @@ __device__ void write_block_routing(const LayoutParams& p, int b, uint32_t epoch
       const int64_t tk = static_cast<int64_t>(t) * K + k;
       e[k] = valid && k < K ? load_expert(p.topk_idx, p.idx64, tk) : -1;
       dst[k] = e[k] >= 0 ? e[k] / p.E_loc : -1;
-      // low half of tok_rank: the token's rank among the block's tokens sent to dst[k]
-      row[k] = e[k] >= 0 ? sm.base[dst[k]] + (p.s.tok_rank[tk] & 0xffff) : -1;
+      row[k] = e[k] >= 0 ? sm.base[dst[k]] + tok_rank_in_block(p.s.tok_rank[tk]) : -1;
       wgt[k] = e[k] >= 0 ? p.topk_w[tk] : 0.f;
       if (e[k] >= 0) dmask |= 1u << dst[k];
     }

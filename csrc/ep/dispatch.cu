@@ -106,7 +106,7 @@ __device__ bool wait_block_words(const PushParams& p, uint32_t epoch, int* cbase
         ok = false;
         continue;
       }
-      blocks = __shfl_sync(0xffffffffu, static_cast<int>(first >> 16), 0);
+      blocks = __shfl_sync(0xffffffffu, block_word_blocks(first), 0);
     }
     for (int j = lane; j < blocks * R; j += kWarp) {
       const int b = j / R, d = j % R;  // (b == 0 of a lower rank: j == lane == d, seen above)
@@ -118,7 +118,7 @@ __device__ bool wait_block_words(const PushParams& p, uint32_t epoch, int* cbase
         ok = false;
         break;
       }
-      const int n = static_cast<int>(v & 0xffff);
+      const int n = block_word_tokens(v);
       if (s < me) atomicAdd(&cbase[d], n);  // integer sums: any order
       else table[j] = n;
     }
@@ -135,10 +135,10 @@ __device__ __forceinline__ int compact_block_base(const PushParams& p, const int
 }
 
 // Token t's compact row at destination d: its block's base + t's rank inside that block
-// (`rank`: the low 16 bits of tok_rank).
+// (`rank`: its tok_rank).
 __device__ __forceinline__ int compact_row_of(const PushParams& p, const int* cbase, int t, int d,
                                               int rank) {
-  return compact_block_base(p, cbase, t / p.cta_tokens, d) + (rank & 0xffff);
+  return compact_block_base(p, cbase, t / p.cta_tokens, d) + tok_rank_in_block(rank);
 }
 
 // Where each destination wants this rank's compact rows (EpWindow [outs], as its layout
@@ -651,7 +651,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
   const int routing = (p.skip & (1 | 32) || p.routing_by_count ? 0 : 1) |
                       (p.skip & (1 | 64) ? 0 : p.routing_by_count ? 2 : 6);
   const auto compact_row = [&](int t, int d, int rank) {
-    return p.base_table > 0 ? base_table[t / p.cta_tokens * R + d] + (rank & 0xffff)
+    return p.base_table > 0 ? base_table[t / p.cta_tokens * R + d] + tok_rank_in_block(rank)
                             : compact_row_of(p, cbase, t, d, rank);
   };
   // Work items by ticket (lane 0 asks, every lane gets it), the unfused push's first one per

@@ -265,6 +265,15 @@ __device__ __forceinline__ void announce_block_words(const LayoutParams& p, int 
   }
 }
 
+// A block word's low half (wait_epoch_word's value), as announce_block_words packed it: the
+// block's tokens to the word's rank, and how many count blocks the announcing rank has.
+__device__ __forceinline__ int block_word_tokens(long long low) { return static_cast<int>(low & 0xffff); }
+__device__ __forceinline__ int block_word_blocks(long long low) { return static_cast<int>(low >> 16); }
+
+// tok_rank's low half (count_block): the token's rank among its count block's tokens sent to
+// the slot's rank, i.e. its compact row's offset from the block's base there.
+__device__ __forceinline__ int tok_rank_in_block(int tok_rank) { return tok_rank & 0xffff; }
+
 // Column c of the count blocks' histograms (cta_prefix[b][c], b < blocks) scanned in place into
 // exclusive per-block prefixes; returns the column's total. One batch of loads covers the usual
 // 16 blocks: one round trip.
