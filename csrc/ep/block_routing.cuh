@@ -129,13 +129,22 @@ __device__ void write_block_routing(const LayoutParams& p, int b, uint32_t epoch
     int e[KMAX], dst[KMAX], row[KMAX];
     float wgt[KMAX];
     unsigned dmask = 0;
+    // every slot's loads in flight at once (count_block says why); a slot without an expert
+    // loads a rank the count did not write, unused
+    int rank[KMAX];
 #pragma unroll
     for (int k = 0; k < KMAX; ++k) {
       const int64_t tk = static_cast<int64_t>(t) * K + k;
-      e[k] = valid && k < K ? load_expert(p.topk_idx, p.idx64, tk) : -1;
+      const bool slot = valid && k < K;
+      e[k] = slot ? load_expert(p.topk_idx, p.idx64, tk) : -1;
+      rank[k] = slot ? p.s.tok_rank[tk] : 0;
+      wgt[k] = slot ? p.topk_w[tk] : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
       dst[k] = e[k] >= 0 ? e[k] / p.E_loc : -1;
-      row[k] = e[k] >= 0 ? sm.base[dst[k]] + tok_rank_in_block(p.s.tok_rank[tk]) : -1;
-      wgt[k] = e[k] >= 0 ? p.topk_w[tk] : 0.f;
+      row[k] = e[k] >= 0 ? sm.base[dst[k]] + tok_rank_in_block(rank[k]) : -1;
+      if (e[k] < 0) wgt[k] = 0.f;
       if (e[k] >= 0) dmask |= 1u << dst[k];
     }
     const int n_tok = min(kWarp, p.T - t0);

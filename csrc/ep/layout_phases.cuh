@@ -156,11 +156,16 @@ __device__ __forceinline__ void count_block(const LayoutParams& p, int b, int nw
   // where this runs inside the pipelined push)
   int ex[KMAX], rk[KMAX];
   unsigned dmask = 0;
+  // Every slot's load in flight before the first use: with each slot's atomic between its load
+  // and the next slot's (one loop, each load under branches), the compiled code waited for the
+  // K loads one after another, the likely cause of the count's ~4.5 us inside the layout
+  // kernel against ~1.8 in the count probe, whose loads had no branches (bench/NOTES.md v21).
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k)
+    ex[k] = k < K && valid ? load_expert(p.topk_idx, p.idx64, static_cast<int64_t>(t) * K + k) : -1;
 #pragma unroll
   for (int k = 0; k < KMAX; ++k) {
-    ex[k] = -1;
     rk[k] = 0;
-    if (k < K && valid) ex[k] = load_expert(p.topk_idx, p.idx64, static_cast<int64_t>(t) * K + k);
     if (ex[k] >= 0) {
       dmask |= 1u << (ex[k] / p.E_loc);
       atomicOr(&my_mask[ex[k]], 1u << lane);  // OR commutes: deterministic
