@@ -4,7 +4,7 @@
 # benchmark with direct outputs and zero-copy combine, then the per-kernel profile. Logs and
 # bench results go under $OUT (the device tool brings them back). Run it through gpu_run.sh so
 # the build cache comes back too:
-#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [grid] [fused] [before] [probes] [profile] [timeline] [knobs] [suites_a] [ep_rest] [comm] [suites_b] [regs] [bulk]
+#   scripts/gpu_run.sh scripts/device_batch.sh [verify] [bench] [grid] [fused] [before] [base] [probes] [profile] [timeline] [knobs] [suites_a] [ep_rest] [comm] [suites_b] [regs] [bulk]
 # (default: verify bench profile; suites_a / suites_b: the other GPU tests, all R, in two
 # calls' worth, suites_a being ep_rest then comm; regs: the R = 2-4 bitwise suites and the
 # bench again with DEEP_EP_OPS_COMBINE_SMEM=0, the combine reduce's register path, for an A/B;
@@ -114,13 +114,22 @@ with mps_daemon() as env:
       mkdir -p "$out/bench_before"
       step bench_before 240 env DEEP_EP_OPS_PUSH_PIPELINE=0 \
         python3 -m bench.bench_ep "${bench_args[@]}" --out "$out/bench_before" ;;
+    base)  # the R = 2 bench and lone-call timeline on another csrc tree, for an A/B of two builds
+      # in one call: BASE_CSRC, e.g. `git archive <commit> csrc | tar -x -C base` in the repo
+      # root (untracked, so it travels) and BASE_CSRC=base/csrc; it builds once more (~40 s)
+      if [ ! -f "${BASE_CSRC:-}/torch/module.cpp" ]; then echo "base: set BASE_CSRC to a csrc tree"; continue; fi
+      mkdir -p "$out/bench_base"
+      step bench_base 300 env DEEP_EP_OPS_CSRC="$BASE_CSRC" python3 -m bench.bench_ep "${bench_args[@]}" \
+        --out "$out/bench_base"
+      step timeline_base 150 env DEEP_EP_OPS_CSRC="$BASE_CSRC" python3 tests/gpu/bench_moe_ops.py \
+        --world 2 --num-sms 0 24 --iters 7 --timeline-only --direct-outputs 2 ;;
     regs)
       ab regs DEEP_EP_OPS_COMBINE_SMEM=0 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_combine_input_gpu.py ;;
     bulk)
       ab bulk DEEP_EP_OPS_BULK_COPY=1 tests/gpu/test_moe_ops_gpu.py \
         tests/gpu/test_direct_outputs_gpu.py tests/gpu/test_combine_input_gpu.py ;;
-    *) echo "unknown step $s (verify, bench, grid, fused, before, probes, profile, timeline, knobs, ep_rest, comm, suites_a, suites_b, regs, bulk)"; exit 2 ;;
+    *) echo "unknown step $s (verify, bench, grid, fused, before, base, probes, profile, timeline, knobs, ep_rest, comm, suites_a, suites_b, regs, bulk)"; exit 2 ;;
   esac
 done
 # One archive per run (the device tool brings back a limited number of files, and a call may run
