@@ -154,19 +154,12 @@ __device__ void write_block_routing(const LayoutParams& p, int b, uint32_t epoch
     for (int d = 0; d < p.comm.num_ranks; ++d) {
       const unsigned at_d = __ballot_sync(0xffffffffu, (dmask >> d) & 1u);
       if (at_d == 0) continue;
-      int64_t* idx;
-      float* wt;
-      int* recv_h;
+      RoutingRows to;
       if (d == me) {
-        idx = p.recv_idx;
-        wt = p.recv_w;
-        recv_h = p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
+        to = {p.recv_idx, p.recv_w, p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W};
       } else if (sm.routing_at[d] >= 0) {
         char* base = peer_ptr(p.comm, d);
-        const SlotRouting at = SlotRouting::at(sm.routing_at[d], p.C, K, W);
-        idx = reinterpret_cast<int64_t*>(base + at.idx);
-        wt = reinterpret_cast<float*>(base + at.w);
-        recv_h = reinterpret_cast<int*>(base + at.handle_recv);
+        to = SlotRouting::at(sm.routing_at[d], p.C, K, W).rows_in(base);
       } else {
         continue;  // d's metadata rows: the push writes them
       }
@@ -184,17 +177,17 @@ __device__ void write_block_routing(const LayoutParams& p, int b, uint32_t epoch
         for (int k = 0; k < KMAX; ++k)
           if (k < K) irow[k] = dst[k] == d ? e[k] - d * p.E_loc : -1;
       }
-      warp_store_staged(idx + static_cast<int64_t>(r0) * K, buf, static_cast<int64_t>(n) * K * 8);
+      warp_store_staged(to.idx + static_cast<int64_t>(r0) * K, buf, static_cast<int64_t>(n) * K * 8);
       if (here) {
         float* wrow = reinterpret_cast<float*>(buf) + static_cast<int64_t>(i) * K;
 #pragma unroll
         for (int k = 0; k < KMAX; ++k)
           if (k < K) wrow[k] = dst[k] == d ? wgt[k] : 0.f;
       }
-      warp_store_staged(wt + static_cast<int64_t>(r0) * K, buf, static_cast<int64_t>(n) * K * 4);
+      warp_store_staged(to.w + static_cast<int64_t>(r0) * K, buf, static_cast<int64_t>(n) * K * 4);
       if (here)
         thread_write_compact_recv_row(ibuf + i * W, W, me, t, r, __popc(dmask & ((1u << d) - 1u)));
-      warp_store_staged(recv_h + static_cast<int64_t>(r0) * W, buf, static_cast<int64_t>(n) * W * 4);
+      warp_store_staged(to.recv_h + static_cast<int64_t>(r0) * W, buf, static_cast<int64_t>(n) * W * 4);
     }
   }
   // The peers read these rows once this rank's push has passed its barrier, which it reaches

@@ -288,21 +288,20 @@ __device__ __forceinline__ void write_meta_row(const PushParams& p, char* base, 
   }
 }
 
-// Compact row `row` of token t at destination d, written by this rank: the routing outputs
-// (recv_topk_idx int64 / recv_topk_weights [C, K] at idx / w) and the handle's receive row (its
-// receive part at recv_h): this rank's own outputs, or d's direct-output slot. The epilogue
-// writes them from metadata rows for the others.
+// Compact row `row` of token t at destination d, written by this rank into `to`: this rank's
+// own outputs, or d's direct-output slot. The epilogue writes them from metadata rows for the
+// others.
 __device__ __forceinline__ void write_compact_routing(const PushParams& p, int d, int row, int t,
-                                                      int cslot, int e, float wgt, int64_t* idx,
-                                                      float* w, int* recv_h) {
+                                                      int cslot, int e, float wgt,
+                                                      const RoutingRows& to) {
   const int lane = lane_id(), K = p.io.K;
   const bool here = e >= 0 && e / p.E_loc == d;
   if (lane < K) {
-    idx[static_cast<int64_t>(row) * K + lane] = here ? e - d * p.E_loc : -1;
-    w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
+    to.idx[static_cast<int64_t>(row) * K + lane] = here ? e - d * p.E_loc : -1;
+    to.w[static_cast<int64_t>(row) * K + lane] = here ? wgt : 0.f;
   }
-  warp_write_compact_recv_row(recv_h + static_cast<int64_t>(row) * p.io.W, p.io.W, p.comm.rank, t,
-                              row, cslot);
+  warp_write_compact_recv_row(to.recv_h + static_cast<int64_t>(row) * p.io.W, p.io.W, p.comm.rank,
+                              t, row, cslot);
 }
 
 // Where a compact row goes at destination d: this rank's outputs, the destination's
@@ -338,16 +337,14 @@ __device__ __forceinline__ void compact_destination(const PushParams& p, int d, 
   if (d == p.comm.rank) {
     if (routing & 1) {
       int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * p.io.W;
-      write_compact_routing(p, d, row, t, cslot, e, wgt, static_cast<int64_t*>(p.io.recv_idx),
-                            p.io.recv_w, recv_h);
+      write_compact_routing(p, d, row, t, cslot, e, wgt,
+                            {static_cast<int64_t*>(p.io.recv_idx), p.io.recv_w, recv_h});
     }
   } else if (outs.r[d] >= 0) {
     if (routing & 4) {
       char* base = peer_ptr(p.comm, d);
       const SlotRouting at = SlotRouting::at(outs.r[d], p.io.C, p.io.K, p.io.W);
-      write_compact_routing(p, d, row, t, cslot, e, wgt, reinterpret_cast<int64_t*>(base + at.idx),
-                            reinterpret_cast<float*>(base + at.w),
-                            reinterpret_cast<int*>(base + at.handle_recv));
+      write_compact_routing(p, d, row, t, cslot, e, wgt, at.rows_in(base));
     }
   } else if (routing & 2) {
     write_meta_row(p, peer_ptr(p.comm, d), d, row, t, cslot, e, -1, wgt);

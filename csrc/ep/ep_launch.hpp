@@ -113,6 +113,15 @@ struct DispatchRows {
   int meta_ints;                // ints per metadata row
 };
 
+// Where one destination's compact routing rows go: recv_topk_idx int64 [C, K], recv_topk_weights
+// float32 [C, K] and the handle's receive rows [C, W] (this rank's outputs, or a peer's slot:
+// SlotRouting::rows_in).
+struct RoutingRows {
+  int64_t* idx;
+  float* w;
+  int* recv_h;
+};
+
 // The routing outputs of a compact dispatch inside a direct-output slot, when the peers write
 // them there too (ep_window.hpp slot_layout): the receiver publishes one offset `r` from its
 // window base (EpWindow: [outs]), and the rest follows from C, K and W, which are the same on
@@ -128,6 +137,11 @@ struct SlotRouting {
   // where the handle of a call with T tokens starts
   DEO_HOST_DEVICE int64_t handle_start(int T, int W) const {
     return handle_recv - (1 + static_cast<int64_t>(T)) * W * 4;
+  }
+  // the rows themselves, in the window that starts at `window` (the receiver's, as mapped here)
+  DEO_HOST_DEVICE RoutingRows rows_in(char* window) const {
+    return {reinterpret_cast<int64_t*>(window + idx), reinterpret_cast<float*>(window + w),
+            reinterpret_cast<int*>(window + handle_recv)};
   }
 };
 constexpr int kOutsPerRank = 3;  // EpWindow [outs]: x, scales and routing offsets of each rank
