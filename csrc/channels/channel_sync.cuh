@@ -54,8 +54,8 @@ __device__ __forceinline__ bool cta_all_ranks(const ChannelComm& c, int kind, ui
   __syncthreads();
   if (threadIdx.x == 0) {
     ok = 1;
-    __threadfence_system();  // this CTA's (and earlier kernels') stores before the flag
-    for (int p = 0; p < c.num_ranks; ++p) dev::st_release_sys(peer_flag(c, p, kind), epoch);
+    // this CTA's (and earlier kernels') stores before the flag
+    dev::release_flags_sys(c.num_ranks, [&](int p) { return peer_flag(c, p, kind); }, epoch);
   }
   __syncthreads();
   if (static_cast<int>(threadIdx.x) < c.num_ranks) {

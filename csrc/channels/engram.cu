@@ -45,8 +45,7 @@ __device__ __forceinline__ bool cta_wait_all(const ChannelComm& c, int kind, uin
 
 // One thread: raise `kind` to `epoch` at every rank (after this rank's earlier stores).
 __device__ __forceinline__ void announce(const ChannelComm& c, int kind, uint32_t epoch) {
-  __threadfence_system();
-  for (int p = 0; p < c.num_ranks; ++p) dev::st_release_sys(chan::peer_flag(c, p, kind), epoch);
+  dev::release_flags_sys(c.num_ranks, [&](int p) { return chan::peer_flag(c, p, kind); }, epoch);
 }
 
 // Thread 0: true for the last CTA of the grid to get here (it then resets the ticket).

@@ -46,8 +46,8 @@ __global__ void __launch_bounds__(kInlineThreads, 1) pp_inline_kernel(const __gr
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-      __threadfence_system();  // payload before the sequence number
-      dev::st_release_sys(chan::peer_flag(c, p.dst, kFlagPpArrive), seq);
+      // payload before the sequence number
+      dev::release_flag_sys(chan::peer_flag(c, p.dst, kFlagPpArrive), seq);
       c.ctr->pp_sent[p.dst] = seq;
     }
   }
@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(kInlineThreads, 1) pp_inline_kernel(const __gr
     if (ok) chan::cta_copy(p.recv, slot + kSlotHeader, p.recv_bytes);
     __syncthreads();
     if (threadIdx.x == 0) {
-      __threadfence_system();  // our loads of the slot are done before the credit frees it
-      dev::st_release_sys(chan::peer_flag(c, p.src, kFlagPpCredit), seq);
+      // our loads of the slot are done before the credit frees it
+      dev::release_flag_sys(chan::peer_flag(c, p.src, kFlagPpCredit), seq);
       c.ctr->pp_recv[p.src] = seq;
     }
   }
@@ -97,8 +97,7 @@ __global__ void pp_bulk_kernel(const __grid_constant__ PpBulkParams p) {
         *reinterpret_cast<volatile uint32_t*>(chan::peer_flag(c, p.peer, kFlagPpSizeHi)) =
             static_cast<uint32_t>(b >> 32);
       }
-      __threadfence_system();
-      dev::st_release_sys(chan::peer_flag(c, p.peer, kFlagPpChunk0 + p.chunk), 1u);
+      dev::release_flag_sys(chan::peer_flag(c, p.peer, kFlagPpChunk0 + p.chunk), 1u);
       break;
     }
     case kPpWait: {
@@ -121,8 +120,7 @@ __global__ void pp_bulk_kernel(const __grid_constant__ PpBulkParams p) {
     }
     case kPpRelease: {
       // Runs after our copy-out of the slot finished (stream order).
-      __threadfence_system();
-      dev::st_release_sys(chan::peer_flag(c, p.peer, kFlagPpBusy), 0u);
+      dev::release_flag_sys(chan::peer_flag(c, p.peer, kFlagPpBusy), 0u);
       break;
     }
     default:

@@ -30,8 +30,20 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+__device__ __forceinline__ void st_relaxed_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+// One thread raises n flags (flag_of(i), i < n) to `value` once everything it has seen is
+// visible at system scope: its own stores and, after a CTA sync, its CTA's (the fence is
+// cumulative). One fence, then plain strong stores: st.release per flag would fence before
+// each flag, and each of those fences waits for the previous flag's store to land.
+template <typename FlagOf>
+__device__ __forceinline__ void release_flags_sys(int n, FlagOf flag_of, uint32_t value) {
+  __threadfence_system();
+  for (int i = 0; i < n; ++i) st_relaxed_sys(flag_of(i), value);
+}
+__device__ __forceinline__ void release_flag_sys(uint32_t* flag, uint32_t value) {
+  release_flags_sys(1, [flag](int) { return flag; }, value);
 }
 // GPU-scope release: a flag only this GPU's threads read (no system-scope fence).
 __device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {

@@ -28,8 +28,8 @@ __device__ __forceinline__ uint32_t* flag_ptr(char* window_base, const Comm& c, 
 // announce_epoch: one thread, after a __syncthreads() that follows the CTA's stores (the system
 // fence makes them visible before the flag that announces them).
 __device__ __forceinline__ void announce_epoch(const Comm& c, int slot, uint32_t epoch) {
-  __threadfence_system();
-  for (int p = 0; p < c.num_ranks; ++p) st_release_sys(flag_ptr(peer_ptr(c, p), c, slot, c.rank), epoch);
+  release_flags_sys(
+      c.num_ranks, [&](int p) { return flag_ptr(peer_ptr(c, p), c, slot, c.rank); }, epoch);
 }
 
 // Every thread of the CTA: until each peer in `peers` (bit p: rank p) announced `epoch` on
