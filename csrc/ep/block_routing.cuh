@@ -149,14 +149,14 @@ __device__ void write_block_routing(const LayoutParams& p, int b, uint32_t epoch
     }
     const int n_tok = min(kWarp, p.T - t0);
     if (valid) thread_write_send_row(ibuf + lane * W, W, K, __popc(dmask), dst, row);
-    warp_store_staged(p.handle + static_cast<int64_t>(handle::kHeaderRows + t0) * W, buf,
+    warp_store_staged(handle_row(p.handle, t0, W), buf,
                       static_cast<int64_t>(n_tok) * W * 4);
     for (int d = 0; d < p.comm.num_ranks; ++d) {
       const unsigned at_d = __ballot_sync(0xffffffffu, (dmask >> d) & 1u);
       if (at_d == 0) continue;
       RoutingRows to;
       if (d == me) {
-        to = {p.recv_idx, p.recv_w, p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W};
+        to = {p.recv_idx, p.recv_w, handle_row(p.handle, p.T, W)};
       } else if (sm.routing_at[d] >= 0) {
         char* base = peer_ptr(p.comm, d);
         to = SlotRouting::at(sm.routing_at[d], p.C, K, W).rows_in(base);

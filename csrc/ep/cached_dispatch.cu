@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(512) cached_pull_kernel(CachedParams p) {
   const int W = p.W, K = p.K;
   const int G = p.handle[handle::kHdrValidGroups];
   const bool expand = p.handle[handle::kHdrExpand] != 0;  // the layout the handle was made with
-  const int* recv = p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
+  const int* recv = handle_row(p.handle, p.T, W);
   const int lane = lane_id();
   const int warps = blockDim.x / kWarp;
   for (int i = blockIdx.x * warps + warp_id(); i < p.C; i += gridDim.x * warps) {

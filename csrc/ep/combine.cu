@@ -220,7 +220,7 @@ struct SendSlots {
 };
 
 __device__ __forceinline__ SendSlots send_slots(const CombineParams& p, int t) {
-  const int* srow = p.handle + static_cast<int64_t>(handle::kHeaderRows + t) * p.W;
+  const int* srow = handle_row(p.handle, t, p.W);
   const int lane = lane_id();
   SendSlots s{srow[handle::kSendNumDst], -1, -1};
   if (lane < p.K) {
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(512) combine_push_kernel(CombineParams p) {
   // group (compact layout). The handle header says which layout made it.
   const bool raw = p.stage_raw && !expand;
   const int64_t slot_bytes = static_cast<int64_t>(p.Wd) * (raw ? sizeof(T) : sizeof(float));
-  const int* recv = p.handle + static_cast<int64_t>(handle::kHeaderRows + p.T) * W;
+  const int* recv = handle_row(p.handle, p.T, W);
   const T* x = static_cast<const T*>(p.x);
   const int warps = blockDim.x / kWarp;
   const int lane = lane_id();

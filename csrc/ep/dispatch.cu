@@ -259,7 +259,7 @@ __device__ void push_finish(const PushParams& p, unsigned long long* stamp,
     for (int c = threadIdx.x; c < W; c += blockDim.x) p.io.handle[c] = p.s.send_handle[c];
   // the rows that carry no token and tokens_per_expert: they need only the layout's results,
   // and nobody else writes them, so no barrier keeps them from the epilogue's path
-  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
+  int* recv_h = handle_row(p.io.handle, p.io.T, W);
   FillArgs a{p.s.recv_info, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
              p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, p.E_loc, p.expand};
   fill_empty_rows(a);
@@ -336,7 +336,7 @@ __device__ __forceinline__ void compact_destination(const PushParams& p, int d, 
                                                     char*& xd, char*& sd) {
   if (d == p.comm.rank) {
     if (routing & 1) {
-      int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * p.io.W;
+      int* recv_h = handle_row(p.io.handle, p.io.T, p.io.W);
       write_compact_routing(p, d, row, t, cslot, e, wgt,
                             {static_cast<int64_t*>(p.io.recv_idx), p.io.recv_w, recv_h});
     }
@@ -391,7 +391,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
   if (threadIdx.x == 0) rows_done_ns = 0;
   const bool ok = push_wait_for_rows(p, stamp, outs, cbase, &bases_ok, nullptr);
   const int R = p.comm.num_ranks, K = p.io.K, me = p.comm.rank, E = p.io.E, NC = E + R, W = p.io.W;
-  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
+  int* recv_h = handle_row(p.io.handle, p.io.T, W);
   // Each warp's first token is fixed (its row may be in flight already); later ones come from
   // the ticket when rows cross windows, since a CTA whose SM is taken by another process can
   // start tens of microseconds late and would otherwise hold its fixed share (and its peers'
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kPushThreads, 1) dispatch_push_kernel(PushPara
       if (p.expand) erow = p.s.ebase[e] + pre[e] + (rk >> 16);
       crow = compact_row_of(p, cbase, t, edst, rk);
     }
-    warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
+    warp_write_send_row(handle_row(p.io.handle, t, W), W, K,
                         __popc(dmask), edst, p.expand ? erow : crow);
     const char* xrow = p.io.x + static_cast<int64_t>(t) * p.io.x_bytes;
     const char* srow = p.io.scales + static_cast<int64_t>(t) * p.io.s_bytes;
@@ -705,7 +705,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1) dispatch_push_pipelined_
     const int crow = r.e >= 0 ? compact_row(t, edst, r.rank) : -1;
     const unsigned dmask = r.dmask;
     if (!no_send_row && part == 0)
-      warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
+      warp_write_send_row(handle_row(p.io.handle, t, W), W, K,
                           __popc(dmask), edst, crow);
     char *xd = nullptr, *sd = nullptr;  // lane i < nd: the i-th destination's rows
     int nd = 0;
@@ -764,7 +764,7 @@ __global__ void __launch_bounds__(512) dispatch_epilogue_kernel(EpilogueParams p
   const int gwarp = blockIdx.x * warps + warp_id();
   const int nwarps = gridDim.x * warps;
 
-  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + p.io.T) * W;
+  int* recv_h = handle_row(p.io.handle, p.io.T, W);
   int64_t* idx64 = static_cast<int64_t*>(p.io.recv_idx);
   int* idx32 = static_cast<int*>(p.io.recv_idx);
   // groups from the other ranks: [0, G) without this rank's own [local_lo, local_lo + local_n)

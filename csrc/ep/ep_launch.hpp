@@ -113,6 +113,13 @@ struct DispatchRows {
   int meta_ints;                // ints per metadata row
 };
 
+// Row `row` of a routing handle [1 + T + C, W] counted past its header row: token t's send row
+// at row = t, the first row of the receive part at row = T (one host: no virtual rows between).
+template <typename Int>
+DEO_HOST_DEVICE Int* handle_row(Int* handle, int row, int W) {
+  return handle + static_cast<int64_t>(handle::kHeaderRows + row) * W;
+}
+
 // Where one destination's compact routing rows go: recv_topk_idx int64 [C, K], recv_topk_weights
 // float32 [C, K] and the handle's receive rows [C, W] (this rank's outputs, or a peer's slot:
 // SlotRouting::rows_in).

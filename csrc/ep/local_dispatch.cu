@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1) local_dispatch_kernel(LocalDispat
     const int64_t done = static_cast<int64_t>(kHead) * kWarp * 16;
     if (xb > done) warp_copy(p.io.recv_x + row * xb + done, p.io.x + t * xb + done, xb - done);
   }
-  int* recv_h = p.io.handle + static_cast<int64_t>(handle::kHeaderRows + T) * W;
+  int* recv_h = handle_row(p.io.handle, T, W);
   FillArgs fa{nullptr, p.io.recv_x, p.io.recv_s, p.io.recv_idx, p.io.recv_w, p.io.tpe, recv_h,
               p.io.x_bytes, p.io.s_bytes, p.io.C, K, W, E, 0};
   if (tile == nb - 1) {
@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1) local_dispatch_kernel(LocalDispat
     float wgt;
     load_slot(p.io, t, e, wgt);
     // slot k goes to rank 0 (the only one) at the token's row, or nowhere
-    warp_write_send_row(p.io.handle + static_cast<int64_t>(handle::kHeaderRows + t) * W, W, K,
+    warp_write_send_row(handle_row(p.io.handle, t, W), W, K,
                         row >= 0 ? 1 : 0, e >= 0 ? 0 : -1, e >= 0 ? row : -1);
     if (row < 0) continue;
     if (!(i == warp && use_head))  // else x went out with the head, before the loop
