@@ -129,8 +129,8 @@ __device__ void write_block_routing(const LayoutParams& p, int b, uint32_t epoch
     int e[KMAX], dst[KMAX], row[KMAX];
     float wgt[KMAX];
     unsigned dmask = 0;
-    // every slot's loads in flight at once (count_block says why); a slot without an expert
-    // loads a rank the count did not write, unused
+    // every slot's loads in flight at once, as in count_block; a slot without an expert loads a
+    // rank the count did not write, unused
     int rank[KMAX];
 #pragma unroll
     for (int k = 0; k < KMAX; ++k) {

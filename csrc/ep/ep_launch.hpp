@@ -143,7 +143,7 @@ struct SlotRouting {
   }
   // where the handle of a call with T tokens starts
   DEO_HOST_DEVICE int64_t handle_start(int T, int W) const {
-    return handle_recv - (1 + static_cast<int64_t>(T)) * W * 4;
+    return handle_recv - static_cast<int64_t>(handle::kHeaderRows + T) * W * 4;
   }
   // the rows themselves, in the window that starts at `window` (the receiver's, as mapped here)
   DEO_HOST_DEVICE RoutingRows rows_in(char* window) const {

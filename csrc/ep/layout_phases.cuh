@@ -156,10 +156,10 @@ __device__ __forceinline__ void count_block(const LayoutParams& p, int b, int nw
   // where this runs inside the pipelined push)
   int ex[KMAX], rk[KMAX];
   unsigned dmask = 0;
-  // Every slot's load in flight before the first use: with each slot's atomic between its load
-  // and the next slot's (one loop, each load under branches), the compiled code waited for the
-  // K loads one after another, the likely cause of the count's ~4.5 us inside the layout
-  // kernel against ~1.8 in the count probe, whose loads had no branches (bench/NOTES.md v21).
+  // Every slot's load in flight before the first use (the one-rank dispatch's order), not each
+  // load followed by its atomic under branches, which the compiled code runs as a chain of K
+  // round trips. Measured, it did not shorten the count (bench/NOTES.md v22): the count's
+  // ~4.5 us against ~1.8 in the count probe has another cause.
 #pragma unroll
   for (int k = 0; k < KMAX; ++k)
     ex[k] = k < K && valid ? load_expert(p.topk_idx, p.idx64, static_cast<int64_t>(t) * K + k) : -1;
